@@ -1,0 +1,161 @@
+"""Artifacts are the contracts between stages: every JSON file a stage writes is one of these models.
+
+Folders are written atomically: built in a temporary folder beside the target, then renamed into place,
+so an interrupted or failed stage never leaves a half-written run directory behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import LayerpruneError
+from .tasks import TaskConfig
+
+Representation = Literal["cls", "mean", "tokens"]
+CkaEstimator = Literal["linear", "debiased", "minibatch"]
+
+
+class Artifact(BaseModel):
+    """Base of every JSON artifact: strict fields and a schema version."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    schema_version: int = 1
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+
+
+A = TypeVar("A", bound=Artifact)
+
+
+def load_artifact(cls: type[A], path: Path) -> A:
+    """Read and validate an artifact, or a LayerpruneError naming the file."""
+    try:
+        return cls.model_validate_json(path.read_text())
+    except FileNotFoundError:
+        raise LayerpruneError(f"{path} not found") from None
+    except ValueError as exc:
+        raise LayerpruneError(f"{path} is not a valid {cls.__name__}: {str(exc).splitlines()[0]}") from None
+
+
+class MetricValue(BaseModel):
+    name: str
+    value: float
+
+
+class UndefinedLayer(BaseModel):
+    layer: int
+    reason: str
+
+
+class AnalysisTimings(BaseModel):
+    load_s: float
+    forward_s: float
+    cka_s: float
+    clustering_s: float
+    total_s: float
+
+
+class AnalysisReport(Artifact):
+    """analysis.json: layer-by-layer CKA of a fine-tuned checkpoint and where its late block starts."""
+
+    model: str = Field(description="checkpoint directory or hub id that was analyzed")
+    model_type: str
+    num_layers: int
+    task: str
+    task_config: TaskConfig = Field(description="the full task, so later stages can reload its data")
+    glue_dir: str | None = None
+    split: str
+    n_examples: int
+    n_representations: int = Field(description="rows per layer given to CKA (tokens for 'tokens')")
+    representation: Representation
+    cka_estimator: CkaEstimator
+    cka: list[list[float | None]] = Field(description="(L+1)x(L+1), index 0 = embeddings; null = undefined")
+    undefined_layers: list[UndefinedLayer]
+    clusters: list[int | None] = Field(description="block id per layer 0..L, null where excluded")
+    n_clusters: int
+    clusters_chosen_by: str
+    laplacian_eigenvalues: list[float]
+    boundary: int = Field(description="first layer of the last (late) block")
+    recommended_keep_layers: int
+    metric: MetricValue = Field(description="the full model's task metric on the same examples")
+    timings: AnalysisTimings
+    device: str
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    versions: dict[str, str]
+
+
+class TrainingReport(Artifact):
+    """training_report.json, written beside a fine-tuned checkpoint."""
+
+    base_model: str
+    task: str
+    train_split: str
+    eval_split: str
+    n_train: int
+    n_eval: int
+    epochs: float
+    learning_rate: float
+    batch_size: int
+    max_length: int
+    seed: int
+    metric: MetricValue
+    train_seconds: float
+    device: str
+    versions: dict[str, str]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the numbers, for reproducibility."""
+    import numpy
+    import sklearn
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "layerprune": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+@contextmanager
+def atomic_dir(target: Path, marker: str) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; on success it replaces `target` in one rename.
+
+    `marker` is a file every earlier output of this stage holds: an existing non-empty `target`
+    without it is not ours, and is never replaced.
+    """
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / marker).exists())):
+        raise LayerpruneError(f"refusing to overwrite {target}: it exists and holds no {marker}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise LayerpruneError(f"cannot write to {target.parent}: {exc.strerror}") from None
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+        tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

