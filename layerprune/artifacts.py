@@ -115,21 +115,17 @@ class TrainingReport(Artifact):
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape the numbers, for reproducibility."""
-    import numpy
-    import sklearn
-    import torch
-    import transformers
+    """Versions of the libraries that shape the numbers, for reproducibility (read without importing)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
-
-    return {
-        "layerprune": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": numpy.__version__,
-        "scikit-learn": sklearn.__version__,
-    }
+    versions = {}
+    for name in ("layerprune", "torch", "transformers", "numpy", "scikit-learn", "onnx", "onnxruntime",
+                 "onnxruntime-gpu", "optimum", "optimum-onnx"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
 
 
 @contextmanager
@@ -159,3 +155,67 @@ def atomic_dir(target: Path, marker: str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class DepthScore(BaseModel):
+    """The calibration metric of the model truncated at one depth."""
+
+    depth: int
+    metric: float = Field(description="head as fine-tuned (the paper's setting: no further tuning)")
+    metric_healed: float | None = Field(default=None, description="head re-fitted on the truncated features")
+
+
+class DepthReport(Artifact):
+    """depth.json: how the number of kept layers was chosen."""
+
+    mode: Literal["auto", "fixed"]
+    heal: Literal["head", "none"]
+    boundary: int = Field(description="the analysis' CKA boundary, where auto starts")
+    total_layers: int
+    chosen: int
+    tolerance: float
+    full_metric: float = Field(description="the full model on the calibration examples")
+    metric_name: str
+    calibration: str = Field(description="which examples chose the depth")
+    n_calibration: int
+    n_heal_train: int = 0
+    probed: list[int] = Field(description="depths auto looked at, in order")
+    scores: list[DepthScore]
+
+
+class ValidationReport(Artifact):
+    """validation.json: the exported bundle against the original checkpoint on held-out examples."""
+
+    metric_name: str
+    holdout: str = Field(description="which examples validated the bundle (disjoint from calibration)")
+    n_examples: int
+    original: float
+    bundle: float
+    delta: float = Field(description="bundle - original")
+    delta_ci95: tuple[float, float] = Field(description="paired bootstrap 95% interval of delta")
+    agreement: float | None = Field(description="share of identical predictions (classification)")
+    tolerance: float
+    passed: bool = Field(description="delta >= -tolerance")
+    max_abs_logit_diff_fp32: float | None = Field(
+        default=None, description="truncated PyTorch model vs the fp32 ONNX export, same examples"
+    )
+
+
+class Manifest(Artifact):
+    """manifest.json: what a bundle holds and where it came from; the server trusts nothing else."""
+
+    files: dict[str, str] = Field(description="relative path -> sha256 of every file but this one")
+    source_checkpoint: str
+    task: str
+    metric_name: str
+    labels: list[str] | None
+    kept_layers: int
+    total_layers: int
+    model_type: str
+    heal: Literal["head", "none"]
+    optimize: str | None
+    quantize: str | None
+    quantization_config: str | None
+    servable: bool
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    versions: dict[str, str]

@@ -73,6 +73,35 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("--out", type=Path, default=DEFAULT_RUN_DIR, help="run directory (default ./lp-run)")
     _runtime_arguments(an)
     an.set_defaults(run=_run_analyze)
+
+    ex = commands.add_parser("export", help="drop the top layers, export a validated ONNX bundle")
+    ex.add_argument("run_dir", nargs="?", type=Path, default=DEFAULT_RUN_DIR,
+                    help="run directory written by analyze (default ./lp-run)")
+    ex.add_argument("--keep-layers", type=_keep_layers, default="auto",
+                    help="auto (default: smallest depth within tolerance, searched from the CKA boundary) or N")
+    ex.add_argument("--heal", choices=["head", "none"],
+                    help="head: re-fit the classification head on the truncated features (default when the "
+                         "task has a train split); none: the paper's setting")
+    ex.add_argument("--optimize", choices=["O1", "O2", "O3"], help="onnxruntime graph optimization level")
+    ex.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantization for this CPU")
+    ex.add_argument("--tolerance", type=_tolerance, default=0.01,
+                    help="largest allowed metric drop, as a fraction (default 0.01 = 1 point)")
+    ex.add_argument("--sweep", action="store_true", help="score every depth 1..L (auto probes only some)")
+    ex.add_argument("--max-examples", type=_positive, default=2000,
+                    help="cap on calibration and on holdout examples (default 2000 each)")
+    ex.add_argument("--heal-examples", type=_positive, default=4000, help="training examples for --heal head")
+    ex.add_argument("--batch-size", type=_positive, default=32)
+    ex.add_argument("--max-length", type=_positive, default=128)
+    ex.add_argument("--out", type=Path, help="bundle directory (default RUN_DIR/bundle)")
+    _runtime_arguments(ex)
+    ex.set_defaults(run=_run_export)
+
+    va = commands.add_parser("validate", help="re-check a bundle: hashes, then metric against the original")
+    va.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_RUN_DIR / "bundle",
+                    help="bundle directory (default ./lp-run/bundle)")
+    va.add_argument("--tolerance", type=_tolerance, help="override the tolerance recorded at export")
+    va.add_argument("--device", default="auto")
+    va.set_defaults(run=_run_validate)
     return parser
 
 
@@ -152,6 +181,74 @@ def _run_analyze(args: argparse.Namespace) -> int:
     print(_summary(report))
     print(f"run directory: {args.out} (analysis.json, cka.png)")
     return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .build import ExportOptions, export_bundle
+
+    opts = ExportOptions(
+        keep_layers=args.keep_layers, heal=args.heal, optimize=args.optimize, quantize=args.quantize,
+        tolerance=args.tolerance, sweep=args.sweep, max_examples=args.max_examples,
+        heal_examples=args.heal_examples, batch_size=args.batch_size, max_length=args.max_length,
+        device=args.device, trust_remote_code=args.trust_remote_code,
+    )
+    result = export_bundle(args.run_dir, args.out, opts)
+    depth, manifest = result.depth, result.manifest
+    print(f"depth ({depth.mode}, heal={depth.heal}): kept {depth.chosen} of {depth.total_layers} layers "
+          f"(CKA boundary {depth.boundary}; probed {depth.probed} on {depth.calibration}, n={depth.n_calibration})")
+    print(_validation_table(result.validation, manifest))
+    print(f"bundle: {result.bundle} ({_size_mb(result.bundle):.1f} MB)")
+    if not result.validation.passed:
+        print(f"layerprune: error: the bundle failed validation; it is marked not servable", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from .bundle import verify_bundle
+    from .validate import validate_bundle
+
+    report = validate_bundle(args.bundle, tolerance=args.tolerance, device=args.device)
+    print(_validation_table(report, verify_bundle(args.bundle)))
+    if not report.passed:
+        print(f"layerprune: error: {args.bundle} fails validation", file=sys.stderr)
+        return 1
+    print(f"{args.bundle}: files match the manifest; validation passed")
+    return 0
+
+
+def _validation_table(report, manifest) -> str:
+    """The validation result as a markdown table (pasteable into a README or an issue)."""
+    variant = ", ".join(filter(None, [manifest.optimize, manifest.quantize])) or "fp32"
+    agreement = "n/a" if report.agreement is None else f"{report.agreement:.1%}"
+    parity = "n/a" if report.max_abs_logit_diff_fp32 is None else f"{report.max_abs_logit_diff_fp32:.2e}"
+    low, high = report.delta_ci95
+    rows = [
+        ("original checkpoint", f"{manifest.total_layers} layers, PyTorch", f"{report.original:.4f}"),
+        ("bundle", f"{manifest.kept_layers} layers, ONNX {variant}, heal={manifest.heal}", f"{report.bundle:.4f}"),
+        ("delta", f"95% CI [{low:+.4f}, {high:+.4f}] (paired bootstrap)", f"{report.delta:+.4f}"),
+        ("prediction agreement", "", agreement),
+        ("max abs logit diff", "truncated PyTorch vs fp32 ONNX", parity),
+        ("passed", f"delta >= -{report.tolerance:g}", "yes" if report.passed else "NO"),
+    ]
+    lines = [f"| {report.metric_name} on {report.holdout} (n={report.n_examples}) | | |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def _size_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 1e6
+
+
+def _tolerance(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction of the metric in [0, 1), e.g. 0.01 = 1 point; got {text}")
+    return value
+
+
+def _keep_layers(text: str) -> int | str:
+    return text if text == "auto" else _positive(text)
 
 
 def _summary(report) -> str:

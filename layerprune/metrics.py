@@ -14,9 +14,13 @@ def predictions(logits: np.ndarray, regression: bool) -> np.ndarray:
 
 
 def compute_metric(name: str, labels: np.ndarray, logits: np.ndarray, regression: bool = False) -> float:
+    """The task metric of a model's outputs (see score_predictions)."""
+    return score_predictions(name, labels, predictions(logits, regression))
+
+
+def score_predictions(name: str, labels: np.ndarray, preds: np.ndarray) -> float:
     """The task metric as a fraction (accuracy 0.87, not 87): f1 is binary with label 1 as positive,
     as GLUE reports it for MRPC and QQP."""
-    preds = predictions(logits, regression)
     labels = np.asarray(labels)
     if name == "accuracy":
         return float(accuracy_score(labels, preds))

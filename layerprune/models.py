@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,3 +168,87 @@ def pick_device(device: torch.device | str | None = None) -> torch.device:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+@dataclass(frozen=True)
+class Head:
+    """A sequence-classification head: it reads only the first token of the last hidden state.
+
+    The modules are applied in order, `activation` between consecutive ones; dropout is left out (eval mode).
+    """
+
+    modules: tuple[str, ...]  # dotted names in the *ForSequenceClassification model, pooler included
+    first_linear: str  # the nn.Linear that reads the first token (re-fitting works in its input coordinates)
+    sequence_input: bool  # the first module takes (B, T, D) and picks token 0 itself; else we pass (B, D)
+    activation: str | None = None  # "tanh" or "relu", applied after every module but the last
+
+
+# From transformers 4.57's *ForSequenceClassification.forward: BERT pools with bert.pooler (tanh inside),
+# ALBERT with albert.pooler + tanh, DistilBERT with pre_classifier + ReLU, DeBERTa-v2 with its ContextPooler;
+# RoBERTa, XLM-R, ELECTRA and MPNet have a classifier module that takes features[:, 0, :] itself.
+_TOKEN0_CLASSIFIER = Head(("classifier",), "classifier.dense", sequence_input=True)
+HEADS: dict[str, Head] = {
+    "bert": Head(("bert.pooler", "classifier"), "bert.pooler.dense", sequence_input=True),
+    "roberta": _TOKEN0_CLASSIFIER,
+    "xlm-roberta": _TOKEN0_CLASSIFIER,
+    "albert": Head(("albert.pooler", "classifier"), "albert.pooler", sequence_input=False, activation="tanh"),
+    "distilbert": Head(
+        ("pre_classifier", "classifier"), "pre_classifier", sequence_input=False, activation="relu"
+    ),
+    "electra": _TOKEN0_CLASSIFIER,
+    "deberta-v2": Head(("pooler", "classifier"), "pooler.dense", sequence_input=True),
+    "mpnet": _TOKEN0_CLASSIFIER,
+}
+assert set(HEADS) == set(ARCHITECTURES), "every supported architecture needs its head described"
+
+_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
+
+
+def head(config: PretrainedConfig) -> Head:
+    """The table entry for a config's classification head (ModelError for unsupported architectures)."""
+    architecture(config)
+    return HEADS[config.model_type]
+
+
+def head_modules(model: PreTrainedModel) -> dict[str, nn.Module]:
+    """The head's modules by dotted name (pooler included where the model has one), in the order applied."""
+    found = {}
+    for name in head(model.config).modules:
+        try:
+            found[name] = model.get_submodule(name)
+        except AttributeError:
+            raise ModelError(f"the model has no '{name}' module; is it a sequence classifier?") from None
+    return found
+
+
+def apply_head(config: PretrainedConfig, modules: dict[str, nn.Module], hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of a head given as `modules` (the model's own, or a copy being re-fitted) on states (B, T, D)."""
+    spec = head(config)
+    x = hidden if spec.sequence_input else hidden[:, 0]
+    for i, name in enumerate(spec.modules):
+        x = modules[name](x)
+        if spec.activation is not None and i < len(spec.modules) - 1:
+            x = _ACTIVATIONS[spec.activation](x)
+    return x
+
+
+def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of the model's head on the hidden states (B, T, D) of any layer, exactly as the model computes
+    them in eval mode (T may be 1: only the first token is read)."""
+    modules = head_modules(model)
+    param = next(model.parameters())
+    with eval_mode(*modules.values()):
+        return apply_head(model.config, modules, hidden.to(param.device, param.dtype))
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Switch modules to eval mode (no dropout) for the block, then restore each one's mode."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

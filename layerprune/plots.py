@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 if TYPE_CHECKING:
-    from .artifacts import AnalysisReport
+    from .artifacts import AnalysisReport, DepthReport
 
 
 def plot_cka(matrix: np.ndarray, report: AnalysisReport, path: Path) -> None:
@@ -45,6 +45,30 @@ def plot_cka(matrix: np.ndarray, report: AnalysisReport, path: Path) -> None:
         f"{report.num_layers} · full-model {report.metric.name} {report.metric.value:.4f}",
         fontsize=9,
     )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_depths(report: DepthReport, path: Path) -> None:
+    """Calibration metric versus kept depth, with and without head re-fitting, and the depth chosen."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    depths = [s.depth for s in report.scores]
+    ax.plot(depths, [s.metric for s in report.scores], "o-", label="fine-tuned head (no further tuning)")
+    healed = [(s.depth, s.metric_healed) for s in report.scores if s.metric_healed is not None]
+    if healed:
+        ax.plot(*zip(*healed), "s-", label="head re-fitted (heal)")
+    ax.axhline(report.full_metric, color="grey", linewidth=1, label=f"full model ({report.total_layers} layers)")
+    ax.axhspan(report.full_metric - report.tolerance, report.full_metric, color="grey", alpha=0.15,
+               label=f"tolerance {report.tolerance:g}")
+    ax.axvline(report.boundary, color="#00a0c0", linestyle="--", linewidth=1, label=f"CKA boundary ({report.boundary})")
+    ax.axvline(report.chosen, color="#d04000", linewidth=2, label=f"kept: {report.chosen}")
+    ax.set_xticks(range(1, report.total_layers + 1))
+    ax.set_xlabel("layers kept")
+    ax.set_ylabel(f"{report.metric_name} ({report.calibration}, n={report.n_calibration})")
+    ax.set_title(f"metric versus depth · heal={report.heal}", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

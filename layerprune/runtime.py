@@ -1,0 +1,221 @@
+"""Running an exported bundle (model.onnx, config.json, tokenizer.json) with onnxruntime.
+
+Torch-free on purpose: the server imports this module. Importing anything from `transformers`
+imports torch (4.57: even `from transformers import AutoTokenizer`), so the tokenizer is the bundle's
+tokenizer.json run by the `tokenizers` library directly, configured as transformers' fast tokenizer
+would be (special tokens from the post-processor, longest-first truncation, right padding).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from .errors import LayerpruneError
+
+# Models whose position ids start after the padding index (padding_idx + 1 = 2), so two positions of
+# max_position_embeddings are never usable by tokens.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "longformer"}
+_MAX_LENGTH_CAP = 512
+_DEFAULT_TOKENIZER_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+class OnnxClassifier:
+    """A bundle's model.onnx + tokenizer, run with onnxruntime.
+
+    input_names: what the session takes (DistilBERT, MPNet and RoBERTa-likes take no token_type_ids);
+    max_length: the longest token sequence the model can see; id2label: from config.json.
+    """
+
+    def __init__(self, model_dir: Path, *, providers: list[str] | None = None, threads: int | None = None) -> None:
+        """providers: default CUDA when this onnxruntime build offers it, else CPU (CPU always last, as
+        the fallback for ops CUDA lacks, e.g. int8 MatMulInteger). threads: intra-op threads."""
+        self.model_dir = Path(model_dir)
+        for name in ("model.onnx", "config.json", "tokenizer.json"):
+            if not (self.model_dir / name).is_file():
+                raise LayerpruneError(f"{self.model_dir} has no {name}; is it an exported bundle?")
+        self.config = _read_json(self.model_dir / "config.json")
+        tokenizer_config = _read_json(self.model_dir / "tokenizer_config.json", missing_ok=True)
+        self.session = _session(self.model_dir / "model.onnx", providers, threads)
+        self.input_names: list[str] = [i.name for i in self.session.get_inputs()]
+        self.output_name: str = self.session.get_outputs()[0].name
+        self.id2label: dict[int, str] = _id2label(self.config, self.session)
+        self.max_length: int = _max_length(self.config, tokenizer_config)
+        try:
+            self._tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        except Exception as exc:  # tokenizers raises a plain Exception on a malformed file
+            raise LayerpruneError(f"cannot read {self.model_dir / 'tokenizer.json'}: {_first_line(exc)}") from exc
+        self._tokenizer.no_padding()  # padding is done per batch below, in numpy
+        self._truncation_side = tokenizer_config.get("truncation_side", "right")
+        self._pad_id = _pad_id(self._tokenizer, tokenizer_config)
+        emitted = tokenizer_config.get("model_input_names") or _DEFAULT_TOKENIZER_INPUTS
+        # A tokenizer saved without token_type_ids gives the model zeros, as transformers does.
+        self._emits_token_types = "token_type_ids" in emitted
+        self._lock = threading.Lock()  # the Tokenizer's truncation setting is shared state
+        unknown = set(self.input_names) - {"input_ids", "attention_mask", "token_type_ids"}
+        if unknown:
+            model = self.model_dir / "model.onnx"
+            raise LayerpruneError(f"{model} takes inputs the runtime cannot make: {sorted(unknown)}")
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    def encode(
+        self, texts: list[str], pairs: list[str] | None = None, *, max_length: int | None = None,
+        truncation: bool = True,
+    ) -> dict[str, np.ndarray]:
+        """The session's inputs for `texts` (and second texts `pairs`): int64, padded to the longest row."""
+        return _pad(self._tokenize(texts, pairs, max_length, truncation), self._pad_id, self.input_names,
+                    self._emits_token_types)
+
+    def logits(
+        self, texts: list[str], pairs: list[str] | None = None, *, batch_size: int = 32,
+        max_length: int | None = None,
+    ) -> np.ndarray:
+        """(n, num_labels) float32 logits in input order. Rows are batched by token length (sort, batch,
+        un-sort), so a batch pads to similar lengths instead of to the longest text of the input."""
+        if batch_size < 1:
+            raise LayerpruneError(f"batch_size must be at least 1, got {batch_size}")
+        rows = self._tokenize(texts, pairs, max_length, truncation=True)
+        out = np.zeros((len(rows), self.num_labels), dtype=np.float32)
+        order = np.argsort([len(row.ids) for row in rows], kind="stable")
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = _pad([rows[i] for i in idx], self._pad_id, self.input_names, self._emits_token_types)
+            out[idx] = self.run(batch)
+        return out
+
+    def run(self, encoding: dict[str, np.ndarray]) -> np.ndarray:
+        """One session.run on an encoded batch -> its logits as float32."""
+        missing = [name for name in self.input_names if name not in encoding]
+        if missing:
+            raise LayerpruneError(f"the model needs inputs {missing}, the encoding has {sorted(encoding)}")
+        feeds = {name: np.asarray(encoding[name], dtype=np.int64) for name in self.input_names}
+        return np.asarray(self.session.run([self.output_name], feeds)[0], dtype=np.float32)
+
+    def _tokenize(self, texts: list[str], pairs: list[str] | None, max_length: int | None, truncation: bool) -> list:
+        """Token rows (tokenizers.Encoding) without padding, special tokens added."""
+        texts = _strings(texts, "texts")
+        inputs: list[Any] = texts
+        if pairs is not None:
+            pairs = _strings(pairs, "pairs")
+            if len(pairs) != len(texts):
+                raise LayerpruneError(f"{len(texts)} texts but {len(pairs)} pairs")
+            inputs = list(zip(texts, pairs))
+        # The model cannot see more positions than it has, whatever the caller asks for.
+        limit = self.max_length if max_length is None else min(max_length, self.max_length)
+        if limit < 2:
+            raise LayerpruneError(f"max_length must be at least 2, got {max_length}")
+        with self._lock:
+            if truncation:
+                self._tokenizer.enable_truncation(limit, strategy="longest_first", direction=self._truncation_side)
+            else:
+                self._tokenizer.no_truncation()
+            rows = self._tokenizer.encode_batch(inputs, add_special_tokens=True)
+        if not truncation:
+            too_long = [i for i, row in enumerate(rows) if len(row.ids) > limit]
+            if too_long:
+                raise LayerpruneError(
+                    f"text {too_long[0]} has {len(rows[too_long[0]].ids)} tokens, the model takes at most {limit}; "
+                    "pass truncation=True"
+                )
+        return rows
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it; CPU always, as the fallback."""
+    available = ort.get_available_providers()
+    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+
+
+def _session(path: Path, providers: list[str] | None, threads: int | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    # ENABLE_ALL also on bundles optimized at export: re-applying the rewrites is idempotent and cheap.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: no "some nodes were not assigned" chatter
+    if threads is not None:
+        if threads < 1:
+            raise LayerpruneError(f"threads must be at least 1, got {threads}")
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers or default_providers())
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
+        raise LayerpruneError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from exc
+
+
+def _max_length(config: dict, tokenizer_config: dict) -> int:
+    """tokenizer's model_max_length, capped by the position embeddings (minus the offset of
+    RoBERTa-like models) and by 512."""
+    limits = [_MAX_LENGTH_CAP]
+    model_max = tokenizer_config.get("model_max_length")
+    if isinstance(model_max, (int, float)) and model_max > 0:
+        limits.append(int(min(model_max, _MAX_LENGTH_CAP)))
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and positions > 0:
+        offset = int(config.get("pad_token_id") or 1) + 1 if config.get("model_type") in _OFFSET_POSITIONS else 0
+        limits.append(positions - offset)
+    return min(limits)
+
+
+def _id2label(config: dict, session: ort.InferenceSession) -> dict[int, str]:
+    """config.json's labels; transformers leaves out the default two (LABEL_0, LABEL_1), so without
+    them the names are the defaults for as many labels as the model outputs."""
+    if config.get("id2label"):
+        return {int(k): str(v) for k, v in config["id2label"].items()}
+    width = session.get_outputs()[0].shape[-1]
+    count = width if isinstance(width, int) else int(config.get("num_labels", 2))
+    return {i: f"LABEL_{i}" for i in range(count)}
+
+
+def _pad_id(tokenizer: Tokenizer, tokenizer_config: dict) -> int:
+    """The pad token's id; 0 when the tokenizer names none (harmless: padded positions are masked)."""
+    token = tokenizer_config.get("pad_token")
+    if isinstance(token, dict):
+        token = token.get("content")
+    if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+        return int(tokenizer.token_to_id(token))
+    return 0
+
+
+def _pad(rows: list, pad_id: int, input_names: list[str], token_types: bool) -> dict[str, np.ndarray]:
+    """Right-pad token rows to the longest into int64 arrays; only the names the model takes."""
+    width = max((len(row.ids) for row in rows), default=0)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    types = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        n = len(row.ids)
+        ids[i, :n], mask[i, :n] = row.ids, row.attention_mask
+        if token_types:
+            types[i, :n] = row.type_ids
+    arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    return {name: arrays[name] for name in input_names if name in arrays}
+
+
+def _strings(values: list[str], what: str) -> list[str]:
+    values = list(values)
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise LayerpruneError(f"{what}[{bad}] is a {type(values[bad]).__name__}, not a string")
+    return values
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _read_json(path: Path, missing_ok: bool = False) -> dict:
+    if missing_ok and not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LayerpruneError(f"cannot read {path}: {exc}") from exc

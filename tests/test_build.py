@@ -1,0 +1,258 @@
+"""export + validate: truncate -> ONNX bundle -> validation, on tiny models; the bundle as a contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SENTENCES, TINY_LAYERS
+from layerprune.analyze import AnalyzeOptions, analyze
+from layerprune.artifacts import DepthReport, Manifest, ValidationReport, load_artifact
+from layerprune.build import ExportOptions, _choose_depth, export_bundle
+from layerprune.bundle import BundleError, servable_bundle, verify_bundle
+from layerprune.cli import main
+from layerprune.errors import LayerpruneError
+from layerprune.tasks import TaskConfig, task_from_files
+from layerprune.validate import calibration_and_holdout, compare, validate_bundle
+
+FAST = dict(device="cpu", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory) -> Path:
+    """24 labelled sentences (the 12 shared ones, twice with a twist), enough to cut in halves."""
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    rows = [(t, l) for t, l in SENTENCES] + [(f"honestly, {t}", l) for t, l in SENTENCES]
+    path.write_text("text,label\n" + "\n".join(f'"{t}",{l}' for t, l in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_models, reviews, tmp_path_factory) -> Path:
+    task = task_from_files(reviews, "text", "label", train_file=reviews)
+    run = tmp_path_factory.mktemp("runs") / "run"
+    analyze(str(tiny_models["bert"]), task, run, AnalyzeOptions(**FAST))
+    return run
+
+
+@pytest.fixture(scope="module")
+def bundle(run_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "b2"
+    export_bundle(run_dir, out, ExportOptions(keep_layers=2, heal="none", **FAST))
+    return out
+
+
+def test_bundle_layout_and_hashes(bundle: Path) -> None:
+    for name in ["model.onnx", "config.json", "tokenizer.json", "manifest.json", "validation.json",
+                 "depth.json", "depth.png", "analysis.json", "cka.png"]:
+        assert (bundle / name).is_file(), name
+    manifest = verify_bundle(bundle)
+    assert manifest.kept_layers == 2 and manifest.total_layers == TINY_LAYERS
+    assert set(manifest.files) >= {"model.onnx", "validation.json", "config.json", "tokenizer.json"}
+    assert "manifest.json" not in manifest.files
+    config = json.loads((bundle / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2
+
+
+def test_truncated_checkpoint_saved_in_run_dir(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from layerprune.models import load_classifier
+
+    run = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("truncated", "bundle"))
+    result = export_bundle(run, None, ExportOptions(keep_layers=3, heal="none", **FAST))
+    assert result.bundle == run / "bundle" and result.truncated_checkpoint == run / "truncated"
+    model, _ = load_classifier(run / "truncated", num_labels=2)
+    assert model.config.num_hidden_layers == 3
+    assert not any(p.suffix == ".safetensors" for p in result.bundle.rglob("*")), "the bundle holds what is served"
+
+
+def test_fp32_parity_and_validation(bundle: Path) -> None:
+    report = load_artifact(ValidationReport, bundle / "validation.json")
+    assert report.max_abs_logit_diff_fp32 is not None and report.max_abs_logit_diff_fp32 <= 1e-4
+    assert report.n_examples == 12 and "holdout" in report.holdout
+    assert report.delta == pytest.approx(report.bundle - report.original)
+    assert report.delta_ci95[0] <= report.delta <= report.delta_ci95[1]
+    assert report.passed == (report.delta >= -report.tolerance)
+    assert Manifest.model_validate_json((bundle / "manifest.json").read_text()).servable == report.passed
+
+
+def test_full_depth_bundle_equals_original(run_dir: Path, tmp_path: Path) -> None:
+    result = export_bundle(run_dir, tmp_path / "full", ExportOptions(keep_layers=TINY_LAYERS, heal="none", **FAST))
+    v = result.validation
+    assert v.delta == 0.0 and v.agreement == 1.0 and v.passed
+    assert validate_bundle(tmp_path / "full", device="cpu").passed
+
+
+def test_validate_recomputes_the_same_numbers(bundle: Path) -> None:
+    stored = load_artifact(ValidationReport, bundle / "validation.json")
+    again = validate_bundle(bundle, device="cpu")
+    assert again.original == pytest.approx(stored.original)
+    assert again.bundle == pytest.approx(stored.bundle)
+
+
+def test_tampered_and_missing_files_are_named(bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    with open(copy / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match="model.onnx does not match"):
+        verify_bundle(copy)
+    shutil.copytree(bundle, tmp_path / "missing")
+    (tmp_path / "missing" / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match="tokenizer.json is missing"):
+        verify_bundle(tmp_path / "missing")
+    # A hand-edited validation.json that claims a pass is caught by its hash.
+    shutil.copytree(bundle, tmp_path / "edited")
+    path = tmp_path / "edited" / "validation.json"
+    path.write_text(path.read_text().replace('"passed": false', '"passed": true') + " ")
+    with pytest.raises(BundleError, match="validation.json does not match"):
+        servable_bundle(tmp_path / "edited")
+
+
+def test_failing_bundle_is_written_but_not_servable(run_dir: Path, tmp_path: Path) -> None:
+    # A negative tolerance demands an improvement no truncation gives on the same head: it must fail.
+    result = export_bundle(run_dir, tmp_path / "fail", ExportOptions(keep_layers=TINY_LAYERS, heal="none",
+                                                                     tolerance=-0.5, **FAST))
+    assert not result.validation.passed and not result.manifest.servable
+    with pytest.raises(BundleError, match="failed validation"):
+        servable_bundle(tmp_path / "fail")
+    manifest, _ = servable_bundle(tmp_path / "fail", allow_unvalidated=True)
+    assert manifest.kept_layers == TINY_LAYERS
+
+
+def test_auto_with_heal_records_depths(run_dir: Path, tmp_path: Path) -> None:
+    result = export_bundle(run_dir, tmp_path / "auto", ExportOptions(heal="head", sweep=True, **FAST))
+    depth = load_artifact(DepthReport, tmp_path / "auto" / "depth.json")
+    assert depth == result.depth and depth.mode == "auto" and depth.heal == "head"
+    assert [s.depth for s in depth.scores] == list(range(1, TINY_LAYERS + 1))
+    assert all(s.metric_healed is not None for s in depth.scores[:-1]), "--sweep heals every depth"
+    assert depth.probed[0] == depth.boundary
+    assert 1 <= depth.chosen <= TINY_LAYERS and depth.n_heal_train == 24
+    full = depth.full_metric
+    chosen = next(s for s in depth.scores if s.depth == depth.chosen)
+    score = chosen.metric if depth.chosen == TINY_LAYERS else chosen.metric_healed
+    assert score >= full - depth.tolerance
+
+
+def test_calibration_and_holdout_are_disjoint(reviews: Path) -> None:
+    task = task_from_files(reviews, "text", "label")
+    parts = calibration_and_holdout(task, None, None)
+    assert len(parts.calibration) == len(parts.holdout) == 12
+    assert not set(zip(parts.calibration.texts)) & set(zip(parts.holdout.texts))
+    again = calibration_and_holdout(task, None, None)
+    assert again.calibration.texts == parts.calibration.texts, "the halves are fixed"
+    capped = calibration_and_holdout(task, None, 5)
+    assert capped.holdout.texts == parts.holdout.texts[:5]
+
+
+def test_calibration_and_holdout_use_a_separate_test_split(tmp_path: Path, reviews: Path) -> None:
+    from layerprune.tasks import load_task
+
+    yaml = tmp_path / "mine.yaml"
+    yaml.write_text(f"""name: mine
+description: local data with a test split
+source: {{kind: file, files: {{validation: {reviews}, test: {reviews}, train: {reviews}}}}}
+text_field: text
+label_field: label
+label_names: [negative, positive]
+metric: accuracy
+""")
+    parts = calibration_and_holdout(load_task(str(yaml)), None, None)
+    assert parts.holdout_name == "test split" and len(parts.holdout) == 24
+
+
+class FakeScorer:
+    def __init__(self, metrics: dict[int, float], full: float) -> None:
+        self.metrics, self.full, self.probed = metrics, full, []
+
+    def __call__(self, depth: int) -> float:
+        self.probed.append(depth)
+        return self.metrics[depth]
+
+
+@pytest.mark.parametrize("boundary,metrics,expected,probed", [
+    (4, {1: .5, 2: .7, 3: .895, 4: .9, 5: .9, 6: .9}, 3, [4, 3, 2]),  # holds at 4: go down while it holds
+    (4, {1: .5, 2: .7, 3: .8, 4: .85, 5: .895, 6: .9}, 5, [4, 5]),  # fails at 4: go up until it holds
+    (1, {1: .9, 2: .9, 3: .9, 4: .9, 5: .9, 6: .9}, 1, [1]),
+    (6, {1: .5, 2: .5, 3: .5, 4: .5, 5: .5, 6: .9}, 6, [6, 5]),
+])
+def test_auto_search(boundary, metrics, expected, probed) -> None:
+    scorer = FakeScorer(metrics, full=0.9)
+    assert _choose_depth(scorer, boundary, 6, ExportOptions(tolerance=0.01)) == expected
+    assert list(dict.fromkeys(scorer.probed)) == probed
+
+
+def test_compare_pass_and_fail() -> None:
+    from layerprune.data import Examples
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    holdout = Examples(texts=["x"] * 400, pairs=None, labels=labels)
+    task = TaskConfig.model_validate({
+        "name": "t", "description": "d", "source": {"kind": "file", "files": {"validation": "/x.csv"}},
+        "text_field": "text", "label_field": "label", "label_names": ["a", "b"], "metric": "accuracy",
+        "train_split": None,
+    })
+    original = np.eye(2)[labels] * 3  # always right
+    worse = original.copy()
+    worse[:20] = worse[:20, ::-1]  # 20 of 400 wrong: -5 points
+    failed = compare(task, holdout, "h", original, worse, tolerance=0.01)
+    assert failed.delta == pytest.approx(-0.05) and not failed.passed and failed.agreement == 0.95
+    assert failed.delta_ci95[1] < 0, "20 flips in the same direction: the interval excludes 0"
+    assert compare(task, holdout, "h", original, worse, tolerance=0.06).passed
+
+
+def test_cli_export_and_validate(run_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cli-bundle"
+    code = main(["export", str(run_dir), "--keep-layers", "3", "--heal", "none", "--out", str(out), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "kept 3 of 4 layers" in printed and "| passed |" in printed
+    assert main(["validate", str(out), "--device", "cpu"]) == 0
+    assert "validation passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--keep-layers", "0"], "positive integer"),
+    (["--keep-layers", "9"], "between 1 and 4"),
+])
+def test_cli_export_bad_depth(run_dir: Path, tmp_path: Path, capsys, args, message) -> None:
+    try:
+        code = main(["export", str(run_dir), "--out", str(tmp_path / "x"), *args])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code != 0 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_export_without_analysis(tmp_path: Path, capsys) -> None:
+    assert main(["export", str(tmp_path)]) == 2
+    assert "run `layerprune analyze` first" in capsys.readouterr().err
+
+
+def test_cli_validate_tampered(bundle: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    copy = tmp_path / "t"
+    shutil.copytree(bundle, copy)
+    (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")
+    assert main(["validate", str(copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "layerprune: error: bundle file config.json does not match its manifest hash (altered after export)"
+
+
+def test_failed_export_leaves_nothing(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise LayerpruneError("exporter broke")
+
+    monkeypatch.setattr("layerprune.build.onnx_export.export_onnx", broken)
+    with pytest.raises(LayerpruneError):
+        export_bundle(run_dir, tmp_path / "b", ExportOptions(keep_layers=2, heal="none", **FAST))
+    assert list(tmp_path.iterdir()) == []
