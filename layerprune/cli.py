@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="layerprune", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="layerprune", description="Find the redundant top layers of a fine-tuned encoder "
+                     "with CKA, drop them, and serve a validated ONNX bundle.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     tasks = commands.add_parser("tasks", help="list the task configs")
@@ -102,6 +103,21 @@ def _parser() -> argparse.ArgumentParser:
     va.add_argument("--tolerance", type=_tolerance, help="override the tolerance recorded at export")
     va.add_argument("--device", default="auto")
     va.set_defaults(run=_run_validate)
+
+    from serve.main import add_arguments  # the server's own flags, shared with `python -m serve`
+
+    sv = commands.add_parser("serve", help="serve a validated bundle over HTTP (127.0.0.1:8080)")
+    add_arguments(sv)
+    sv.set_defaults(run=_run_serve)
+
+    tr = commands.add_parser("triton", help="write an NVIDIA Triton model repository for a bundle")
+    tr.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_RUN_DIR / "bundle")
+    tr.add_argument("out", type=Path, help="model repository folder")
+    tr.add_argument("--name", default="layerprune", help="model name in the repository")
+    tr.add_argument("--max-batch-size", type=_positive, default=32)
+    tr.add_argument("--kind", choices=["KIND_AUTO", "KIND_CPU", "KIND_GPU"], default="KIND_AUTO")
+    tr.add_argument("--allow-unvalidated", action="store_true")
+    tr.set_defaults(run=_run_triton)
     return parser
 
 
@@ -214,6 +230,21 @@ def _run_validate(args: argparse.Namespace) -> int:
         print(f"layerprune: error: {args.bundle} fails validation", file=sys.stderr)
         return 1
     print(f"{args.bundle}: files match the manifest; validation passed")
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from serve.main import run, settings_from_args
+
+    return run(args.bundle, settings_from_args(args))
+
+
+def _run_triton(args: argparse.Namespace) -> int:
+    from serve.triton import write_triton_repository
+
+    path = write_triton_repository(args.bundle, args.out, args.name, args.max_batch_size, kind=args.kind,
+                                   allow_unvalidated=args.allow_unvalidated)
+    print(f"Triton model repository: {path} (tritonserver --model-repository {args.out})")
     return 0
 
 

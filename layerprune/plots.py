@@ -67,7 +67,7 @@ def plot_depths(report: DepthReport, path: Path) -> None:
     ax.set_xlabel("layers kept")
     ax.set_ylabel(f"{report.metric_name} ({report.calibration}, n={report.n_calibration})")
     ax.set_title(f"metric versus depth · heal={report.heal}", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -33,7 +33,9 @@ class OnnxClassifier:
     max_length: the longest token sequence the model can see; id2label: from config.json.
     """
 
-    def __init__(self, model_dir: Path, *, providers: list[str] | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self, model_dir: Path, *, providers: list[str] | None = None, threads: int | None = None, spinning: bool = True
+    ) -> None:
         """providers: default CUDA when this onnxruntime build offers it, else CPU (CPU always last, as
         the fallback for ops CUDA lacks, e.g. int8 MatMulInteger). threads: intra-op threads."""
         self.model_dir = Path(model_dir)
@@ -42,7 +44,7 @@ class OnnxClassifier:
                 raise LayerpruneError(f"{self.model_dir} has no {name}; is it an exported bundle?")
         self.config = _read_json(self.model_dir / "config.json")
         tokenizer_config = _read_json(self.model_dir / "tokenizer_config.json", missing_ok=True)
-        self.session = _session(self.model_dir / "model.onnx", providers, threads)
+        self.session = _session(self.model_dir / "model.onnx", providers, threads, spinning)
         self.input_names: list[str] = [i.name for i in self.session.get_inputs()]
         self.output_name: str = self.session.get_outputs()[0].name
         self.id2label: dict[int, str] = _id2label(self.config, self.session)
@@ -135,8 +137,10 @@ def default_providers() -> list[str]:
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
 
 
-def _session(path: Path, providers: list[str] | None, threads: int | None) -> ort.InferenceSession:
+def _session(path: Path, providers: list[str] | None, threads: int | None, spinning: bool = True) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    if not spinning:  # idle intra-op threads sleep instead of busy-waiting: leaves the cores to a server's own work
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # ENABLE_ALL also on bundles optimized at export: re-applying the rewrites is idempotent and cheap.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: no "some nodes were not assigned" chatter

@@ -1,0 +1,34 @@
+"""Prometheus metrics, one registry per app (so several apps in one process never collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+ROUTES = {"/predict", "/v1/classify", "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "layerprune_requests", "HTTP requests by route and status", ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "layerprune_request_seconds", "request latency by route", ["route"], registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.batch_size = Histogram(
+            "layerprune_batch_size", "inputs per onnxruntime run", registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
+        self.batch_tokens = Histogram(
+            "layerprune_batch_padded_length", "padded token length per onnxruntime run", registry=self.registry,
+            buckets=(8, 16, 32, 64, 128, 256, 512),
+        )
+        self.queue_depth = Gauge("layerprune_queue_depth", "inputs waiting for the model", registry=self.registry)
+        self.inputs = Counter("layerprune_inputs", "inputs classified", registry=self.registry)
+
+    @staticmethod
+    def route_label(path: str) -> str:
+        return path if path in ROUTES else "other"

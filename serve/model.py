@@ -1,0 +1,123 @@
+"""The served model: a bundle that passed the start-up gate, loaded with onnxruntime."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layerprune.artifacts import Manifest, ValidationReport
+from layerprune.bundle import servable_bundle
+from layerprune.errors import LayerpruneError
+from layerprune.runtime import OnnxClassifier
+
+UNVALIDATED_WARNING = (
+    "this bundle is served with --allow-unvalidated: its validation did not pass or is missing, "
+    "so its predictions may be worse than the original model's"
+)
+
+
+@dataclass
+class ServedModel:
+    bundle: Path
+    manifest: Manifest
+    validation: ValidationReport | None
+    classifier: OnnxClassifier
+    pair_input: bool  # the task classifies (text, text_pair)
+    allow_unvalidated: bool
+
+    @property
+    def model_id(self) -> str:
+        return Path(self.manifest.source_checkpoint).name or self.manifest.source_checkpoint
+
+    @property
+    def validated(self) -> bool:
+        return self.validation is not None and self.validation.passed and self.manifest.servable
+
+    @property
+    def warning(self) -> str | None:
+        return None if self.validated else UNVALIDATED_WARNING
+
+    @property
+    def labels(self) -> list[str]:
+        """Label names in output order: config.json's id2label (as the runtime reads it); when config.json
+        names none (transformers leaves out the default two), the manifest's task labels."""
+        id2label = self.classifier.id2label
+        runtime = [id2label[i] for i in sorted(id2label)]
+        if not self.classifier.config.get("id2label") and self.manifest.labels \
+                and len(self.manifest.labels) == len(runtime):
+            return list(self.manifest.labels)
+        return runtime
+
+    @property
+    def multi_label(self) -> bool:
+        return self.classifier.config.get("problem_type") == "multi_label_classification"
+
+    def scores(self, logits: np.ndarray, raw: bool) -> np.ndarray:
+        """Logits (raw) or probabilities: softmax, sigmoid for multi-label or one-output models."""
+        x = np.asarray(logits, dtype=np.float64)
+        if raw:
+            return x
+        if self.multi_label or x.shape[-1] == 1:
+            return 1.0 / (1.0 + np.exp(-x))
+        x = np.exp(x - x.max(axis=-1, keepdims=True))
+        return x / x.sum(axis=-1, keepdims=True)
+
+    def info(self) -> dict[str, Any]:
+        m, v = self.manifest, self.validation
+        return {
+            "id": self.model_id,
+            "object": "model",
+            "source_checkpoint": m.source_checkpoint,
+            "task": m.task,
+            "model_type": m.model_type,
+            "labels": self.labels,
+            "pair_input": self.pair_input,
+            "max_length": self.classifier.max_length,
+            "kept_layers": m.kept_layers,
+            "total_layers": m.total_layers,
+            "heal": m.heal,
+            "optimize": m.optimize,
+            "quantize": m.quantize,
+            "created": m.created,
+            "validated": self.validated,
+            "validation": None if v is None else {
+                "passed": v.passed, "metric": v.metric_name, "original": v.original, "bundle": v.bundle,
+                "delta": v.delta, "delta_ci95": list(v.delta_ci95), "tolerance": v.tolerance,
+                "agreement": v.agreement, "holdout": v.holdout, "n_examples": v.n_examples,
+            },
+            "allow_unvalidated": self.allow_unvalidated,
+            "warning": self.warning,
+        }
+
+
+def load_model(bundle: Path, *, allow_unvalidated: bool = False, threads: int | None = None,
+               providers: list[str] | None = None) -> ServedModel:
+    """The start-up gate (hashes, files, validation unless waived), then the onnxruntime session.
+    Raises LayerpruneError (BundleError) with one line saying why a bundle is refused."""
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise LayerpruneError(f"bundle {bundle} is not a directory")
+    manifest, validation = servable_bundle(bundle, allow_unvalidated=allow_unvalidated)
+    # No busy-waiting ORT threads: the event loop and tokenization need the same cores.
+    classifier = OnnxClassifier(bundle, providers=providers, threads=threads, spinning=False)
+    if manifest.labels and len(manifest.labels) != classifier.num_labels:
+        raise LayerpruneError(
+            f"{bundle}: manifest names {len(manifest.labels)} labels, the model outputs {classifier.num_labels}"
+        )
+    return ServedModel(bundle, manifest, validation, classifier, _pair_input(bundle, manifest), allow_unvalidated)
+
+
+def _pair_input(bundle: Path, manifest: Manifest) -> bool:
+    """Whether the task has a second text: the bundle's (hashed) analysis.json task config says so."""
+    if "analysis.json" not in manifest.files:
+        return False
+    try:
+        analysis = json.loads((bundle / "analysis.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LayerpruneError(f"cannot read {bundle / 'analysis.json'}: {exc}") from None
+    task = analysis.get("task_config") if isinstance(analysis, dict) else None
+    return bool(isinstance(task, dict) and task.get("text_pair_field"))

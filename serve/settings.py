@@ -1,0 +1,73 @@
+"""ServeSettings: flags > LAYERPRUNE_SERVE_* environment > configs/serve.yaml > defaults."""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from layerprune.errors import LayerpruneError
+
+ENV_PREFIX = "LAYERPRUNE_SERVE_"
+DEFAULT_CONFIG = Path("configs/serve.yaml")
+_config_file: ContextVar[Path | None] = ContextVar("serve_config_file", default=None)
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="interface to bind; loopback unless asked")
+    port: int = Field(8080, ge=0, le=65535)
+    max_batch_size: int = Field(32, ge=1, le=4096, description="inputs per onnxruntime run")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="wait for more inputs once the queue is empty")
+    max_inputs_per_request: int = Field(64, ge=1)
+    max_chars_per_input: int = Field(10_000, ge=1)
+    max_queue: int = Field(4096, ge=1, description="inputs waiting for the model; beyond it requests get 429")
+    auto_truncate: bool = Field(True, description="/predict default for 'truncate' (TEI's --auto-truncate)")
+    threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads; None = its default")
+    allow_unvalidated: bool = False
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file.get()
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Request bodies beyond this are refused (413) before JSON parsing: every input at its
+        maximum length, 4 bytes a character, escaped, twice over for pairs, plus slack."""
+        return 2 * self.max_inputs_per_request * (4 * self.max_chars_per_input * 2 + 16) + 65_536
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> ServeSettings:
+    """Settings from `config` (default: LAYERPRUNE_SERVE_CONFIG, else ./configs/serve.yaml when present),
+    the environment, and `overrides` (None values are left out). A LayerpruneError on bad values."""
+    if config is None:
+        env = os.environ.get(ENV_PREFIX + "CONFIG")
+        config = Path(env) if env else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    if config is not None and not Path(config).is_file():
+        raise LayerpruneError(f"serve config {config} not found")
+    token = _config_file.set(Path(config) if config is not None else None)
+    try:
+        return ServeSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        raise LayerpruneError(f"bad serve setting {where}: {err['msg']}") from None
+    finally:
+        _config_file.reset(token)

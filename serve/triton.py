@@ -1,0 +1,123 @@
+"""Scale-out: a bundle as an NVIDIA Triton Inference Server model repository (onnxruntime backend).
+
+Triton serves tensors: clients tokenize (the bundle's tokenizer.json, e.g. with `tokenizers`) and send
+int64 input_ids / attention_mask (/ token_type_ids) of shape [batch, seq]; the model answers fp32 logits,
+classified against labels.txt when the client asks for classification output.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnxruntime as ort
+
+from layerprune.bundle import servable_bundle
+from layerprune.errors import LayerpruneError
+
+_TRITON_TYPES = {"tensor(int64)": "TYPE_INT64", "tensor(int32)": "TYPE_INT32", "tensor(float)": "TYPE_FP32",
+                 "tensor(float16)": "TYPE_FP16"}
+LABELS_FILE = "labels.txt"
+
+
+def write_triton_repository(
+    bundle_dir: Path,
+    out_dir: Path,
+    model_name: str = "layerprune",
+    max_batch_size: int = 32,
+    *,
+    preferred_batch_sizes: list[int] | None = None,
+    max_queue_delay_us: int = 5000,
+    instance_count: int = 1,
+    kind: str = "KIND_AUTO",
+    version: int = 1,
+    allow_unvalidated: bool = False,
+) -> Path:
+    """Write OUT/<model_name>/{config.pbtxt, labels.txt, <version>/model.onnx} for a bundle that passes
+    the serving gate. Returns the model directory. kind: KIND_AUTO, KIND_CPU or KIND_GPU."""
+    bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
+    manifest, _ = servable_bundle(bundle_dir, allow_unvalidated=allow_unvalidated)
+    if not model_name or not all(c.isalnum() or c in "-_." for c in model_name) or model_name.startswith("."):
+        raise LayerpruneError(f"model name {model_name!r}: use letters, digits, '-', '_' and '.'")
+    if max_batch_size < 1:
+        raise LayerpruneError(f"max_batch_size must be at least 1, got {max_batch_size}")
+    if kind not in ("KIND_AUTO", "KIND_CPU", "KIND_GPU"):
+        raise LayerpruneError(f"kind must be KIND_AUTO, KIND_CPU or KIND_GPU, got {kind}")
+    preferred = sorted({b for b in (preferred_batch_sizes or _powers_of_two(max_batch_size))})
+    if any(b < 1 or b > max_batch_size for b in preferred):
+        raise LayerpruneError(f"preferred batch sizes {preferred} must lie in 1..{max_batch_size}")
+
+    session = ort.InferenceSession(str(bundle_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    inputs = [_tensor(i, "input") for i in session.get_inputs()]
+    outputs = [_tensor(o, "output") for o in session.get_outputs()]
+    if len(outputs) != 1:
+        raise LayerpruneError(f"{bundle_dir / 'model.onnx'} has {len(outputs)} outputs; expected one (logits)")
+    labels = _labels(bundle_dir, manifest.labels, outputs[0][2])
+
+    model_dir = out_dir / model_name
+    if model_dir.exists():
+        raise LayerpruneError(f"refusing to overwrite {model_dir}")
+    (model_dir / str(version)).mkdir(parents=True)
+    shutil.copyfile(bundle_dir / "model.onnx", model_dir / str(version) / "model.onnx")
+    (model_dir / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
+
+    lines = [
+        f'name: "{model_name}"',
+        'platform: "onnxruntime_onnx"',
+        f"max_batch_size: {max_batch_size}",
+        "input [",
+        ",\n".join(f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {d} ]\n  }}' for n, t, d in inputs),
+        "]",
+        "output [",
+        ",\n".join(f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {d} ]\n    label_filename: "{LABELS_FILE}"\n  }}'
+                   for n, t, d in outputs),
+        "]",
+        "dynamic_batching {",
+        f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]",
+        f"  max_queue_delay_microseconds: {max_queue_delay_us}",
+        "}",
+        f"instance_group [\n  {{\n    count: {instance_count}\n    kind: {kind}\n  }}\n]",
+        f"version_policy: {{ specific: {{ versions: [ {version} ] }} }}",
+        "parameters {",
+        '  key: "layerprune_manifest"',
+        f"  value: {{ string_value: {json.dumps(_summary(manifest))} }}",
+        "}",
+    ]
+    (model_dir / "config.pbtxt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return model_dir
+
+
+def _tensor(arg, what: str) -> tuple[str, str, str]:
+    """(name, Triton type, dims without the batch dimension) of an ONNX graph input/output."""
+    if arg.type not in _TRITON_TYPES:
+        raise LayerpruneError(f"ONNX {what} {arg.name} has type {arg.type}, which this export does not map")
+    if len(arg.shape) < 1:
+        raise LayerpruneError(f"ONNX {what} {arg.name} has no batch dimension")
+    dims = ", ".join(str(d) if isinstance(d, int) and d > 0 else "-1" for d in arg.shape[1:])
+    return arg.name, _TRITON_TYPES[arg.type], dims
+
+
+def _labels(bundle: Path, manifest_labels: list[str] | None, dims: str) -> list[str]:
+    config = json.loads((bundle / "config.json").read_text(encoding="utf-8"))
+    if config.get("id2label"):
+        labels = [str(config["id2label"][k]) for k in sorted(config["id2label"], key=int)]
+    elif manifest_labels:
+        labels = list(manifest_labels)
+    else:
+        width = int(dims) if dims.lstrip("-").isdigit() and int(dims) > 0 else int(config.get("num_labels", 2))
+        labels = [f"LABEL_{i}" for i in range(width)]
+    if any("\n" in label for label in labels):
+        raise LayerpruneError("a label holds a newline; it cannot go in a Triton labels file")
+    return labels
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if 4 <= b <= limit]
+    return sizes + ([limit] if limit not in sizes else [])
+
+
+def _summary(manifest) -> str:
+    return json.dumps({"source_checkpoint": manifest.source_checkpoint, "task": manifest.task,
+                       "kept_layers": manifest.kept_layers, "total_layers": manifest.total_layers,
+                       "model_type": manifest.model_type, "servable": manifest.servable})
