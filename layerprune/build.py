@@ -103,6 +103,9 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
     )
 
     truncate(model, depth)
+    if task.label_names:  # the bundle's config names its labels, whatever the checkpoint said
+        model.config.id2label = dict(enumerate(task.label_names))
+        model.config.label2id = {name: i for i, name in enumerate(task.label_names)}
     if heal == "head" and depth in scorer.fits:
         load_head(model, scorer.fits[depth].state)
     target = Path(out) if out is not None else Path(run_dir) / BUNDLE_DIR

@@ -118,6 +118,14 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--kind", choices=["KIND_AUTO", "KIND_CPU", "KIND_GPU"], default="KIND_AUTO")
     tr.add_argument("--allow-unvalidated", action="store_true")
     tr.set_defaults(run=_run_triton)
+
+    de = commands.add_parser("demo", help="the whole chain on the embedded default (MiniLM, rt-polarity), offline")
+    de.add_argument("--checkpoint", type=Path, default=Path("runs/minilm-rt"),
+                    help="fine-tuned checkpoint, made here on the first run (default runs/minilm-rt)")
+    de.add_argument("--out", type=Path, default=DEFAULT_RUN_DIR, help="run directory (default ./lp-run)")
+    de.add_argument("--tolerance", type=_tolerance, default=0.02,
+                    help="largest allowed accuracy drop (default 0.02: MiniLM's one droppable layer costs ~1.3)")
+    de.set_defaults(run=_run_demo)
     return parser
 
 
@@ -237,6 +245,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     from serve.main import run, settings_from_args
 
     return run(args.bundle, settings_from_args(args))
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.checkpoint, args.out, args.tolerance)
 
 
 def _run_triton(args: argparse.Namespace) -> int:

@@ -55,6 +55,7 @@ def test_bundle_layout_and_hashes(bundle: Path) -> None:
     assert "manifest.json" not in manifest.files
     config = json.loads((bundle / "config.json").read_text())
     assert config["num_hidden_layers"] == 2
+    assert config["id2label"] == {"0": "negative", "1": "positive"}, "labels named from the task"
 
 
 def test_truncated_checkpoint_saved_in_run_dir(run_dir: Path, tmp_path: Path) -> None:
@@ -256,3 +257,14 @@ def test_failed_export_leaves_nothing(run_dir: Path, tmp_path: Path, monkeypatch
     with pytest.raises(LayerpruneError):
         export_bundle(run_dir, tmp_path / "b", ExportOptions(keep_layers=2, heal="none", **FAST))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_serves_a_bundle_on_loopback(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """The demo's last stage: the bundled server in a subprocess, asked over HTTP, stopped cleanly."""
+    from layerprune.demo import _ask_server
+
+    export_bundle(run_dir, tmp_path / "full", ExportOptions(keep_layers=TINY_LAYERS, heal="none", **FAST))
+    _ask_server(tmp_path / "full", ["a moving and beautifully acted story", "tedious"], ["positive", "negative"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("POST http://127.0.0.1:") and len(lines) == 3
+    assert all(line.split()[0] in ("positive", "negative") for line in lines[1:])

