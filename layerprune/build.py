@@ -84,9 +84,11 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
     if opts.keep_layers != "auto" and not 1 <= opts.keep_layers <= total:
         raise LayerpruneError(f"--keep-layers must be between 1 and {total} for this model, got {opts.keep_layers}")
     parts = calibration_and_holdout(task, glue_dir, opts.max_examples)
-    features = lambda examples: first_token_states(  # noqa: E731
-        model, make_batches(tokenizer, examples, batch_size=opts.batch_size, max_length=opts.max_length), len(examples)
-    )
+
+    def features(examples) -> np.ndarray:
+        batches = make_batches(tokenizer, examples, batch_size=opts.batch_size, max_length=opts.max_length)
+        return first_token_states(model, batches, len(examples))
+
     original_holdout = predict_logits(model, tokenizer, parts.holdout, max_length=opts.max_length)
 
     calibration = features(parts.calibration)

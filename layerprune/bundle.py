@@ -27,6 +27,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def size_mb(root: Path) -> float:
+    """Total size of the files under root, in MB (10^6 bytes)."""
+    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file()) / 1e6
+
+
 def hash_files(root: Path) -> dict[str, str]:
     """sha256 of every file under root (relative POSIX paths), the manifest itself excepted."""
     return {

@@ -209,6 +209,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
 def _run_export(args: argparse.Namespace) -> int:
     from .build import ExportOptions, export_bundle
+    from .bundle import size_mb
 
     opts = ExportOptions(
         keep_layers=args.keep_layers, heal=args.heal, optimize=args.optimize, quantize=args.quantize,
@@ -221,7 +222,7 @@ def _run_export(args: argparse.Namespace) -> int:
     print(f"depth ({depth.mode}, heal={depth.heal}): kept {depth.chosen} of {depth.total_layers} layers "
           f"(CKA boundary {depth.boundary}; probed {depth.probed} on {depth.calibration}, n={depth.n_calibration})")
     print(_validation_table(result.validation, manifest))
-    print(f"bundle: {result.bundle} ({_size_mb(result.bundle):.1f} MB)")
+    print(f"bundle: {result.bundle} ({size_mb(result.bundle):.1f} MB)")
     if not result.validation.passed:
         print(f"layerprune: error: the bundle failed validation; it is marked not servable", file=sys.stderr)
         return 1
@@ -279,10 +280,6 @@ def _validation_table(report, manifest) -> str:
     lines = [f"| {report.metric_name} on {report.holdout} (n={report.n_examples}) | | |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
-
-
-def _size_mb(path: Path) -> float:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 1e6
 
 
 def _tolerance(text: str) -> float:

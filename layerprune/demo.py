@@ -14,9 +14,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+
 from .analyze import AnalyzeOptions, analyze
 from .build import ExportOptions, export_bundle
-from .data import load_examples
+from .bundle import size_mb
+from .data import Examples, load_examples
 from .finetune import finetune
 from .hidden import predict_logits
 from .models import load_classifier
@@ -99,10 +102,6 @@ def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 180) -> Non
 def _speedup(checkpoint: Path, bundle: Path, texts: list[str]) -> tuple[float, float]:
     """Sentences/s of the original checkpoint (PyTorch) and of the bundle (onnxruntime), batch 32,
     both with length-sorted batches, after one warm-up pass each."""
-    from .data import Examples
-
-    import numpy as np
-
     examples = Examples(texts=texts, pairs=None, labels=np.zeros(len(texts), dtype=np.int64))
     model, tokenizer = load_classifier(checkpoint, device="cpu")
     runner = OnnxClassifier(bundle)
@@ -117,7 +116,7 @@ def _speedup(checkpoint: Path, bundle: Path, texts: list[str]) -> tuple[float, f
 
 
 def _summary(result, validation, speedup: tuple[float, float], seconds: float) -> str:
-    size = sum(p.stat().st_size for p in result.bundle.rglob("*") if p.is_file()) / 1e6
+    size = size_mb(result.bundle)
     torch_rate, onnx_rate = speedup
     rows = [
         ("layers kept", f"{result.depth.chosen} of {result.depth.total_layers} (CKA boundary {result.depth.boundary})"),

@@ -17,3 +17,9 @@ class DataError(LayerpruneError):
 
 class ModelError(LayerpruneError):
     """A checkpoint that is missing, unreadable, unsupported, or does not fit the task."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type): enough for a one-line error."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

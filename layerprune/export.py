@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .errors import LayerpruneError, ModelError
+from .errors import LayerpruneError, ModelError, first_line
 from .models import has_classification_head, load_config
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def export_onnx(checkpoint_dir: Path, out_dir: Path) -> Path:
                 local_files_only=True,
             )
         except Exception as exc:  # optimum raises ValueError, KeyError, RuntimeError, torch errors ...
-            raise ModelError(f"ONNX export of {checkpoint_dir} failed: {_first_line(exc)}") from exc
+            raise ModelError(f"ONNX export of {checkpoint_dir} failed: {first_line(exc)}") from exc
         for name in (ONNX_FILE, "config.json", "tokenizer.json"):
             if not (tmp / name).is_file():
                 why = " (the runtime needs a fast tokenizer)" if name == "tokenizer.json" else ""
@@ -96,7 +96,7 @@ def optimize_onnx(onnx_dir: Path, level: OptimizationLevel) -> None:
             config = AutoOptimizationConfig.with_optimization_level(level)
             ORTOptimizer.from_pretrained(onnx_dir, file_names=[ONNX_FILE]).optimize(config, tmp)
         except Exception as exc:
-            raise LayerpruneError(f"onnxruntime {level} optimization failed: {_first_line(exc)}") from exc
+            raise LayerpruneError(f"onnxruntime {level} optimization failed: {first_line(exc)}") from exc
         _replace_model(tmp / "model_optimized.onnx", onnx_dir)
 
 
@@ -174,7 +174,7 @@ def quantize_onnx(onnx_dir: Path) -> str:
                               external_data_location="typed.onnx_data")
             ORTQuantizer(typed, config=AutoConfig.from_pretrained(onnx_dir)).quantize(config, tmp)
         except Exception as exc:
-            raise LayerpruneError(f"int8 quantization ({name}) failed: {_first_line(exc)}") from exc
+            raise LayerpruneError(f"int8 quantization ({name}) failed: {first_line(exc)}") from exc
         _replace_model(tmp / "typed_quantized.onnx", onnx_dir)
     return name
 
@@ -283,8 +283,3 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
         transformers.logging.set_verbosity(tf_level)
         optimum_logging.set_verbosity(opt_level)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def load_config(name_or_path: str | Path, trust_remote_code: bool = False) -> tu
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         if Path(source).is_dir():
-            raise ModelError(f"cannot read the checkpoint config in {source}: {_first_line(exc)}") from exc
+            raise ModelError(f"cannot read the checkpoint config in {source}: {first_line(exc)}") from exc
         raise ModelError(
             f"cannot load '{source}' from the Hugging Face hub (offline or unknown id); "
             "pass a local checkpoint directory instead"
@@ -151,7 +151,7 @@ def load_classifier(
             source, trust_remote_code=trust_remote_code, **config_overrides
         )
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"cannot load the model in '{source}': {_first_line(exc)}") from exc
+        raise ModelError(f"cannot load the model in '{source}': {first_line(exc)}") from exc
     model.eval()
     return model.to(pick_device(device)), tokenizer
 
@@ -164,10 +164,6 @@ def pick_device(device: torch.device | str | None = None) -> torch.device:
         raise ModelError("--device cuda was asked for, but no CUDA device is available")
     return torch.device(device)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 @dataclass(frozen=True)

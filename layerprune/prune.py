@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .errors import LayerpruneError, ModelError
+from .errors import LayerpruneError, ModelError, first_line
 from .hidden import Batch, forward_all_layers
 from .models import apply_head, architecture, head, head_logits, head_modules, layer_list, num_layers
 
@@ -197,7 +197,7 @@ def load_head(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:
         try:
             module.load_state_dict(sub)
         except RuntimeError as exc:
-            raise ModelError(f"the head weights do not fit this model's '{name}': {_first_line(exc)}") from exc
+            raise ModelError(f"the head weights do not fit this model's '{name}': {first_line(exc)}") from exc
         left -= {prefix + key for key in sub}
     if left:
         raise ModelError(f"the head weights have keys this model's head lacks: {', '.join(sorted(left))}")
@@ -289,8 +289,3 @@ def _loss(
     if regression:
         return nn.functional.mse_loss(logits[:, 0], y)
     return nn.functional.cross_entropy(logits, y)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from .errors import LayerpruneError
+from .errors import LayerpruneError, first_line
 
 # Models whose position ids start after the padding index (padding_idx + 1 = 2), so two positions of
 # max_position_embeddings are never usable by tokens.
@@ -52,7 +52,7 @@ class OnnxClassifier:
         try:
             self._tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
         except Exception as exc:  # tokenizers raises a plain Exception on a malformed file
-            raise LayerpruneError(f"cannot read {self.model_dir / 'tokenizer.json'}: {_first_line(exc)}") from exc
+            raise LayerpruneError(f"cannot read {self.model_dir / 'tokenizer.json'}: {first_line(exc)}") from exc
         self._tokenizer.no_padding()  # padding is done per batch below, in numpy
         self._truncation_side = tokenizer_config.get("truncation_side", "right")
         self._pad_id = _pad_id(self._tokenizer, tokenizer_config)
@@ -151,7 +151,7 @@ def _session(path: Path, providers: list[str] | None, threads: int | None, spinn
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers or default_providers())
     except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
-        raise LayerpruneError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from exc
+        raise LayerpruneError(f"onnxruntime cannot load {path}: {first_line(exc)}") from exc
 
 
 def _max_length(config: dict, tokenizer_config: dict) -> int:
@@ -210,10 +210,6 @@ def _strings(values: list[str], what: str) -> list[str]:
         raise LayerpruneError(f"{what}[{bad}] is a {type(values[bad]).__name__}, not a string")
     return values
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def _read_json(path: Path, missing_ok: bool = False) -> dict:
