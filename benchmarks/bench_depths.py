@@ -109,20 +109,24 @@ def bench_onnx(row: Row, model_dir: Path, texts: list[str], labels: np.ndarray, 
     row.accuracy = float((logits.argmax(1) == labels).mean())
 
     if do_bs1:
-        sub = texts[:bs1_n]
-
-        def pass1(warm=False):
-            lat = []
-            for t in sub[:16] if warm else sub:
-                t0 = time.perf_counter()
-                clf.run(clf.encode([t]))
-                lat.append(time.perf_counter() - t0)
-            return lat, None
-
-        secs, lats, _ = _passes(pass1, repeats)
-        row.bs1_sps = len(sub) / float(np.median(secs))
-        row.bs1_p50, row.bs1_p99 = _pct(lats, 50), _pct(lats, 99)
+        _time_batch1(row, texts[:bs1_n], lambda t: clf.run(clf.encode([t])), repeats)
     return row
+
+
+def _time_batch1(row: Row, sub: list[str], predict_one, repeats: int) -> None:
+    """Batch-1 throughput and latency: one sentence per call, over `sub` (warm-up on its first 16)."""
+
+    def pass1(warm=False):
+        lat = []
+        for t in sub[:16] if warm else sub:
+            t0 = time.perf_counter()
+            predict_one(t)
+            lat.append(time.perf_counter() - t0)
+        return lat, None
+
+    secs, lats, _ = _passes(pass1, repeats)
+    row.bs1_sps = len(sub) / float(np.median(secs))
+    row.bs1_p50, row.bs1_p99 = _pct(lats, 50), _pct(lats, 99)
 
 
 # --------------------------------------------------------------------------- PyTorch pipeline
@@ -155,20 +159,8 @@ def bench_pipeline(checkpoint: Path, texts: list[str], labels: np.ndarray, bs1_n
     row.bs32_p50, row.bs32_p99 = _pct(lats, 50), _pct(lats, 99)
     row.accuracy = float((preds == labels).mean())
 
-    sub = texts[:bs1_n]
-
-    def pass1(warm=False):
-        lat = []
-        with torch.inference_mode():
-            for t in sub[:16] if warm else sub:
-                t0 = time.perf_counter()
-                pipe(t, truncation=True)
-                lat.append(time.perf_counter() - t0)
-        return lat, None
-
-    secs, lats, _ = _passes(pass1, repeats)
-    row.bs1_sps = len(sub) / float(np.median(secs))
-    row.bs1_p50, row.bs1_p99 = _pct(lats, 50), _pct(lats, 99)
+    with torch.inference_mode():
+        _time_batch1(row, texts[:bs1_n], lambda t: pipe(t, truncation=True), repeats)
     return row
 
 
