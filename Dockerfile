@@ -27,7 +27,8 @@ RUN pip install \
         "fastapi==0.165.0" \
         "starlette==1.10.0" \
         "uvicorn==0.54.0" \
-        "prometheus-client==0.26.0"
+        "prometheus-client==0.26.0" \
+        "fastapi-offline==1.7.7"
 
 COPY pyproject.toml README.md ./
 COPY layerprune ./layerprune

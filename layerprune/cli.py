@@ -25,8 +25,9 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet_libraries()
     try:
+        _preflight(args)  # before _quiet_libraries imports the hub libraries, which read HF_HUB_OFFLINE once
+        _quiet_libraries()
         return args.run(args)
     except LayerpruneError as exc:
         print(f"layerprune: error: {exc}", file=sys.stderr)
@@ -166,6 +167,31 @@ def _resolve_task(args: argparse.Namespace):
     )
 
 
+def _preflight(args: argparse.Namespace) -> None:
+    """What can fail without any work fails first: an output place that cannot be written, and a hub
+    that does not answer (then offline at once, instead of minutes of retries)."""
+    from .preflight import check_output_dir, go_offline_unless_hub_answers
+
+    if args.command in ("finetune", "analyze", "export", "validate"):
+        go_offline_unless_hub_answers()
+    outputs = {
+        "finetune": lambda: [("checkpoint", args.out)],
+        "analyze": lambda: [("run directory", args.out)],
+        "export": lambda: [("bundle", args.out or args.run_dir / "bundle")],
+        "triton": lambda: [("model repository", args.out)],
+        "demo": lambda: [("run directory", args.out), ("checkpoint", args.checkpoint)],
+    }
+    for what, path in outputs.get(args.command, list)():
+        check_output_dir(path, what)
+
+
+def _check_checkpoint(args: argparse.Namespace, name: str) -> None:
+    """Read the checkpoint's config before any data: a missing or unreachable checkpoint is named at once."""
+    from .models import load_config
+
+    load_config(name, trust_remote_code=args.trust_remote_code)
+
+
 def _run_tasks(args: argparse.Namespace) -> int:
     from .tasks import list_tasks
 
@@ -178,6 +204,7 @@ def _run_tasks(args: argparse.Namespace) -> int:
 def _run_finetune(args: argparse.Namespace) -> int:
     from .finetune import FinetuneOptions, finetune
 
+    _check_checkpoint(args, args.model)
     task = _resolve_task(args)
     opts = FinetuneOptions(
         epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length,
@@ -194,6 +221,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
 def _run_analyze(args: argparse.Namespace) -> int:
     from .analyze import AnalyzeOptions, analyze
 
+    _check_checkpoint(args, args.checkpoint)
     task = _resolve_task(args)
     opts = AnalyzeOptions(
         split=args.split, max_examples=args.max_examples, representation=args.representation,

@@ -34,17 +34,19 @@ class OnnxClassifier:
     """
 
     def __init__(
-        self, model_dir: Path, *, providers: list[str] | None = None, threads: int | None = None, spinning: bool = True
+        self, model_dir: Path, *, providers: list[str] | None = None, threads: int | None = None, spinning: bool = True,
+        memory_arena: bool = True,
     ) -> None:
         """providers: default CUDA when this onnxruntime build offers it, else CPU (CPU always last, as
-        the fallback for ops CUDA lacks, e.g. int8 MatMulInteger). threads: intra-op threads."""
+        the fallback for ops CUDA lacks, e.g. int8 MatMulInteger). threads: intra-op threads.
+        memory_arena: False frees each run's memory after it (a server's peak stays that of one run)."""
         self.model_dir = Path(model_dir)
         for name in ("model.onnx", "config.json", "tokenizer.json"):
             if not (self.model_dir / name).is_file():
                 raise LayerpruneError(f"{self.model_dir} has no {name}; is it an exported bundle?")
         self.config = _read_json(self.model_dir / "config.json")
         tokenizer_config = _read_json(self.model_dir / "tokenizer_config.json", missing_ok=True)
-        self.session = _session(self.model_dir / "model.onnx", providers, threads, spinning)
+        self.session = _session(self.model_dir / "model.onnx", providers, threads, spinning, memory_arena)
         self.input_names: list[str] = [i.name for i in self.session.get_inputs()]
         self.output_name: str = self.session.get_outputs()[0].name
         self.id2label: dict[int, str] = _id2label(self.config, self.session)
@@ -137,8 +139,10 @@ def default_providers() -> list[str]:
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
 
 
-def _session(path: Path, providers: list[str] | None, threads: int | None, spinning: bool = True) -> ort.InferenceSession:
+def _session(path: Path, providers: list[str] | None, threads: int | None, spinning: bool = True,
+             memory_arena: bool = True) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = memory_arena
     if not spinning:  # idle intra-op threads sleep instead of busy-waiting: leaves the cores to a server's own work
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # ENABLE_ALL also on bundles optimized at export: re-applying the rewrites is idempotent and cheap.

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,18 +29,38 @@ from .settings import ServeSettings
 
 log = logging.getLogger("layerprune.serve")
 
-ErrorType = Literal["Validation", "Tokenizer", "Empty", "Overloaded", "Unhealthy", "Backend"]
+ErrorType = Literal["Validation", "Tokenizer", "Empty", "Overloaded", "Unhealthy", "Backend", "Unauthorized"]
+MAX_ERROR_CHARS = 300  # an error names the field and the problem; it never echoes the input
+MAX_ERROR_DETAILS = 10
+DOCS_STATIC = "/static-offline-docs"
+# Reachable without the API key: probes (Docker HEALTHCHECK, orchestrators) and the API description.
+OPEN_PATHS = {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
 class ApiError(Exception):
     """An error answer: {"error": message, "error_type": type} as TEI answers."""
 
-    def __init__(self, status: int, message: str, error_type: ErrorType = "Validation") -> None:
+    def __init__(self, status: int, message: str, error_type: ErrorType = "Validation",
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.error_type = status, message, error_type
+        self.status, self.message, self.error_type, self.headers = status, message, error_type, headers
 
 
 # --- request and response bodies -------------------------------------------------------------------
+
+
+def _check_unicode(field: str, texts: Any) -> None:
+    """Lone surrogates ("\\ud800" in JSON) are not text: no tokenizer or JSON answer can encode them."""
+    if isinstance(texts, str):
+        texts = [texts]
+    for i, item in enumerate(texts or []):
+        for text in [item] if isinstance(item, str) else item:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"{field}[{i}] is not valid Unicode: a lone surrogate at character {exc.start}") from None
+
 
 Sequence = StrictStr | list[StrictStr]
 
@@ -56,6 +78,11 @@ class PredictRequest(BaseModel):
     )
     truncation_direction: Literal["right", "Right"] = Field("right", description="only right truncation is supported")
     raw_scores: StrictBool = Field(False, description="logits instead of probabilities")
+
+    @model_validator(mode="after")
+    def _unicode(self) -> PredictRequest:
+        _check_unicode("inputs", self.inputs)
+        return self
 
 
 class LabelScore(BaseModel):
@@ -75,6 +102,8 @@ class ClassifyRequest(BaseModel):
     def _one_of(self) -> ClassifyRequest:
         if (self.texts is None) == (self.pairs is None):
             raise ValueError("send exactly one of 'texts' and 'pairs'")
+        _check_unicode("texts", self.texts)
+        _check_unicode("pairs", self.pairs)
         return self
 
 
@@ -101,6 +130,8 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
         clf.run, lambda texts, pairs, truncate: _tokenize(model, texts, pairs, truncate),
         int(getattr(clf, "_pad_id", 0)), max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_wait_ms / 1000.0, max_queue=settings.max_queue, metrics=metrics,
+        max_length=clf.max_length, max_batch_tokens=settings.max_batch_tokens,
+        max_queue_tokens=settings.max_queue_tokens,
     )
     state: dict[str, Any] = {"ready": False, "warmup": None}
 
@@ -127,29 +158,34 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
             state["warmup"].cancel()
             await batcher.stop()
 
-    app = FastAPI(
+    app = _fastapi(
         title="layerprune serve",
-        description=f"Text classification with the pruned ONNX bundle of {model.manifest.source_checkpoint} "
+        description=f"Text classification with the pruned ONNX bundle of {model.source_name} "
         f"({model.manifest.kept_layers} of {model.manifest.total_layers} layers, task {model.manifest.task}).",
         version=_version(),
         lifespan=lifespan,
     )
     app.state.model, app.state.settings, app.state.metrics, app.state.batcher = model, settings, metrics, batcher
     app.state.serve_state = state
-    app.add_middleware(_GuardMiddleware, metrics=metrics, max_body=settings.max_body_bytes)
+    if settings.cors_origins:  # off unless asked: a web page elsewhere must not reach a local server
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
+    app.add_middleware(_GuardMiddleware, metrics=metrics, max_body=settings.max_body_bytes,
+                       body_timeout=settings.timeout_body_s, api_key=api_key)
+    # Documents the bearer token in OpenAPI (the "Authorize" button); the guard middleware checks it.
+    auth = [Depends(HTTPBearer(auto_error=False, description="the server's --api-key"))] if api_key else []
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.error_type)
+        return _error(exc.status, exc.message, exc.error_type, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str, bytes: lambda b: b[:200].decode("utf-8", "replace")})
-        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", []) if p != "body") or "body"
-        message = f"{where}: {first.get('msg')}"
-        if first.get("type") == "json_invalid":
-            message = "the body is not valid JSON"
+        errors = [_error_detail(e) for e in exc.errors()[:MAX_ERROR_DETAILS]]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request", "type": ""}
+        where = ".".join(p for p in first["loc"] if p != "body") or "body"
+        message = "the body is not valid JSON" if first["type"] == "json_invalid" else f"{where}: {first['msg']}"
         return _error(422, message, "Validation", detail=errors)
 
     @app.exception_handler(StarletteHTTPException)
@@ -161,15 +197,15 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
         log.exception("unexpected error on %s", request.url.path)
         return _error(500, f"internal error: {type(exc).__name__}", "Backend")
 
-    async def classify(texts: list[str], pairs: list[str] | None, truncate: bool) -> np.ndarray:
+    async def classify(request: Request, texts: list[str], pairs: list[str] | None, truncate: bool) -> np.ndarray:
         if not state["ready"]:
-            raise ApiError(503, "the model is still warming up; see /readyz", "Unhealthy")
+            raise ApiError(503, "the model is still warming up; see /readyz", "Unhealthy", {"Retry-After": "1"})
         _check_limits(texts, pairs, settings)
         # Tokenization and inference run in the batcher's worker thread, a whole batch at a time.
         try:
-            return await batcher.submit(texts, pairs, truncate)
+            return await _unless_client_leaves(request, batcher.submit(texts, pairs, truncate))
         except Overloaded as exc:
-            raise ApiError(429, str(exc), "Overloaded") from None
+            raise ApiError(429, str(exc), "Overloaded", {"Retry-After": str(exc.retry_after)}) from None
         except LayerpruneError as exc:  # too long with truncate: false
             raise ApiError(413, str(exc), "Validation") from None
         except _TokenizerError as exc:
@@ -177,21 +213,23 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
 
     @app.post(
         "/predict", response_model=list[LabelScore] | list[list[LabelScore]], tags=["TEI"],
-        summary="Classify (text-embeddings-inference compatible)",
-        responses={413: {"description": "too many inputs or an input too long"}, 422: {"description": "bad input"}},
+        summary="Classify (text-embeddings-inference compatible)", dependencies=auth,
+        responses={413: {"description": "too many inputs or an input too long"}, 422: {"description": "bad input"},
+                   429: {"description": "queue full; retry after Retry-After seconds"}},
     )
-    async def predict(req: PredictRequest) -> Any:
+    async def predict(req: PredictRequest, request: Request) -> Any:
         texts, pairs, single = _predict_inputs(req.inputs, model.pair_input)
         truncate = settings.auto_truncate if req.truncate is None else req.truncate
-        scores = model.scores(await classify(texts, pairs, truncate), raw=req.raw_scores)
+        scores = model.scores(await classify(request, texts, pairs, truncate), raw=req.raw_scores)
         labels = model.labels
         answers = [
             [{"label": labels[j], "score": float(row[j])} for j in np.argsort(-row, kind="stable")] for row in scores
         ]
         return answers[0] if single else answers
 
-    @app.post("/v1/classify", response_model=ClassifyResponse, tags=["layerprune"], summary="Classify texts or pairs")
-    async def classify_v1(req: ClassifyRequest) -> Any:
+    @app.post("/v1/classify", response_model=ClassifyResponse, tags=["layerprune"], summary="Classify texts or pairs",
+              dependencies=auth)
+    async def classify_v1(req: ClassifyRequest, request: Request) -> Any:
         if req.pairs is not None:
             if not model.pair_input:
                 raise ApiError(422, "this model classifies single texts: send 'texts', not 'pairs'")
@@ -202,7 +240,7 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
             texts, pairs = list(req.texts or []), None
         if not texts:
             raise ApiError(422, "no inputs: the list is empty", "Empty")
-        scores = model.scores(await classify(texts, pairs, req.truncate), raw=req.raw_scores)
+        scores = model.scores(await classify(request, texts, pairs, req.truncate), raw=req.raw_scores)
         labels = model.labels
         results = []
         for row in scores:
@@ -212,7 +250,7 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
         m = model.manifest
         return {"model": model.model_id, "kept_layers": m.kept_layers, "total_layers": m.total_layers, "results": results}
 
-    @app.get("/v1/models", tags=["layerprune"], summary="The served bundle")
+    @app.get("/v1/models", tags=["layerprune"], summary="The served bundle", dependencies=auth)
     async def models() -> Any:
         body: dict[str, Any] = {"object": "list", "data": [model.info()]}
         if model.warning:
@@ -229,7 +267,7 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
             return JSONResponse({"status": "warming up"}, status_code=503)
         return {"status": "ready"}
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", dependencies=auth)
     async def prometheus() -> Response:
         metrics.queue_depth.set(batcher.depth)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -241,10 +279,58 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
 
 
 def _error(status: int, message: str, error_type: str, detail: Any = None, headers: dict | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"error": message, "error_type": error_type}
+    body: dict[str, Any] = {"error": _clip(message), "error_type": error_type}
     if detail is not None:
         body["detail"] = detail
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """At most `limit` characters, JSON-safe: lone surrogates (from a field name, say) become \\udXXX."""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _error_detail(error: dict) -> dict[str, Any]:
+    """A validation error as where + what, bounded: pydantic's "input" (the rejected value: NaN, a 5 MB
+    string, a lone surrogate) is left out, so no answer repeats the payload or fails to serialize."""
+    loc = [_clip(str(p), 64) for p in error.get("loc", ())][:8]
+    return {"loc": loc, "msg": _clip(str(error.get("msg", ""))), "type": _clip(str(error.get("type", "")), 64)}
+
+
+def _fastapi(**kwargs: Any) -> FastAPI:
+    """FastAPI whose /docs and /redoc load their scripts from this server (fastapi-offline's packaged
+    copies), so they work on an offline host; the CDN pages when that package is missing."""
+    try:
+        from fastapi_offline import FastAPIOffline
+    except ImportError:
+        log.warning("fastapi-offline is not installed: /docs loads its scripts from a CDN")
+        return FastAPI(**kwargs)
+    return FastAPIOffline(static_url=DOCS_STATIC, **kwargs)
+
+
+async def _unless_client_leaves(request: Request, work: Any) -> Any:
+    """Await `work`, but cancel it when the client disconnects first (uvicorn does not cancel a handler
+    whose client left): queued inputs of a gone client are then never run."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the handler itself is cancelled (shutdown past its drain time)
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        raise ApiError(499, "the client closed the connection", "Validation")  # nobody reads it
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client is gone. The body is read already, so receive() only waits for that."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _predict_inputs(inputs: str | list, pair_model: bool) -> tuple[list[str], list[str] | None, bool]:
@@ -311,11 +397,14 @@ def _version() -> str:
 
 
 class _GuardMiddleware:
-    """Pure ASGI: request counts and latency by route and status; bodies over max_body refused (413)
-    before they are parsed; POST bodies are read as JSON whatever their Content-Type."""
+    """Pure ASGI, in front of everything: request counts and latency by route and status (known methods and
+    routes only, so label sets stay bounded); then, before any body is read or parsed, the API key (401),
+    Content-Type application/json on bodies (415: no "simple" cross-origin form or text/plain POST from a
+    web page), the body size (413) and the time its body may take to arrive (408)."""
 
-    def __init__(self, app: Any, metrics: Metrics, max_body: int) -> None:
+    def __init__(self, app: Any, metrics: Metrics, max_body: int, body_timeout: float, api_key: str | None) -> None:
         self.app, self.metrics, self.max_body = app, metrics, max_body
+        self.body_timeout, self.api_key = body_timeout, api_key
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -331,42 +420,66 @@ class _GuardMiddleware:
             await send(message)
 
         try:
-            if scope.get("method") in ("POST", "PUT", "PATCH"):
-                body, too_big = await self._read_body(scope, receive)
-                if too_big:
-                    response = _error(413, f"the request body is larger than {self.max_body} bytes", "Validation")
-                    await response(scope, receive, send_wrapper)
-                    return
-                receive = _replay(body, receive)
-                # The body is parsed as JSON whatever Content-Type says (curl -d sends form-urlencoded).
-                headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
-                scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+            refusal = self._refusal(scope)
+            if refusal is None and scope.get("method") in BODY_METHODS:
+                try:
+                    body, too_big = await asyncio.wait_for(self._read_body(receive), self.body_timeout)
+                except asyncio.TimeoutError:
+                    refusal = _error(408, f"the request body did not arrive within {self.body_timeout:g} s",
+                                     "Validation", headers={"Connection": "close"})
+                else:
+                    if body is None:  # the client left before its body arrived: nothing to answer
+                        status["code"] = 499
+                        return
+                    if too_big:
+                        refusal = _error(413, f"the request body is larger than {self.max_body} bytes", "Validation",
+                                         headers={"Connection": "close"})
+                    receive = _replay(body, receive)
+            if refusal is not None:
+                await refusal(scope, receive, send_wrapper)
+                return
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.metrics.requests.labels(route, scope.get("method", ""), str(status["code"])).inc()
+            method = Metrics.method_label(scope.get("method", ""))
+            self.metrics.requests.labels(route, method, str(status["code"])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
-    async def _read_body(self, scope: dict, receive: Any) -> tuple[bytes, bool]:
-        for key, value in scope.get("headers", []):
-            if key == b"content-length":
-                try:
-                    if int(value) > self.max_body:
-                        return b"", True
-                except ValueError:
-                    pass
+    def _refusal(self, scope: dict) -> JSONResponse | None:
+        """The answer to a request refused on its headers alone, or None."""
+        headers = dict(scope.get("headers", []))  # the last of a repeated header: enough to refuse on
+        path, method = scope.get("path", ""), scope.get("method", "")
+        if self.api_key and method != "OPTIONS" and path not in OPEN_PATHS and not path.startswith(DOCS_STATIC + "/"):
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+                return _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "Unauthorized",
+                              headers={"WWW-Authenticate": "Bearer", "Connection": "close"})
+        if method not in BODY_METHODS:
+            return None
+        media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if media != b"application/json" and not (media.startswith(b"application/") and media.endswith(b"+json")):
+            got = media.decode("latin-1")[:80] or "none"
+            return _error(415, f"send the body as JSON with 'Content-Type: application/json' (got {got})", "Validation",
+                          headers={"Connection": "close"})
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body:
+            return _error(413, f"the request body is larger than {self.max_body} bytes", "Validation",
+                          headers={"Connection": "close"})
+        return None
+
+    async def _read_body(self, receive: Any) -> tuple[bytes | None, bool]:
+        """(body, too big); body None when the client disconnected first."""
         chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] != "http.request":  # disconnect
-                break
+                return None, False
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
                 return b"", True
             chunks.append(chunk)
             if not message.get("more_body", False):
-                break
-        return b"".join(chunks), False
+                return b"".join(chunks), False
 
 
 def _replay(body: bytes, receive: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ def run(bundle: Path, settings: ServeSettings) -> int:
 
     from .app import create_app
     from .model import load_model
+    from .protocol import protocol_with_header_timeout
 
     _configure_logging(settings.log_level)
     try:
@@ -37,9 +39,16 @@ def run(bundle: Path, settings: ServeSettings) -> int:
         "pair" if model.pair_input else "single-text", settings.host, settings.port,
         model.classifier.session.get_providers(),
     )
+    if settings.api_key is None and not _loopback(settings.host):
+        log.warning("binding %s, reachable from other hosts, WITHOUT an API key: anyone who reaches it can use it "
+                    "(set --api-key or LAYERPRUNE_SERVE_API_KEY)", settings.host)
     app = create_app(model, settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, lifespan="on", log_config=None)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False, lifespan="on",
+        log_config=None, http=protocol_with_header_timeout(settings.timeout_header_s),
+        timeout_keep_alive=settings.timeout_keep_alive_s, timeout_graceful_shutdown=settings.timeout_shutdown_s,
+        limit_concurrency=settings.max_connections,
+    )
     server = uvicorn.Server(config)
     try:
         server.run()
@@ -69,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int)
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (better: LAYERPRUNE_SERVE_API_KEY, which "
+                   "other users cannot see in the process list)")
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
@@ -76,7 +87,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         args.config, host=args.host, port=args.port, allow_unvalidated=args.allow_unvalidated,
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_inputs_per_request=args.max_inputs_per_request, max_chars_per_input=args.max_chars_per_input,
-        max_queue=args.max_queue, threads=args.threads, log_level=args.log_level,
+        max_queue=args.max_queue, threads=args.threads, log_level=args.log_level, api_key=args.api_key,
     )
 
 
@@ -88,6 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"layerprune serve: error: {exc}", file=sys.stderr)
         return exc.exit_code
     return run(args.bundle, settings)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only its resolver knows; warn
+        return False
 
 
 def _configure_logging(level: str) -> None:

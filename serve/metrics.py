@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-ROUTES = {"/predict", "/v1/classify", "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}
+ROUTES = {"/predict", "/v1/classify", "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json",
+          "/redoc"}
+METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 
 class Metrics:
@@ -32,3 +34,8 @@ class Metrics:
     @staticmethod
     def route_label(path: str) -> str:
         return path if path in ROUTES else "other"
+
+    @staticmethod
+    def method_label(method: str) -> str:
+        """Any token is a valid HTTP method: label only the standard ones, or the series never stop growing."""
+        return method if method in METHODS else "other"

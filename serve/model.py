@@ -34,6 +34,15 @@ class ServedModel:
         return Path(self.manifest.source_checkpoint).name or self.manifest.source_checkpoint
 
     @property
+    def source_name(self) -> str:
+        """The source checkpoint as clients see it: a hub id as is, a local folder by its name only (its
+        path would tell any client about the server's disks)."""
+        src = self.manifest.source_checkpoint
+        if Path(src).is_absolute() or src.startswith((".", "~")):
+            return Path(src).name or src
+        return src
+
+    @property
     def validated(self) -> bool:
         return self.validation is not None and self.validation.passed and self.manifest.servable
 
@@ -71,7 +80,7 @@ class ServedModel:
         return {
             "id": self.model_id,
             "object": "model",
-            "source_checkpoint": m.source_checkpoint,
+            "source_checkpoint": self.source_name,
             "task": m.task,
             "model_type": m.model_type,
             "labels": self.labels,
@@ -103,7 +112,9 @@ def load_model(bundle: Path, *, allow_unvalidated: bool = False, threads: int | 
         raise LayerpruneError(f"bundle {bundle} is not a directory")
     manifest, validation = servable_bundle(bundle, allow_unvalidated=allow_unvalidated)
     # No busy-waiting ORT threads: the event loop and tokenization need the same cores.
-    classifier = OnnxClassifier(bundle, providers=providers, threads=threads, spinning=False)
+    # No memory arena: an arena keeps the peak of the largest batch ever run (GBs after one request of
+    # 64 long inputs), and with the per-run token budget plain allocation costs little.
+    classifier = OnnxClassifier(bundle, providers=providers, threads=threads, spinning=False, memory_arena=False)
     if manifest.labels and len(manifest.labels) != classifier.num_labels:
         raise LayerpruneError(
             f"{bundle}: manifest names {len(manifest.labels)} labels, the model outputs {classifier.num_labels}"

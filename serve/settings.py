@@ -7,7 +7,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+import yaml
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from layerprune.errors import LayerpruneError
@@ -27,6 +28,19 @@ class ServeSettings(BaseSettings):
     max_inputs_per_request: int = Field(64, ge=1)
     max_chars_per_input: int = Field(10_000, ge=1)
     max_queue: int = Field(4096, ge=1, description="inputs waiting for the model; beyond it requests get 429")
+    max_queue_tokens: int = Field(
+        65_536, ge=1, description="estimated tokens waiting for the model; beyond it 429 with Retry-After "
+        "(a request is always taken when nothing is queued)")
+    max_batch_tokens: int = Field(
+        4096, ge=1, description="rows x padded length per onnxruntime run (TEI's max_batch_tokens): "
+        "long inputs run in smaller batches, which bounds the memory of one run")
+    api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' (not on health probes or docs)")
+    cors_origins: list[str] = Field([], description="origins allowed by CORS; empty: none (no CORS headers)")
+    timeout_header_s: float = Field(10, gt=0, description="a request's headers must arrive within this")
+    timeout_body_s: float = Field(30, gt=0, description="a request's body must arrive within this, else 408")
+    timeout_keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
+    timeout_shutdown_s: int = Field(10, ge=0, description="on SIGTERM, wait this long for requests in flight")
+    max_connections: int = Field(1024, ge=1, description="concurrent connections and requests; beyond: 503")
     auto_truncate: bool = Field(True, description="/predict default for 'truncate' (TEI's --auto-truncate)")
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads; None = its default")
     allow_unvalidated: bool = False
@@ -62,6 +76,8 @@ def load_settings(config: Path | None = None, **overrides: Any) -> ServeSettings
         config = Path(env) if env else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     if config is not None and not Path(config).is_file():
         raise LayerpruneError(f"serve config {config} not found")
+    if config is not None:
+        _check_yaml(Path(config))
     token = _config_file.set(Path(config) if config is not None else None)
     try:
         return ServeSettings(**{k: v for k, v in overrides.items() if v is not None})
@@ -71,3 +87,19 @@ def load_settings(config: Path | None = None, **overrides: Any) -> ServeSettings
         raise LayerpruneError(f"bad serve setting {where}: {err['msg']}") from None
     finally:
         _config_file.reset(token)
+
+
+def _check_yaml(path: Path) -> None:
+    """One line for a settings file that cannot be read, is not YAML, or is not a mapping (pydantic-settings
+    would raise a yaml or TypeError traceback for these)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise LayerpruneError(f"serve config {path} is not valid YAML{at}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LayerpruneError(f"cannot read serve config {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise LayerpruneError(f"serve config {path} must be a mapping of setting: value, not a {type(data).__name__}")

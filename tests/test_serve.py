@@ -298,9 +298,16 @@ def test_malformed_and_oversized_bodies(client) -> None:
         r = client.post("/predict", content=raw, headers={"content-type": "application/json"})
         assert r.status_code == 422, (raw, r.text)
         assert r.json()["error"]
-    r = client.post("/predict", content=b'{"inputs": "no content type"}', headers={"content-type": "text/plain"})
+    # Only JSON: a web page's "simple" cross-origin POST (text/plain, form) is refused before parsing.
+    for content_type in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                         "application/xml", None]:
+        headers = {"content-type": content_type} if content_type else {}
+        r = client.post("/predict", content=b'{"inputs": "not sent as JSON"}', headers=headers)
+        assert r.status_code == 415 and "application/json" in r.json()["error"], (content_type, r.text)
+    r = client.post("/predict", content=b'{"inputs": "fine"}', headers={"content-type": "application/json; charset=utf-8"})
     assert r.status_code == 200
-    r = client.post("/predict", content=b"x" * (client.app.state.settings.max_body_bytes + 1))
+    r = client.post("/predict", content=b"x" * (client.app.state.settings.max_body_bytes + 1),
+                    headers={"content-type": "application/json"})
     assert r.status_code == 413 and "larger than" in r.json()["error"]
     assert client.get("/predict").status_code == 405
     assert client.get("/nowhere").status_code == 404

@@ -1,0 +1,49 @@
+"""uvicorn's h11 protocol with a deadline for a request's headers, which uvicorn lacks: a client that
+connects and sends nothing, or drips half a request line, holds a connection only that long."""
+
+from __future__ import annotations
+
+import asyncio
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+def protocol_with_header_timeout(seconds: float) -> type[H11Protocol]:
+    """An H11Protocol class for uvicorn.Config(http=...) whose connections are closed when a request's
+    headers are not complete `seconds` after the connection opened or after the request's first byte.
+    Bodies are timed by the app (408); idle keep-alive by uvicorn's timeout_keep_alive."""
+
+    class HeaderTimeoutH11(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE:  # bytes of a new request's head
+                self._arm()
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # its headers are complete
+                self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _too_slow(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutH11
