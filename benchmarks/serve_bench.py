@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         load(url, texts, args.clients, min(2.0, args.duration))  # warm the connections
         latencies, errors, elapsed = load(url, texts, args.clients, args.duration)
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        peak_mb = peak_rss_mb(server.pid)
     finally:
         server.terminate()
         try:
@@ -154,7 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| server POST /predict, 1 sentence/request | {rps:.1f} | {p50:.1f} | {p95:.1f} | {p99:.1f} | {errors} | "
           f"{mean_batch:.1f} |")
     print(f"\nserver / offline: **{rps / offline:.0%}** (target >= 85% at 32 clients)")
+    print(f"server peak RSS (VmHWM): {peak_mb:.0f} MB")
     return 0 if errors == 0 else 1
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (Linux VmHWM), in MB; nan where /proc has no such line."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def _metric(text: str, name: str) -> float:

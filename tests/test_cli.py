@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +159,124 @@ def test_console_script_prints_no_traceback(tmp_path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"layerprune: error: checkpoint not found: {tmp_path / 'nope'}"]
+
+
+# --- checks before the work (issue 11): the checkpoint, the hub, every output place, config files ---------
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a command gets as far as its work (data, analysis, export, Triton files)."""
+    called: list[str] = []
+
+    def refuse(name):
+        def work(*args, **kwargs):
+            called.append(name)
+            raise AssertionError(f"{name} ran although a check should have stopped the command first")
+        return work
+
+    import layerprune.analyze
+    import layerprune.build
+    import layerprune.data
+    import layerprune.finetune
+    import serve.triton
+
+    monkeypatch.setattr(layerprune.data, "_read_hub", refuse("hub data"))
+    monkeypatch.setattr(layerprune.analyze, "analyze", refuse("analyze"))
+    monkeypatch.setattr(layerprune.build, "export_bundle", refuse("export"))
+    monkeypatch.setattr(layerprune.finetune, "finetune", refuse("finetune"))
+    monkeypatch.setattr(serve.triton, "write_triton_repository", refuse("triton"))
+    return called
+
+
+def test_missing_checkpoint_is_named_before_any_data(tmp_path, capsys, no_work) -> None:
+    """`analyze /nonexistent --task sst2` used to fetch GLUE first (31.7 s of hub retries)."""
+    missing = tmp_path / "nonexistent"
+    code, _, err = run_cli(["analyze", missing, "--task", "sst2", "--out", tmp_path / "run"], capsys)
+    assert code == 2
+    assert_one_line_error(code, err, f"checkpoint not found: {missing}")
+    assert no_work == []
+
+
+def test_silent_hub_means_offline_at_once(tmp_path, capsys, monkeypatch, no_work) -> None:
+    import layerprune.preflight as preflight
+
+    probes: list[float] = []
+    monkeypatch.setattr(preflight, "hub_answers", lambda timeout=3.0: probes.append(timeout) or False)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    code, _, err = run_cli(["analyze", "someorg/no-such-model", "--task", "sst2", "--out", tmp_path / "run"], capsys)
+    assert code == 2
+    assert_one_line_error(code, err, "'someorg/no-such-model'")
+    assert len(probes) == 1  # one probe, not a retry storm
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert no_work == []
+
+
+def test_silent_hub_console_script(tmp_path) -> None:
+    """The real thing in a fresh process (the hub libraries read HF_HUB_OFFLINE at import): the hub endpoint
+    is a closed loopback port, so the probe fails at once and nothing retries."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: connections are refused
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{port}"
+    result = subprocess.run(
+        [sys.executable, "-m", "layerprune.cli", "analyze", "someorg/no-such-model", "--task", "sst2",
+         "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'someorg/no-such-model'" in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("place", ["under-a-file", "proc"])
+@pytest.mark.parametrize("command", ["analyze", "export", "finetune", "triton"])
+def test_output_place_checked_before_the_work(command, place, tiny_models, sentiment_csv, tmp_path, capsys,
+                                              no_work) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = blocker / "out" if place == "under-a-file" else Path("/proc/layerprune-test/out")
+    data = ["--data", sentiment_csv, "--text-field", "text", "--label-field", "label"]
+    args = {
+        "analyze": ["analyze", tiny_models["bert"], *data, "--out", out],
+        "export": ["export", tmp_path, "--out", out],
+        "finetune": ["finetune", tiny_models["bert"], *data, "--out", out],
+        "triton": ["triton", tmp_path, out, "--allow-unvalidated"],
+    }[command]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    assert_one_line_error(code, err, f"cannot write")
+    assert str(out) in err
+    assert no_work == []
+
+
+def test_export_default_bundle_place_checked(tmp_path, capsys, no_work) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "bundle").write_text("a file where the bundle would go")
+    code, _, err = run_cli(["export", run], capsys)
+    assert_one_line_error(code, err, f"cannot write bundle {run / 'bundle'}: it exists and is not a folder")
+    assert code == 2 and no_work == []
+
+
+@pytest.mark.parametrize("content, words", [
+    ("port: [1,\n  host: {\n", "not valid YAML (line 3"),
+    ("- 1\n- 2\n", "must be a mapping"),
+    ("port: 99999\n", "bad serve setting port"),
+])
+def test_serve_config_errors_are_one_line(content, words, tmp_path, capsys) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text(content)
+    code, _, err = run_cli(["serve", tmp_path, "--config", config], capsys)
+    assert code == 2
+    assert_one_line_error(code, err, words)
+
+
+def test_serve_config_not_text(tmp_path, capsys) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_bytes(b"\xff\xfe\x00")
+    code, _, err = run_cli(["serve", tmp_path, "--config", config], capsys)
+    assert code == 2
+    assert_one_line_error(code, err, "cannot read serve config")
