@@ -1,0 +1,547 @@
+"""Issue 11: the server under hostile or careless clients. Bounded JSON-safe errors (never a 500, never the
+payload echoed), JSON-only bodies, an optional API key, bounded metric labels, offline docs, header/body/
+idle timeouts and a bounded shutdown drain on a real uvicorn process, work of gone clients never run, a
+per-run token budget and a token-bounded queue with Retry-After; a hypothesis fuzz of 1,000+ requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from serve.app import create_app
+from serve.batcher import MicroBatcher, Overloaded, estimate_tokens
+from serve.metrics import Metrics
+from serve.model import load_model
+from serve.settings import ServeSettings
+from test_serve import ROOT, TEXTS, _bundle, _client, _free_port, _wait_ready
+
+MAX_ERROR_BYTES = 4096  # any error answer: the field and the problem, never the payload
+
+
+@pytest.fixture(scope="module")
+def bundle(minilm_dir, tmp_path_factory) -> Path:
+    return _bundle(tmp_path_factory.mktemp("hardening"), minilm_dir, pair=False)
+
+
+@pytest.fixture(scope="module")
+def client(bundle):
+    with _client(bundle) as c:
+        _wait_ready(c)
+        yield c
+
+
+def _post(client, route: str, raw: bytes, content_type: str | None = "application/json"):
+    return client.post(route, content=raw, headers={"content-type": content_type} if content_type else {})
+
+
+# --- 1, 2: never a 500, never the payload ----------------------------------------------------------------
+
+HOSTILE = [
+    ("/predict", b'{"inputs": NaN}'),
+    ("/predict", b'{"inputs": Infinity}'),
+    ("/predict", b'{"inputs": -Infinity}'),
+    ("/predict", b'{"inputs": 1e999}'),
+    ("/predict", b'{"inputs": "a", "truncate": Infinity}'),
+    ("/v1/classify", b'{"texts": ["a"], "truncate": NaN}'),
+    ("/v1/classify", b'{"texts": [NaN]}'),
+    ("/predict", b'{"texts": ["\\ud800"]}'),
+    ("/predict", b'{"inputs": ["\\ud800"]}'),
+    ("/predict", b'{"inputs": "ok \\udfff"}'),
+    ("/predict", b'{"inputs": [["a", "\\ud800"]]}'),
+    ("/v1/classify", b'{"inputs": ["\\ud800"], "truncate": "x"}'),
+    ("/v1/classify", b'{"texts": ["\\ud800"]}'),
+    ("/v1/classify", b'{"\\ud800": 1, "texts": ["a"]}'),
+    ("/predict", b"[" * 100_000),
+    ("/predict", b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+]
+
+
+@pytest.mark.parametrize("route, raw", HOSTILE, ids=lambda x: x if isinstance(x, str) else x[:40].decode(errors="replace"))
+def test_hostile_json_gets_a_bounded_4xx(client, route, raw) -> None:
+    r = _post(client, route, raw)
+    assert 400 <= r.status_code < 500, r.text[:500]
+    assert len(r.content) <= MAX_ERROR_BYTES
+    body = r.json()
+    assert body["error"] and body["error_type"]
+
+
+def test_surrogates_are_named_as_such(client) -> None:
+    r = _post(client, "/v1/classify", b'{"texts": ["fine", "bad \\ud800"]}')
+    assert r.status_code == 422 and "texts[1] is not valid Unicode" in r.json()["error"]
+
+
+def test_huge_field_is_not_echoed(client) -> None:
+    """A 5 MB extra field used to come back whole in a 5,000,184-byte 422."""
+    huge = "x" * 5_000_000
+    for route, body in [("/v1/classify", {"texts": ["a"], "extra": huge}), ("/v1/classify", {"texts": ["a"], huge: 1}),
+                        ("/predict", {"inputs": {"nested": huge}}), ("/predict", {"inputs": "a", "truncate": huge})]:
+        r = client.post(route, json=body)
+        assert r.status_code == 422, r.text[:300]
+        assert len(r.content) <= MAX_ERROR_BYTES, len(r.content)
+
+
+# --- 7: metric labels stay bounded ------------------------------------------------------------------------
+
+
+def test_random_methods_and_paths_add_no_series(client) -> None:
+    """5,000 random methods used to make 5,001 series: now the first few make the 'other' ones, and the
+    rest add none."""
+    def series(text: str) -> list[str]:
+        return [line.rsplit(" ", 1)[0] for line in text.splitlines() if line.startswith("layerprune_")]
+
+    client.get("/metrics")  # its own series exists from here on
+    sizes = []
+    for start, stop in [(0, 20), (20, 320)]:
+        for i in range(start, stop):
+            client.request(f"M{i}X", f"/p{i}")
+            client.request(f"Z{i}", "/predict")
+        sizes.append(client.get("/metrics").text)
+    assert series(sizes[0]) == series(sizes[1])
+    assert not any(f"M{i}X" in sizes[1] or f"/p{i}" in sizes[1] for i in (0, 150, 319))
+    assert len(sizes[1]) < len(sizes[0]) + 200  # counters' digits only
+
+
+# --- 8: content type, CORS ----------------------------------------------------------------------------------
+
+
+def test_cors_off_unless_configured(bundle, client) -> None:
+    preflight = {"origin": "http://evil.example", "access-control-request-method": "POST",
+                 "access-control-request-headers": "content-type"}
+    r = client.options("/predict", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    r = client.post("/predict", json={"inputs": "a"}, headers={"origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+    with _client(bundle, cors_origins=["http://app.example"]) as c:
+        _wait_ready(c)
+        r = c.options("/predict", headers={**preflight, "origin": "http://app.example"})
+        assert r.headers.get("access-control-allow-origin") == "http://app.example"
+        r = c.options("/predict", headers=preflight)
+        assert r.headers.get("access-control-allow-origin") != "http://evil.example"
+
+
+# --- 9: API key; no paths in what clients see ------------------------------------------------------------------
+
+
+def test_api_key(bundle) -> None:
+    with _client(bundle, api_key="s3cret") as c:
+        _wait_ready(c)
+        for route, body in [("/predict", {"inputs": "a"}), ("/v1/classify", {"texts": ["a"]})]:
+            for headers in [{}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"},
+                            {"authorization": "Basic s3cret"}]:
+                r = c.post(route, json=body, headers=headers)
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (headers, r.text)
+                assert r.json()["error_type"] == "Unauthorized"
+            assert c.post(route, json=body, headers={"authorization": "Bearer s3cret"}).status_code == 200
+        for path in ["/v1/models", "/metrics"]:
+            assert c.get(path).status_code == 401
+            assert c.get(path, headers={"authorization": "Bearer s3cret"}).status_code == 200
+        for path in ["/healthz", "/readyz", "/docs", "/openapi.json"]:  # probes and the API description
+            assert c.get(path).status_code == 200, path
+        schemes = c.get("/openapi.json").json()["components"]["securitySchemes"]
+        assert any(s.get("scheme") == "bearer" for s in schemes.values())
+
+
+def test_no_local_paths_exposed(client, bundle) -> None:
+    source = json.loads((bundle / "manifest.json").read_text())["source_checkpoint"]
+    assert Path(source).is_absolute()
+    for path in ["/v1/models", "/openapi.json", "/docs"]:
+        text = client.get(path).text
+        assert source not in text and str(bundle) not in text, path
+    assert client.get("/v1/models").json()["data"][0]["source_checkpoint"] == Path(source).name
+
+
+# --- 10: docs offline ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_load_nothing_from_elsewhere(client, page) -> None:
+    import re
+
+    html = client.get(page).text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert assets and not [a for a in assets if a.startswith(("http:", "https:", "//"))], assets
+    for asset in assets:
+        r = client.get(asset)
+        assert r.status_code == 200 and len(r.content) > 1000 or asset.endswith(".png"), asset
+
+
+# --- 5, 6: token budget per run, queue bounded by tokens, Retry-After ------------------------------------------
+
+
+def test_runs_respect_the_token_budget() -> None:
+    batcher = MicroBatcher(lambda enc: np.zeros((len(enc["input_ids"]), 2)), lambda *a: [], 0, max_batch_size=32,
+                           max_wait_s=0, max_queue=10, metrics=Metrics(), max_batch_tokens=1000)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 400, size=300)
+    order = np.argsort(lengths, kind="stable")
+    groups = batcher._groups(order, lengths)
+    assert sorted(i for g in groups for i in g) == list(range(300))
+    for g in groups:
+        assert len(g) <= 32 and (len(g) == 1 or len(g) * lengths[g].max() <= 1000)
+    assert estimate_tokens(["x" * 3000], None, 512) == 512
+    assert estimate_tokens(["x" * 30, "y" * 3], ["z" * 30, ""], 512) == 23 + 4
+
+
+def test_queue_bounded_by_tokens_with_retry_after() -> None:
+    gate, entered = threading.Event(), threading.Event()
+
+    def run(enc):
+        entered.set()
+        gate.wait(30)
+        return np.zeros((len(enc["input_ids"]), 2), dtype=np.float32)
+
+    def tokenize(texts, pairs, truncate):
+        return [{"input_ids": np.ones(4, dtype=np.int64)} for _ in texts]
+
+    async def scenario() -> tuple[int, str]:
+        batcher = MicroBatcher(run, tokenize, 0, max_batch_size=4, max_wait_s=0, max_queue=10_000, metrics=Metrics(),
+                               max_length=512, max_queue_tokens=2000)
+        await batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(["a"], None, True))  # taken, then held in the model
+            while not entered.is_set():
+                await asyncio.sleep(0.01)
+            queued = asyncio.ensure_future(batcher.submit(["x" * 3000] * 3, None, True))  # 3 x 512 tokens wait
+            await asyncio.sleep(0)
+            with pytest.raises(Overloaded) as exc:
+                await batcher.submit(["x" * 3000], None, True)
+            gate.set()
+            await asyncio.gather(first, queued)
+            return exc.value.retry_after, str(exc.value)
+        finally:
+            gate.set()
+            await batcher.stop()
+
+    retry_after, message = asyncio.run(scenario())
+    assert 1 <= retry_after <= 60 and "tokens are queued" in message
+
+
+def test_429_says_when_to_retry(bundle, monkeypatch) -> None:
+    with _client(bundle) as c:
+        _wait_ready(c)
+
+        async def full(*args, **kwargs):
+            raise Overloaded("about 70000 tokens are queued (max 65536); retry later", 7)
+
+        monkeypatch.setattr(c.app.state.batcher, "submit", full)
+        r = c.post("/predict", json={"inputs": "a"})
+        assert r.status_code == 429 and r.headers["retry-after"] == "7" and r.json()["error_type"] == "Overloaded"
+
+
+# --- 4: the work of a client that left is not done --------------------------------------------------------------
+
+
+def _scope(path: str) -> dict:
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+            "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80)}
+
+
+def test_gone_clients_inputs_are_not_run(bundle) -> None:
+    """3 requests of 64 long inputs whose clients disconnect while the first batch runs: only the run already
+    in the model finishes; the other 184 inputs are never run (they all were before), and the next request
+    is answered at once."""
+    model = load_model(bundle)
+    real_run = model.classifier.run
+    rows_run: list[int] = []
+    gate, entered, hold = threading.Event(), threading.Event(), {"on": False}
+
+    def run(enc):
+        rows_run.append(len(enc["input_ids"]))
+        if hold["on"]:
+            entered.set()
+            gate.wait(30)
+        return real_run(enc)
+
+    model.classifier.run = run  # create_app takes clf.run from here
+    app = create_app(model, ServeSettings(max_batch_size=8, max_wait_ms=1))
+    long_texts = [" ".join(["wonderful"] * 200)] * 64
+
+    async def call(body: dict, leave: asyncio.Event) -> list[dict]:
+        pending = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            if pending:
+                return pending.pop()
+            await leave.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await app(_scope("/predict"), receive, send)
+        return sent
+
+    async def scenario() -> list[dict]:
+        async with app.router.lifespan_context(app):
+            for _ in range(3000):  # warm-up
+                if app.state.serve_state["ready"]:
+                    break
+                await asyncio.sleep(0.01)
+            assert app.state.serve_state["ready"]
+            rows_run.clear()
+            hold["on"] = True
+            leave = asyncio.Event()
+            calls = [asyncio.ensure_future(call({"inputs": long_texts}, leave)) for _ in range(3)]
+            for _ in range(3000):
+                if entered.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            assert entered.is_set(), "the model never started"
+            leave.set()  # all three clients hang up
+            await asyncio.wait_for(asyncio.gather(*calls), 30)
+            hold["on"] = False
+            gate.set()
+            for _ in range(3000):  # the worker finishes the run it was in, then finds nothing to do
+                if app.state.batcher.depth == 0 and not app.state.batcher._queue.qsize():
+                    break
+                await asyncio.sleep(0.01)
+            stay = asyncio.Event()
+            return await asyncio.wait_for(call({"inputs": ["a fine movie"]}, stay), 30)
+
+    answer = asyncio.run(scenario())
+    assert answer[0]["status"] == 200
+    assert rows_run[:1] == [8] and sum(rows_run) == 8 + 1, rows_run  # the run in flight, then the next request
+
+
+# --- 3, 1, 2, 7: a real uvicorn process on loopback ---------------------------------------------------------------
+
+
+class _Proc:
+    def __init__(self, bundle: Path, **env: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "LAYERPRUNE_SERVE_CONFIG": str(ROOT / "configs/serve.yaml"), **env}
+        self.proc = subprocess.Popen([sys.executable, "-m", "serve", str(bundle), "--port", str(self.port),
+                                      "--max-wait-ms", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 90
+        while True:
+            assert self.proc.poll() is None, self.proc.stdout.read()
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.1)
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        return sock
+
+    def peak_rss_mb(self) -> float:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.stdout.read() if self.proc.stdout else ""
+
+
+TIMEOUTS = dict(LAYERPRUNE_SERVE_TIMEOUT_HEADER_S="1", LAYERPRUNE_SERVE_TIMEOUT_BODY_S="1",
+                LAYERPRUNE_SERVE_TIMEOUT_KEEP_ALIVE_S="1", LAYERPRUNE_SERVE_TIMEOUT_SHUTDOWN_S="3")
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    srv = _Proc(bundle, **TIMEOUTS)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (the socket's 30 s timeout bounds it)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_silent_client_is_closed(server) -> None:
+    with server.connect() as sock:
+        assert _read_until_closed(sock) == b""
+
+
+def test_partial_headers_are_closed(server) -> None:
+    with server.connect() as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
+        assert _read_until_closed(sock) == b""
+
+
+def test_dripped_headers_are_closed(server) -> None:
+    """Slowloris: a byte every 0.2 s would take 40 s for these headers; the 1 s header deadline ends it."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 160 + b"\r\n\r\n"
+    with server.connect() as sock:
+        sent = 0
+        for byte in head:
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += 1
+            time.sleep(0.2)
+        assert sent < len(head)
+
+
+def test_partial_body_gets_408_and_is_closed(server) -> None:
+    with server.connect() as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"inputs\": ")
+        reply = _read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"did not arrive within 1 s" in reply
+
+
+def test_idle_keep_alive_is_closed(server) -> None:
+    with server.connect() as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = _read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'{"status":"ok"}')
+
+
+def test_shutdown_drain_is_bounded(bundle) -> None:
+    """SIGTERM while a client holds a partial body (body timeout far away) and another sends nothing: the
+    server still exits, after at most timeout_shutdown_s of drain (it used to stay up)."""
+    srv = _Proc(bundle, LAYERPRUNE_SERVE_TIMEOUT_BODY_S="600", LAYERPRUNE_SERVE_TIMEOUT_HEADER_S="600",
+                LAYERPRUNE_SERVE_TIMEOUT_SHUTDOWN_S="2")
+    socks = []
+    try:
+        slow = srv.connect()
+        slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"inputs\": \"")
+        socks += [slow, srv.connect()]
+        time.sleep(0.5)  # the partial body is being read
+        srv.proc.send_signal(signal.SIGTERM)
+        # uvicorn re-raises the signal once its shutdown is done: -15 is a clean, graceful exit here
+        assert srv.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        log = srv.proc.stdout.read()
+        assert "timeout graceful shutdown exceeded" in log and "Finished server process" in log, log[-2000:]
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()
+
+
+# --- the fuzz: 1,000+ generated requests, only 2xx/4xx, bounded answers and /metrics ------------------------------
+
+_text = st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet=st.sampled_from("ab \u00e9\u4e2d\U0001f600\x00\n\"\\\ud800\udfff"), max_size=300),
+    st.sampled_from(["", "x" * 10_001, "word " * 3000]),
+)
+_json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**80), max_value=2**80),
+    st.floats(allow_nan=True, allow_infinity=True), _text,
+)
+_json = st.recursive(_json_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=5), st.dictionaries(st.sampled_from(
+        ["inputs", "texts", "pairs", "truncate", "raw_scores", "truncation_direction", "junk", "\ud800"]), inner,
+        max_size=4)), max_leaves=12)
+
+
+@st.composite
+def _bodies(draw) -> bytes:
+    kind = draw(st.sampled_from(["plausible", "any", "broken", "huge", "raw"]))
+    if kind == "plausible":
+        key = draw(st.sampled_from(["inputs", "texts", "pairs"]))
+        body = {key: draw(_json)}
+        if draw(st.booleans()):
+            body[draw(st.sampled_from(["truncate", "raw_scores", "truncation_direction"]))] = draw(_json)
+        value: object = body
+    elif kind == "huge":
+        value = {"texts": ["a"], draw(st.sampled_from(["extra", "inputs", "x" * 1000])): "y" * draw(
+            st.sampled_from([10_000, 300_000, 1_500_000]))}
+    elif kind == "raw":
+        return draw(st.sampled_from([b"NaN", b"Infinity", b'{"inputs": -Infinity}', b'{"inputs": 1e999}', b"\xff\xfe",
+                                     b"[" * 50_000, b'{"inputs": "\\ud800"}', b"", b"null", b'{"inputs": ["a"' * 3]))
+    else:
+        value = draw(_json)
+    raw = json.dumps(value, allow_nan=True).encode()
+    if kind == "broken":
+        raw = raw[: draw(st.integers(0, max(0, len(raw) - 1)))] + draw(st.sampled_from([b"", b"}", b"\x00", b"\xed\xa0\x80"]))
+    return raw
+
+
+_STANDARD_METHODS = ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
+_WRONG_TYPES = ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=b", "application/xml",
+                "", None]
+_OTHER_ROUTES = ["/v1/models", "/metrics", "/nowhere", "/predict/../v1/classify", "/%ff", "/docs"]
+
+
+@st.composite
+def _requests(draw) -> tuple[str, str, str | None, bytes]:
+    """Mostly JSON POSTs to the two classify routes (where the parsing and validation are); the rest spread
+    over standard and random methods, wrong content types and other routes."""
+    roll = draw(st.integers(0, 9))
+    method = ("POST" if roll < 8 else draw(st.sampled_from(_STANDARD_METHODS)) if roll == 8
+              else draw(st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ_-!", min_size=1, max_size=12)))
+    route = draw(st.sampled_from(["/predict", "/v1/classify"])) if draw(st.integers(0, 9)) < 8 \
+        else draw(st.sampled_from(_OTHER_ROUTES))
+    roll = draw(st.integers(0, 9))
+    content_type = ("application/json" if roll < 7 else "application/json; charset=utf-8" if roll == 7
+                    else draw(st.sampled_from(_WRONG_TYPES)))
+    return method, route, content_type, draw(_bodies())
+
+
+def test_fuzz_1000_requests(server) -> None:
+    statuses: dict[int, int] = {}
+    worst = {"bytes": 0}
+    metrics_before = len(httpx.get(f"{server.url}/metrics", timeout=30).content)
+
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+
+        @settings(max_examples=1100, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(request=_requests())
+        def one(request: tuple[str, str, str | None, bytes]) -> None:
+            method, route, content_type, body = request
+            headers = {} if content_type is None else {"content-type": content_type}
+            r = http.request(method, route, content=body, headers=headers)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert r.status_code < 500, (method, route, content_type, body[:300], r.text[:300])
+            if r.status_code >= 400 and method != "HEAD":
+                assert len(r.content) <= MAX_ERROR_BYTES, (route, len(r.content))
+                assert r.json()["error"]
+
+        one()
+        assert http.get("/readyz").status_code == 200
+    sent = sum(statuses.values())
+    assert sent >= 1000, statuses
+    assert sum(n for s, n in statuses.items() if 400 <= s < 500) > 700, statuses
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    series = [line for line in metrics.splitlines() if line.startswith("layerprune_requests_total")]
+    assert len(series) <= 60 and len(metrics) < metrics_before + 20_000, (len(series), len(metrics))
+    peak = server.peak_rss_mb()
+    print(f"\nfuzz: {sent} requests, statuses {dict(sorted(statuses.items()))}, /metrics {len(metrics)} bytes "
+          f"({len(series)} request series), server peak RSS {peak:.0f} MB")
+    assert peak < 1500, peak
