@@ -27,7 +27,8 @@ def run(bundle: Path, settings: ServeSettings) -> int:
 
     _configure_logging(settings.log_level)
     try:
-        model = load_model(bundle, allow_unvalidated=settings.allow_unvalidated, threads=settings.threads)
+        model = load_model(bundle, allow_unvalidated=settings.allow_unvalidated, threads=settings.threads,
+                           memory_arena=settings.memory_arena)
     except LayerpruneError as exc:
         print(f"layerprune serve: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -194,6 +195,24 @@ def test_runs_respect_the_token_budget() -> None:
         assert len(g) <= 32 and (len(g) == 1 or len(g) * lengths[g].max() <= 1000)
     assert estimate_tokens(["x" * 3000], None, 512) == 512
     assert estimate_tokens(["x" * 30, "y" * 3], ["z" * 30, ""], 512) == 23 + 4
+
+
+def test_long_inputs_run_in_budgeted_runs(bundle) -> None:
+    """64 inputs at the model's max length: every onnxruntime run stays within max_batch_tokens, and the
+    answers match one offline run per input."""
+    model = load_model(bundle)
+    real_run, shapes = model.classifier.run, []
+    model.classifier.run = lambda enc: (shapes.append(enc["input_ids"].shape), real_run(enc))[1]
+    texts = [" ".join(["wonderful"] * (100 + i)) for i in range(64)]
+    with TestClient(create_app(model, ServeSettings(max_batch_tokens=512, max_wait_ms=1))) as c:
+        _wait_ready(c)
+        shapes.clear()
+        got = c.post("/v1/classify", json={"texts": texts, "raw_scores": True}).json()["results"]
+    assert shapes and all(rows * width <= 512 for rows, width in shapes), shapes
+    assert sum(rows for rows, _ in shapes) == 64
+    labels = model.labels
+    want = np.concatenate([real_run(model.classifier.encode([t])) for t in texts])
+    np.testing.assert_allclose([[r["scores"][name] for name in labels] for r in got], want, atol=1e-4)
 
 
 def test_queue_bounded_by_tokens_with_retry_after() -> None:
