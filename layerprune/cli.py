@@ -174,15 +174,16 @@ def _preflight(args: argparse.Namespace) -> None:
 
     if args.command in ("finetune", "analyze", "export", "validate"):
         go_offline_unless_hub_answers()
+    # (what, where, the file an earlier output of that stage holds: only such a folder is replaced)
     outputs = {
-        "finetune": lambda: [("checkpoint", args.out)],
-        "analyze": lambda: [("run directory", args.out)],
-        "export": lambda: [("bundle", args.out or args.run_dir / "bundle")],
-        "triton": lambda: [("model repository", args.out)],
-        "demo": lambda: [("run directory", args.out), ("checkpoint", args.checkpoint)],
+        "finetune": lambda: [("checkpoint", args.out, "training_report.json")],
+        "analyze": lambda: [("run directory", args.out, "analysis.json")],
+        "export": lambda: [("bundle", args.out or args.run_dir / "bundle", "manifest.json")],
+        "triton": lambda: [("model repository", args.out, None)],
+        "demo": lambda: [("run directory", args.out, "analysis.json"), ("checkpoint", args.checkpoint, None)],
     }
-    for what, path in outputs.get(args.command, list)():
-        check_output_dir(path, what)
+    for what, path, marker in outputs.get(args.command, list)():
+        check_output_dir(path, what, marker)
 
 
 def _check_checkpoint(args: argparse.Namespace, name: str) -> None:

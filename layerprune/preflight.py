@@ -20,13 +20,16 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")  # what we set; TR
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
-def check_output_dir(path: Path, what: str = "output") -> None:
+def check_output_dir(path: Path, what: str = "output", marker: str | None = None) -> None:
     """Raise a one-line LayerpruneError unless a folder can be made (or replaced) at `path`: it is not
-    a file, every existing parent is a folder, and the nearest existing parent takes a new entry
-    (tried for real: permissions, read-only mounts and /proc all say no only when asked)."""
+    a file, nor (with `marker`) a non-empty folder without that file, which artifacts.atomic_dir would
+    refuse to replace at the end of the work; every existing parent is a folder, and the nearest existing
+    parent takes a new entry (tried for real: permissions, read-only mounts and /proc say no only when asked)."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise LayerpruneError(f"cannot write {what} {path}: it exists and is not a folder")
+    if marker and path.is_dir() and any(path.iterdir()) and not (path / marker).exists():
+        raise LayerpruneError(f"refusing to overwrite {path}: it exists and holds no {marker}")
     parent = path.parent
     while not parent.exists():
         parent = parent.parent

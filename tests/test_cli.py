@@ -280,3 +280,26 @@ def test_serve_config_not_text(tmp_path, capsys) -> None:
     code, _, err = run_cli(["serve", tmp_path, "--config", config], capsys)
     assert code == 2
     assert_one_line_error(code, err, "cannot read serve config")
+
+
+@pytest.mark.parametrize("command, marker", [("analyze", "analysis.json"), ("export", "manifest.json"),
+                                             ("finetune", "training_report.json")])
+def test_foreign_folder_refused_before_the_work(command, marker, tiny_models, sentiment_csv, tmp_path, capsys,
+                                                no_work) -> None:
+    """A non-empty folder that is not an earlier output of the stage is never replaced: said at once now,
+    not after the work (export: after 187 s)."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("someone's files")
+    data = ["--data", sentiment_csv, "--text-field", "text", "--label-field", "label"]
+    args = {"analyze": ["analyze", tiny_models["bert"], *data, "--out", foreign],
+            "export": ["export", tmp_path, "--out", foreign],
+            "finetune": ["finetune", tiny_models["bert"], *data, "--out", foreign]}[command]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    assert_one_line_error(code, err, f"refusing to overwrite {foreign}: it exists and holds no {marker}")
+    assert no_work == []
+    (foreign / marker).write_text("{}")  # an earlier output of this stage: the checks let it through
+    from layerprune.preflight import check_output_dir
+
+    check_output_dir(foreign, command, marker)
