@@ -35,12 +35,7 @@ class ServedModel:
 
     @property
     def source_name(self) -> str:
-        """The source checkpoint as clients see it: a hub id as is, a local folder by its name only (its
-        path would tell any client about the server's disks)."""
-        src = self.manifest.source_checkpoint
-        if Path(src).is_absolute() or src.startswith((".", "~")):
-            return Path(src).name or src
-        return src
+        return public_source(self.manifest.source_checkpoint)
 
     @property
     def validated(self) -> bool:
@@ -101,6 +96,14 @@ class ServedModel:
             "allow_unvalidated": self.allow_unvalidated,
             "warning": self.warning,
         }
+
+
+def public_source(source_checkpoint: str) -> str:
+    """The source checkpoint as clients see it: a hub id as is, a local folder by its name only (its path
+    would tell any client about the server's disks)."""
+    if Path(source_checkpoint).is_absolute() or source_checkpoint.startswith((".", "~")):
+        return Path(source_checkpoint).name or source_checkpoint
+    return source_checkpoint
 
 
 def load_model(bundle: Path, *, allow_unvalidated: bool = False, threads: int | None = None,

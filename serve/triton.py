@@ -16,6 +16,8 @@ import onnxruntime as ort
 from layerprune.bundle import servable_bundle
 from layerprune.errors import LayerpruneError
 
+from .model import public_source
+
 _TRITON_TYPES = {"tensor(int64)": "TYPE_INT64", "tensor(int32)": "TYPE_INT32", "tensor(float)": "TYPE_FP32",
                  "tensor(float16)": "TYPE_FP16"}
 LABELS_FILE = "labels.txt"
@@ -58,9 +60,12 @@ def write_triton_repository(
     model_dir = out_dir / model_name
     if model_dir.exists():
         raise LayerpruneError(f"refusing to overwrite {model_dir}")
-    (model_dir / str(version)).mkdir(parents=True)
-    shutil.copyfile(bundle_dir / "model.onnx", model_dir / str(version) / "model.onnx")
-    (model_dir / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
+    try:  # OUT under a file, in /proc, read-only: one line, not a traceback
+        (model_dir / str(version)).mkdir(parents=True)
+        shutil.copyfile(bundle_dir / "model.onnx", model_dir / str(version) / "model.onnx")
+        (model_dir / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
+    except OSError as exc:
+        raise LayerpruneError(f"cannot write the model repository {out_dir}: {exc.strerror or exc}") from None
 
     lines = [
         f'name: "{model_name}"',
@@ -118,6 +123,6 @@ def _powers_of_two(limit: int) -> list[int]:
 
 
 def _summary(manifest) -> str:
-    return json.dumps({"source_checkpoint": manifest.source_checkpoint, "task": manifest.task,
+    return json.dumps({"source_checkpoint": public_source(manifest.source_checkpoint), "task": manifest.task,
                        "kept_layers": manifest.kept_layers, "total_layers": manifest.total_layers,
                        "model_type": manifest.model_type, "servable": manifest.servable})

@@ -564,3 +564,16 @@ def test_fuzz_1000_requests(server) -> None:
     print(f"\nfuzz: {sent} requests, statuses {dict(sorted(statuses.items()))}, /metrics {len(metrics)} bytes "
           f"({len(series)} request series), server peak RSS {peak:.0f} MB")
     assert peak < 1500, peak
+
+
+@pytest.mark.parametrize("place", ["under-a-file", "proc"])
+def test_triton_unwritable_place_is_one_error(bundle, tmp_path, place) -> None:
+    """The library call too (the CLI checks first): no NotADirectoryError / FileNotFoundError traceback."""
+    from layerprune.errors import LayerpruneError
+    from serve.triton import write_triton_repository
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = blocker / "repo" if place == "under-a-file" else Path("/proc/layerprune-test/repo")
+    with pytest.raises(LayerpruneError, match="cannot write the model repository"):
+        write_triton_repository(bundle, out)
