@@ -563,7 +563,7 @@ def test_fuzz_1000_requests(server) -> None:
     peak = server.peak_rss_mb()
     print(f"\nfuzz: {sent} requests, statuses {dict(sorted(statuses.items()))}, /metrics {len(metrics)} bytes "
           f"({len(series)} request series), server peak RSS {peak:.0f} MB")
-    assert peak < 1500, peak
+    assert peak < 800, peak  # measured 132 MB with the tiny test model
 
 
 @pytest.mark.parametrize("place", ["under-a-file", "proc"])
