@@ -577,3 +577,20 @@ def test_triton_unwritable_place_is_one_error(bundle, tmp_path, place) -> None:
     out = blocker / "repo" if place == "under-a-file" else Path("/proc/layerprune-test/repo")
     with pytest.raises(LayerpruneError, match="cannot write the model repository"):
         write_triton_repository(bundle, out)
+
+
+@pytest.mark.parametrize("host, key, warned", [("0.0.0.0", None, True), ("::", None, True), ("10.1.2.3", None, True),
+                                               ("0.0.0.0", "k", False), ("127.0.0.1", None, False),
+                                               ("localhost", None, False), ("::1", None, False)])
+def test_warns_when_reachable_without_a_key(bundle, monkeypatch, caplog, host, key, warned) -> None:
+    import uvicorn
+
+    from serve.main import run
+
+    configs = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: configs.append(self.config))
+    with caplog.at_level("WARNING", logger="layerprune.serve"):
+        run(bundle, ServeSettings(host=host, api_key=key))
+    assert ("WITHOUT an API key" in caplog.text) == warned, caplog.text
+    config = configs[0]  # uvicorn gets the timeouts
+    assert (config.timeout_keep_alive, config.timeout_graceful_shutdown, config.limit_concurrency) == (5, 10, 1024)
