@@ -4,6 +4,7 @@
 #   docker run --rm -p 8080:8080 layerprune-serve
 # Settings: LAYERPRUNE_SERVE_* environment variables (e.g. -e LAYERPRUNE_SERVE_MAX_BATCH_SIZE=64);
 # an unvalidated bundle is refused at start unless -e LAYERPRUNE_SERVE_ALLOW_UNVALIDATED=true.
+# It listens on every interface: require a key with -e LAYERPRUNE_SERVE_API_KEY=... (it warns at start without one).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
