@@ -16,7 +16,7 @@ from layerprune.bundle import BundleError, servable_bundle, verify_bundle
 from layerprune.cli import main
 from layerprune.errors import LayerpruneError
 from layerprune.tasks import TaskConfig, task_from_files
-from layerprune.validate import calibration_and_holdout, compare, validate_bundle
+from layerprune.validate import calibration_and_holdout, compare, forecast, validate_bundle
 
 FAST = dict(device="cpu", batch_size=8)
 
@@ -75,10 +75,10 @@ def test_fp32_parity_and_validation(bundle: Path) -> None:
     report = load_artifact(ValidationReport, bundle / "validation.json")
     assert report.max_abs_logit_diff_fp32 is not None and report.max_abs_logit_diff_fp32 <= 1e-4
     assert report.n_examples == 12 and "holdout" in report.holdout
-    assert report.delta == pytest.approx(report.bundle - report.original)
     assert report.delta_ci95[0] <= report.delta <= report.delta_ci95[1]
-    assert report.passed == (report.delta >= -report.tolerance)
-    assert Manifest.model_validate_json((bundle / "manifest.json").read_text()).servable == report.passed
+    manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
+    assert manifest.servable == report.passed
+    assert report.max_length == manifest.max_length == 160, "the tiny models' limit: 160 positions"
 
 
 def test_full_depth_bundle_equals_original(run_dir: Path, tmp_path: Path) -> None:
@@ -134,11 +134,26 @@ def test_auto_with_heal_records_depths(run_dir: Path, tmp_path: Path) -> None:
     assert [s.depth for s in depth.scores] == list(range(1, TINY_LAYERS + 1))
     assert all(s.metric_healed is not None for s in depth.scores[:-1]), "--sweep heals every depth"
     assert depth.probed[0] == depth.boundary
-    assert 1 <= depth.chosen <= TINY_LAYERS and depth.n_heal_train == 24
-    full = depth.full_metric
+    assert depth.n_heal == 24 and depth.heal_labelled and depth.n_agreement == 0, "24 train texts, all used to heal"
     chosen = next(s for s in depth.scores if s.depth == depth.chosen)
-    score = chosen.metric if depth.chosen == TINY_LAYERS else chosen.metric_healed
-    assert score >= full - depth.tolerance
+    assert chosen.forecast.passes, "auto keeps a depth whose gate forecast passes (the full model always does)"
+    below = next((s for s in depth.scores if s.depth == depth.chosen - 1), None)
+    assert below is None or not below.forecast.passes, "and the depth below it does not"
+
+
+def test_distill_heal_with_unlabeled_texts(run_dir: Path, tmp_path: Path) -> None:
+    texts = tmp_path / "in-domain.jsonl"
+    texts.write_text("".join(f'{{"review": "{t}, {w}"}}\n' for t, _ in SENTENCES for w in ("truly", "sadly", "so")))
+    opts = ExportOptions(keep_layers=2, heal_data=texts, heal_text_field="review", heal_examples=24, **FAST)
+    result = export_bundle(run_dir, tmp_path / "d", opts)
+    depth = result.depth
+    assert depth.heal == "distill" and not depth.heal_labelled and depth.n_heal == 24 and depth.n_agreement == 12
+    assert [run.depth for run in depth.heal_runs] == [2] and depth.heal_runs[0].n_train == 24
+    assert depth.scores[1].metric_distilled is not None and result.manifest.heal == "distill"
+    with pytest.raises(LayerpruneError, match="--heal head needs labelled texts"):
+        export_bundle(run_dir, tmp_path / "h", ExportOptions(keep_layers=2, heal="head", heal_data=texts,
+                                                             heal_text_field="review", **FAST))
+    assert not (tmp_path / "h").exists()
 
 
 def test_calibration_and_holdout_are_disjoint(reviews: Path) -> None:
@@ -168,25 +183,21 @@ metric: accuracy
     assert parts.holdout_name == "test split" and len(parts.holdout) == 24
 
 
-class FakeScorer:
-    def __init__(self, metrics: dict[int, float], full: float) -> None:
-        self.metrics, self.full, self.probed = metrics, full, []
-
-    def __call__(self, depth: int) -> float:
-        self.probed.append(depth)
-        return self.metrics[depth]
-
-
-@pytest.mark.parametrize("boundary,metrics,expected,probed", [
-    (4, {1: .5, 2: .7, 3: .895, 4: .9, 5: .9, 6: .9}, 3, [4, 3, 2]),  # holds at 4: go down while it holds
-    (4, {1: .5, 2: .7, 3: .8, 4: .85, 5: .895, 6: .9}, 5, [4, 5]),  # fails at 4: go up until it holds
-    (1, {1: .9, 2: .9, 3: .9, 4: .9, 5: .9, 6: .9}, 1, [1]),
-    (6, {1: .5, 2: .5, 3: .5, 4: .5, 5: .5, 6: .9}, 6, [6, 5]),
+@pytest.mark.parametrize("boundary,passing,expected,probed", [
+    (4, {3, 4, 5, 6}, 3, [4, 3, 2]),  # passes at 4: go down while it passes
+    (4, {5, 6}, 5, [4, 5]),  # fails at 4: go up until it passes
+    (1, {1, 2, 3, 4, 5, 6}, 1, [1]),
+    (6, {6}, 6, [6, 5]),
 ])
-def test_auto_search(boundary, metrics, expected, probed) -> None:
-    scorer = FakeScorer(metrics, full=0.9)
-    assert _choose_depth(scorer, boundary, 6, ExportOptions(tolerance=0.01)) == expected
-    assert list(dict.fromkeys(scorer.probed)) == probed
+def test_auto_search(boundary, passing, expected, probed) -> None:
+    seen = []
+
+    def passes(depth: int) -> bool:
+        seen.append(depth)
+        return depth in passing
+
+    assert _choose_depth(passes, boundary, 6, "auto") == expected
+    assert list(dict.fromkeys(seen)) == probed
 
 
 def test_compare_pass_and_fail() -> None:
@@ -203,10 +214,10 @@ def test_compare_pass_and_fail() -> None:
     original = np.eye(2)[labels] * 3  # always right
     worse = original.copy()
     worse[:20] = worse[:20, ::-1]  # 20 of 400 wrong: -5 points
-    failed = compare(task, holdout, "h", original, worse, tolerance=0.01)
+    failed = compare(task, holdout, "h", original, worse, tolerance=0.01, max_length=128)
     assert failed.delta == pytest.approx(-0.05) and not failed.passed and failed.agreement == 0.95
     assert failed.delta_ci95[1] < 0, "20 flips in the same direction: the interval excludes 0"
-    assert compare(task, holdout, "h", original, worse, tolerance=0.06).passed
+    assert compare(task, holdout, "h", original, worse, tolerance=0.06, max_length=128).passed
 
 
 def test_cli_export_and_validate(run_dir: Path, tmp_path: Path, capsys) -> None:
@@ -268,3 +279,46 @@ def test_demo_serves_a_bundle_on_loopback(run_dir: Path, tmp_path: Path, capsys)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("POST http://127.0.0.1:") and len(lines) == 3
     assert all(line.split()[0] in ("positive", "negative") for line in lines[1:])
+
+
+def _task(metric: str = "accuracy") -> TaskConfig:
+    return TaskConfig.model_validate({
+        "name": "t", "description": "d", "source": {"kind": "file", "files": {"validation": "/x.csv"}},
+        "text_field": "text", "label_field": "label", "label_names": ["a", "b"], "metric": metric,
+        "train_split": None,
+    })
+
+
+def test_forecast_labelled_route() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 1000)
+    original = np.eye(2)[labels] * 3
+    worse = original.copy()
+    worse[:30] = worse[:30, ::-1]  # 30 of 1000 broken: -3 points on calibration
+    bad = forecast(_task(), labels, original, worse, 0.01, n_holdout=1000)
+    assert bad.delta == pytest.approx(-0.03) and bad.lower_bound < -0.03 and not bad.passes
+    assert bad.disagreement == pytest.approx(0.03) and bad.n_agreement == 1000
+    mixed = original.copy()
+    mixed[:10] = mixed[:10, ::-1]
+    mixed[10:20] = np.eye(2)[1 - labels[10:20]] * 3  # 10 more broken...
+    mixed[20:40] = np.eye(2)[labels[20:40]] * 3  # ...and nothing fixed: still a loss
+    assert not forecast(_task(), labels, original, mixed, 0.01, n_holdout=1000).passes
+    assert forecast(_task(), labels, original, original, 0.01, n_holdout=1000).passes, "identical models pass"
+
+
+def test_forecast_agreement_route_needs_no_labels_but_only_bounds_accuracy() -> None:
+    """300 labelled examples cannot show a 1-point tolerance holds, 6,000 unlabeled texts that agree can."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 300)
+    original = np.eye(2)[labels] * 3
+    flipped = original.copy()
+    flipped[:2] = flipped[:2, ::-1]  # 2 of 300 broken
+    alone = forecast(_task(), labels, original, flipped, 0.01, n_holdout=300)
+    assert not alone.passes, "the labelled bound alone is too wide on 300 examples"
+    unlabeled = np.eye(2)[rng.integers(0, 2, 6000)] * 3
+    disagreeing = unlabeled.copy()
+    disagreeing[:6] = disagreeing[:6, ::-1]  # 0.1% of the texts differ
+    with_texts = forecast(_task(), labels, original, flipped, 0.01, n_holdout=300, unlabeled=(unlabeled, disagreeing))
+    assert with_texts.passes and with_texts.n_agreement == 6300 and with_texts.disagreement_upper < 0.004
+    f1 = forecast(_task("f1"), labels, original, flipped, 0.01, n_holdout=300, unlabeled=(unlabeled, disagreeing))
+    assert not f1.passes, "disagreement bounds accuracy, not F1"
