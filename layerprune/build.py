@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -87,6 +88,7 @@ class ExportResult:
     depth: DepthReport
     truncated_checkpoint: Path
     advice: str | None  # what to try next when the gate refused the bundle
+    next_candidate: ExportOptions | None  # the same, as options
 
 
 @dataclass
@@ -115,15 +117,19 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
     heal = _heal_mode(opts.heal, model, heal_examples, labelled)
     parts = calibration_and_holdout(task, glue_dir, opts.max_examples, opts.resample_seed)
     start = analysis.boundary if opts.keep_layers == "auto" else opts.keep_layers
-    encode = lambda examples, depths, desc: encode_texts(  # noqa: E731
-        model, tokenizer, examples, batch_size=opts.batch_size, max_length=max_length, keep_depths=depths, desc=desc)
+    # Keep the token states where the first distillation starts; other depths are computed from them.
     first_inputs = {0, max(min(start, total) - opts.heal_layers, 0)} if heal == "distill" else {0}
+
+    def encode(examples: Examples, role: str) -> TextStates:
+        return encode_texts(model, tokenizer, examples, batch_size=opts.batch_size, max_length=max_length,
+                            keep_depths=first_inputs, desc=f"original, {role}")
+
     texts = _Texts(
-        calibration=encode(parts.calibration, first_inputs, "original, calibration"),
+        calibration=encode(parts.calibration, "calibration"),
         calibration_labels=parts.calibration.labels,
-        heal=encode(heal_examples, first_inputs, "original, heal texts") if heal != "none" else None,
+        heal=encode(heal_examples, "heal texts") if heal != "none" else None,
         heal_labels=heal_examples.labels if heal != "none" and labelled else None,
-        agreement=encode(agreement_examples, first_inputs, "original, agreement texts") if agreement_examples else None,
+        agreement=encode(agreement_examples, "agreement texts") if agreement_examples else None,
     )
     original_holdout = predict_logits(model, tokenizer, parts.holdout, max_length=max_length)
 
@@ -173,17 +179,19 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
     # The truncated PyTorch checkpoint, for users who fine-tune or serve it further; not part of the bundle.
     with atomic_dir(Path(run_dir) / TRUNCATED_DIR, "config.json") as tmp:
         _save_checkpoint(model, tokenizer, tmp)
-    advice = None if validation.passed else _advice(depth, total, quant_name)
-    return ExportResult(target, manifest, validation, report, Path(run_dir) / TRUNCATED_DIR, advice)
+    advice, retry = (None, None) if validation.passed else _next_candidate(depth, total, quant_name, opts)
+    return ExportResult(target, manifest, validation, report, Path(run_dir) / TRUNCATED_DIR, advice, retry)
 
 
-def _advice(depth: int, total: int, quantized: str | None) -> str | None:
-    """The next candidate after a bundle the gate refused."""
+def _next_candidate(depth: int, total: int, quantized: str | None,
+                    opts: ExportOptions) -> tuple[str | None, ExportOptions | None]:
+    """After a bundle the gate refused: what to try next, in words and as options (None: nothing left)."""
     if quantized:
-        return "next candidate: the same depth without --quantize int8"
+        return ("next candidate: the same depth without --quantize int8",
+                dataclasses.replace(opts, keep_layers=depth, quantize=None))
     if depth < total:
-        return f"next candidate: --keep-layers {depth + 1}"
-    return None
+        return f"next candidate: --keep-layers {depth + 1}", dataclasses.replace(opts, keep_layers=depth + 1)
+    return None, None
 
 
 def _max_length(model, tokenizer, asked: int | None) -> int:
@@ -279,7 +287,9 @@ class _Depths:
             return self.heals[depth]
         heal, labels, started = self.texts.heal, self.texts.heal_labels, time.perf_counter()
         if self.heal == "distill":
-            fit = distill(self.model, depth, heal, labels, regression=self.task.is_regression, opts=self.opts.distill)
+            layers = min(self.opts.heal_layers, depth)  # at depth 1 only layer 1 can be re-tuned
+            fit = distill(self.model, depth, heal, labels, regression=self.task.is_regression,
+                          opts=dataclasses.replace(self.opts.distill, heal_layers=layers))
             stats = HealStats(depth=depth, mode="distill", n_train=fit.n_train, n_held_out=fit.n_held_out,
                               epochs=fit.epochs, epochs_run=fit.epochs_run, seconds=round(fit.seconds, 1))
         else:
@@ -340,6 +350,7 @@ def _choose_depth(passes: Callable[[int], bool], boundary: int, total: int, keep
     else:
         while depth < total and not passes(depth):
             depth += 1
+        passes(depth)  # scored for the report, the full model included
     return depth
 
 

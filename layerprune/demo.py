@@ -63,11 +63,18 @@ def run_demo(model: str = "minilm", checkpoint: Path | None = None, run_dir: Pat
     print(f"late block starts at layer {analysis.boundary} of {analysis.num_layers}; run directory {run_dir}")
     _stage(3, "export --keep-layers auto --quantize int8")
     result = export_bundle(run_dir, None, ExportOptions(tolerance=tolerance, quantize="int8"))
+    while not result.validation.passed and result.next_candidate is not None:
+        # The forecast said yes and the holdout said no: pruning was not free after all. Go deeper (or drop
+        # int8) until the gate passes; the full fp32 model is the original and always does.
+        print(f"the gate refused {result.depth.chosen} layers (holdout delta {result.validation.delta:+.4f}); "
+              f"{result.advice}")
+        result = export_bundle(run_dir, None, result.next_candidate)
     print(f"kept {result.depth.chosen} of {result.depth.total_layers} layers (heal={result.depth.heal}); "
           f"bundle {result.bundle}")
     if result.depth.note:
         print(result.depth.note)
-    print(candidates_table(result.depth))
+    if result.depth.candidates:
+        print(candidates_table(result.depth))
     if not result.validation.passed:
         advice = f"; {result.advice}" if result.advice else ""
         print(f"the bundle failed validation (delta {result.validation.delta:+.4f}); it is not served{advice}",

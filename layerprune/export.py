@@ -268,6 +268,17 @@ def _uses_external_data(model) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name and int8 kind, e.g. 'AMD EPYC (avx2)': to name beside every figure measured."""
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.partition(":")[2].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({cpu_kind(cpuinfo)})"
+
+
 def _cpu_flags(cpuinfo: Path) -> set[str]:
     try:
         for line in cpuinfo.read_text().splitlines():

@@ -10,11 +10,12 @@ import pytest
 
 from conftest import SENTENCES, TINY_LAYERS
 from layerprune.analyze import AnalyzeOptions, analyze
-from layerprune.artifacts import DepthReport, Manifest, ValidationReport, load_artifact
+from layerprune.artifacts import AnalysisReport, DepthReport, Manifest, ValidationReport, load_artifact
 from layerprune.build import ExportOptions, _choose_depth, export_bundle
 from layerprune.bundle import BundleError, servable_bundle, verify_bundle
 from layerprune.cli import main
 from layerprune.errors import LayerpruneError
+from layerprune.heal import DistillOptions
 from layerprune.tasks import TaskConfig, task_from_files
 from layerprune.validate import calibration_and_holdout, compare, forecast, validate_bundle
 
@@ -125,6 +126,9 @@ def test_failing_bundle_is_written_but_not_servable(run_dir: Path, tmp_path: Pat
         servable_bundle(tmp_path / "fail")
     manifest, _ = servable_bundle(tmp_path / "fail", allow_unvalidated=True)
     assert manifest.kept_layers == TINY_LAYERS
+    assert result.next_candidate is None and result.advice is None, "nothing is left after the full fp32 model"
+    shallow = export_bundle(run_dir, tmp_path / "fail2", ExportOptions(keep_layers=2, heal="none", tolerance=-0.5, **FAST))
+    assert shallow.advice == "next candidate: --keep-layers 3" and shallow.next_candidate.keep_layers == 3
 
 
 def test_auto_with_heal_records_depths(run_dir: Path, tmp_path: Path) -> None:
@@ -144,12 +148,21 @@ def test_auto_with_heal_records_depths(run_dir: Path, tmp_path: Path) -> None:
 def test_distill_heal_with_unlabeled_texts(run_dir: Path, tmp_path: Path) -> None:
     texts = tmp_path / "in-domain.jsonl"
     texts.write_text("".join(f'{{"review": "{t}, {w}"}}\n' for t, _ in SENTENCES for w in ("truly", "sadly", "so")))
-    opts = ExportOptions(keep_layers=2, heal_data=texts, heal_text_field="review", heal_examples=24, **FAST)
+    opts = ExportOptions(keep_layers=2, heal_layers=2, heal_data=texts, heal_text_field="review", heal_examples=24,
+                         distill=DistillOptions(lr=1e-2), **FAST)
     result = export_bundle(run_dir, tmp_path / "d", opts)
     depth = result.depth
     assert depth.heal == "distill" and not depth.heal_labelled and depth.n_heal == 24 and depth.n_agreement == 12
     assert [run.depth for run in depth.heal_runs] == [2] and depth.heal_runs[0].n_train == 24
     assert depth.scores[1].metric_distilled is not None and result.manifest.heal == "distill"
+    from layerprune.models import layer_list, load_classifier
+
+    analysis = load_artifact(AnalysisReport, run_dir / "analysis.json")
+    original, _ = load_classifier(analysis.model, device="cpu")
+    healed, _ = load_classifier(result.truncated_checkpoint, device="cpu")
+    changed = [not all(a.equal(b) for a, b in zip(layer_list(original)[i].parameters(), layer_list(healed)[i].parameters()))
+               for i in range(2)]
+    assert changed == [True, True], "--heal-layers 2 re-tunes both kept layers"
     with pytest.raises(LayerpruneError, match="--heal head needs labelled texts"):
         export_bundle(run_dir, tmp_path / "h", ExportOptions(keep_layers=2, heal="head", heal_data=texts,
                                                              heal_text_field="review", **FAST))
@@ -186,6 +199,7 @@ metric: accuracy
 @pytest.mark.parametrize("boundary,passing,expected,probed", [
     (4, {3, 4, 5, 6}, 3, [4, 3, 2]),  # passes at 4: go down while it passes
     (4, {5, 6}, 5, [4, 5]),  # fails at 4: go up until it passes
+    (4, {6}, 6, [4, 5, 6]),  # nothing passes below the full model, which is scored too
     (1, {1, 2, 3, 4, 5, 6}, 1, [1]),
     (6, {6}, 6, [6, 5]),
 ])
@@ -322,3 +336,65 @@ def test_forecast_agreement_route_needs_no_labels_but_only_bounds_accuracy() -> 
     assert with_texts.passes and with_texts.n_agreement == 6300 and with_texts.disagreement_upper < 0.004
     f1 = forecast(_task("f1"), labels, original, flipped, 0.01, n_holdout=300, unlabeled=(unlabeled, disagreeing))
     assert not f1.passes, "disagreement bounds accuracy, not F1"
+
+
+def test_one_max_length_from_export_to_server(run_dir: Path, tmp_path: Path) -> None:
+    """The bundle is validated at the manifest's max length and the server truncates at that same length:
+    on inputs longer than it, the server's logits are the validated model's, not the model's own limit's."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from layerprune.runtime import OnnxClassifier
+    from serve.app import create_app
+    from serve.model import load_model
+    from serve.settings import ServeSettings
+    from serve.triton import write_triton_repository
+
+    out = tmp_path / "short"
+    result = export_bundle(run_dir, out, ExportOptions(keep_layers=3, heal="none", max_length=12, tolerance=1.0, **FAST))
+    assert result.manifest.max_length == result.validation.max_length == 12
+    assert validate_bundle(out, device="cpu").max_length == 12
+    long_texts = [" ".join([t] * 4) for t, _ in SENTENCES[:4]]  # 20-40 tokens each
+    validated = OnnxClassifier(out, max_length=12).logits(long_texts)
+    own_limit = OnnxClassifier(out).logits(long_texts)
+    # A random tiny model's logits move little with the input (~1e-5), but float32 noise is ~1e-7.
+    assert np.abs(validated - own_limit).max() > 1e-5, "the texts are longer than 12 tokens"
+    model = load_model(out)
+    assert model.classifier.max_length == 12
+    with TestClient(create_app(model, ServeSettings(max_wait_ms=1.0))) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        answer = client.post("/predict", json={"inputs": long_texts, "raw_scores": True}).json()
+    labels = [model.classifier.id2label[i] for i in range(2)]
+    served = np.array([[{d["label"]: d["score"] for d in row}[name] for name in labels] for row in answer])
+    np.testing.assert_allclose(served, validated, rtol=0, atol=2e-6)
+    config = (write_triton_repository(out, tmp_path / "triton") / "config.pbtxt").read_text()
+    assert 'key: "max_sequence_length"\n  value: { string_value: "12" }' in config
+
+
+@pytest.mark.parametrize("cpu", ["avx2", "avx512"])
+def test_int8_candidates_fastest_first_on_both_cpu_paths(run_dir: Path, tmp_path: Path, monkeypatch, cpu) -> None:
+    """--quantize int8 scores int8, int8 with the nodes nearest the logits in fp32, and fp32, with this CPU's
+    configuration (forced here: the AVX-512 preset's model runs on any x86 CPU), and keeps the first whose
+    forecast passes; what it keeps is what is validated and served."""
+    import onnx
+
+    from layerprune import export as export_module
+
+    monkeypatch.setattr(export_module, "cpu_kind", lambda *a: cpu)
+    result = export_bundle(run_dir, tmp_path / "q", ExportOptions(keep_layers=3, heal="none", quantize="int8",
+                                                                  tolerance=1.0, **FAST))
+    names = [c.name for c in result.depth.candidates]
+    assert names[0].startswith(f"{cpu} dynamic per-channel") and "in fp32" in names[1] and names[2] == "fp32"
+    assert result.depth.candidates[0].chosen, "a tolerance of 1.0 lets the fastest candidate through"
+    assert result.manifest.quantization_config == names[0] and result.manifest.quantize == "int8"
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node}
+    assert "MatMulInteger" in ops and result.validation.passed
+    strict = export_bundle(run_dir, tmp_path / "s", ExportOptions(keep_layers=3, heal="none", quantize="int8",
+                                                                  tolerance=0.0, **FAST))
+    passing = [c.forecast.passes for c in strict.depth.candidates]
+    chosen = [c.chosen for c in strict.depth.candidates]
+    assert chosen.index(True) == (passing.index(True) if True in passing else 2), "first passing, else fp32"
