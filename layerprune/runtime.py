@@ -34,11 +34,12 @@ class OnnxClassifier:
     """
 
     def __init__(
-        self, model_dir: Path, *, providers: list[str] | None = None, threads: int | None = None, spinning: bool = True,
-        memory_arena: bool = True,
+        self, model_dir: Path, *, max_length: int | None = None, providers: list[str] | None = None,
+        threads: int | None = None, spinning: bool = True, memory_arena: bool = True,
     ) -> None:
-        """providers: default CUDA when this onnxruntime build offers it, else CPU (CPU always last, as
-        the fallback for ops CUDA lacks, e.g. int8 MatMulInteger). threads: intra-op threads.
+        """max_length: tokens per input (a bundle's manifest says which it was validated at); default the
+        model's own limit. providers: default CUDA when this onnxruntime build offers it, else CPU (CPU always
+        last, as the fallback for ops CUDA lacks, e.g. int8 MatMulInteger). threads: intra-op threads.
         memory_arena: False frees each run's memory after it (a server's peak stays that of one run)."""
         self.model_dir = Path(model_dir)
         for name in ("model.onnx", "config.json", "tokenizer.json"):
@@ -50,7 +51,10 @@ class OnnxClassifier:
         self.input_names: list[str] = [i.name for i in self.session.get_inputs()]
         self.output_name: str = self.session.get_outputs()[0].name
         self.id2label: dict[int, str] = _id2label(self.config, self.session)
-        self.max_length: int = _max_length(self.config, tokenizer_config)
+        limit = model_max_length(self.config, tokenizer_config)
+        if max_length is not None and not 2 <= max_length <= limit:
+            raise LayerpruneError(f"max_length must be between 2 and {limit} for this model, got {max_length}")
+        self.max_length: int = max_length or limit
         try:
             self._tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
         except Exception as exc:  # tokenizers raises a plain Exception on a malformed file
@@ -158,7 +162,7 @@ def _session(path: Path, providers: list[str] | None, threads: int | None, spinn
         raise LayerpruneError(f"onnxruntime cannot load {path}: {first_line(exc)}") from exc
 
 
-def _max_length(config: dict, tokenizer_config: dict) -> int:
+def model_max_length(config: dict, tokenizer_config: dict) -> int:
     """tokenizer's model_max_length, capped by the position embeddings (minus the offset of
     RoBERTa-like models) and by 512."""
     limits = [_MAX_LENGTH_CAP]
@@ -213,7 +217,6 @@ def _strings(values: list[str], what: str) -> list[str]:
     if bad is not None:
         raise LayerpruneError(f"{what}[{bad}] is a {type(values[bad]).__name__}, not a string")
     return values
-
 
 
 def _read_json(path: Path, missing_ok: bool = False) -> dict:

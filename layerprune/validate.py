@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import bootstrap
 
-from .artifacts import AnalysisReport, ValidationReport, load_artifact
-from .bundle import verify_bundle
+from .artifacts import AnalysisReport, GateForecast, ValidationReport, load_artifact
+from .bundle import VALIDATION_FILE, verify_bundle
 from .data import Examples, load_examples
 from .errors import DataError
 from .metrics import compute_metric, predictions, score_predictions
@@ -32,17 +32,30 @@ class EvalParts:
     holdout_name: str
 
 
-def calibration_and_holdout(task: TaskConfig, glue_dir: Path | None, max_examples: int | None) -> EvalParts:
-    """Disjoint calibration and holdout examples of a task, each capped at max_examples (first N)."""
+def calibration_and_holdout(
+    task: TaskConfig, glue_dir: Path | None, max_examples: int | None, resample_seed: int | None = None
+) -> EvalParts:
+    """Disjoint calibration and holdout examples of a task, each capped at max_examples (first N).
+
+    resample_seed: pool both parts and cut them anew with this seed (benchmarks repeat an export over
+    several such resamples to see how often the gate agrees with the choice).
+    """
     test_has_labels = "test" in task.splits and task.eval_split != "test" and not isinstance(task.source, HubSource)
     evaluation = load_examples(task, task.eval_split, glue_dir=glue_dir)
-    if test_has_labels:
+    if test_has_labels and resample_seed is not None:
+        pooled = evaluation.concat(load_examples(task, "test", glue_dir=glue_dir))
+        order = np.random.default_rng(resample_seed).permutation(len(pooled))
+        half = len(order) // 2
+        parts = (pooled.select(order[:half]), pooled.select(order[half:]))
+        names = (f"{task.eval_split} + test, resample {resample_seed}, first half",
+                 f"{task.eval_split} + test, resample {resample_seed}, second half")
+    elif test_has_labels:
         parts = (evaluation, load_examples(task, "test", glue_dir=glue_dir))
         names = (f"{task.eval_split} split", "test split")
     else:
         if len(evaluation) < 4:
             raise DataError(f"the {task.eval_split} split has {len(evaluation)} examples; need 4 to calibrate and validate")
-        order = np.random.default_rng(HALVES_SEED).permutation(len(evaluation))
+        order = np.random.default_rng(HALVES_SEED if resample_seed is None else resample_seed).permutation(len(evaluation))
         half = len(order) // 2
         parts = (evaluation.select(order[:half]), evaluation.select(order[half:]))
         names = (f"{task.eval_split} split, calibration half", f"{task.eval_split} split, holdout half")
@@ -51,11 +64,12 @@ def calibration_and_holdout(task: TaskConfig, glue_dir: Path | None, max_example
     return EvalParts(parts[0], parts[1], *names)
 
 
-def paired_bootstrap_ci(
+def paired_bootstrap(
     labels: np.ndarray, original: np.ndarray, bundle: np.ndarray, metric: str, regression: bool,
     n_resamples: int = 2000, seed: int = 0,
-) -> tuple[float, float]:
-    """95% percentile interval of metric(bundle) - metric(original) over examples resampled in pairs."""
+) -> tuple[float, float, float]:
+    """95% percentile interval and standard error of metric(bundle) - metric(original) over examples
+    resampled in pairs: (low, high, se)."""
 
     def delta(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
         return score_predictions(metric, y, b) - score_predictions(metric, y, a)
@@ -66,41 +80,96 @@ def paired_bootstrap_ci(
         confidence_level=0.95, method="percentile", rng=np.random.default_rng(seed),
     )
     low, high = result.confidence_interval
-    return float(low), float(high)
+    return float(low), float(high), float(result.standard_error)
+
+
+Z_95 = 1.6449  # one-sided 95% normal quantile
+
+
+def forecast(
+    task: TaskConfig, labels: np.ndarray, original: np.ndarray, candidate: np.ndarray, tolerance: float,
+    n_holdout: int, unlabeled: tuple[np.ndarray, np.ndarray] | None = None,
+) -> GateForecast:
+    """Will the holdout gate (holdout delta >= -tolerance) pass this candidate? Two ways to say yes:
+
+    - labelled: the calibration delta minus 1.645 standard errors of the *holdout* delta still clears the
+      tolerance. The holdout delta's error combines the calibration's own (paired bootstrap, se_c) and the
+      holdout's sampling noise (se_c * sqrt(n_c / n_h)): lower = delta_c - 1.645 * se_c * sqrt(1 + n_c / n_h).
+    - agreement (classification): on any examples |accuracy delta| <= the share of differing predictions,
+      which needs no labels. Its 95% upper bound d+ over calibration plus unlabeled in-domain texts (Wilson),
+      plus the holdout's sampling noise on it, below the tolerance: d+ + 1.645 * sqrt(d+ / n_h) <= tolerance.
+      (Accuracy only: other metrics are not bounded by the disagreement.)
+    `unlabeled`: (original, candidate) logits of unlabeled in-domain texts.
+    """
+    regression = task.is_regression
+    before = compute_metric(task.metric, labels, original, regression)
+    after = compute_metric(task.metric, labels, candidate, regression)
+    _, _, se = paired_bootstrap(labels, original, candidate, task.metric, regression)
+    lower = (after - before) - Z_95 * se * float(np.sqrt(1 + len(labels) / max(n_holdout, 1)))
+    d = d_up = None
+    n_texts = len(labels)
+    agreement_bounds_delta = False
+    if not regression:
+        a, b = [predictions(original, False)], [predictions(candidate, False)]
+        if unlabeled is not None:
+            a.append(predictions(unlabeled[0], False))
+            b.append(predictions(unlabeled[1], False))
+        differ = np.concatenate(a) != np.concatenate(b)
+        n_texts = len(differ)
+        d = float(differ.mean())
+        d_up = _wilson_upper(int(differ.sum()), n_texts)
+        agreement_bounds_delta = task.metric == "accuracy" and d_up + Z_95 * np.sqrt(d_up / max(n_holdout, 1)) <= tolerance
+    return GateForecast(
+        delta=after - before, delta_sd=se, lower_bound=lower, disagreement=d, disagreement_upper=d_up,
+        n_agreement=n_texts, passes=bool(lower >= -tolerance or agreement_bounds_delta),
+    )
+
+
+def _wilson_upper(k: int, n: int, z: float = Z_95) -> float:
+    """One-sided upper bound of a binomial proportion k/n (Wilson score interval)."""
+    if n == 0:
+        return 1.0
+    p = k / n
+    centre = p + z * z / (2 * n)
+    spread = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return float(min(1.0, (centre + spread) / (1 + z * z / n)))
 
 
 def compare(
     task: TaskConfig, holdout: Examples, holdout_name: str, original: np.ndarray, bundle: np.ndarray,
-    tolerance: float, parity: float | None = None,
+    tolerance: float, max_length: int, parity: float | None = None,
 ) -> ValidationReport:
     """The validation report for two sets of logits on the same holdout examples."""
     regression = task.is_regression
     before = compute_metric(task.metric, holdout.labels, original, regression)
     after = compute_metric(task.metric, holdout.labels, bundle, regression)
-    low, high = paired_bootstrap_ci(holdout.labels, original, bundle, task.metric, regression)
+    low, high, _ = paired_bootstrap(holdout.labels, original, bundle, task.metric, regression)
     agreement = None if regression else float(np.mean(predictions(original, False) == predictions(bundle, False)))
     return ValidationReport(
         metric_name=task.metric, holdout=holdout_name, n_examples=len(holdout), original=before, bundle=after,
         delta=after - before, delta_ci95=(low, high), agreement=agreement, tolerance=tolerance,
-        passed=after - before >= -tolerance, max_abs_logit_diff_fp32=parity,
+        passed=after - before >= -tolerance, max_abs_logit_diff_fp32=parity, max_length=max_length,
     )
 
 
 def validate_bundle(bundle_dir: Path, tolerance: float | None = None, device: str | None = None) -> ValidationReport:
-    """Re-check a bundle from scratch: file hashes, then the original checkpoint and the bundle's ONNX
-    model on the same holdout examples. Nothing in the bundle is changed."""
+    """Re-check a bundle from scratch: file hashes and the bundle's own model and tokenizer first (they
+    take a second), then the original checkpoint and the bundle on the same holdout examples, both at the
+    manifest's max length. Nothing in the bundle is changed."""
     from .hidden import predict_logits
     from .models import load_classifier
     from .runtime import OnnxClassifier
 
     manifest = verify_bundle(bundle_dir)
+    runner = OnnxClassifier(Path(bundle_dir), max_length=manifest.max_length)
     analysis = load_artifact(AnalysisReport, Path(bundle_dir) / ANALYSIS_COPY)
-    stored = load_artifact(ValidationReport, Path(bundle_dir) / "validation.json")
+    stored = load_artifact(ValidationReport, Path(bundle_dir) / VALIDATION_FILE)
     task = analysis.task_config
     glue_dir = Path(analysis.glue_dir) if analysis.glue_dir else None
-    parts = calibration_and_holdout(task, glue_dir, stored.n_examples)
+    parts = calibration_and_holdout(task, glue_dir, stored.n_examples, manifest.resample_seed)
     model, tokenizer = load_classifier(manifest.source_checkpoint, num_labels=task.num_labels, device=device)
-    original = predict_logits(model, tokenizer, parts.holdout)
-    bundle = OnnxClassifier(Path(bundle_dir)).logits(parts.holdout.texts, parts.holdout.pairs)
+    original = predict_logits(model, tokenizer, parts.holdout, max_length=manifest.max_length)
+    bundle = runner.logits(parts.holdout.texts, parts.holdout.pairs)
     tol = stored.tolerance if tolerance is None else tolerance
-    return compare(task, parts.holdout, parts.holdout_name, original, bundle, tol, stored.max_abs_logit_diff_fp32)
+    return compare(task, parts.holdout, parts.holdout_name, original, bundle, tol, manifest.max_length,
+                   stored.max_abs_logit_diff_fp32)

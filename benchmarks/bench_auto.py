@@ -1,0 +1,78 @@
+"""Does the gate agree with auto? `layerprune export --keep-layers auto` repeated over calibration resamples.
+
+    python benchmarks/bench_auto.py [--run-dir lp-run] [--seeds 0,1,2,3,4] [--quantize int8] [--tolerance 0.01]
+
+The run directory is an analysis (`layerprune analyze`, e.g. the demo's ./lp-run). For each seed the
+task's labelled evaluation examples (rt-polarity: validation + test, 2,112 sentences) are pooled and cut
+into new calibration and holdout halves (`ExportOptions.resample_seed`); the export runs with the given
+options (default: the demo's, auto depth, distill heal, int8 candidates, tolerance 0.01) into a temporary
+bundle. One row per run: depth chosen, heal, export kept, calibration delta and the forecast's lower bound,
+the holdout delta, pass/fail, time. The table goes to stdout and to benchmarks/results/auto.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from layerprune.build import ExportOptions, export_bundle  # noqa: E402
+from layerprune.export import cpu_model  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, default=ROOT / "lp-run")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--quantize", choices=["int8", "none"], default="int8")
+    parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "auto.md")
+    args = parser.parse_args()
+
+    header = ["seed", "kept", "heal", "export", "calibration delta", "forecast lower bound", "holdout delta",
+              "holdout 95% CI", "agreement", "passed", "time s"]
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        opts = ExportOptions(quantize=None if args.quantize == "none" else "int8", tolerance=args.tolerance,
+                             resample_seed=seed)
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="bench-auto-") as tmp:
+            result = export_bundle(args.run_dir, Path(tmp) / "bundle", opts)
+        seconds = time.perf_counter() - started
+        depth, v = result.depth, result.validation
+        chosen = next(s for s in depth.scores if s.depth == depth.chosen).forecast
+        rows.append([
+            str(seed), f"{depth.chosen} of {depth.total_layers}", depth.heal, result.manifest.quantization_config or "fp32",
+            f"{chosen.delta:+.4f}", f"{chosen.lower_bound:+.4f}", f"{v.delta:+.4f}",
+            f"[{v.delta_ci95[0]:+.4f}, {v.delta_ci95[1]:+.4f}]", f"{v.agreement:.1%}", "yes" if v.passed else "NO",
+            f"{seconds:.0f}",
+        ])
+        print(" | ".join(rows[-1]), flush=True)
+    passed = sum(r[9] == "yes" for r in rows)
+    lines = [
+        f"# auto depth vs the holdout gate: {args.run_dir}, tolerance {args.tolerance}, quantize {args.quantize}",
+        "",
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+        f"{passed} of {len(rows)} runs passed the gate.",
+    ]
+    table = "\n".join(lines)
+    print("\n" + table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table + "\n")
+    return 0 if passed == len(rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

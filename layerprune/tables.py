@@ -1,0 +1,38 @@
+"""Markdown tables of the artifacts, for the CLI and the demo (pasteable into a README or an issue)."""
+
+from __future__ import annotations
+
+from .artifacts import DepthReport, Manifest, ValidationReport
+
+
+def candidates_table(depth: DepthReport) -> str:
+    """The export candidates scored at the chosen depth (calibration metric, forecast, speed)."""
+    lines = ["| export candidate | calibration metric | delta | forecast lower bound | disagreement | sentences/s | |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for c in depth.candidates:
+        f = c.forecast
+        d = "n/a" if f.disagreement is None else f"{f.disagreement:.2%}"
+        verdict = "chosen" if c.chosen else ("passes" if f.passes else "fails")
+        lines.append(f"| {c.name} | {c.metric:.4f} | {f.delta:+.4f} | {f.lower_bound:+.4f} | {d} | "
+                     f"{c.sentences_per_s:.0f} | {verdict} |")
+    return "\n".join(lines)
+
+
+def validation_table(report: ValidationReport, manifest: Manifest) -> str:
+    """The validation result as a markdown table (pasteable into a README or an issue)."""
+    variant = ", ".join(filter(None, [manifest.optimize, manifest.quantize])) or "fp32"
+    agreement = "n/a" if report.agreement is None else f"{report.agreement:.1%}"
+    parity = "n/a" if report.max_abs_logit_diff_fp32 is None else f"{report.max_abs_logit_diff_fp32:.2e}"
+    low, high = report.delta_ci95
+    rows = [
+        ("original checkpoint", f"{manifest.total_layers} layers, PyTorch", f"{report.original:.4f}"),
+        ("bundle", f"{manifest.kept_layers} layers, ONNX {variant}, heal={manifest.heal}, max length {report.max_length}",
+         f"{report.bundle:.4f}"),
+        ("delta", f"95% CI [{low:+.4f}, {high:+.4f}] (paired bootstrap)", f"{report.delta:+.4f}"),
+        ("prediction agreement", "", agreement),
+        ("max abs logit diff", "truncated PyTorch vs fp32 ONNX", parity),
+        ("passed", f"delta >= -{report.tolerance:g}", "yes" if report.passed else "NO"),
+    ]
+    lines = [f"| {report.metric_name} on {report.holdout} (n={report.n_examples}) | | |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
