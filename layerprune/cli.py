@@ -194,7 +194,8 @@ def _preflight(args: argparse.Namespace) -> None:
         "demo": lambda: [("run directory", args.out, "analysis.json"), ("checkpoint", args.checkpoint, None)],
     }
     for what, path, marker in outputs.get(args.command, list)():
-        check_output_dir(path, what, marker)
+        if path is not None:  # demo's checkpoint has a per-model default
+            check_output_dir(path, what, marker)
 
 
 def _check_checkpoint(args: argparse.Namespace, name: str) -> None:

@@ -303,3 +303,16 @@ def test_foreign_folder_refused_before_the_work(command, marker, tiny_models, se
     from layerprune.preflight import check_output_dir
 
     check_output_dir(foreign, command, marker)
+
+
+def test_demo_output_place_checked_before_the_work(tmp_path, capsys, monkeypatch) -> None:
+    import layerprune.demo
+
+    ran: list[str] = []
+    monkeypatch.setattr(layerprune.demo, "run_demo", lambda *a, **k: ran.append("demo") or 0)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_cli(["demo", "--out", blocker / "run"], capsys)
+    assert_one_line_error(code, err, "cannot write run directory")
+    assert code == 2 and ran == []
+    assert run_cli(["demo", "--out", tmp_path / "run"], capsys)[0] == 0 and ran == ["demo"]  # default checkpoint
