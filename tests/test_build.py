@@ -398,3 +398,27 @@ def test_int8_candidates_fastest_first_on_both_cpu_paths(run_dir: Path, tmp_path
     passing = [c.forecast.passes for c in strict.depth.candidates]
     chosen = [c.chosen for c in strict.depth.candidates]
     assert chosen.index(True) == (passing.index(True) if True in passing else 2), "first passing, else fp32"
+
+
+def test_validate_checks_the_bundles_own_files_before_the_original(bundle: Path, tmp_path: Path, capsys,
+                                                                    monkeypatch) -> None:
+    """A broken tokenizer.json whose hash was updated too: one line, exit 2, and the original checkpoint is
+    never loaded (that is the slow part)."""
+    import shutil
+
+    from layerprune.bundle import hash_files
+
+    copy = tmp_path / "broken"
+    shutil.copytree(bundle, copy)
+    (copy / "tokenizer.json").write_text("{not json")
+    manifest = load_artifact(Manifest, copy / "manifest.json")
+    manifest.files = hash_files(copy)
+    manifest.save(copy / "manifest.json")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the original model was loaded before the bundle's own files were checked")
+
+    monkeypatch.setattr("layerprune.models.load_classifier", never)
+    assert main(["validate", str(copy), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("layerprune: error: cannot read") and "tokenizer.json" in err and "\n" not in err
