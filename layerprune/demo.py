@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .analyze import AnalyzeOptions, analyze
+from .analyze import analyze
 from .build import ExportOptions, export_bundle
 from .bundle import size_mb
 from .tables import candidates_table

@@ -85,3 +85,61 @@ def sentiment_csv(tmp_path: Path) -> Path:
     lines = ["text,label"] + [f'"{text}",{label}' for text, label in SENTENCES]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# --- a real server process on loopback --------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m serve BUNDLE` on a free loopback port, with the repository's settings file; `stop()`
+    returns everything it printed."""
+
+    def __init__(self, bundle: Path, *args: str, **env: str) -> None:
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "LAYERPRUNE_SERVE_CONFIG": str(ROOT / "configs/serve.yaml"), **env}
+        self.proc = subprocess.Popen([sys.executable, "-m", "serve", str(bundle), "--port", str(self.port), *args],
+                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def wait_ready(self, timeout: float = 90) -> "ServerProcess":
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("server never became ready")
+            time.sleep(0.1)
+
+    def stop(self) -> str:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.stdout.read() if self.proc.stdout else ""

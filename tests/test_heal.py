@@ -4,7 +4,6 @@ exactly what the truncated model computes, and training moves the truncated mode
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest

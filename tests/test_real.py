@@ -8,16 +8,13 @@ Slow (several minutes on 2 cores); CI runs it. Skip with `-m "not slow"`.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
+from conftest import ServerProcess
 from layerprune.analyze import AnalyzeOptions, analyze
 from layerprune.artifacts import AnalysisReport, DepthReport, Manifest, ValidationReport, load_artifact
 from layerprune.cli import main
@@ -26,7 +23,6 @@ from layerprune.runtime import OnnxClassifier
 from layerprune.tasks import load_task
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,26 +48,6 @@ def test_minilm_on_rt_polarity_shows_blocks(run_dir: Path) -> None:
     assert 2 <= report.boundary <= 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(bundle: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "serve", str(bundle), "--port", str(port), *extra],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.terminate()
-        proc.wait(timeout=30)
-    return proc.stdout.read()
-
-
 def test_default_export_validates_and_serves_what_was_validated(run_dir: Path, capsys) -> None:
     """export auto (distill heal, the default) + int8 -> validate -> server: the gate passes at the default
     tolerance, and the server answers, on sentences longer than 128 tokens too, with the logits of the model
@@ -92,19 +68,12 @@ def test_default_export_validates_and_serves_what_was_validated(run_dir: Path, c
     runner = OnnxClassifier(bundle, max_length=manifest.max_length)
     assert len(runner.encode([long_text])["input_ids"][0]) > 128
     validated = runner.logits(texts)
-    proc, url = _serve(bundle)
+    server = ServerProcess(bundle)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        url = server.wait_ready(timeout=180).url
         answer = httpx.post(f"{url}/predict", json={"inputs": texts, "raw_scores": True}, timeout=60).json()
     finally:
-        _stop(proc)
+        server.stop()
     labels = [runner.id2label[i] for i in range(runner.num_labels)]
     served = np.array([[{d["label"]: d["score"] for d in row}[name] for name in labels] for row in answer])
     np.testing.assert_allclose(served, validated, rtol=0, atol=1e-5)
@@ -118,11 +87,11 @@ def test_degraded_bundle_is_refused_everywhere(run_dir: Path, tmp_path: Path, ca
     assert code == 1 and "failed validation" in err and "next candidate: --keep-layers 2" in err
     assert json.loads((out / "manifest.json").read_text())["servable"] is False
     assert main(["validate", str(out), "--device", "cpu"]) == 1
-    proc, _ = _serve(out)
+    server = ServerProcess(out)
     try:
-        assert proc.wait(timeout=120) == 2
+        assert server.proc.wait(timeout=120) == 2
     finally:
-        output = _stop(proc)
+        output = server.stop()
     assert "failed validation" in output and "Traceback" not in output
 
 

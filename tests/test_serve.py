@@ -8,10 +8,8 @@ import os
 import random
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +19,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import SENTENCES, TINY_LAYERS, make_tiny_classifier
+from conftest import SENTENCES, TINY_LAYERS, ServerProcess, free_port, make_tiny_classifier
 from layerprune.analyze import AnalyzeOptions, analyze
 from layerprune.build import ExportOptions, export_bundle
 from layerprune.bundle import BundleError, sha256_file
@@ -368,49 +366,11 @@ def test_pair_model(pair_client, pair_bundle) -> None:
 # --- a real server on loopback ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    def __init__(self, cmd: list[str]) -> None:
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "LAYERPRUNE_SERVE_CONFIG": str(ROOT / "configs/serve.yaml")})
-
-    def wait_ready(self, url: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("server never became ready")
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.stdout.read() if self.proc.stdout else ""
-
-
 @pytest.fixture(scope="module")
 def server(bundle):
-    port = _free_port()
-    srv = _Server([sys.executable, "-m", "serve", str(bundle), "--port", str(port), "--max-wait-ms", "2"])
+    srv = ServerProcess(bundle, "--max-wait-ms", "2")
     try:
-        url = f"http://127.0.0.1:{port}"
-        srv.wait_ready(url)
-        yield url
+        yield srv.wait_ready().url
     finally:
         srv.stop()
 
@@ -520,7 +480,7 @@ def test_server_fuzz_gives_only_4xx(server) -> None:
 @pytest.mark.parametrize("which", ["tampered", "failed"])
 def test_server_refuses_bad_bundle(which, tampered_bundle, failed_bundle) -> None:
     bad = tampered_bundle if which == "tampered" else failed_bundle
-    done = subprocess.run([sys.executable, "-m", "serve", str(bad), "--port", str(_free_port())], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "serve", str(bad), "--port", str(free_port())], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
@@ -611,7 +571,7 @@ def test_dockerfile_cmd_and_healthcheck_run(bundle) -> None:
     health_cmd = json.loads(health[health.index("CMD") + 3:].strip())
     assert "/healthz" in health_cmd[-1] and "curl" not in health
     # Run both here, on loopback (this machine binds 127.0.0.1 only), with the test bundle.
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "LAYERPRUNE_SERVE_PORT": str(port)}
     local = [sys.executable if a == "python" else str(bundle) if a == "/app/bundle" else "127.0.0.1" if a == "0.0.0.0"
              else a for a in cmd]

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,7 +25,8 @@ from serve.batcher import MicroBatcher, Overloaded, estimate_tokens
 from serve.metrics import Metrics
 from serve.model import load_model
 from serve.settings import ServeSettings
-from test_serve import ROOT, TEXTS, _bundle, _client, _free_port, _wait_ready
+from conftest import ServerProcess
+from test_serve import _bundle, _client, _wait_ready
 
 MAX_ERROR_BYTES = 4096  # any error answer: the field and the problem, never the payload
 
@@ -342,42 +340,19 @@ def test_gone_clients_inputs_are_not_run(bundle) -> None:
 # --- 3, 1, 2, 7: a real uvicorn process on loopback ---------------------------------------------------------------
 
 
-class _Proc:
+class _Proc(ServerProcess):
+    """The server with the given settings (environment variables), started and ready."""
+
     def __init__(self, bundle: Path, **env: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "LAYERPRUNE_SERVE_CONFIG": str(ROOT / "configs/serve.yaml"), **env}
-        self.proc = subprocess.Popen([sys.executable, "-m", "serve", str(bundle), "--port", str(self.port),
-                                      "--max-wait-ms", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 90
-        while True:
-            assert self.proc.poll() is None, self.proc.stdout.read()
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.1)
+        super().__init__(bundle, "--max-wait-ms", "2", **env)
+        self.wait_ready()
 
     def connect(self) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
-        return sock
+        return socket.create_connection(("127.0.0.1", self.port), timeout=30)
 
     def peak_rss_mb(self) -> float:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
         return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.stdout.read() if self.proc.stdout else ""
 
 
 TIMEOUTS = dict(LAYERPRUNE_SERVE_TIMEOUT_HEADER_S="1", LAYERPRUNE_SERVE_TIMEOUT_BODY_S="1",
@@ -534,7 +509,6 @@ def _requests(draw) -> tuple[str, str, str | None, bytes]:
 
 def test_fuzz_1000_requests(server) -> None:
     statuses: dict[int, int] = {}
-    worst = {"bytes": 0}
     metrics_before = len(httpx.get(f"{server.url}/metrics", timeout=30).content)
 
     with httpx.Client(base_url=server.url, timeout=60) as http:
