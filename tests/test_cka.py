@@ -339,3 +339,30 @@ def test_minibatch_degenerate_skipped_and_empty() -> None:
     assert np.all(np.diag(result)[1:] == 1.0)
     with pytest.raises(ValueError):
         mb.update([rng.normal(size=(32, 4))] * 2)  # wrong number of representations
+
+
+# --- the published values of Kornblith et al.'s demo ---------------------------------------------------------
+
+
+def test_published_demo_values_on_every_route(monkeypatch) -> None:
+    """Google's representation_similarity demo: np.random.seed(1337); X = randn(100, 10); Y = randn(100, 10) + X
+    gives linear CKA 0.55761 and debiased CKA 0.51346, by Gram matrices, by features, and in cka_matrix
+    through both of its routes."""
+    from layerprune import cka as cka_module
+
+    np.random.seed(1337)
+    x = np.random.randn(100, 10)
+    y = np.random.randn(100, 10) + x
+    for debiased, published in ((False, 0.55761), (True, 0.51346)):
+        assert cka_module.cka(cka_module.gram_linear(x), cka_module.gram_linear(y), debiased=debiased) == \
+            pytest.approx(published, abs=5e-6)
+        assert cka_module.feature_space_linear_cka(x, y, debiased=debiased) == pytest.approx(published, abs=5e-6)
+        for route in ("gram", "features"):
+            monkeypatch.setattr(cka_module, "_choose_route", lambda n, dims, route=route: route)
+            matrix = cka_module.cka_matrix([x, y], "debiased" if debiased else "linear")
+            assert matrix[0, 1] == pytest.approx(published, abs=5e-6), route
+        monkeypatch.undo()
+    # One minibatch of all 100 examples is the debiased estimator itself.
+    batch = cka_module.MinibatchCKA(2)
+    batch.update([x, y])
+    assert batch.result()[0, 1] == pytest.approx(0.51346, abs=5e-6)
