@@ -1,0 +1,68 @@
+"""The house rules of DESIGN.md, checked on the source: what may import what, and the installed command."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINING_SIDE = {"analyze", "build", "export", "finetune", "heal", "hidden", "models", "prune", "validate",
+                 "demo", "cli", "plots"}
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, absolute (relative imports resolved against its package)."""
+    package = path.parent.name
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = f"{package}.{base}" if base else package
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}
+    return found
+
+
+def _calls(path: Path) -> set[str]:
+    return {node.func.id for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+
+
+@pytest.mark.parametrize("name", ["cka.py", "clustering.py"])
+def test_numerics_are_pure(name: str) -> None:
+    path = ROOT / "layerprune" / name
+    heavy = {m for m in _imports(path) if m.split(".")[0] in ("torch", "transformers", "datasets", "onnxruntime")}
+    assert not heavy, f"{name} imports {heavy}"
+    assert not {m for m in _imports(path) if m.startswith("layerprune.") and m != "layerprune.errors"}
+    assert not _calls(path) & {"open", "print", "input"}, f"{name} does I/O"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "serve").glob("*.py")), ids=lambda p: p.name)
+def test_the_server_reads_bundles_only(path: Path) -> None:
+    reached = {m.split(".")[1] for m in _imports(path) if m.startswith("layerprune.") and m.count(".") >= 1}
+    assert not reached & TRAINING_SIDE, f"serve/{path.name} imports layerprune.{reached & TRAINING_SIDE}"
+
+
+@pytest.mark.parametrize("path", sorted([*(ROOT / "layerprune").glob("*.py"), *(ROOT / "serve").glob("*.py")]),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_nothing_imports_the_cli(path: Path) -> None:
+    if path.name == "cli.py":
+        return
+    assert not {m for m in _imports(path) if m == "layerprune.cli" or m.startswith("layerprune.cli.")}
+
+
+def test_installed_console_script() -> None:
+    script = Path(sys.executable).parent / "layerprune"
+    assert script.is_file(), "install the package (pip install -e .) to get the layerprune command"
+    done = subprocess.run([str(script), "tasks"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "rt-polarity" in done.stdout and "sst2" in done.stdout
+    bad = subprocess.run([str(script), "export", "/nonexistent-run-dir"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
