@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir", nargs="?", type=Path, default=DEFAULT_RUN_DIR,
                     help="run directory written by analyze (default ./lp-run)")
     ex.add_argument("--keep-layers", type=_keep_layers, default="auto",
-                    help="auto (default: smallest depth within tolerance, searched from the CKA boundary) or N")
+                    help="auto (default: the smallest depth whose gate forecast passes, searched from the CKA "
+                         "boundary) or N")
     ex.add_argument("--heal", choices=["distill", "head", "none"],
                     help="distill: re-tune the top --heal-layers kept layers and the head to match the original's "
                          "logits (default where there are heal texts); head: re-fit only the head (labels needed); "
@@ -90,7 +91,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="in-domain texts to heal with, labels not needed (CSV/TSV/JSONL; default: the train split)")
     ex.add_argument("--heal-text-field", help="column of --heal-data with the text (default: the task's text field)")
     ex.add_argument("--optimize", choices=["O1", "O2", "O3"], help="onnxruntime graph optimization level")
-    ex.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantization for this CPU")
+    ex.add_argument("--quantize", choices=["int8"],
+                    help="try dynamic int8 for this CPU (then with the last layer and head in fp32, then fp32) "
+                         "and keep the first whose gate forecast passes")
     ex.add_argument("--tolerance", type=_tolerance, default=0.01,
                     help="largest allowed metric drop, as a fraction (default 0.01 = 1 point)")
     ex.add_argument("--sweep", action="store_true", help="score every depth 1..L (auto probes only some)")
