@@ -47,7 +47,9 @@ def main() -> int:
             result = export_bundle(args.run_dir, Path(tmp) / "bundle", opts)
         seconds = time.perf_counter() - started
         depth, v = result.depth, result.validation
-        chosen = next(s for s in depth.scores if s.depth == depth.chosen).forecast
+        # The forecast of what was exported: the chosen int8/fp32 candidate's, else the depth's own.
+        candidate = next((c for c in depth.candidates if c.chosen), None)
+        chosen = candidate.forecast if candidate else next(s for s in depth.scores if s.depth == depth.chosen).forecast
         rows.append([
             str(seed), f"{depth.chosen} of {depth.total_layers}", depth.heal, result.manifest.quantization_config or "fp32",
             f"{chosen.delta:+.4f}", f"{chosen.lower_bound:+.4f}", f"{v.delta:+.4f}",
