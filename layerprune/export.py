@@ -161,10 +161,12 @@ def sensitive_nodes(onnx_dir: Path) -> list[str]:
     import onnx
 
     model = onnx.load(str(Path(onnx_dir) / ONNX_FILE), load_external_data=False)
-    products = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "FusedMatMul")]
-    layer_of = {name: int(m.group(1)) for name in products if (m := re.search(r"/layer\.(\d+)/", name))}
+    products = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "FusedMatMul")]
+    layer_of = {n.name: int(m.group(1)) for n in products if (m := re.search(r"/layer\.(\d+)/", n.name))}
     last = max(layer_of.values(), default=None)
-    return [name for name in products if layer_of.get(name, last) == last]
+    kept = [n for n in products if layer_of.get(n.name, last) == last]
+    # The quantizer rewrites a Gemm as a MatMul named "<gemm>_MatMul" + Add before it looks at exclusions.
+    return [name for n in kept for name in ([n.name, f"{n.name}_MatMul"] if n.op_type == "Gemm" else [n.name])]
 
 
 def quantize_onnx(onnx_dir: Path, keep_fp32: list[str] | None = None) -> str:
@@ -175,7 +177,7 @@ def quantize_onnx(onnx_dir: Path, keep_fp32: list[str] | None = None) -> str:
     name, config = quantization_config()
     if keep_fp32:
         config = dataclasses.replace(config, nodes_to_exclude=list(keep_fp32))
-        name += f", {len(keep_fp32)} nodes nearest the logits in fp32"
+        name += ", last layer and head in fp32"
     with _staging(onnx_dir, "quantize") as tmp, _quiet():
         import onnx
         from onnxruntime.quantization.shape_inference import quant_pre_process

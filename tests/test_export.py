@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import SENTENCES, TINY_CONFIGS
+from conftest import SENTENCES, TINY_CONFIGS, TINY_LAYERS
 from layerprune import export as export_module
 from layerprune.data import Examples
 from layerprune.errors import LayerpruneError
@@ -28,6 +28,7 @@ from layerprune.export import (
     optimize_onnx,
     quantization_config,
     quantize_onnx,
+    sensitive_nodes,
 )
 from layerprune.hidden import predict_logits
 from layerprune.models import load_classifier
@@ -182,6 +183,17 @@ def test_quantize_int8(bundles, tmp_path: Path, level) -> None:
     assert np.isfinite(int8).all()
     # argmax agreement means nothing on random tiny models: close-ish logits instead
     assert max_logit_difference(fp32, int8) <= 0.1 * np.abs(fp32).max() + 1e-3
+
+
+def test_quantize_keeps_the_last_layer_and_head_in_fp32(bundles, tmp_path: Path) -> None:
+    bundle = copy_bundle(bundles["bert"], tmp_path / "b")
+    keep = sensitive_nodes(bundle)
+    assert any("/classifier/" in name for name in keep) and any(f"/layer.{TINY_LAYERS - 1}/" in n for n in keep)
+    assert quantize_onnx(bundle, keep).endswith("last layer and head in fp32")
+    nodes = onnx.load(str(bundle / "model.onnx")).graph.node
+    integer = [n.name for n in nodes if n.op_type == "MatMulInteger"]
+    assert integer and not [n for n in integer if "/classifier/" in n or "/pooler/" in n or f"layer.{TINY_LAYERS - 1}/" in n]
+    assert any(n.op_type == "MatMul" and "/classifier/" in n.name for n in nodes), "the head's product stays float"
 
 
 @pytest.mark.parametrize(("machine", "flags", "expected"), [
