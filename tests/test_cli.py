@@ -247,7 +247,7 @@ def test_output_place_checked_before_the_work(command, place, tiny_models, senti
     }[command]
     code, _, err = run_cli(args, capsys)
     assert code == 2
-    assert_one_line_error(code, err, f"cannot write")
+    assert_one_line_error(code, err, "cannot write")
     assert str(out) in err
     assert no_work == []
 
