@@ -43,7 +43,6 @@ DEMO_MODELS = {
     "mpnet": DemoModel(
         "sentence-transformers/all-mpnet-base-v2", Path("runs/mpnet-rt"), FinetuneOptions(learning_rate=3e-5)),
 }
-BASE_MODEL = DEMO_MODELS["minilm"].base
 
 
 def run_demo(model: str = "minilm", checkpoint: Path | None = None, run_dir: Path = Path("lp-run"),
