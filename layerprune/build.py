@@ -47,9 +47,9 @@ from .errors import LayerpruneError
 from .heal import Distilled, DistillOptions, TextStates, distill, encode_texts
 from .hidden import predict_logits
 from .metrics import compute_metric
-from .models import architecture, head_modules, load_classifier, num_layers
+from .models import architecture, load_classifier, num_layers
 from .plots import plot_depths
-from .prune import HeadFit, depth_logits, fit_head, load_head, truncate
+from .prune import HeadFit, depth_logits, fit_head, head_state, load_head, truncate
 from .runtime import OnnxClassifier, model_max_length
 from .tasks import TaskConfig
 from .validate import EvalParts, calibration_and_holdout, compare, forecast
@@ -328,8 +328,7 @@ class _Depths:
 
 def _with_head(model, fit: HeadFit, compute: Callable[[], np.ndarray]) -> np.ndarray:
     """Run `compute` with a re-fitted head installed, then put the fine-tuned head back."""
-    fine_tuned = {f"{name}.{key}": value.detach().clone()
-                  for name, module in head_modules(model).items() for key, value in module.state_dict().items()}
+    fine_tuned = head_state(model)
     load_head(model, fit.state)
     try:
         return compute()

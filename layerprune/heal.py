@@ -25,9 +25,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import Examples
 from .errors import LayerpruneError, ModelError
-from .hidden import Batch, forward_all_layers, make_batches
+from .hidden import Batch, forward_all_layers, make_batches, model_inputs
 from .models import head_modules, layer_list, num_layers, run_layers_on
-from .prune import load_head
+from .prune import head_state, load_head
 
 
 @dataclass
@@ -81,7 +81,7 @@ def token_states(model: PreTrainedModel, texts: TextStates, depth: int) -> list[
     with run_layers_on(model, layers) as feed, torch.inference_mode():
         for batch, states in zip(texts.batches, texts.tokens[start]):
             feed(states.to(device, torch.float32))
-            out = model(**_inputs(batch, accepted, device), output_hidden_states=True)
+            out = model(**model_inputs(batch, accepted, device), output_hidden_states=True)
             for offset, d in enumerate(computed, start=1):
                 computed[d].append(out.hidden_states[offset].to("cpu", torch.float16))
     texts.tokens.update(computed)
@@ -114,7 +114,7 @@ class Distilled:
         with run_layers_on(self.student, self.layers) as feed, torch.inference_mode():
             for batch, batch_states in zip(texts.batches, states):
                 feed(batch_states.to(device, torch.float32))
-                out[batch.indices] = self.student(**_inputs(batch, accepted, device)).logits.float().cpu().numpy()
+                out[batch.indices] = self.student(**model_inputs(batch, accepted, device)).logits.float().cpu().numpy()
         return out
 
     def install(self, truncated: PreTrainedModel) -> None:
@@ -124,9 +124,7 @@ class Distilled:
         stack = layer_list(truncated)
         for offset, layer in enumerate(self.layers):
             stack[self.depth - self.heal_layers + offset] = copy.deepcopy(layer)
-        load_head(truncated, {f"{name}.{key}": value.detach().clone()
-                              for name, module in head_modules(self.student).items()
-                              for key, value in module.state_dict().items()})
+        load_head(truncated, head_state(self.student))
 
 
 @dataclass(frozen=True)
@@ -205,7 +203,7 @@ class _Loss:
             module.train(training)
         with run_layers_on(self.student, self.layers) as feed:
             feed(self.inputs[i].to(self.device, torch.float32))
-            logits = self.student(**_inputs(batch, self.accepted, self.device)).logits.float()
+            logits = self.student(**model_inputs(batch, self.accepted, self.device)).logits.float()
         idx = torch.from_numpy(batch.indices)
         teacher = self.teacher[idx].to(self.device)
         targets = None if self.targets is None else self.targets[idx].to(self.device)
@@ -238,10 +236,6 @@ def distillation_loss(
     if labels is not None:
         loss = loss + opts.label_weight * nn.functional.cross_entropy(student, labels.long())
     return loss
-
-
-def _inputs(batch: Batch, accepted, device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in batch.encoding.items() if key in accepted}
 
 
 def _snapshot(layers: nn.ModuleList, student: PreTrainedModel) -> list[dict[str, torch.Tensor]]:

@@ -69,9 +69,13 @@ def forward_all_layers(
     model.eval()
     with torch.inference_mode():
         for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
-            inputs = {key: value.to(device) for key, value in batch.encoding.items() if key in accepted}
-            out = model(**inputs, output_hidden_states=True)
+            out = model(**model_inputs(batch, accepted, device), output_hidden_states=True)
             yield batch, out.logits, out.hidden_states
+
+
+def model_inputs(batch: Batch, accepted, device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors that the model's forward takes (`accepted`: its parameters), on `device`."""
+    return {key: value.to(device) for key, value in batch.encoding.items() if key in accepted}
 
 
 def predict_logits(

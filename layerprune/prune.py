@@ -187,6 +187,12 @@ def _fit_head(
     return HeadFit(_export(model, modules, mean, scale), train_loss, best_steps, best_loss)
 
 
+def head_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """A copy of the model's head weights by model state-dict key, as `load_head` takes them."""
+    return {f"{name}.{key}": value.detach().clone()
+            for name, module in head_modules(model).items() for key, value in module.state_dict().items()}
+
+
 def load_head(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:
     """Install a head fitted by `fit_head` into the model (in place, on the model's device and dtype)."""
     modules = head_modules(model)
