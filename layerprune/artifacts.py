@@ -165,9 +165,10 @@ class GateForecast(BaseModel):
 
     delta: float = Field(description="candidate - original on the calibration examples")
     delta_sd: float = Field(description="paired bootstrap standard error of that delta")
-    lower_bound: float = Field(description="one-sided 95% lower bound of the holdout delta")
+    alpha: float = Field(0.05, description="the error rate it was made at: one-sided, its share of export's budget")
+    lower_bound: float = Field(description="one-sided (1 - alpha) lower bound of the holdout delta")
     disagreement: float | None = Field(description="share of texts where the predictions differ (classification)")
-    disagreement_upper: float | None = Field(description="95% upper bound of that share")
+    disagreement_upper: float | None = Field(description="(1 - alpha) upper bound of that share")
     n_agreement: int = Field(description="texts the disagreement was measured on: calibration + unlabeled")
     passes: bool = Field(description="lower_bound >= -tolerance, or disagreement alone keeps the delta in tolerance")
 

@@ -52,7 +52,7 @@ from .plots import plot_depths
 from .prune import HeadFit, depth_logits, fit_head, head_state, load_head, truncate
 from .runtime import OnnxClassifier, model_max_length
 from .tasks import TaskConfig
-from .validate import EvalParts, calibration_and_holdout, compare, forecast
+from .validate import ALPHA, EvalParts, calibration_and_holdout, compare, forecast
 
 BUNDLE_DIR = "bundle"
 TRUNCATED_DIR = "truncated"
@@ -70,6 +70,7 @@ class ExportOptions:
     optimize: Literal["O1", "O2", "O3"] | None = None
     quantize: Literal["int8"] | None = None
     tolerance: float = 0.01  # metric points as a fraction: 0.01 = 1 accuracy point
+    alpha: float = ALPHA  # the chance that export ships a bundle the holdout gate refuses (see _error_budget)
     sweep: bool = False  # score every depth, not only those auto probes
     max_examples: int | None = 2000  # per part: calibration and holdout
     batch_size: int = 32
@@ -133,11 +134,12 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
     )
     original_holdout = predict_logits(model, tokenizer, parts.holdout, max_length=max_length)
 
+    budget = _error_budget(opts)
     depths = _Depths(model, task, texts, heal, opts, n_holdout=len(parts.holdout))
-    depth = _choose_depth(depths.passes, analysis.boundary, total, opts.keep_layers)
+    depth = _choose_depth(depths.passes, analysis.boundary, total, opts.keep_layers, budget.depth)
     if opts.sweep:
         for d in range(1, total + 1):
-            depths.passes(d)
+            depths.passes(d, budget.depth)
     note = None
     if opts.keep_layers == "auto" and depth == total:
         note = f"nothing can be dropped within tolerance {opts.tolerance:g}: keeping all {total} layers"
@@ -155,7 +157,7 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
         parity = onnx_export.max_logit_difference(truncated, _onnx_logits(tmp, parts.holdout, max_length))
         if opts.optimize:
             onnx_export.optimize_onnx(tmp, opts.optimize)
-        candidates = _pick_export(tmp, task, texts, parts, max_length, opts) if opts.quantize else []
+        candidates = _pick_export(tmp, task, texts, parts, max_length, opts, budget) if opts.quantize else []
         chosen = next((c for c in candidates if c.chosen), None)
         quant_name = chosen.name if chosen and chosen.name != "fp32" else None
         served = _onnx_logits(tmp, parts.holdout, max_length)
@@ -249,29 +251,30 @@ class _Depths:
         self.heal_runs: list[HealStats] = []
         self.probed: list[int] = []
 
-    def passes(self, depth: int) -> bool:
-        """Whether the gate is forecast to pass the model truncated at `depth` (healed as asked)."""
+    def passes(self, depth: int, alpha: float) -> bool:
+        """Whether the gate is forecast to pass the model truncated at `depth` (healed as asked), at error
+        rate `alpha`; each depth is forecast once."""
         if depth not in self.probed:
             self.probed.append(depth)
         if depth not in self.scores:
-            self.scores[depth] = self._score(depth)
+            self.scores[depth] = self._score(depth, alpha)
         return self.scores[depth].forecast.passes
 
-    def _score(self, depth: int) -> DepthScore:
+    def _score(self, depth: int, alpha: float) -> DepthScore:
         logits = (lambda texts: texts.logits) if depth == self.total else (lambda texts: self._logits(depth, texts))
         calibration = logits(self.texts.calibration)
         agreement = None if self.texts.agreement is None else logits(self.texts.agreement)
-        score = DepthScore(depth=depth, metric=self.raw[depth], forecast=self._forecast(calibration, agreement))
+        score = DepthScore(depth=depth, metric=self.raw[depth], forecast=self._forecast(calibration, agreement, alpha))
         if self.heal == "head" and depth < self.total:
             score.metric_healed = self._metric(calibration)
         if self.heal == "distill" and depth < self.total:
             score.metric_distilled = self._metric(calibration)
         return score
 
-    def _forecast(self, calibration: np.ndarray, agreement: np.ndarray | None) -> GateForecast:
+    def _forecast(self, calibration: np.ndarray, agreement: np.ndarray | None, alpha: float) -> GateForecast:
         unlabeled = None if agreement is None else (self.texts.agreement.logits, agreement)
         return forecast(self.task, self.texts.calibration_labels, self.texts.calibration.logits, calibration,
-                        self.opts.tolerance, self.n_holdout, unlabeled)
+                        self.opts.tolerance, self.n_holdout, unlabeled, alpha)
 
     def _logits(self, depth: int, texts: TextStates) -> np.ndarray:
         """The model truncated at `depth`, healed as asked, on `texts`."""
@@ -336,27 +339,48 @@ def _with_head(model, fit: HeadFit, compute: Callable[[], np.ndarray]) -> np.nda
         load_head(model, fine_tuned)
 
 
-def _choose_depth(passes: Callable[[int], bool], boundary: int, total: int, keep: int | Literal["auto"]) -> int:
-    """Fixed N, or auto: from the CKA boundary, down while the forecast passes, up until it does (the full
-    model always passes)."""
+@dataclass(frozen=True)
+class _ErrorBudget:
+    depth: float  # for the depth walk
+    per_variant: float  # for each int8 variant
+    variants: int
+
+
+def _error_budget(opts: ExportOptions, variants: int = 2) -> _ErrorBudget:
+    """Split the export's error rate over its forecasts (Bonferroni): export keeps the first int8 variant that
+    passes, so each variant is another chance to ship a bundle the gate refuses. With --quantize int8, half
+    of alpha goes to the depth walk and half is shared by the int8 variants; without, all of it to the depth."""
+    if not opts.quantize:
+        return _ErrorBudget(depth=opts.alpha, per_variant=0.0, variants=0)
+    return _ErrorBudget(depth=opts.alpha / 2, per_variant=opts.alpha / 2 / variants, variants=variants)
+
+
+def _choose_depth(passes: Callable[[int, float], bool], boundary: int, total: int, keep: int | Literal["auto"],
+                  alpha: float) -> int:
+    """Fixed N, or auto: from the CKA boundary, down while the forecast passes (a fixed-sequence test: each
+    step at `alpha`), else up until it does. Going up, every depth tried is another chance for a wrong yes,
+    so those share `alpha` (Bonferroni over the depths between the boundary and the full model, which
+    always passes)."""
     if keep != "auto":
-        passes(keep)
+        passes(keep, alpha)
         return keep
     depth = min(max(boundary, 1), total)
-    if passes(depth):
-        while depth > 1 and passes(depth - 1):
+    if passes(depth, alpha):
+        while depth > 1 and passes(depth - 1, alpha):
             depth -= 1
-    else:
-        while depth < total and not passes(depth):
-            depth += 1
-        passes(depth)  # scored for the report, the full model included
+        return depth
+    step = alpha / max(total - depth - 1, 1)
+    while depth < total and not passes(depth, step):
+        depth += 1
+    passes(depth, step)  # scored for the report, the full model included
     return depth
 
 
 def _pick_export(bundle: Path, task: TaskConfig, texts: _Texts, parts: EvalParts, max_length: int,
-                 opts: ExportOptions) -> list[ExportCandidate]:
+                 opts: ExportOptions, budget: _ErrorBudget) -> list[ExportCandidate]:
     """Score the export candidates fastest first (int8; int8 with the nodes nearest the logits in fp32; the
-    fp32 model as exported), keep the first whose forecast passes in `bundle`, and report them all."""
+    fp32 model as exported), keep the first whose forecast passes in `bundle`, and report them all. The
+    int8 variants share their part of the error budget; fp32 is the depth the walk already chose."""
     variants: list[tuple[str, list[str] | None]] = [("int8", None), ("int8-safe", onnx_export.sensitive_nodes(bundle))]
     scored: list[tuple[ExportCandidate, Path | None]] = []
     with tempfile.TemporaryDirectory(prefix=".candidates-", dir=bundle.parent) as staging:
@@ -364,8 +388,9 @@ def _pick_export(bundle: Path, task: TaskConfig, texts: _Texts, parts: EvalParts
             folder = Path(staging) / label
             shutil.copytree(bundle, folder)
             name = onnx_export.quantize_onnx(folder, keep_fp32)
-            scored.append((_score_candidate(name, folder, task, texts, parts, max_length, opts), folder))
-        scored.append((_score_candidate("fp32", bundle, task, texts, parts, max_length, opts), None))
+            scored.append((_score_candidate(name, folder, task, texts, parts, max_length, opts, budget.per_variant),
+                           folder))
+        scored.append((_score_candidate("fp32", bundle, task, texts, parts, max_length, opts, budget.depth), None))
         chosen, folder = next(((c, f) for c, f in scored if c.forecast.passes), scored[-1])
         chosen.chosen = True
         if folder is not None:
@@ -374,7 +399,7 @@ def _pick_export(bundle: Path, task: TaskConfig, texts: _Texts, parts: EvalParts
 
 
 def _score_candidate(name: str, folder: Path, task: TaskConfig, texts: _Texts, parts: EvalParts, max_length: int,
-                     opts: ExportOptions) -> ExportCandidate:
+                     opts: ExportOptions, alpha: float) -> ExportCandidate:
     runner = OnnxClassifier(folder, max_length=max_length)
     started = time.perf_counter()
     calibration = runner.logits(parts.calibration.texts, parts.calibration.pairs, batch_size=opts.batch_size)
@@ -384,7 +409,7 @@ def _score_candidate(name: str, folder: Path, task: TaskConfig, texts: _Texts, p
         examples = texts.agreement.examples
         unlabeled = (texts.agreement.logits, runner.logits(examples.texts, examples.pairs, batch_size=opts.batch_size))
     prediction = forecast(task, parts.calibration.labels, texts.calibration.logits, calibration, opts.tolerance,
-                          len(parts.holdout), unlabeled)
+                          len(parts.holdout), unlabeled, alpha)
     metric = compute_metric(task.metric, parts.calibration.labels, calibration, regression=task.is_regression)
     return ExportCandidate(name=name, metric=metric, forecast=prediction, sentences_per_s=round(rate, 1))
 

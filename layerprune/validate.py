@@ -83,21 +83,29 @@ def paired_bootstrap(
     return float(low), float(high), float(result.standard_error)
 
 
-Z_95 = 1.6449  # one-sided 95% normal quantile
+ALPHA = 0.05  # the chance, one-sided, that export ships a bundle the holdout gate then refuses
+
+
+def z_for(alpha: float) -> float:
+    """The one-sided normal quantile for error rate `alpha` (1.645 at 5%, 1.96 at 2.5%)."""
+    from scipy.stats import norm
+
+    return float(norm.ppf(1 - alpha))
 
 
 def forecast(
     task: TaskConfig, labels: np.ndarray, original: np.ndarray, candidate: np.ndarray, tolerance: float,
-    n_holdout: int, unlabeled: tuple[np.ndarray, np.ndarray] | None = None,
+    n_holdout: int, unlabeled: tuple[np.ndarray, np.ndarray] | None = None, alpha: float = ALPHA,
 ) -> GateForecast:
-    """Will the holdout gate (holdout delta >= -tolerance) pass this candidate? Two ways to say yes:
+    """Will the holdout gate (holdout delta >= -tolerance) pass this candidate? Two ways to say yes, each
+    wrong at most `alpha` of the time (one-sided; z = the normal quantile, 1.645 at alpha 5%):
 
-    - labelled: the calibration delta minus 1.645 standard errors of the *holdout* delta still clears the
+    - labelled: the calibration delta minus z standard errors of the *holdout* delta still clears the
       tolerance. The holdout delta's error combines the calibration's own (paired bootstrap, se_c) and the
-      holdout's sampling noise (se_c * sqrt(n_c / n_h)): lower = delta_c - 1.645 * se_c * sqrt(1 + n_c / n_h).
+      holdout's sampling noise (se_c * sqrt(n_c / n_h)): lower = delta_c - z * se_c * sqrt(1 + n_c / n_h).
     - agreement (classification): on any examples |accuracy delta| <= the share of differing predictions,
-      which needs no labels. Its 95% upper bound d+ over calibration plus unlabeled in-domain texts (Wilson),
-      plus the holdout's sampling noise on it, below the tolerance: d+ + 1.645 * sqrt(d+ / n_h) <= tolerance.
+      which needs no labels. Its upper bound d+ over calibration plus unlabeled in-domain texts (Wilson),
+      plus the holdout's sampling noise on it, below the tolerance: d+ + z * sqrt(d+ / n_h) <= tolerance.
       (Accuracy only: other metrics are not bounded by the disagreement.)
     `unlabeled`: (original, candidate) logits of unlabeled in-domain texts.
     """
@@ -105,7 +113,8 @@ def forecast(
     before = compute_metric(task.metric, labels, original, regression)
     after = compute_metric(task.metric, labels, candidate, regression)
     _, _, se = paired_bootstrap(labels, original, candidate, task.metric, regression)
-    lower = (after - before) - Z_95 * se * float(np.sqrt(1 + len(labels) / max(n_holdout, 1)))
+    z = z_for(alpha)
+    lower = (after - before) - z * se * float(np.sqrt(1 + len(labels) / max(n_holdout, 1)))
     d = d_up = None
     n_texts = len(labels)
     agreement_bounds_delta = False
@@ -117,15 +126,15 @@ def forecast(
         differ = np.concatenate(a) != np.concatenate(b)
         n_texts = len(differ)
         d = float(differ.mean())
-        d_up = _wilson_upper(int(differ.sum()), n_texts)
-        agreement_bounds_delta = task.metric == "accuracy" and d_up + Z_95 * np.sqrt(d_up / max(n_holdout, 1)) <= tolerance
+        d_up = _wilson_upper(int(differ.sum()), n_texts, z)
+        agreement_bounds_delta = task.metric == "accuracy" and d_up + z * np.sqrt(d_up / max(n_holdout, 1)) <= tolerance
     return GateForecast(
-        delta=after - before, delta_sd=se, lower_bound=lower, disagreement=d, disagreement_upper=d_up,
+        delta=after - before, delta_sd=se, alpha=alpha, lower_bound=lower, disagreement=d, disagreement_upper=d_up,
         n_agreement=n_texts, passes=bool(lower >= -tolerance or agreement_bounds_delta),
     )
 
 
-def _wilson_upper(k: int, n: int, z: float = Z_95) -> float:
+def _wilson_upper(k: int, n: int, z: float) -> float:
     """One-sided upper bound of a binomial proportion k/n (Wilson score interval)."""
     if n == 0:
         return 1.0

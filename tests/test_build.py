@@ -204,14 +204,45 @@ metric: accuracy
     (6, {6}, 6, [6, 5]),
 ])
 def test_auto_search(boundary, passing, expected, probed) -> None:
-    seen = []
+    seen, alphas = [], {}
 
-    def passes(depth: int) -> bool:
+    def passes(depth: int, alpha: float) -> bool:
         seen.append(depth)
+        alphas.setdefault(depth, alpha)
         return depth in passing
 
-    assert _choose_depth(passes, boundary, 6, "auto") == expected
+    assert _choose_depth(passes, boundary, 6, "auto", 0.04) == expected
     assert list(dict.fromkeys(seen)) == probed
+    assert alphas[boundary] == 0.04, "the boundary, and the walk down from it, at the full rate"
+    above = [d for d in probed if d > boundary]
+    for depth in above:  # going up, the tries share it: 6 - 4 - 1 = 1 try at 4, 4 tries at boundary 1
+        assert alphas[depth] == pytest.approx(0.04 / max(6 - boundary - 1, 1))
+
+
+def test_error_budget_splits_alpha_over_forecasts() -> None:
+    from layerprune.build import ExportOptions, _error_budget
+
+    plain = _error_budget(ExportOptions(alpha=0.05))
+    assert (plain.depth, plain.variants) == (0.05, 0)
+    int8 = _error_budget(ExportOptions(alpha=0.05, quantize="int8"))
+    assert int8.depth + int8.variants * int8.per_variant == pytest.approx(0.05)
+    assert int8.per_variant == pytest.approx(0.0125)
+
+
+def test_forecast_is_stricter_at_a_smaller_error_rate() -> None:
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 1000)
+    original = np.eye(2)[labels] * 2.0
+    candidate = original.copy()
+    flip = rng.choice(1000, 40, replace=False)  # 4% of predictions flipped, half of them to the right answer
+    candidate[flip[:20]] = np.eye(2)[1 - labels[flip[:20]]] * 2.0
+    original[flip[20:]] = np.eye(2)[1 - labels[flip[20:]]] * 2.0
+    loose = forecast(_task(), labels, original, candidate, 0.01, n_holdout=1000, alpha=0.2)
+    strict = forecast(_task(), labels, original, candidate, 0.01, n_holdout=1000, alpha=0.0125)
+    assert loose.delta == strict.delta == 0.0
+    assert (loose.alpha, strict.alpha) == (0.2, 0.0125)
+    assert strict.lower_bound < loose.lower_bound
+    assert loose.passes and not strict.passes
 
 
 def test_compare_pass_and_fail() -> None:
