@@ -2,6 +2,7 @@
 
     apt-get install -y wrk          # the load generator (C, one thread); without it: a Python fallback
     python benchmarks/serve_bench.py lp-run/bundle [--connections 32] [--duration 20] [--profile]
+    python benchmarks/serve_bench.py lp-run/bundle --ray 2     # the same through Ray Serve, 2 replicas
 
 1. offline: OnnxClassifier.logits on the same sentences, batch 32, length-sorted (the model's own speed);
 2. the server (`python -m serve`) at peak: `wrk -t1 -cN` with a Lua script that posts one sentence per
@@ -96,11 +97,12 @@ def offline_throughput(bundle: Path, texts: list[str], batch_size: int, threads:
 
 
 def run_wrk(url: str, bodies: Path, connections: int, duration: float, delay_ms: float = 0.0) -> dict:
-    """wrk -t1 -cN --latency with the cycling Lua script -> {rps, p50, p99 (ms), errors, pid CPU of wrk}."""
+    """wrk -t1 -cN --latency with the cycling Lua script -> {rps, p50, p99 (ms), errors}."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(LUA)
     env = {**os.environ, "LP_BODIES": str(bodies), "LP_DELAY_MS": f"{delay_ms:.3f}"}
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "-s", f.name, url]
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "30s", "--latency", "-s",
+           f.name, url]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=duration + 60)
     os.unlink(f.name)
@@ -170,10 +172,11 @@ def start_server(bundle: Path, args: argparse.Namespace) -> tuple[subprocess.Pop
            "--log-level", "warning"]
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--allow-unvalidated"] if args.allow_unvalidated else []
+    cmd += ["--ray", "--replicas", str(args.ray)] if args.ray else []
     server = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + (300 if args.ray else 120)
     while True:
         if server.poll() is not None:
             raise SystemExit(f"server exited {server.returncode}: {server.stderr.read().strip()}")
@@ -257,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client", choices=["wrk", "python"], help="load generator (default: wrk when installed)")
     p.add_argument("--profile", action="store_true", help="per-thread CPU and py-spy stages at peak")
     p.add_argument("--allow-unvalidated", action="store_true")
+    p.add_argument("--ray", type=int, metavar="REPLICAS", help="serve with Ray Serve and this many replicas "
+                   "(--profile then sees only the driver)")
     args = p.parse_args(argv)
 
     client = args.client or ("wrk" if shutil.which("wrk") else "python")
@@ -323,10 +328,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start_py_spy(pid: int, duration: float, workdir: Path) -> subprocess.Popen | None:
-    if not shutil.which("py-spy"):
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if not spy:
         print("py-spy is not installed (pip install py-spy): no stage profile", file=sys.stderr)
         return None
-    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(max(1, round(duration))),
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(max(1, round(duration))),
                              "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(workdir / "spy.txt")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -108,22 +108,22 @@ def plan_runs(lengths: Sequence[int], max_rows: int, max_tokens: int, overhead: 
 
 def measure_run_overhead(model: BatchModel, repeats: int = 3) -> float:
     """A run's fixed cost in padded-token equivalents: the intercept / slope of time = a + b x rows x length,
-    fitted on the best of `repeats` runs at four shapes (the tokenizer's output replicated). 0 to 1024."""
+    fitted on the best of `repeats` runs at four shapes (the tokenizer's output replicated). 16 to 1024."""
     short, long = model.tokenize(["warm up"]), model.tokenize([" ".join(["warm up"] * 24)])
     points = []
     for rows in ([short[0]], [long[0]], short * 16, long * 16):
-        batch = model.pad(rows)
         best = math.inf
-        for _ in range(repeats):
+        for _ in range(repeats):  # padding included: it is paid per run too
             start = time.perf_counter()
-            model.run(batch)
+            model.run(model.pad(rows))
             best = min(best, time.perf_counter() - start)
-        points.append((batch["input_ids"].size, best))
+        points.append((len(rows) * len(rows[0].ids), best))
     tokens, seconds = np.array(points, dtype=np.float64).T
     slope, intercept = np.polyfit(tokens, seconds, 1)
     if slope <= 0:
         return 32.0  # noise beat the signal: a modest default
-    return float(min(1024.0, max(0.0, intercept / slope)))
+    # At least 16: a noisy fit near 0 would run every distinct length alone (per-run bookkeeping is not free).
+    return float(min(1024.0, max(16.0, intercept / slope)))
 
 
 class MicroBatcher:
