@@ -28,6 +28,8 @@ RUN pip install \
         "fastapi==0.165.0" \
         "starlette==1.10.0" \
         "uvicorn==0.54.0" \
+        "httptools==0.9.0" \
+        "uvloop==0.23.0" \
         "prometheus-client==0.26.0" \
         "fastapi-offline==1.7.7"
 

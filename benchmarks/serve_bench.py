@@ -1,24 +1,33 @@
-"""Server throughput and latency vs offline onnxruntime on the same bundle.
+"""Server throughput and latency vs offline onnxruntime on the same bundle, in one run.
 
-    python benchmarks/serve_bench.py lp-run/bundle [--texts FILE] [--clients 32] [--duration 20]
-                                      [--batch-size 32] [--allow-unvalidated]
+    apt-get install -y wrk          # the load generator (C, one thread); without it: a Python fallback
+    python benchmarks/serve_bench.py lp-run/bundle [--connections 32] [--duration 20] [--profile]
+    python benchmarks/serve_bench.py lp-run/bundle --ray 2     # the same through Ray Serve, 2 replicas
 
-Starts `python -m serve` on loopback, runs N concurrent clients (each: one sentence per POST /predict,
-back to back) for a bounded time, then prints a markdown table of requests/s and p50/p95/p99 latency
-beside the bundle's offline throughput (OnnxClassifier.logits at the same batch size, same sentences).
+1. offline: OnnxClassifier.logits on the same sentences, batch 32, length-sorted (the model's own speed);
+2. the server (`python -m serve`) at peak: `wrk -t1 -cN` with a Lua script that posts one sentence per
+   POST /predict, cycling over all of them; requests/s side by side with offline, and the ratio;
+3. p50/p99 latency at 25%, 50% and 100% of that peak (wrk's per-connection delay paces the lower loads;
+   the achieved rate is printed beside the target);
+4. --profile: where the server's CPU goes at peak: per-thread CPU from /proc (event loop vs. the worker and
+   onnxruntime threads, and wrk's own share of the cores), and py-spy's samples of the Python threads by stage.
 Sentences: one per line from --texts, else the rt-polarity test split via layerprune.data.
 """
 
 from __future__ import annotations
 
 import argparse
-import threading
-from concurrent.futures import ThreadPoolExecutor
+import json
 import os
-import socket
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -28,6 +37,35 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from layerprune.runtime import OnnxClassifier  # noqa: E402
+
+LUA = """
+local bodies = {}
+for line in io.lines(os.getenv("LP_BODIES")) do bodies[#bodies + 1] = line end
+local i = 0
+local pause = tonumber(os.getenv("LP_DELAY_MS") or "0")
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  i = i % #bodies + 1
+  return wrk.format(nil, "/predict", nil, bodies[i])
+end
+if pause > 0 then
+  delay = function() return pause end
+end
+"""
+# py-spy frames -> stage, first match from the leaf up
+STAGES = [
+    ("onnxruntime (Python side of session.run)", ("onnxruntime",)),
+    ("tokenization", ("tokenize (layerprune/runtime.py", "encode_batch")),
+    ("padding", ("pad (layerprune/runtime.py", "_pad (layerprune/runtime.py")),
+    ("batching (queue, run planning)", ("serve/batcher.py",)),
+    ("JSON", ("json/", "render (starlette", "render (fastapi")),
+    ("validation (pydantic)", ("pydantic", "_compat", "request_body_to_args", "solve_dependencies")),
+    ("routes", ("serve/app.py", "serve/schemas.py")),
+    ("guard middleware + metrics", ("serve/guard.py", "prometheus_client")),
+    ("HTTP (uvicorn, httptools, starlette, fastapi)", ("uvicorn/", "httptools", "h11", "starlette/", "fastapi/")),
+    ("event loop (asyncio, uvloop)", ("asyncio/", "uvloop", "concurrent/futures", "threading.py")),
+]
 
 
 def sentences(path: Path | None, limit: int) -> list[str]:
@@ -44,6 +82,7 @@ def sentences(path: Path | None, limit: int) -> list[str]:
 
 
 def offline_throughput(bundle: Path, texts: list[str], batch_size: int, threads: int | None, seconds: float) -> float:
+    """Sentences/s of OnnxClassifier.logits (length-sorted batches) over all texts, repeated for `seconds`."""
     clf = OnnxClassifier(bundle, threads=threads)
     clf.logits(texts[:batch_size], batch_size=batch_size)  # warm-up
     done, start = 0, time.perf_counter()
@@ -54,9 +93,36 @@ def offline_throughput(bundle: Path, texts: list[str], batch_size: int, threads:
             return done / (time.perf_counter() - start)
 
 
-def load(url: str, texts: list[str], clients: int, duration: float) -> tuple[list[float], int, float]:
-    """`clients` threads, each with its own keep-alive connection, posting back to back until `duration`.
-    (Threads with sync httpx clients: httpx's AsyncClient was itself the bottleneck, ~50 req/s.)"""
+# --- load generators --------------------------------------------------------------------------------------
+
+
+def run_wrk(url: str, bodies: Path, connections: int, duration: float, delay_ms: float = 0.0) -> dict:
+    """wrk -t1 -cN --latency with the cycling Lua script -> {rps, p50, p99 (ms), errors}."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(LUA)
+    env = {**os.environ, "LP_BODIES": str(bodies), "LP_DELAY_MS": f"{delay_ms:.3f}"}
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "30s", "--latency", "-s",
+           f.name, url]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=duration + 60)
+    os.unlink(f.name)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if proc.returncode != 0 or rps is None:
+        raise SystemExit(f"wrk failed:\n{out}")
+    lat = {p: _ms(v, u) for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    sock = re.search(r"Socket errors:.*?(\d+).*?(\d+).*?(\d+).*?(\d+)", out)
+    errors = (int(bad.group(1)) if bad else 0) + (sum(map(int, sock.groups())) if sock else 0)
+    return {"rps": float(rps.group(1)), "p50": lat.get("50", float("nan")), "p99": lat.get("99", float("nan")),
+            "errors": errors}
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def run_python(url: str, texts: list[str], connections: int, duration: float, delay_ms: float = 0.0) -> dict:
+    """Fallback without wrk: N threads with keep-alive httpx clients (caps what a 2-core host can show)."""
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
@@ -69,94 +135,85 @@ def load(url: str, texts: list[str], clients: int, duration: float) -> tuple[lis
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
                 r = http.post("/predict", json={"inputs": texts[i % len(texts)]})
-                if r.status_code == 200:
-                    mine.append(time.perf_counter() - t0)
-                else:
-                    bad += 1
-                i += clients
+                (mine.append(time.perf_counter() - t0) if r.status_code == 200 else None)
+                bad += r.status_code != 200
+                i += connections
+                if delay_ms:
+                    time.sleep(delay_ms / 1000)
         with lock:
             latencies.extend(mine)
             errors[0] += bad
 
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, range(clients)))
-    return latencies, errors[0], time.perf_counter() - start
+    with ThreadPoolExecutor(connections) as pool:
+        list(pool.map(client, range(connections)))
+    lat = np.array(latencies) * 1000
+    return {"rps": len(latencies) / (time.perf_counter() - start), "errors": errors[0],
+            "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+            "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan")}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def at_rate(load, target: float, connections: int, duration: float) -> tuple[dict, float]:
+    """A run paced to about `target` requests/s: per-connection delay d from rate = c / (d + latency),
+    calibrated by one short run. Returns (result, delay ms)."""
+    delay = 1000.0 * connections / target
+    probe = load(delay_ms=delay, duration=min(4.0, duration))
+    latency = max(0.0, 1000.0 * connections / max(probe["rps"], 1e-9) - delay)
+    delay = max(0.0, 1000.0 * connections / target - latency)
+    return load(delay_ms=delay, duration=duration), delay
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bundle", type=Path, nargs="?", default=Path("lp-run/bundle"))
-    p.add_argument("--texts", type=Path, help="sentences, one a line (default: rt-polarity test split)")
-    p.add_argument("--limit", type=int, default=1000, help="use the first N sentences")
-    p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of load (bounded)")
-    p.add_argument("--batch-size", type=int, default=32, help="server max batch size = offline batch size")
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads, both sides")
-    p.add_argument("--allow-unvalidated", action="store_true")
-    args = p.parse_args(argv)
+# --- the server and its profile -------------------------------------------------------------------------------
 
-    texts = sentences(args.texts, args.limit)
-    offline = offline_throughput(args.bundle, texts, args.batch_size, args.threads, min(args.duration, 10.0))
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "serve", str(args.bundle), "--port", str(port), "--max-batch-size",
-           str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms), "--max-queue", str(max(4096, 4 * args.clients)),
+def start_server(bundle: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "serve", str(bundle), "--port", str(port), "--max-batch-size", str(args.batch_size),
+           "--max-wait-ms", str(args.max_wait_ms), "--max-queue", str(max(4096, 4 * args.connections)),
            "--log-level", "warning"]
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--allow-unvalidated"] if args.allow_unvalidated else []
+    cmd += ["--ray", "--replicas", str(args.ray)] if args.ray else []
     server = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                print(f"server exited {server.returncode}: {server.stderr.read().strip()}", file=sys.stderr)
-                return 1
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                print("server never became ready", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
-        load(url, texts, args.clients, min(2.0, args.duration))  # warm the connections
-        latencies, errors, elapsed = load(url, texts, args.clients, args.duration)
-        metrics = httpx.get(f"{url}/metrics", timeout=10).text
-        peak_mb = peak_rss_mb(server.pid)
-    finally:
-        server.terminate()
+    deadline = time.monotonic() + (300 if args.ray else 120)
+    while True:
+        if server.poll() is not None:
+            raise SystemExit(f"server exited {server.returncode}: {server.stderr.read().strip()}")
         try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("server never became ready")
+        time.sleep(0.2)
 
-    lat = np.array(latencies) * 1000
-    rps = len(latencies) / elapsed
-    batches = _metric(metrics, "layerprune_batch_size_count")
-    inputs = _metric(metrics, "layerprune_batch_size_sum")
-    print(f"\nbundle {args.bundle}, {len(texts)} sentences, {args.clients} clients x {args.duration:.0f} s, "
-          f"batch size {args.batch_size}, max wait {args.max_wait_ms} ms, threads {args.threads or 'default'}\n")
-    print("| path | requests (inputs)/s | p50 ms | p95 ms | p99 ms | errors | mean batch |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| offline OnnxClassifier.logits (batch {args.batch_size}) | {offline:.1f} | | | | | {args.batch_size} |")
-    p50, p95, p99 = (np.percentile(lat, q) if len(lat) else float("nan") for q in (50, 95, 99))
-    mean_batch = inputs / batches if batches else float("nan")
-    print(f"| server POST /predict, 1 sentence/request | {rps:.1f} | {p50:.1f} | {p95:.1f} | {p99:.1f} | {errors} | "
-          f"{mean_batch:.1f} |")
-    print(f"\nserver / offline: **{rps / offline:.0%}** (target >= 85% at 32 clients)")
-    print(f"server peak RSS (VmHWM): {peak_mb:.0f} MB")
-    return 0 if errors == 0 else 1
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) per thread of `pid`, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def profile_stages(raw: Path) -> Counter:
+    """py-spy's raw (collapsed) stacks -> samples per stage."""
+    stages: Counter = Counter()
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack.split(";")[::-1]
+        stage = next((name for frame in frames for name, keys in STAGES if any(k in frame for k in keys)), "other")
+        stages[stage] += int(count)
+    return stages
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -170,11 +227,134 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _metric(text: str, name: str) -> float:
+    total = 0.0
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.split()[-1])
-    return 0.0
+            total += float(line.split()[-1])
+    return total
+
+
+# --- main ------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("bundle", type=Path, nargs="?", default=Path("lp-run/bundle"))
+    p.add_argument("--texts", type=Path, help="sentences, one a line (default: rt-polarity test split)")
+    p.add_argument("--limit", type=int, default=100_000, help="use the first N sentences")
+    p.add_argument("--connections", "--clients", type=int, default=32)
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per load level")
+    p.add_argument("--batch-size", type=int, default=32, help="server max batch size = offline batch size")
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads, both sides")
+    p.add_argument("--loads", default="0.25,0.5", help="fractions of peak for the latency table")
+    p.add_argument("--client", choices=["wrk", "python"], help="load generator (default: wrk when installed)")
+    p.add_argument("--profile", action="store_true", help="per-thread CPU and py-spy stages at peak")
+    p.add_argument("--allow-unvalidated", action="store_true")
+    p.add_argument("--ray", type=int, metavar="REPLICAS", help="serve with Ray Serve and this many replicas "
+                   "(--profile then sees only the driver)")
+    args = p.parse_args(argv)
+
+    client = args.client or ("wrk" if shutil.which("wrk") else "python")
+    if client == "wrk" and not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed: apt-get install -y wrk (Debian/Ubuntu), brew install wrk (macOS)")
+    texts = sentences(args.texts, args.limit)
+    offline = offline_throughput(args.bundle, texts, args.batch_size, args.threads, min(args.duration, 10.0))
+    workdir = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    bodies = workdir / "bodies.jsonl"
+    bodies.write_text("".join(json.dumps({"inputs": t}) + "\n" for t in texts), encoding="utf-8")
+
+    server, url = start_server(args.bundle, args)
+    try:
+        def load(delay_ms: float = 0.0, duration: float = args.duration) -> dict:
+            if client == "wrk":
+                return run_wrk(url, bodies, args.connections, duration, delay_ms)
+            return run_python(url, texts, args.connections, duration, delay_ms)
+
+        load(duration=min(3.0, args.duration))  # warm the connections and the allocator
+        before = thread_cpu(server.pid)
+        spy = _start_py_spy(server.pid, args.duration, workdir) if args.profile else None
+        wall = time.perf_counter()
+        peak = load()
+        wall = time.perf_counter() - wall
+        after = thread_cpu(server.pid)
+        if spy is not None:
+            spy.wait(timeout=60)
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        rows = [(1.0, peak, 0.0)]
+        for fraction in (float(x) for x in args.loads.split(",") if x.strip()):
+            result, delay = at_rate(load, fraction * peak["rps"], args.connections, args.duration)
+            rows.append((fraction, result, delay))
+        peak_mb = peak_rss_mb(server.pid)
+        info = httpx.get(f"{url}/info", timeout=10).json()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+    real, padding = _metric(metrics, 'layerprune_tokens_total{kind="real"}'), _metric(metrics, 'layerprune_tokens_total{kind="padding"}')
+    batches, inputs = _metric(metrics, "layerprune_batch_size_count"), _metric(metrics, "layerprune_batch_size_sum")
+    print(f"\nbundle {args.bundle} ({info.get('model_dtype')}, {info.get('kept_layers')} of {info.get('total_layers')} "
+          f"layers, {info.get('providers', ['?'])[0]}), {len(texts)} sentences, {args.connections} connections x "
+          f"{args.duration:.0f} s per level, load generator {client}, max batch {args.batch_size}, max wait "
+          f"{args.max_wait_ms} ms, threads {args.threads or 'default'}, run overhead {info.get('run_overhead_tokens')} tokens\n")
+    print("| path | sentences/s | share of offline |")
+    print("|---|---:|---:|")
+    print(f"| offline OnnxClassifier.logits (batch {args.batch_size}, length-sorted) | {offline:.1f} | 100% |")
+    print(f"| server POST /predict, 1 sentence/request, {args.connections} connections | {peak['rps']:.1f} | "
+          f"**{peak['rps'] / offline:.0%}** |")
+    print(f"\nmean run {inputs / max(batches, 1):.1f} rows; padding {padding / max(real + padding, 1):.0%} of the "
+          f"tokens run; server peak RSS (VmHWM) {peak_mb:.0f} MB\n")
+    print("| load | target req/s | achieved req/s | p50 ms | p99 ms | errors |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for fraction, r, _ in sorted(rows, key=lambda x: x[0]):
+        print(f"| {fraction:.0%} of peak | {fraction * peak['rps']:.0f} | {r['rps']:.1f} | {r['p50']:.1f} | "
+              f"{r['p99']:.1f} | {r['errors']} |")
+    if args.profile:
+        _print_profile(server.pid, before, after, wall, peak, workdir)
+    return 0 if all(r["errors"] == 0 for _, r, _ in rows) else 1
+
+
+def _start_py_spy(pid: int, duration: float, workdir: Path) -> subprocess.Popen | None:
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if not spy:
+        print("py-spy is not installed (pip install py-spy): no stage profile", file=sys.stderr)
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(max(1, round(duration))),
+                             "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(workdir / "spy.txt")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _print_profile(pid: int, before: dict[int, float], after: dict[int, float], wall: float, peak: dict,
+                   workdir: Path) -> None:
+    requests = peak["rps"] * wall
+    loop = after.get(pid, 0.0) - before.get(pid, 0.0)
+    others = sum(after.values()) - sum(before.values()) - loop
+    cores = os.cpu_count() or 1
+    print(f"\nCPU per request at peak ({cores} cores, {wall:.0f} s): event loop thread (HTTP, JSON, validation, routes) "
+          f"{1e6 * loop / requests:.0f} us; worker + onnxruntime threads (tokenization, padding, inference) "
+          f"{1e6 * others / requests:.0f} us; server total {100 * (loop + others) / (wall * cores):.0f}% of the cores "
+          "(the rest: wrk and other processes)")
+    raw = workdir / "spy.txt"
+    if raw.is_file():
+        stages = profile_stages(raw)
+        total = sum(stages.values()) or 1
+        print("\n| stage (py-spy samples of the server's Python threads; onnxruntime's own pool threads are not Python) | share |")
+        print("|---|---:|")
+        for name, n in stages.most_common():
+            print(f"| {name} | {n / total:.0%} |")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from .errors import LayerpruneError, first_line
 
@@ -80,8 +81,12 @@ class OnnxClassifier:
         truncation: bool = True,
     ) -> dict[str, np.ndarray]:
         """The session's inputs for `texts` (and second texts `pairs`): int64, padded to the longest row."""
-        return _pad(self._tokenize(texts, pairs, max_length, truncation), self._pad_id, self.input_names,
-                    self._emits_token_types)
+        return self.pad(self.tokenize(texts, pairs, max_length=max_length, truncation=truncation))
+
+    def pad(self, rows: Sequence[Encoding]) -> dict[str, np.ndarray]:
+        """Token rows from `tokenize` as the session's inputs: int64, right-padded to the longest row with the
+        tokenizer's pad id. The one padding step: a server groups rows by length, then pads each group here."""
+        return _pad(rows, self._pad_id, self.input_names, self._emits_token_types)
 
     def logits(
         self, texts: list[str], pairs: list[str] | None = None, *, batch_size: int = 32,
@@ -91,13 +96,12 @@ class OnnxClassifier:
         un-sort), so a batch pads to similar lengths instead of to the longest text of the input."""
         if batch_size < 1:
             raise LayerpruneError(f"batch_size must be at least 1, got {batch_size}")
-        rows = self._tokenize(texts, pairs, max_length, truncation=True)
+        rows = self.tokenize(texts, pairs, max_length=max_length)
         out = np.zeros((len(rows), self.num_labels), dtype=np.float32)
         order = np.argsort([len(row.ids) for row in rows], kind="stable")
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = _pad([rows[i] for i in idx], self._pad_id, self.input_names, self._emits_token_types)
-            out[idx] = self.run(batch)
+            out[idx] = self.run(self.pad([rows[i] for i in idx]))
         return out
 
     def run(self, encoding: dict[str, np.ndarray]) -> np.ndarray:
@@ -108,8 +112,12 @@ class OnnxClassifier:
         feeds = {name: np.asarray(encoding[name], dtype=np.int64) for name in self.input_names}
         return np.asarray(self.session.run([self.output_name], feeds)[0], dtype=np.float32)
 
-    def _tokenize(self, texts: list[str], pairs: list[str] | None, max_length: int | None, truncation: bool) -> list:
-        """Token rows (tokenizers.Encoding) without padding, special tokens added."""
+    def tokenize(
+        self, texts: list[str], pairs: list[str] | None = None, *, max_length: int | None = None,
+        truncation: bool = True,
+    ) -> list[Encoding]:
+        """Token rows (tokenizers.Encoding: .ids, .attention_mask, .type_ids) without padding, special tokens
+        added, cut to max_length (default the model's). truncation=False: a LayerpruneError for a row too long."""
         texts = _strings(texts, "texts")
         inputs: list[Any] = texts
         if pairs is not None:
@@ -196,7 +204,7 @@ def _pad_id(tokenizer: Tokenizer, tokenizer_config: dict) -> int:
     return 0
 
 
-def _pad(rows: list, pad_id: int, input_names: list[str], token_types: bool) -> dict[str, np.ndarray]:
+def _pad(rows: Sequence[Encoding], pad_id: int, input_names: list[str], token_types: bool) -> dict[str, np.ndarray]:
     """Right-pad token rows to the longest into int64 arrays; only the names the model takes."""
     width = max((len(row.ids) for row in rows), default=0)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)

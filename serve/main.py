@@ -19,6 +19,10 @@ log = logging.getLogger("layerprune.serve")
 def run(bundle: Path, settings: ServeSettings) -> int:
     """Gate the bundle, load it and serve until interrupted. Exit code: 0 after a clean shutdown,
     the error's code (2) with one line on stderr when the bundle is refused, 1 when uvicorn fails."""
+    if settings.ray:
+        from .ray_app import run_ray
+
+        return run_ray(bundle, settings)
     import uvicorn
 
     from .app import create_app
@@ -79,6 +83,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int)
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--max-batch-tokens", type=int, help="rows x padded length per onnxruntime run (TEI's)")
+    p.add_argument("--ray", action="store_true", default=None,
+                   help="serve as a Ray Serve deployment: same gate, routes and batching per replica")
+    p.add_argument("--replicas", type=int, help="Ray Serve replicas (default 1)")
+    p.add_argument("--max-replicas", type=int, help="Ray Serve autoscaling from --replicas up to this many")
+    p.add_argument("--ray-address", help="Ray cluster to join ('auto'); default: a local Ray instance")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (better: LAYERPRUNE_SERVE_API_KEY, which "
                    "other users cannot see in the process list)")
 
@@ -89,6 +99,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_inputs_per_request=args.max_inputs_per_request, max_chars_per_input=args.max_chars_per_input,
         max_queue=args.max_queue, threads=args.threads, log_level=args.log_level, api_key=args.api_key,
+        max_batch_tokens=args.max_batch_tokens, ray=args.ray, replicas=args.replicas, max_replicas=args.max_replicas,
+        ray_address=args.ray_address,
     )
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-ROUTES = {"/predict", "/v1/classify", "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json",
-          "/redoc"}
+ROUTES = {"/", "/predict", "/info", "/health", "/v1/classify", "/v1/models", "/healthz", "/readyz", "/metrics",
+          "/docs", "/openapi.json", "/redoc"}
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 
@@ -30,6 +30,13 @@ class Metrics:
         )
         self.queue_depth = Gauge("layerprune_queue_depth", "inputs waiting for the model", registry=self.registry)
         self.inputs = Counter("layerprune_inputs", "inputs classified", registry=self.registry)
+        # real vs padding tokens run: how much of the model's work the length-aware runs still waste
+        self.tokens = Counter("layerprune_tokens", "tokens run through the model", ["kind"], registry=self.registry)
+        self.phase = Histogram(
+            "layerprune_request_phase_seconds", "time per request in tokenization, queue and inference (as TEI's "
+            "te_request_*_duration)", ["phase"], registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
 
     @staticmethod
     def route_label(path: str) -> str:

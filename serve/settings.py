@@ -34,6 +34,9 @@ class ServeSettings(BaseSettings):
     max_batch_tokens: int = Field(
         4096, ge=1, description="rows x padded length per onnxruntime run (TEI's max_batch_tokens): "
         "long inputs run in smaller batches, which bounds the memory of one run")
+    run_overhead_tokens: float | None = Field(
+        None, ge=0, le=4096, description="a run's fixed cost in padded tokens, for cutting a micro-batch into "
+        "length-aware runs; None: measured at start-up")
     memory_arena: bool = Field(False, description="onnxruntime's CPU arena: a little faster on short inputs, but it "
                                "keeps the memory of the largest run for good")
     api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' (not on health probes or docs)")
@@ -46,6 +49,11 @@ class ServeSettings(BaseSettings):
     auto_truncate: bool = Field(True, description="/predict default for 'truncate' (TEI's --auto-truncate)")
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads; None = its default")
     allow_unvalidated: bool = False
+    ray: bool = Field(False, description="serve as a Ray Serve deployment (pip install 'layerprune[ray]')")
+    replicas: int = Field(1, ge=1, description="Ray Serve replicas (with max_replicas: the autoscaling minimum)")
+    max_replicas: int | None = Field(None, ge=1, description="Ray Serve autoscaling up to this many replicas")
+    ray_address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://host:10001'); "
+                                    "None: a local Ray instance")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @classmethod

@@ -241,7 +241,7 @@ def test_truncation(client, offline) -> None:
     for body, route in [({"inputs": LONG, "truncate": False}, "/predict"),
                         ({"texts": ["short", LONG], "truncate": False}, "/v1/classify")]:
         r = client.post(route, json=body)
-        assert r.status_code == 413 and "tokens" in r.json()["error"], r.text
+        assert r.status_code == 422 and "tokens" in r.json()["error"], r.text
     assert client.post("/predict", json={"inputs": "short", "truncate": False}).status_code == 200
 
 
@@ -264,8 +264,13 @@ def test_models_route(client, failed_bundle, caplog) -> None:
     "route, body, status, words",
     [
         ("/predict", {"inputs": []}, 422, "empty"),
-        ("/predict", {"inputs": ["x"] * 65}, 413, "batch size"),
-        ("/predict", {"inputs": "x" * 10_001}, 413, "characters"),
+        ("/predict", {"inputs": ["x"] * 65}, 422, "batch size"),
+        ("/predict", {"inputs": "x" * 10_001}, 422, "characters"),
+        ("/predict", {"inputs": ""}, 400, "empty"),
+        ("/predict", {"inputs": [["a"], ["b", "c"]]}, 422, "inputs[1]"),
+        ("/predict", {"inputs": "a", "parameters": {"top_k": 0}}, 422, "top_k"),
+        ("/predict", {"inputs": "a", "parameters": {"function_to_apply": "tanh"}}, 422, "function_to_apply"),
+        ("/", {"inputs": []}, 422, "empty"),
         ("/predict", {"inputs": 5}, 422, "inputs"),
         ("/predict", {"inputs": [1, 2]}, 422, "inputs"),
         ("/predict", {"inputs": [["a", "b"]]}, 422, "single texts"),
@@ -282,7 +287,8 @@ def test_models_route(client, failed_bundle, caplog) -> None:
         ("/v1/classify", {"texts": "a"}, 422, "texts"),
         ("/v1/classify", {"texts": [None]}, 422, "texts"),
         ("/v1/classify", {"texts": ["a"], "extra": 1}, 422, "extra"),
-        ("/v1/classify", {"texts": ["a"] * 65}, 413, "batch size"),
+        ("/v1/classify", {"texts": ["a"] * 65}, 422, "batch size"),
+        ("/v1/classify", {"texts": ["a", ""]}, 400, "empty"),
     ],
 )
 def test_bad_input(client, route, body, status, words) -> None:
