@@ -24,6 +24,7 @@ from .artifacts import (
     atomic_dir,
     library_versions,
 )
+from .bundle import ANALYSIS_FILE, CKA_PLOT
 from .clustering import find_blocks
 from .data import Examples, load_examples
 from .errors import DataError, LayerpruneError
@@ -33,7 +34,6 @@ from .models import load_classifier, num_layers, resolve_checkpoint
 from .plots import plot_cka
 from .tasks import TaskConfig
 
-ANALYSIS_FILE = "analysis.json"
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def write_run_dir(report: AnalysisReport, matrix: np.ndarray, out: Path) -> None
     """analysis.json and cka.png, written atomically."""
     with atomic_dir(out, ANALYSIS_FILE) as tmp:
         report.save(tmp / ANALYSIS_FILE)
-        plot_cka(matrix, report, tmp / "cka.png")
+        plot_cka(matrix, report, tmp / CKA_PLOT)
 
 
 def _load_examples(task: TaskConfig, split: str, opts: AnalyzeOptions) -> Examples:

@@ -26,7 +26,6 @@ from typing import Literal
 import numpy as np
 
 from . import export as onnx_export
-from .analyze import ANALYSIS_FILE
 from .artifacts import (
     AnalysisReport,
     DepthReport,
@@ -41,7 +40,17 @@ from .artifacts import (
     library_versions,
     load_artifact,
 )
-from .bundle import MANIFEST_FILE, VALIDATION_FILE, hash_files
+from .bundle import (
+    ANALYSIS_FILE,
+    CKA_PLOT,
+    DEPTH_FILE,
+    DEPTH_PLOT,
+    MANIFEST_FILE,
+    VALIDATION_FILE,
+    bundle_parts,
+    hash_files,
+    output_labels,
+)
 from .data import Examples, load_examples, read_texts
 from .errors import LayerpruneError
 from .heal import Distilled, DistillOptions, TextStates, distill, encode_texts
@@ -163,14 +172,14 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
                              max_length, parity)
         report = depths.report(analysis.boundary, depth, parts, candidates, note, opts)
         validation.save(tmp / VALIDATION_FILE)
-        report.save(tmp / "depth.json")
-        plot_depths(report, tmp / "depth.png")
+        report.save(tmp / DEPTH_FILE)
+        plot_depths(report, tmp / DEPTH_PLOT)
         shutil.copy(Path(run_dir) / ANALYSIS_FILE, tmp / ANALYSIS_FILE)
-        if (Path(run_dir) / "cka.png").is_file():
-            shutil.copy(Path(run_dir) / "cka.png", tmp / "cka.png")
+        if (Path(run_dir) / CKA_PLOT).is_file():
+            shutil.copy(Path(run_dir) / CKA_PLOT, tmp / CKA_PLOT)
         manifest = Manifest(
-            files=hash_files(tmp), source_checkpoint=analysis.model, task=task.name, metric_name=task.metric,
-            labels=task.label_names, kept_layers=depth, total_layers=total, model_type=analysis.model_type,
+            files=hash_files(tmp), parts=bundle_parts(tmp), source_checkpoint=analysis.model, task=task.name,
+            metric_name=task.metric, labels=output_labels(tmp), kept_layers=depth, total_layers=total, model_type=analysis.model_type,
             heal=heal, max_length=max_length, pair_input=task.text_pair_field is not None,
             resample_seed=opts.resample_seed, optimize=opts.optimize, quantize="int8" if quant_name else None,
             quantization_config=quant_name, servable=validation.passed, versions=library_versions(),
