@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -53,11 +53,12 @@ from .bundle import (
 )
 from .data import Examples, load_examples, read_texts
 from .errors import LayerpruneError
-from .heal import Distilled, DistillOptions, TextStates, distill, encode_texts
+from .heal import Distilled, TextStates, distill, encode_texts
 from .hidden import predict_logits
 from .metrics import compute_metric
 from .models import architecture, load_classifier, num_layers
 from .plots import plot_depths
+from .options import ExportOptions  # options are declared once, with their CLI flags
 from .prune import HeadFit, depth_logits, fit_head, head_state, load_head, truncate
 from .runtime import OnnxClassifier, model_max_length
 from .tasks import TaskConfig
@@ -65,28 +66,6 @@ from .validate import EvalParts, calibration_and_holdout, compare, forecast
 
 BUNDLE_DIR = "bundle"
 TRUNCATED_DIR = "truncated"
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    keep_layers: int | Literal["auto"] = "auto"
-    heal: HealMode | None = None  # default: distill where there are heal texts (head for ALBERT), else none
-    heal_layers: int = 1  # top kept layers re-tuned by distill (with the head)
-    heal_data: Path | None = None  # in-domain texts to heal with (default: the task's train split)
-    heal_text_field: str | None = None  # their column (default: the task's text field)
-    heal_examples: int = 4000
-    agreement_examples: int = 4000  # unlabeled in-domain texts, beyond the heal texts, to measure agreement
-    optimize: Literal["O1", "O2", "O3"] | None = None
-    quantize: Literal["int8"] | None = None
-    tolerance: float = 0.01  # metric points as a fraction: 0.01 = 1 accuracy point
-    sweep: bool = False  # score every depth, not only those auto probes
-    max_examples: int | None = 2000  # per part: calibration and holdout
-    batch_size: int = 32
-    max_length: int | None = None  # default: the model's own limit (what the server would use)
-    device: str | None = None
-    trust_remote_code: bool = False
-    resample_seed: int | None = None  # re-cut calibration/holdout (benchmarks)
-    distill: DistillOptions = field(default_factory=DistillOptions)
 
 
 @dataclass(frozen=True)
