@@ -57,8 +57,8 @@ from .heal import Distilled, TextStates, distill, encode_texts
 from .hidden import predict_logits
 from .metrics import compute_metric
 from .models import architecture, load_classifier, num_layers
-from .plots import plot_depths
 from .options import ExportOptions  # options are declared once, with their CLI flags
+from .plots import plot_depths
 from .prune import HeadFit, depth_logits, fit_head, head_state, load_head, truncate
 from .runtime import OnnxClassifier, model_max_length
 from .tasks import TaskConfig
@@ -158,7 +158,8 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
             shutil.copy(Path(run_dir) / CKA_PLOT, tmp / CKA_PLOT)
         manifest = Manifest(
             files=hash_files(tmp), parts=bundle_parts(tmp), source_checkpoint=analysis.model, task=task.name,
-            metric_name=task.metric, labels=output_labels(tmp), kept_layers=depth, total_layers=total, model_type=analysis.model_type,
+            metric_name=task.metric, labels=output_labels(tmp), kept_layers=depth, total_layers=total,
+            model_type=analysis.model_type,
             heal=heal, max_length=max_length, pair_input=task.text_pair_field is not None,
             resample_seed=opts.resample_seed, optimize=opts.optimize, quantize="int8" if quant_name else None,
             quantization_config=quant_name, servable=validation.passed, versions=library_versions(),

@@ -441,7 +441,6 @@ def test_shutdown_drain_is_bounded(bundle) -> None:
         assert srv.proc.wait(timeout=60) in (0, -signal.SIGTERM)
         log = srv.log()
         assert "timeout graceful shutdown exceeded" in log and "Finished server process" in log, log[-2000:]
-        srv.assert_no_traceback()
     finally:
         for s in socks:
             s.close()
