@@ -17,39 +17,23 @@ from . import cka as cka_math
 from .artifacts import (
     AnalysisReport,
     AnalysisTimings,
-    CkaEstimator,
     MetricValue,
     Representation,
     UndefinedLayer,
     atomic_dir,
     library_versions,
 )
+from .bundle import ANALYSIS_FILE, CKA_PLOT
 from .clustering import find_blocks
 from .data import Examples, load_examples
 from .errors import DataError, LayerpruneError
 from .hidden import Batch, forward_all_layers, make_batches, pool
 from .metrics import compute_metric
 from .models import load_classifier, num_layers, resolve_checkpoint
+from .options import AnalyzeOptions  # options are declared once, with their CLI flags
 from .plots import plot_cka
 from .tasks import TaskConfig
 
-ANALYSIS_FILE = "analysis.json"
-
-
-@dataclass(frozen=True)
-class AnalyzeOptions:
-    split: str | None = None  # default: the task's evaluation split
-    max_examples: int | None = 2000
-    representation: Representation = "cls"
-    estimator: CkaEstimator = "linear"
-    clusters: int | None = None  # default: eigengap
-    max_clusters: int = 6
-    batch_size: int = 32
-    max_length: int = 128
-    max_tokens: int = 20_000  # cap on rows for the `tokens` representation
-    device: str | None = None
-    trust_remote_code: bool = False
-    glue_dir: Path | None = None
 
 
 def analyze(checkpoint: str, task: TaskConfig, out: Path, opts: AnalyzeOptions = AnalyzeOptions()) -> AnalysisReport:
@@ -122,7 +106,7 @@ def write_run_dir(report: AnalysisReport, matrix: np.ndarray, out: Path) -> None
     """analysis.json and cka.png, written atomically."""
     with atomic_dir(out, ANALYSIS_FILE) as tmp:
         report.save(tmp / ANALYSIS_FILE)
-        plot_cka(matrix, report, tmp / "cka.png")
+        plot_cka(matrix, report, tmp / CKA_PLOT)
 
 
 def _load_examples(task: TaskConfig, split: str, opts: AnalyzeOptions) -> Examples:

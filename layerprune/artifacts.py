@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import LayerpruneError
 from .tasks import TaskConfig
@@ -43,6 +43,10 @@ def load_artifact(cls: type[A], path: Path) -> A:
         return cls.model_validate_json(path.read_text())
     except FileNotFoundError:
         raise LayerpruneError(f"{path} not found") from None
+    except ValidationError as exc:  # its first line says only how many errors: name the first one
+        err = exc.errors()[0]
+        where = ".".join(str(part) for part in err["loc"]) or "its content"
+        raise LayerpruneError(f"{path} is not a valid {cls.__name__}: {where}: {err['msg']}") from None
     except ValueError as exc:
         raise LayerpruneError(f"{path} is not a valid {cls.__name__}: {str(exc).splitlines()[0]}") from None
 
@@ -250,15 +254,35 @@ class ValidationReport(Artifact):
     max_length: int = Field(description="tokens per input, for the original and the bundle alike")
 
 
-class Manifest(Artifact):
-    """manifest.json: what a bundle holds and where it came from; the server trusts nothing else."""
+class BundleParts(BaseModel):
+    """Where a bundle's parts are, by their relative file names (bundle.py names them at export)."""
 
-    schema_version: int = 2
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="the ONNX graph that is served")
+    config: str
+    tokenizer: str
+    validation: str
+    depth: str
+    analysis: str
+    depth_plot: str | None = None
+    cka_plot: str | None = None
+
+
+MANIFEST_SCHEMA = 3
+
+
+class Manifest(Artifact):
+    """manifest.json: what a bundle holds and where it came from; the server trusts nothing else.
+
+    v3: labels are resolved once, at export, and parts names the files; consumers re-derive neither."""
+
+    schema_version: int = MANIFEST_SCHEMA
     files: dict[str, str] = Field(description="relative path -> sha256 of every file but this one")
+    parts: BundleParts
     source_checkpoint: str
     task: str
     metric_name: str
-    labels: list[str] | None
+    labels: list[str] = Field(description="one name per model output, in output order: what the server answers")
     kept_layers: int
     total_layers: int
     model_type: str

@@ -19,14 +19,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from . import export as onnx_export
-from .analyze import ANALYSIS_FILE
 from .artifacts import (
     AnalysisReport,
     DepthReport,
@@ -41,44 +40,32 @@ from .artifacts import (
     library_versions,
     load_artifact,
 )
-from .bundle import MANIFEST_FILE, VALIDATION_FILE, hash_files
+from .bundle import (
+    ANALYSIS_FILE,
+    CKA_PLOT,
+    DEPTH_FILE,
+    DEPTH_PLOT,
+    MANIFEST_FILE,
+    VALIDATION_FILE,
+    bundle_parts,
+    hash_files,
+    output_labels,
+)
 from .data import Examples, load_examples, read_texts
 from .errors import LayerpruneError
-from .heal import Distilled, DistillOptions, TextStates, distill, encode_texts
+from .heal import Distilled, TextStates, distill, encode_texts
 from .hidden import predict_logits
 from .metrics import compute_metric
 from .models import architecture, load_classifier, num_layers
+from .options import ExportOptions  # options are declared once, with their CLI flags
 from .plots import plot_depths
 from .prune import HeadFit, depth_logits, fit_head, head_state, load_head, truncate
 from .runtime import OnnxClassifier, model_max_length
 from .tasks import TaskConfig
-from .validate import ALPHA, EvalParts, calibration_and_holdout, compare, forecast
+from .validate import EvalParts, calibration_and_holdout, compare, forecast
 
 BUNDLE_DIR = "bundle"
 TRUNCATED_DIR = "truncated"
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    keep_layers: int | Literal["auto"] = "auto"
-    heal: HealMode | None = None  # default: distill where there are heal texts (head for ALBERT), else none
-    heal_layers: int = 1  # top kept layers re-tuned by distill (with the head)
-    heal_data: Path | None = None  # in-domain texts to heal with (default: the task's train split)
-    heal_text_field: str | None = None  # their column (default: the task's text field)
-    heal_examples: int = 4000
-    agreement_examples: int = 4000  # unlabeled in-domain texts, beyond the heal texts, to measure agreement
-    optimize: Literal["O1", "O2", "O3"] | None = None
-    quantize: Literal["int8"] | None = None
-    tolerance: float = 0.01  # metric points as a fraction: 0.01 = 1 accuracy point
-    alpha: float = ALPHA  # the chance that export ships a bundle the holdout gate refuses (see _error_budget)
-    sweep: bool = False  # score every depth, not only those auto probes
-    max_examples: int | None = 2000  # per part: calibration and holdout
-    batch_size: int = 32
-    max_length: int | None = None  # default: the model's own limit (what the server would use)
-    device: str | None = None
-    trust_remote_code: bool = False
-    resample_seed: int | None = None  # re-cut calibration/holdout (benchmarks)
-    distill: DistillOptions = field(default_factory=DistillOptions)
 
 
 @dataclass(frozen=True)
@@ -165,14 +152,15 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
                              max_length, parity)
         report = depths.report(analysis.boundary, depth, parts, candidates, note, opts)
         validation.save(tmp / VALIDATION_FILE)
-        report.save(tmp / "depth.json")
-        plot_depths(report, tmp / "depth.png")
+        report.save(tmp / DEPTH_FILE)
+        plot_depths(report, tmp / DEPTH_PLOT)
         shutil.copy(Path(run_dir) / ANALYSIS_FILE, tmp / ANALYSIS_FILE)
-        if (Path(run_dir) / "cka.png").is_file():
-            shutil.copy(Path(run_dir) / "cka.png", tmp / "cka.png")
+        if (Path(run_dir) / CKA_PLOT).is_file():
+            shutil.copy(Path(run_dir) / CKA_PLOT, tmp / CKA_PLOT)
         manifest = Manifest(
-            files=hash_files(tmp), source_checkpoint=analysis.model, task=task.name, metric_name=task.metric,
-            labels=task.label_names, kept_layers=depth, total_layers=total, model_type=analysis.model_type,
+            files=hash_files(tmp), parts=bundle_parts(tmp), source_checkpoint=analysis.model, task=task.name,
+            metric_name=task.metric, labels=output_labels(tmp), kept_layers=depth, total_layers=total,
+            model_type=analysis.model_type,
             heal=heal, max_length=max_length, pair_input=task.text_pair_field is not None,
             resample_seed=opts.resample_seed, optimize=opts.optimize, quantize="int8" if quant_name else None,
             quantization_config=quant_name, servable=validation.passed, versions=library_versions(),

@@ -1,4 +1,6 @@
-"""A bundle on disk: its manifest, file hashes and the gate that decides whether it may be served.
+"""A bundle on disk: the names of its parts, its manifest, file hashes and the gate that decides whether
+it may be served. The one reader for the server, `validate` and the Triton export: they read the manifest
+(labels, pair input, max length, file names) and re-derive nothing.
 
 Torch-free on purpose: the server imports this module and `runtime`, never training or export code.
 """
@@ -6,13 +8,27 @@ Torch-free on purpose: the server imports this module and `runtime`, never train
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from .artifacts import Manifest, ValidationReport, load_artifact
+from .artifacts import MANIFEST_SCHEMA, BundleParts, Manifest, ValidationReport, load_artifact
 from .errors import LayerpruneError
 
+if TYPE_CHECKING:
+    from .runtime import OnnxClassifier
+
+# Every file name of a run directory and a bundle, in one place.
 MANIFEST_FILE = "manifest.json"
 VALIDATION_FILE = "validation.json"
+DEPTH_FILE = "depth.json"
+DEPTH_PLOT = "depth.png"
+ANALYSIS_FILE = "analysis.json"  # written by analyze into the run directory, copied into the bundle
+CKA_PLOT = "cka.png"
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 class BundleError(LayerpruneError):
@@ -41,13 +57,49 @@ def hash_files(root: Path) -> dict[str, str]:
     }
 
 
-def verify_bundle(root: Path) -> Manifest:
-    """The manifest of a bundle whose every listed file is present and unaltered, else a BundleError
-    naming the first file that is not."""
+def bundle_parts(root: Path) -> BundleParts:
+    """The manifest's file names for a bundle being written in `root` (the plots only where present)."""
     root = Path(root)
-    if not (root / MANIFEST_FILE).is_file():
+    return BundleParts(
+        model=MODEL_FILE, config=CONFIG_FILE, tokenizer=TOKENIZER_FILE, validation=VALIDATION_FILE,
+        depth=DEPTH_FILE, analysis=ANALYSIS_FILE,
+        depth_plot=DEPTH_PLOT if (root / DEPTH_PLOT).is_file() else None,
+        cka_plot=CKA_PLOT if (root / CKA_PLOT).is_file() else None,
+    )
+
+
+def output_labels(root: Path) -> list[str]:
+    """The label of each model output, in output order, resolved once at export for the manifest: the
+    runtime's reading of config.json (id2label, else LABEL_i for as many outputs as the graph has)."""
+    from .runtime import OnnxClassifier
+
+    return OnnxClassifier(Path(root), providers=["CPUExecutionProvider"]).labels
+
+
+def read_manifest(root: Path) -> Manifest:
+    """The manifest of `root`; a manifest of another schema version is refused in one line."""
+    root = Path(root)
+    path = root / MANIFEST_FILE
+    if not path.is_file():
         raise BundleError(f"{root} is not a layerprune bundle: no {MANIFEST_FILE}")
-    manifest = load_artifact(Manifest, root / MANIFEST_FILE)
+    try:
+        version = json.loads(path.read_text(encoding="utf-8")).get("schema_version")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        version = None  # not a JSON object: load_artifact names the problem
+    if isinstance(version, int) and version != MANIFEST_SCHEMA:
+        raise BundleError(f"{path} has manifest schema v{version}; this layerprune reads v{MANIFEST_SCHEMA}: "
+                          "re-export the bundle with this version")
+    return load_artifact(Manifest, path)
+
+
+def verify_bundle(root: Path) -> Manifest:
+    """The manifest of a bundle whose every listed file is present and unaltered, and whose every named part
+    is one of them; else a BundleError naming the first file that is not."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    for part, name in manifest.parts.model_dump().items():
+        if name is not None and name not in manifest.files:
+            raise BundleError(f"{root / MANIFEST_FILE} names {name} as the bundle's {part} but lists no hash for it")
     for name, expected in manifest.files.items():
         path = root / name
         if not path.is_file():
@@ -60,15 +112,40 @@ def verify_bundle(root: Path) -> Manifest:
 def servable_bundle(root: Path, allow_unvalidated: bool = False) -> tuple[Manifest, ValidationReport | None]:
     """Check a bundle before serving it: hashes always; a passed validation unless explicitly waived."""
     manifest = verify_bundle(root)
-    validation_path = Path(root) / VALIDATION_FILE
+    name = manifest.parts.validation
+    validation_path = Path(root) / name
     report = load_artifact(ValidationReport, validation_path) if validation_path.is_file() else None
+    if report is not None and report.max_length != manifest.max_length:
+        raise BundleError(f"{root}: the manifest says max length {manifest.max_length}, the bundle was validated at "
+                          f"{report.max_length}; what was validated is what is served: re-export it")
     if allow_unvalidated:
         return manifest, report
-    if report is None or VALIDATION_FILE not in manifest.files:
-        raise BundleError(f"{root} has no {VALIDATION_FILE}: validate it first (or --allow-unvalidated)")
+    if report is None:
+        raise BundleError(f"{root} has no {name}: validate it first (or --allow-unvalidated)")
     if not (report.passed and manifest.servable):
         raise BundleError(
             f"{root} failed validation ({report.metric_name} {report.bundle:.4f} vs {report.original:.4f}, "
             f"delta {report.delta:+.4f} < -{report.tolerance}); it is not servable"
         )
     return manifest, report
+
+
+@dataclass
+class OpenBundle:
+    """A bundle past the gate, its model loaded exactly as the manifest says (max length, labels)."""
+
+    root: Path
+    manifest: Manifest
+    validation: ValidationReport | None
+    classifier: OnnxClassifier
+
+
+def open_bundle(root: Path, *, allow_unvalidated: bool = False, **runtime: Any) -> OpenBundle:
+    """The gate (servable_bundle), then the runtime at the manifest's max length with the manifest's labels
+    (a label count that is not the model's output count is refused). runtime: OnnxClassifier's options."""
+    from .runtime import OnnxClassifier
+
+    root = Path(root)
+    manifest, validation = servable_bundle(root, allow_unvalidated=allow_unvalidated)
+    classifier = OnnxClassifier(root, max_length=manifest.max_length, labels=manifest.labels, **runtime)
+    return OpenBundle(root, manifest, validation, classifier)

@@ -6,18 +6,40 @@ Known errors become one line on stderr and a non-zero exit; nothing imports this
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .errors import LayerpruneError
+from .options import AnalyzeOptions, ExportOptions, FinetuneOptions, fraction, positive
 
 DEFAULT_RUN_DIR = Path("lp-run")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line rather than the usage block."""
+    """argparse, but a usage error is one line rather than the usage block; `populate` adds a subcommand's
+    arguments only when that subcommand is parsed (the server's flags import serve/ and pydantic-settings,
+    which `layerprune tasks` has no use for)."""
+
+    def __init__(self, *args: Any, populate: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+
+    def populate(self) -> None:
+        if self._populate is not None:
+            populate, self._populate = self._populate, None
+            populate(self)
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        self.populate()
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -49,29 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("model", help="pretrained checkpoint directory or hub id")
     _task_arguments(ft)
     ft.add_argument("--out", type=Path, required=True, help="where to save the fine-tuned checkpoint")
-    ft.add_argument("--epochs", type=float, default=2.0)
-    ft.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    ft.add_argument("--batch-size", type=_positive, default=32)
-    ft.add_argument("--max-length", type=_positive, default=128, help="tokens per input (default 128)")
-    ft.add_argument("--max-train-examples", type=_positive, help="train on the first N examples only")
-    ft.add_argument("--seed", type=int, default=42)
+    add_options(ft, FinetuneOptions)
     _runtime_arguments(ft)
     ft.set_defaults(run=_run_finetune)
 
     an = commands.add_parser("analyze", help="CKA between all layers of a fine-tuned checkpoint")
     an.add_argument("checkpoint", help="fine-tuned classification checkpoint directory or hub id")
     _task_arguments(an)
-    an.add_argument("--split", help="split to analyze (default: the task's evaluation split)")
-    an.add_argument("--max-examples", type=int, default=2000,
-                    help="analyze the first N examples of the split, in order (default 2000)")
-    an.add_argument("--representation", choices=["cls", "mean", "tokens"], default="cls",
-                    help="cls: first token (default, as in Phang et al.); mean: mask-aware mean; tokens: all tokens")
-    an.add_argument("--max-tokens", type=_positive, default=20_000, help="row cap for --representation tokens")
-    an.add_argument("--cka", dest="estimator", choices=["linear", "debiased", "minibatch"], default="linear",
-                    help="linear: exact (default); debiased: unbiased HSIC; minibatch: memory flat in n")
-    an.add_argument("--clusters", type=_positive, help="number of layer blocks (default: eigengap)")
-    an.add_argument("--batch-size", type=_positive, default=32)
-    an.add_argument("--max-length", type=_positive, default=128)
+    add_options(an, AnalyzeOptions)
     an.add_argument("--out", type=Path, default=DEFAULT_RUN_DIR, help="run directory (default ./lp-run)")
     _runtime_arguments(an)
     an.set_defaults(run=_run_analyze)
@@ -79,32 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     ex = commands.add_parser("export", help="drop the top layers, export a validated ONNX bundle")
     ex.add_argument("run_dir", nargs="?", type=Path, default=DEFAULT_RUN_DIR,
                     help="run directory written by analyze (default ./lp-run)")
-    ex.add_argument("--keep-layers", type=_keep_layers, default="auto",
-                    help="auto (default: the smallest depth whose gate forecast passes, searched from the CKA "
-                         "boundary) or N")
-    ex.add_argument("--heal", choices=["distill", "head", "none"],
-                    help="distill: re-tune the top --heal-layers kept layers and the head to match the original's "
-                         "logits (default where there are heal texts); head: re-fit only the head (labels needed); "
-                         "none: the paper's setting")
-    ex.add_argument("--heal-layers", type=_positive, default=1, help="top kept layers re-tuned by distill (default 1)")
-    ex.add_argument("--heal-data", type=Path,
-                    help="in-domain texts to heal with, labels not needed (CSV/TSV/JSONL; default: the train split)")
-    ex.add_argument("--heal-text-field", help="column of --heal-data with the text (default: the task's text field)")
-    ex.add_argument("--optimize", choices=["O1", "O2", "O3"], help="onnxruntime graph optimization level")
-    ex.add_argument("--quantize", choices=["int8"],
-                    help="try dynamic int8 for this CPU (then with the last layer and head in fp32, then fp32) "
-                         "and keep the first whose gate forecast passes")
-    ex.add_argument("--tolerance", type=_tolerance, default=0.01,
-                    help="largest allowed metric drop, as a fraction (default 0.01 = 1 point)")
-    ex.add_argument("--sweep", action="store_true", help="score every depth 1..L (auto probes only some)")
-    ex.add_argument("--max-examples", type=_positive, default=2000,
-                    help="cap on calibration and on holdout examples (default 2000 each)")
-    ex.add_argument("--heal-examples", type=_positive, default=4000, help="texts to heal with (default 4000)")
-    ex.add_argument("--agreement-examples", type=int, default=4000,
-                    help="further in-domain texts on which agreement with the original is measured (default 4000)")
-    ex.add_argument("--batch-size", type=_positive, default=32)
-    ex.add_argument("--max-length", type=_positive,
-                    help="tokens per input, validated and served alike (default: the model's own limit)")
+    add_options(ex, ExportOptions)
     ex.add_argument("--out", type=Path, help="bundle directory (default RUN_DIR/bundle)")
     _runtime_arguments(ex)
     ex.set_defaults(run=_run_export)
@@ -112,21 +94,19 @@ def _parser() -> argparse.ArgumentParser:
     va = commands.add_parser("validate", help="re-check a bundle: hashes, then metric against the original")
     va.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_RUN_DIR / "bundle",
                     help="bundle directory (default ./lp-run/bundle)")
-    va.add_argument("--tolerance", type=_tolerance, help="override the tolerance recorded at export")
+    va.add_argument("--tolerance", type=fraction, help="override the tolerance recorded at export")
     va.add_argument("--device", default="auto")
     va.set_defaults(run=_run_validate)
 
-    from serve.main import add_arguments  # the server's own flags, shared with `python -m serve`
-
-    sv = commands.add_parser("serve", help="serve a validated bundle over HTTP (127.0.0.1:8080)")
-    add_arguments(sv)
+    sv = commands.add_parser("serve", help="serve a validated bundle over HTTP (127.0.0.1:8080)",
+                             populate=_serve_arguments)
     sv.set_defaults(run=_run_serve)
 
     tr = commands.add_parser("triton", help="write an NVIDIA Triton model repository for a bundle")
     tr.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_RUN_DIR / "bundle")
     tr.add_argument("out", type=Path, help="model repository folder")
     tr.add_argument("--name", default="layerprune", help="model name in the repository")
-    tr.add_argument("--max-batch-size", type=_positive, default=32)
+    tr.add_argument("--max-batch-size", type=positive, default=32)
     tr.add_argument("--kind", choices=["KIND_AUTO", "KIND_CPU", "KIND_GPU"], default="KIND_AUTO")
     tr.add_argument("--allow-unvalidated", action="store_true")
     tr.set_defaults(run=_run_triton)
@@ -138,10 +118,45 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--checkpoint", type=Path,
                     help="fine-tuned checkpoint, made here on the first run (default runs/minilm-rt, runs/mpnet-rt)")
     de.add_argument("--out", type=Path, default=DEFAULT_RUN_DIR, help="run directory (default ./lp-run)")
-    de.add_argument("--tolerance", type=_tolerance, default=0.01,
-                    help="largest allowed accuracy drop (default 0.01 = 1 point, as export)")
+    de.add_argument("--tolerance", type=fraction, default=ExportOptions.tolerance,
+                    help=f"largest allowed accuracy drop (default {ExportOptions.tolerance:g}, as export)")
     de.set_defaults(run=_run_demo)
     return parser
+
+
+def add_options(parser: argparse.ArgumentParser, options: type) -> None:
+    """One flag per field of the options dataclass that carries `options.cli` metadata: dest = the field's
+    name, default = its default, parsed and restricted as its type says unless the metadata says otherwise."""
+    hints = typing.get_type_hints(options)
+    for f in dataclasses.fields(options):
+        spec = f.metadata.get("cli")
+        if spec is None:
+            continue
+        kind, literals = _flag_type(hints[f.name])
+        shown = spec["show_default"] and f.default not in (None, False)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default,
+                                  "help": spec["help"] + (f" (default {f.default})" if shown else "")}
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = spec["parse"] or (kind if kind in (int, float, Path) else None)
+            kwargs["choices"] = spec["choices"] or (literals if spec["parse"] is None else None)
+        parser.add_argument(spec["flag"] or "--" + f.name.replace("_", "-"), **kwargs)
+
+
+def _flag_type(hint: Any) -> tuple[Any, list[str] | None]:
+    """(the type without None, the Literal's values or None) of a field's annotation."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (
+        typing.Union, types.UnionType) else [hint]
+    literals = [v for a in args if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)]
+    plain = [a for a in args if typing.get_origin(a) is not typing.Literal]
+    return (plain[0] if plain else str), (literals or None)
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from serve.main import add_arguments  # the server's own flags, shared with `python -m serve`
+
+    add_arguments(parser)
 
 
 def _task_arguments(parser: argparse.ArgumentParser) -> None:
@@ -218,16 +233,11 @@ def _run_tasks(args: argparse.Namespace) -> int:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from .finetune import FinetuneOptions, finetune
+    from .finetune import finetune
 
     _check_checkpoint(args, args.model)
     task = _resolve_task(args)
-    opts = FinetuneOptions(
-        epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-        max_train_examples=args.max_train_examples, seed=args.seed, device=args.device,
-        trust_remote_code=args.trust_remote_code, glue_dir=args.glue_dir,
-    )
-    report = finetune(args.model, task, args.out, opts)
+    report = finetune(args.model, task, args.out, _options(FinetuneOptions, args))
     print(f"fine-tuned {args.model} on {task.name}: {report.n_train} examples, {report.train_seconds:.0f} s")
     print(f"{task.eval_split} {report.metric.name}: {report.metric.value:.4f} (n={report.n_eval})")
     print(f"checkpoint: {args.out}")
@@ -235,35 +245,22 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
-    from .analyze import AnalyzeOptions, analyze
+    from .analyze import analyze
 
     _check_checkpoint(args, args.checkpoint)
     task = _resolve_task(args)
-    opts = AnalyzeOptions(
-        split=args.split, max_examples=args.max_examples, representation=args.representation,
-        estimator=args.estimator, clusters=args.clusters, batch_size=args.batch_size, max_length=args.max_length,
-        max_tokens=args.max_tokens, device=args.device, trust_remote_code=args.trust_remote_code,
-        glue_dir=args.glue_dir,
-    )
-    report = analyze(args.checkpoint, task, args.out, opts)
+    report = analyze(args.checkpoint, task, args.out, _options(AnalyzeOptions, args))
     print(_summary(report))
     print(f"run directory: {args.out} (analysis.json, cka.png)")
     return 0
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .build import ExportOptions, export_bundle
+    from .build import export_bundle
     from .bundle import size_mb
     from .tables import candidates_table, validation_table
 
-    opts = ExportOptions(
-        keep_layers=args.keep_layers, heal=args.heal, heal_layers=args.heal_layers, heal_data=args.heal_data,
-        heal_text_field=args.heal_text_field, optimize=args.optimize, quantize=args.quantize,
-        tolerance=args.tolerance, sweep=args.sweep, max_examples=args.max_examples,
-        heal_examples=args.heal_examples, agreement_examples=args.agreement_examples, batch_size=args.batch_size,
-        max_length=args.max_length, device=args.device, trust_remote_code=args.trust_remote_code,
-    )
-    result = export_bundle(args.run_dir, args.out, opts)
+    result = export_bundle(args.run_dir, args.out, _options(ExportOptions, args))
     depth, manifest = result.depth, result.manifest
     print(f"depth ({depth.mode}, heal={depth.heal}): kept {depth.chosen} of {depth.total_layers} layers "
           f"(CKA boundary {depth.boundary}; probed {depth.probed} on {depth.calibration}, n={depth.n_calibration})")
@@ -315,15 +312,10 @@ def _run_triton(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tolerance(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction of the metric in [0, 1), e.g. 0.01 = 1 point; got {text}")
-    return value
-
-
-def _keep_layers(text: str) -> int | str:
-    return text if text == "auto" else _positive(text)
+def _options(options: type, args: argparse.Namespace) -> Any:
+    """The options dataclass from the parsed flags: every field the namespace holds (flags carry the field's
+    name as dest; --device, --trust-remote-code and --glue-dir too), the rest at their defaults."""
+    return options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options) if hasattr(args, f.name)})
 
 
 def _summary(report) -> str:
@@ -343,13 +335,6 @@ def _summary(report) -> str:
         f"time: load {t.load_s:.1f} s, forward {t.forward_s:.1f} s, CKA {t.cka_s:.2f} s, "
         f"clustering {t.clustering_s:.2f} s, total {t.total_s:.1f} s",
     ])
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _env_path(name: str) -> Path | None:

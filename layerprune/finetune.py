@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,22 +19,10 @@ from .errors import TaskError
 from .hidden import predict_logits, tokenize
 from .metrics import compute_metric
 from .models import load_classifier
+from .options import FinetuneOptions  # options are declared once, with their CLI flags
 from .tasks import TaskConfig
 
 REPORT_FILE = "training_report.json"
-
-
-@dataclass(frozen=True)
-class FinetuneOptions:
-    epochs: float = 2.0
-    learning_rate: float = 1e-4
-    batch_size: int = 32
-    max_length: int = 128
-    max_train_examples: int | None = None
-    seed: int = 42
-    device: str | None = None
-    trust_remote_code: bool = False
-    glue_dir: Path | None = None
 
 
 def finetune(base_model: str, task: TaskConfig, out: Path, opts: FinetuneOptions = FinetuneOptions()) -> TrainingReport:

@@ -27,6 +27,7 @@ from .data import Examples
 from .errors import LayerpruneError, ModelError
 from .hidden import Batch, forward_all_layers, make_batches, model_inputs
 from .models import head_modules, layer_list, num_layers, run_layers_on
+from .options import DistillOptions  # options are declared once, with their CLI flags
 from .prune import head_state, load_head
 
 
@@ -125,17 +126,6 @@ class Distilled:
         for offset, layer in enumerate(self.layers):
             stack[self.depth - self.heal_layers + offset] = copy.deepcopy(layer)
         load_head(truncated, head_state(self.student))
-
-
-@dataclass(frozen=True)
-class DistillOptions:
-    heal_layers: int = 1
-    epochs: int = 3
-    lr: float = 5e-5
-    temperature: float = 2.0
-    label_weight: float = 0.5  # weight of the label cross-entropy beside the distillation loss
-    patience: int = 1  # epochs without a better held-out loss before stopping
-    seed: int = 0
 
 
 def distill(

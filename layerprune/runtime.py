@@ -37,11 +37,13 @@ class OnnxClassifier:
     def __init__(
         self, model_dir: Path, *, max_length: int | None = None, providers: list[str] | None = None,
         threads: int | None = None, spinning: bool = True, memory_arena: bool = True,
+        labels: list[str] | None = None,
     ) -> None:
         """max_length: tokens per input (a bundle's manifest says which it was validated at); default the
         model's own limit. providers: default CUDA when this onnxruntime build offers it, else CPU (CPU always
         last, as the fallback for ops CUDA lacks, e.g. int8 MatMulInteger). threads: intra-op threads.
-        memory_arena: False frees each run's memory after it (a server's peak stays that of one run)."""
+        memory_arena: False frees each run's memory after it (a server's peak stays that of one run).
+        labels: one name per output (a bundle's manifest resolved them at export); default from config.json."""
         self.model_dir = Path(model_dir)
         for name in ("model.onnx", "config.json", "tokenizer.json"):
             if not (self.model_dir / name).is_file():
@@ -51,7 +53,7 @@ class OnnxClassifier:
         self.session = _session(self.model_dir / "model.onnx", providers, threads, spinning, memory_arena)
         self.input_names: list[str] = [i.name for i in self.session.get_inputs()]
         self.output_name: str = self.session.get_outputs()[0].name
-        self.id2label: dict[int, str] = _id2label(self.config, self.session)
+        self.id2label: dict[int, str] = _id2label(self.config, self.session, labels)
         limit = model_max_length(self.config, tokenizer_config)
         if max_length is not None and not 2 <= max_length <= limit:
             raise LayerpruneError(f"max_length must be between 2 and {limit} for this model, got {max_length}")
@@ -75,6 +77,11 @@ class OnnxClassifier:
     @property
     def num_labels(self) -> int:
         return len(self.id2label)
+
+    @property
+    def labels(self) -> list[str]:
+        """Label names in output order."""
+        return [self.id2label[i] for i in range(self.num_labels)]
 
     def encode(
         self, texts: list[str], pairs: list[str] | None = None, *, max_length: int | None = None,
@@ -184,12 +191,17 @@ def model_max_length(config: dict, tokenizer_config: dict) -> int:
     return min(limits)
 
 
-def _id2label(config: dict, session: ort.InferenceSession) -> dict[int, str]:
-    """config.json's labels; transformers leaves out the default two (LABEL_0, LABEL_1), so without
-    them the names are the defaults for as many labels as the model outputs."""
+def _id2label(config: dict, session: ort.InferenceSession, labels: list[str] | None = None) -> dict[int, str]:
+    """The labels given (checked against the model's output width), else config.json's; transformers leaves
+    out the default two (LABEL_0, LABEL_1), so without them the names are the defaults for as many labels
+    as the model outputs."""
+    width = session.get_outputs()[0].shape[-1]
+    if labels is not None:
+        if isinstance(width, int) and len(labels) != width:
+            raise LayerpruneError(f"{len(labels)} labels given for a model with {width} outputs")
+        return dict(enumerate(labels))
     if config.get("id2label"):
         return {int(k): str(v) for k, v in config["id2label"].items()}
-    width = session.get_outputs()[0].shape[-1]
     count = width if isinstance(width, int) else int(config.get("num_labels", 2))
     return {i: f"LABEL_{i}" for i in range(count)}
 

@@ -14,14 +14,14 @@ import numpy as np
 from scipy.stats import bootstrap
 
 from .artifacts import AnalysisReport, GateForecast, ValidationReport, load_artifact
-from .bundle import VALIDATION_FILE, verify_bundle
+from .bundle import open_bundle
 from .data import Examples, load_examples
 from .errors import DataError
 from .metrics import compute_metric, predictions, score_predictions
+from .options import ALPHA
 from .tasks import HubSource, TaskConfig
 
 HALVES_SEED = 0
-ANALYSIS_COPY = "analysis.json"
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,6 @@ def paired_bootstrap(
     return float(low), float(high), float(result.standard_error)
 
 
-ALPHA = 0.05  # the chance, one-sided, that export ships a bundle the holdout gate then refuses
 
 
 def z_for(alpha: float) -> float:
@@ -167,12 +166,11 @@ def validate_bundle(bundle_dir: Path, tolerance: float | None = None, device: st
     manifest's max length. Nothing in the bundle is changed."""
     from .hidden import predict_logits
     from .models import load_classifier
-    from .runtime import OnnxClassifier
 
-    manifest = verify_bundle(bundle_dir)
-    runner = OnnxClassifier(Path(bundle_dir), max_length=manifest.max_length)
-    analysis = load_artifact(AnalysisReport, Path(bundle_dir) / ANALYSIS_COPY)
-    stored = load_artifact(ValidationReport, Path(bundle_dir) / VALIDATION_FILE)
+    opened = open_bundle(Path(bundle_dir), allow_unvalidated=True)  # a failed bundle is re-checked too
+    manifest, runner = opened.manifest, opened.classifier
+    analysis = load_artifact(AnalysisReport, Path(bundle_dir) / manifest.parts.analysis)
+    stored = load_artifact(ValidationReport, Path(bundle_dir) / manifest.parts.validation)
     task = analysis.task_config
     glue_dir = Path(analysis.glue_dir) if analysis.glue_dir else None
     parts = calibration_and_holdout(task, glue_dir, stored.n_examples, manifest.resample_seed)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from layerprune.artifacts import Manifest, ValidationReport
-from layerprune.bundle import servable_bundle
+from layerprune.bundle import open_bundle
 from layerprune.errors import LayerpruneError
 from layerprune.runtime import OnnxClassifier
 
@@ -46,14 +46,8 @@ class ServedModel:
 
     @property
     def labels(self) -> list[str]:
-        """Label names in output order: config.json's id2label (as the runtime reads it); when config.json
-        names none (transformers leaves out the default two), the manifest's task labels."""
-        id2label = self.classifier.id2label
-        runtime = [id2label[i] for i in sorted(id2label)]
-        if not self.classifier.config.get("id2label") and self.manifest.labels \
-                and len(self.manifest.labels) == len(runtime):
-            return list(self.manifest.labels)
-        return runtime
+        """Label names in output order, as the manifest says (resolved once, at export)."""
+        return list(self.manifest.labels)
 
     @property
     def multi_label(self) -> bool:
@@ -112,16 +106,12 @@ def load_model(bundle: Path, *, allow_unvalidated: bool = False, threads: int | 
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise LayerpruneError(f"bundle {bundle} is not a directory")
-    manifest, validation = servable_bundle(bundle, allow_unvalidated=allow_unvalidated)
     # No busy-waiting ORT threads: the event loop and tokenization need the same cores. The max length is the
     # one the bundle was validated at: what was validated is what is served. No memory arena by default: an
     # arena keeps the peak of the largest run ever made and never gives it back (measured: 607 MB held after
     # long inputs, vs 232 MB without; see README "Reliability").
-    classifier = OnnxClassifier(bundle, max_length=manifest.max_length, providers=providers, threads=threads,
-                                spinning=False, memory_arena=memory_arena)
-    if manifest.labels and len(manifest.labels) != classifier.num_labels:
-        raise LayerpruneError(
-            f"{bundle}: manifest names {len(manifest.labels)} labels, the model outputs {classifier.num_labels}"
-        )
-    return ServedModel(bundle, manifest, validation, classifier, manifest.pair_input, allow_unvalidated)
+    opened = open_bundle(bundle, allow_unvalidated=allow_unvalidated, providers=providers, threads=threads,
+                         spinning=False, memory_arena=memory_arena)
+    return ServedModel(bundle, opened.manifest, opened.validation, opened.classifier, opened.manifest.pair_input,
+                       allow_unvalidated)
 

@@ -11,9 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-import onnxruntime as ort
-
-from layerprune.bundle import servable_bundle
+from layerprune.bundle import open_bundle
 from layerprune.errors import LayerpruneError
 
 from .model import public_source
@@ -39,7 +37,8 @@ def write_triton_repository(
     """Write OUT/<model_name>/{config.pbtxt, labels.txt, <version>/model.onnx} for a bundle that passes
     the serving gate. Returns the model directory. kind: KIND_AUTO, KIND_CPU or KIND_GPU."""
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
-    manifest, _ = servable_bundle(bundle_dir, allow_unvalidated=allow_unvalidated)
+    opened = open_bundle(bundle_dir, allow_unvalidated=allow_unvalidated, providers=["CPUExecutionProvider"])
+    manifest, session = opened.manifest, opened.classifier.session
     if not model_name or not all(c.isalnum() or c in "-_." for c in model_name) or model_name.startswith("."):
         raise LayerpruneError(f"model name {model_name!r}: use letters, digits, '-', '_' and '.'")
     if max_batch_size < 1:
@@ -50,19 +49,19 @@ def write_triton_repository(
     if any(b < 1 or b > max_batch_size for b in preferred):
         raise LayerpruneError(f"preferred batch sizes {preferred} must lie in 1..{max_batch_size}")
 
-    session = ort.InferenceSession(str(bundle_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_file = bundle_dir / manifest.parts.model
     inputs = [_tensor(i, "input") for i in session.get_inputs()]
     outputs = [_tensor(o, "output") for o in session.get_outputs()]
     if len(outputs) != 1:
-        raise LayerpruneError(f"{bundle_dir / 'model.onnx'} has {len(outputs)} outputs; expected one (logits)")
-    labels = _labels(bundle_dir, manifest.labels, outputs[0][2])
+        raise LayerpruneError(f"{onnx_file} has {len(outputs)} outputs; expected one (logits)")
+    labels = _labels(manifest.labels)  # open_bundle checked their count against the outputs
 
     model_dir = out_dir / model_name
     if model_dir.exists():
         raise LayerpruneError(f"refusing to overwrite {model_dir}")
     try:  # OUT under a file, in /proc, read-only: one line, not a traceback
         (model_dir / str(version)).mkdir(parents=True)
-        shutil.copyfile(bundle_dir / "model.onnx", model_dir / str(version) / "model.onnx")
+        shutil.copyfile(onnx_file, model_dir / str(version) / "model.onnx")  # the name Triton looks for
         (model_dir / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
     except OSError as exc:
         raise LayerpruneError(f"cannot write the model repository {out_dir}: {exc.strerror or exc}") from None
@@ -107,15 +106,8 @@ def _tensor(arg, what: str) -> tuple[str, str, str]:
     return arg.name, _TRITON_TYPES[arg.type], dims
 
 
-def _labels(bundle: Path, manifest_labels: list[str] | None, dims: str) -> list[str]:
-    config = json.loads((bundle / "config.json").read_text(encoding="utf-8"))
-    if config.get("id2label"):
-        labels = [str(config["id2label"][k]) for k in sorted(config["id2label"], key=int)]
-    elif manifest_labels:
-        labels = list(manifest_labels)
-    else:
-        width = int(dims) if dims.lstrip("-").isdigit() and int(dims) > 0 else int(config.get("num_labels", 2))
-        labels = [f"LABEL_{i}" for i in range(width)]
+def _labels(labels: list[str]) -> list[str]:
+    """The manifest's labels (resolved at export), one per output."""
     if any("\n" in label for label in labels):
         raise LayerpruneError("a label holds a newline; it cannot go in a Triton labels file")
     return labels

@@ -101,36 +101,50 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m serve BUNDLE` on a free loopback port, with the repository's settings file; `stop()`
-    returns everything it printed."""
+    """`python -m serve BUNDLE` on a free loopback port, with the repository's settings file. Its output goes to
+    a log file (a pipe nobody reads would fill and stall the server): `log()` reads it, `assert_no_traceback()`
+    fails on any traceback in it, `stop()` returns it."""
 
     def __init__(self, bundle: Path, *args: str, **env: str) -> None:
         import subprocess
         import sys
+        import tempfile
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "LAYERPRUNE_SERVE_CONFIG": str(ROOT / "configs/serve.yaml"), **env}
+        self._log = tempfile.NamedTemporaryFile("w", prefix="layerprune-serve-", suffix=".log", delete=False)
+        self.log_path = Path(self._log.name)
+        self._stopped_log: str | None = None  # the log as stop() left it, its file removed
         self.proc = subprocess.Popen([sys.executable, "-m", "serve", str(bundle), "--port", str(self.port), *args],
-                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, text=True)
+
+    def log(self) -> str:
+        if self._stopped_log is not None:
+            return self._stopped_log
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def assert_no_traceback(self) -> None:
+        log = self.log()
+        assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-4000:]
 
     def wait_ready(self, timeout: float = 90) -> "ServerProcess":
+        """Polls /readyz at most every 0.1 s, a count of tries bounded by `timeout` (not a clock: on a busy
+        machine each try may take longer, and that is not a failure)."""
         import time
 
         import httpx
 
-        deadline = time.monotonic() + timeout
-        while True:
+        for _ in range(int(timeout / 0.1)):
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
+                raise AssertionError(f"server exited {self.proc.returncode}: {self.log()}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
-            if time.monotonic() > deadline:
-                raise AssertionError("server never became ready")
             time.sleep(0.1)
+        raise AssertionError(f"server never became ready: {self.log()[-2000:]}")
 
     def stop(self) -> str:
         import subprocess
@@ -142,4 +156,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-        return self.proc.stdout.read() if self.proc.stdout else ""
+        if self._stopped_log is None:
+            self._log.close()
+            self._stopped_log = self.log_path.read_text(encoding="utf-8", errors="replace")
+            self.log_path.unlink(missing_ok=True)
+        return self._stopped_log

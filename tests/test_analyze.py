@@ -35,10 +35,13 @@ def _check_report(report: AnalysisReport, run: Path) -> None:
             assert report.cka[i][j] == pytest.approx(report.cka[j][i])
             assert -1e-6 <= report.cka[i][j] <= 1 + 1e-6
     assert report.boundary in defined
-    assert report.recommended_keep_layers == report.boundary
-    assert report.clusters[report.boundary] == report.n_clusters - 1
     labels = [c for c in report.clusters if c is not None]
     assert labels == sorted(labels), "blocks are contiguous in depth"
+    assert report.n_clusters == len(set(labels))
+    # The late block, read off the cluster list: the top layers, from the boundary up to the last layer.
+    late = [layer for layer, c in enumerate(report.clusters) if c == labels[-1]]
+    assert late == list(range(late[0], size)) and report.boundary == late[0]
+    assert 1 <= report.recommended_keep_layers <= report.num_layers
     assert 0.0 <= report.metric.value <= 1.0
     on_disk = load_artifact(AnalysisReport, run / "analysis.json")
     assert on_disk == report

@@ -78,8 +78,25 @@ def test_fp32_parity_and_validation(bundle: Path) -> None:
     assert report.n_examples == 12 and "holdout" in report.holdout
     assert report.delta_ci95[0] <= report.delta <= report.delta_ci95[1]
     manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
-    assert manifest.servable == report.passed
     assert report.max_length == manifest.max_length == 160, "the tiny models' limit: 160 positions"
+    # The numbers against an independent reference: scikit-learn's accuracy of the served ONNX model and of
+    # the original checkpoint run by transformers, on the same holdout examples.
+    import torch
+    from sklearn.metrics import accuracy_score
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from layerprune.runtime import OnnxClassifier
+
+    analysis = load_artifact(AnalysisReport, bundle / "analysis.json")
+    holdout = calibration_and_holdout(analysis.task_config, None, report.n_examples).holdout
+    served = OnnxClassifier(bundle, max_length=manifest.max_length).logits(holdout.texts)
+    tokenizer = AutoTokenizer.from_pretrained(analysis.model)
+    original = AutoModelForSequenceClassification.from_pretrained(analysis.model).eval()
+    with torch.no_grad():
+        logits = original(**tokenizer(holdout.texts, padding=True, return_tensors="pt")).logits.numpy()
+    bundle_acc, original_acc = (accuracy_score(holdout.labels, x.argmax(-1)) for x in (served, logits))
+    assert report.bundle == pytest.approx(bundle_acc) and report.original == pytest.approx(original_acc)
+    assert report.passed == manifest.servable == (bundle_acc - original_acc >= -report.tolerance)
 
 
 def test_full_depth_bundle_equals_original(run_dir: Path, tmp_path: Path) -> None:

@@ -250,16 +250,36 @@ def test_invalid_input() -> None:
         cka_matrix([rng.normal(size=(10, 4))], estimator="rbf")  # type: ignore[arg-type]
 
 
-# --- performance ---------------------------------------------------------------
+# --- a base-size layer stack, against plain formulas --------------------------------------------------------
 
 
-def test_cka_matrix_scales_to_layer_stacks() -> None:
+def _reference_linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Feature-space linear CKA in float64 (Kornblith et al. 2019, eq. 5): ||Yc^T Xc||_F^2 / (||Xc^T Xc|| ||Yc^T Yc||)."""
+    xc, yc = (a.astype(np.float64) - a.astype(np.float64).mean(0) for a in (x, y))
+    return float(np.linalg.norm(yc.T @ xc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)))
+
+
+def _reference_hsic1(k: np.ndarray, l: np.ndarray) -> float:
+    """Unbiased HSIC as Song et al. (2012) write it, diagonals zeroed, no centering matrix:
+    [tr(K~L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3))."""
+    n = len(k)
+    k, l = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
+    return float((np.sum(k * l) + k.sum() * l.sum() / ((n - 1) * (n - 2)) - 2 / (n - 2) * (k.sum(0) @ l.sum(1)))
+                 / (n * (n - 3)))
+
+
+def test_layer_stack_in_float32_matches_float64_formulas() -> None:
     # 13 layers of a base-size encoder on 1000 examples, float32 as they come off a model.
-    rng = _rng(13)
-    reps = [rng.normal(size=(1000, 768)).astype(np.float32) for _ in range(13)]
-    for estimator in ESTIMATORS:
-        m = cka_matrix(reps, estimator)
-        assert m.shape == (13, 13) and np.all(np.isfinite(m))
+    reps = [r.astype(np.float32) for r in _shared_signal_reps(_rng(13), 1000, [768] * 13, list(np.linspace(0.2, 3, 13)))]
+    linear, debiased = cka_matrix(reps, "linear"), cka_matrix(reps, "debiased")
+    assert linear.shape == debiased.shape == (13, 13)
+    grams = {i: reps[i].astype(np.float64) @ reps[i].astype(np.float64).T for i in (0, 5, 6, 12)}
+    for i, j in [(0, 12), (5, 6), (0, 5)]:
+        assert linear[i, j] == pytest.approx(_reference_linear_cka(reps[i], reps[j]), abs=1e-5)
+        hsic = _reference_hsic1(grams[i], grams[j])
+        expected = hsic / np.sqrt(_reference_hsic1(grams[i], grams[i]) * _reference_hsic1(grams[j], grams[j]))
+        assert debiased[i, j] == pytest.approx(expected, abs=1e-5)
+    assert linear[5, 6] > linear[0, 12], "similar noise levels are more alike than distant ones"
 
 
 # --- minibatch CKA ---------------------------------------------------------------

@@ -316,3 +316,57 @@ def test_demo_output_place_checked_before_the_work(tmp_path, capsys, monkeypatch
     assert_one_line_error(code, err, "cannot write run directory")
     assert code == 2 and ran == []
     assert run_cli(["demo", "--out", tmp_path / "run"], capsys)[0] == 0 and ran == ["demo"]  # default checkpoint
+
+
+# --- issue 9, item 5: the options objects drive the parser; `tasks` imports no server --------------------
+
+
+def test_tasks_imports_no_server() -> None:
+    code = ("import sys; from layerprune.cli import main; assert main(['tasks']) == 0; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('serve', 'pydantic_settings', 'uvicorn', 'fastapi')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]
+
+
+def test_flags_become_the_options(monkeypatch) -> None:
+    """No flags: the dataclass defaults (the CLI's --device is 'auto'); flags land on their fields."""
+    import layerprune.build
+    import layerprune.finetune
+    from layerprune.options import ExportOptions, FinetuneOptions
+
+    got: list = []
+    monkeypatch.setattr("layerprune.cli._preflight", lambda args: None)
+    monkeypatch.setattr("layerprune.cli._check_checkpoint", lambda args, name: None)
+    monkeypatch.setattr(layerprune.build, "export_bundle", lambda run, out, opts: got.append(opts) or 1 / 0)
+    monkeypatch.setattr(layerprune.finetune, "finetune", lambda model, task, out, opts: got.append(opts) or 1 / 0)
+    for argv in (["export"], ["export", "--keep-layers", "3", "--heal", "head", "--tolerance", "0.02", "--sweep",
+                              "--agreement-examples", "0", "--max-length", "64"],
+                 ["finetune", "m", "--task", "sst2", "--out", "o", "--lr", "3e-5", "--max-train-examples", "5"]):
+        with pytest.raises(ZeroDivisionError):
+            main(argv)
+    assert got[0] == ExportOptions(device="auto")
+    assert got[1] == ExportOptions(keep_layers=3, heal="head", tolerance=0.02, sweep=True, agreement_examples=0,
+                                   max_length=64, device="auto")
+    assert got[2] == FinetuneOptions(learning_rate=3e-5, max_train_examples=5, device="auto")
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["export", "--keep-layers", "0"], "argument --keep-layers: must be a positive integer, got 0"),
+    (["export", "--heal", "all"], "argument --heal: invalid choice: 'all'"),
+    (["export", "--tolerance", "1.5"], "argument --tolerance: must be a fraction"),
+    (["analyze", "c", "--cka", "rbf"], "argument --cka: invalid choice: 'rbf'"),
+    (["serve", "--port", "x"], "argument --port: invalid int value: 'x'"),
+])
+def test_generated_flags_refuse_bad_values_in_one_line(argv, words, capsys) -> None:
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2
+    assert_one_line_error(code, err, words)
+
+
+def test_serve_help_lists_the_server_flags(capsys) -> None:
+    code, out, _ = run_cli(["serve", "--help"], capsys)
+    assert code == 0 and "--max-batch-size" in out and "--allow-unvalidated" in out
+    code, out, _ = run_cli(["export", "--help"], capsys)
+    assert code == 0 and "--heal-examples HEAL_EXAMPLES" in out and "(default 4000)" in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -564,4 +565,15 @@ def test_rt_polarity_real(tmp_path: Path, monkeypatch) -> None:
         assert set(ex.labels.tolist()) == {0, 1}
         assert ex.pairs is None and all(ex.texts)
     assert sizes == RT_POLARITY_SIZES == {"train": 8456, "validation": 1056, "test": 1056}
-    assert load_examples(task, "train").texts[:1] == load_examples(task, "train").texts[:1]  # from cache, same order
+    # The documented split, recomputed from the raw lines: seed-2014 permutation of the sentences not rated 0.
+    rows = [line.split("\t") for line in raw.decode("utf-8").split("\r\n")]
+    rated = [(text, float(rating)) for _, rating, text in rows if float(rating) != 0]
+    order = np.random.default_rng(2014).permutation(len(rated))[: sizes["train"]]
+    train = load_examples(task, "train")  # from the cache now
+    assert train.labels.tolist() == [int(rated[i][1] > 0) for i in order]
+    assert [_letters(t) for t in train.texts[:20]] == [_letters(rated[i][0]) for i in order[:20]]
+
+
+def _letters(text: str) -> str:
+    """The text without quotes, spaces and punctuation (which the loader normalizes)."""
+    return re.sub(r"\W+", "", text)

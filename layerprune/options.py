@@ -1,0 +1,135 @@
+"""The options of each command, written once: a field's name, type and default drive both the library call
+and the CLI flag (`cli.add_options` reads the `cli(...)` metadata); fields without it are library-only.
+
+Light on purpose (standard library and the artifact types): the CLI builds its parser from these classes
+before any work, and the hub libraries must not be imported then (see preflight.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .artifacts import CkaEstimator, HealMode, Representation
+
+ALPHA = 0.05  # export's error budget: the chance it ships a bundle the holdout gate then refuses
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction of the metric in [0, 1), e.g. 0.01 = 1 point; got {text}")
+    return value
+
+
+def error_rate(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 0.5:
+        raise argparse.ArgumentTypeError(f"must be an error rate in (0, 0.5), e.g. 0.05; got {text}")
+    return value
+
+
+def keep_layers(text: str) -> int | str:
+    return text if text == "auto" else positive(text)
+
+
+def cli(help: str, *, flag: str | None = None, parse: Callable[[str], Any] | None = None,
+        choices: list[str] | None = None, show_default: bool = True) -> dict[str, Any]:
+    """Field metadata that makes the field a CLI flag: --field-name (or `flag`), parsed by `parse` (default:
+    from the field's type), `choices`, and "(default X)" added to `help` unless show_default is False."""
+    return {"cli": {"help": help, "flag": flag, "parse": parse, "choices": choices, "show_default": show_default}}
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    epochs: float = field(default=2.0, metadata=cli("training epochs"))
+    learning_rate: float = field(default=1e-4, metadata=cli("peak learning rate", flag="--lr"))
+    batch_size: int = field(default=32, metadata=cli("examples per step", parse=positive))
+    max_length: int = field(default=128, metadata=cli("tokens per input", parse=positive))
+    max_train_examples: int | None = field(default=None, metadata=cli("train on the first N examples only",
+                                                                       parse=positive))
+    seed: int = field(default=42, metadata=cli("random seed"))
+    device: str | None = None
+    trust_remote_code: bool = False
+    glue_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    split: str | None = field(default=None, metadata=cli("split to analyze (default: the task's evaluation split)"))
+    max_examples: int | None = field(default=2000, metadata=cli("analyze the first N examples of the split, in order",
+                                                                parse=int))
+    representation: Representation = field(default="cls", metadata=cli(
+        "cls: first token (as in Phang et al.); mean: mask-aware mean; tokens: all tokens"))
+    estimator: CkaEstimator = field(default="linear", metadata=cli(
+        "linear: exact; debiased: unbiased HSIC; minibatch: memory flat in n", flag="--cka"))
+    clusters: int | None = field(default=None, metadata=cli("number of layer blocks (default: eigengap)",
+                                                            parse=positive))
+    max_clusters: int = 6
+    batch_size: int = field(default=32, metadata=cli("inputs per forward pass", parse=positive))
+    max_length: int = field(default=128, metadata=cli("tokens per input", parse=positive))
+    max_tokens: int = field(default=20_000, metadata=cli("row cap for --representation tokens", parse=positive))
+    device: str | None = None
+    trust_remote_code: bool = False
+    glue_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    heal_layers: int = 1
+    epochs: int = 3
+    lr: float = 5e-5
+    temperature: float = 2.0
+    label_weight: float = 0.5  # weight of the label cross-entropy beside the distillation loss
+    patience: int = 1  # epochs without a better held-out loss before stopping
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    keep_layers: int | Literal["auto"] = field(default="auto", metadata=cli(
+        "auto (the smallest depth whose gate forecast passes, searched from the CKA boundary) or N",
+        parse=keep_layers))
+    # default: distill where there are heal texts (head for ALBERT), else none
+    heal: HealMode | None = field(default=None, metadata=cli(
+        "distill: re-tune the top --heal-layers kept layers and the head to match the original's logits (default "
+        "where there are heal texts); head: re-fit only the head (labels needed); none: the paper's setting"))
+    heal_layers: int = field(default=1, metadata=cli("top kept layers re-tuned by distill (with the head)",
+                                                     parse=positive))
+    heal_data: Path | None = field(default=None, metadata=cli(
+        "in-domain texts to heal with, labels not needed (CSV/TSV/JSONL; default: the train split)"))
+    heal_text_field: str | None = field(default=None, metadata=cli(
+        "column of --heal-data with the text (default: the task's text field)"))
+    heal_examples: int = field(default=4000, metadata=cli("texts to heal with", parse=positive))
+    agreement_examples: int = field(default=4000, metadata=cli(
+        "further in-domain texts on which agreement with the original is measured", parse=int))
+    optimize: Literal["O1", "O2", "O3"] | None = field(default=None, metadata=cli(
+        "onnxruntime graph optimization level"))
+    quantize: Literal["int8"] | None = field(default=None, metadata=cli(
+        "try dynamic int8 for this CPU (then with the last layer and head in fp32, then fp32) and keep the first "
+        "whose gate forecast passes"))
+    tolerance: float = field(default=0.01, metadata=cli(
+        "largest allowed metric drop, as a fraction (0.01 = 1 point)", parse=fraction))
+    alpha: float = field(default=ALPHA, metadata=cli(
+        "the chance, one-sided, that export ships a bundle the holdout gate refuses; split over its forecasts",
+        parse=error_rate))
+    sweep: bool = field(default=False, metadata=cli("score every depth 1..L (auto probes only some)"))
+    max_examples: int | None = field(default=2000, metadata=cli("cap on calibration and on holdout examples, each",
+                                                                parse=positive))
+    batch_size: int = field(default=32, metadata=cli("inputs per forward pass", parse=positive))
+    max_length: int | None = field(default=None, metadata=cli(
+        "tokens per input, validated and served alike (default: the model's own limit)", parse=positive))
+    device: str | None = None
+    trust_remote_code: bool = False
+    resample_seed: int | None = None  # re-cut calibration/holdout (benchmarks)
+    distill: DistillOptions = field(default_factory=DistillOptions)

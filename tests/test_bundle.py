@@ -1,0 +1,95 @@
+"""The bundle contract (issue 9, item 2): the manifest carries what consumers need, and they read only it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from layerprune.artifacts import MANIFEST_SCHEMA, Manifest, load_artifact
+from layerprune.bundle import BundleError, open_bundle, verify_bundle
+from layerprune.errors import LayerpruneError
+from serve.model import load_model
+from serve.triton import write_triton_repository
+from conftest import ROOT, ServerProcess
+from test_serve import _bundle
+
+
+@pytest.fixture(scope="module")
+def bundle(minilm_dir, tmp_path_factory) -> Path:
+    return _bundle(tmp_path_factory.mktemp("contract"), minilm_dir, pair=False)
+
+
+def _edited(bundle: Path, out: Path, **changes) -> Path:
+    """A copy of `bundle` whose manifest.json has `changes` (the hashed files untouched)."""
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.update(changes)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_manifest_names_labels_and_parts(bundle: Path) -> None:
+    manifest = load_artifact(Manifest, bundle / "manifest.json")
+    assert manifest.schema_version == MANIFEST_SCHEMA
+    # The task's label names (from the CSV), resolved once at export, in output order.
+    assert manifest.labels == ["negative", "positive"]
+    parts = manifest.parts
+    assert (parts.model, parts.validation, parts.analysis) == ("model.onnx", "validation.json", "analysis.json")
+    named = [name for name in parts.model_dump().values() if name is not None]
+    assert all(name in manifest.files and (bundle / name).is_file() for name in named), named
+
+
+def test_server_and_triton_answer_with_the_manifests_labels(bundle: Path, tmp_path: Path) -> None:
+    """config.json says negative/positive; a manifest that says otherwise is what every consumer uses."""
+    renamed = _edited(bundle, tmp_path / "renamed", labels=["bad", "good"])
+    assert load_model(renamed).info()["labels"] == ["bad", "good"]
+    assert open_bundle(renamed).classifier.labels == ["bad", "good"]
+    model_dir = write_triton_repository(renamed, tmp_path / "triton")
+    assert (model_dir / "labels.txt").read_text() == "bad\ngood\n"
+    server = ServerProcess(renamed)
+    try:
+        url = server.wait_ready().url
+        answer = httpx.post(f"{url}/predict", json={"inputs": ["a fine movie"]}, timeout=60).json()
+    finally:
+        server.stop()
+    assert sorted(d["label"] for d in answer[0]) == ["bad", "good"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"labels": ["a", "b", "c"]}, "3 labels given for a model with 2 outputs"),
+        ({"max_length": 64}, "validated at 160"),
+        ({"parts": {"model": "other.onnx", "config": "config.json", "tokenizer": "tokenizer.json",
+                    "validation": "validation.json", "depth": "depth.json", "analysis": "analysis.json"}},
+         "names other.onnx as the bundle's model but lists no hash"),
+        ({"labels": None}, "not a valid Manifest: labels: "),
+        ({"schema_version": 2}, "re-export the bundle with this version"),
+    ],
+    ids=["label-count", "max-length", "unhashed-part", "no-labels", "old-schema"],
+)
+def test_tampered_manifest_is_refused(bundle: Path, tmp_path: Path, changes: dict, message: str) -> None:
+    edited = _edited(bundle, tmp_path / "edited", **changes)
+    with pytest.raises(LayerpruneError, match=message):
+        load_model(edited)
+    with pytest.raises(LayerpruneError, match=message):
+        write_triton_repository(edited, tmp_path / "triton")
+
+
+def test_old_bundle_is_one_line_from_every_command(bundle: Path, tmp_path: Path) -> None:
+    old = _edited(bundle, tmp_path / "old", schema_version=2)
+    with pytest.raises(BundleError, match="manifest schema v2; this layerprune reads v3"):
+        verify_bundle(old)
+    for argv in (["validate", str(old), "--device", "cpu"], ["serve", str(old)],
+                 ["triton", str(old), str(tmp_path / "repo")]):
+        done = subprocess.run([sys.executable, "-m", "layerprune.cli", *argv], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode != 0, argv
+        assert "re-export the bundle with this version" in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
