@@ -342,13 +342,13 @@ def test_flags_become_the_options(monkeypatch) -> None:
     monkeypatch.setattr(layerprune.build, "export_bundle", lambda run, out, opts: got.append(opts) or 1 / 0)
     monkeypatch.setattr(layerprune.finetune, "finetune", lambda model, task, out, opts: got.append(opts) or 1 / 0)
     for argv in (["export"], ["export", "--keep-layers", "3", "--heal", "head", "--tolerance", "0.02", "--sweep",
-                              "--agreement-examples", "0", "--max-length", "64"],
+                              "--agreement-examples", "0", "--max-length", "64", "--alpha", "0.1"],
                  ["finetune", "m", "--task", "sst2", "--out", "o", "--lr", "3e-5", "--max-train-examples", "5"]):
         with pytest.raises(ZeroDivisionError):
             main(argv)
     assert got[0] == ExportOptions(device="auto")
     assert got[1] == ExportOptions(keep_layers=3, heal="head", tolerance=0.02, sweep=True, agreement_examples=0,
-                                   max_length=64, device="auto")
+                                   max_length=64, alpha=0.1, device="auto")
     assert got[2] == FinetuneOptions(learning_rate=3e-5, max_train_examples=5, device="auto")
 
 
@@ -356,6 +356,7 @@ def test_flags_become_the_options(monkeypatch) -> None:
     (["export", "--keep-layers", "0"], "argument --keep-layers: must be a positive integer, got 0"),
     (["export", "--heal", "all"], "argument --heal: invalid choice: 'all'"),
     (["export", "--tolerance", "1.5"], "argument --tolerance: must be a fraction"),
+    (["export", "--alpha", "0"], "argument --alpha: must be an error rate in (0, 0.5)"),
     (["analyze", "c", "--cka", "rbf"], "argument --cka: invalid choice: 'rbf'"),
     (["serve", "--port", "x"], "argument --port: invalid int value: 'x'"),
 ])
