@@ -6,7 +6,7 @@
    (validate.forecast: a one-sided 95% bound on the holdout delta, or the disagreement bound). Every depth
    looked at is healed as asked: distill (top layers + head, from the original), head (re-fit) or none.
 3. Export: truncate, install the heal, ONNX through optimum, optimize; with int8 the candidates are scored
-   fastest first (int8; int8 with the nodes nearest the logits in fp32; fp32) and the first whose forecast
+   fastest first (int8; int8 with the feed-forward outputs and head in fp32; fp32) and the first whose forecast
    passes is kept.
 4. Validate the bundle against the original on the disjoint holdout, at the bundle's one max length. The
    bundle is built in a temporary folder and renamed into place.
@@ -366,7 +366,7 @@ def _choose_depth(passes: Callable[[int, float], bool], boundary: int, total: in
 
 def _pick_export(bundle: Path, task: TaskConfig, texts: _Texts, parts: EvalParts, max_length: int,
                  opts: ExportOptions, budget: _ErrorBudget) -> list[ExportCandidate]:
-    """Score the export candidates fastest first (int8; int8 with the nodes nearest the logits in fp32; the
+    """Score the export candidates fastest first (int8; int8 with the feed-forward outputs and head in fp32; the
     fp32 model as exported), keep the first whose forecast passes in `bundle`, and report them all. The
     int8 variants share their part of the error budget; fp32 is the depth the walk already chose."""
     variants: list[tuple[str, list[str] | None]] = [("int8", None), ("int8-safe", onnx_export.sensitive_nodes(bundle))]

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 import warnings
@@ -152,19 +153,24 @@ def cpu_kind(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return f"{machine} without avx2"
 
 
-def sensitive_nodes(onnx_dir: Path) -> list[str]:
-    """The matrix products nearest the logits, where int8 rounding moves predictions most: the head's (pooler
-    and classifier: every MatMul/Gemm outside the layers) and those of the last layer. The exporter names
-    nodes after the PyTorch modules ('/bert/encoder/layer.4/output/dense/MatMul'), which is what this reads."""
-    import re
+# The second matrix product of each layer's feed-forward block, per exporter naming: BERT-likes (BERT,
+# RoBERTa, ELECTRA, MPNet, DeBERTa) 'output/dense', DistilBERT 'ffn/lin2', ALBERT 'ffn_output'.
+FFN_OUTPUT = re.compile(r"/(?<!attention/)output/dense/|/ffn/lin2/|/ffn_output/")
+IN_A_LAYER = re.compile(r"/layer\.\d+/|/albert_layers\.\d+/")  # else the embeddings' or the head's
 
+
+def sensitive_nodes(onnx_dir: Path) -> list[str]:
+    """The matrix products where int8 rounding moves predictions most: each layer's feed-forward output
+    projection (its input, after GELU, has the outliers that a per-tensor activation scale rounds away;
+    Bondarenko et al., 2021) and the head's (pooler and classifier: every product outside the layers).
+    MiniLM-L6 5 layers, rt-polarity, 5,112 sentences, AVX2: int8 disagreed with fp32 on 1.25% of them, 0.68%
+    with these in fp32, 1.23% with the last layer and head in fp32 instead. The exporter names nodes after
+    the PyTorch modules ('/bert/encoder/layer.4/output/dense/MatMul'), which is what this reads."""
     import onnx
 
     model = onnx.load(str(Path(onnx_dir) / ONNX_FILE), load_external_data=False)
     products = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "FusedMatMul")]
-    layer_of = {n.name: int(m.group(1)) for n in products if (m := re.search(r"/layer\.(\d+)/", n.name))}
-    last = max(layer_of.values(), default=None)
-    kept = [n for n in products if layer_of.get(n.name, last) == last]
+    kept = [n for n in products if FFN_OUTPUT.search(n.name) or not IN_A_LAYER.search(n.name)]
     # The quantizer rewrites a Gemm as a MatMul named "<gemm>_MatMul" + Add before it looks at exclusions.
     return [name for n in kept for name in ([n.name, f"{n.name}_MatMul"] if n.op_type == "Gemm" else [n.name])]
 
@@ -177,7 +183,7 @@ def quantize_onnx(onnx_dir: Path, keep_fp32: list[str] | None = None) -> str:
     name, config = quantization_config()
     if keep_fp32:
         config = dataclasses.replace(config, nodes_to_exclude=list(keep_fp32))
-        name += ", last layer and head in fp32"
+        name += ", feed-forward outputs and head in fp32"
     with _staging(onnx_dir, "quantize") as tmp, _quiet():
         import onnx
         from onnxruntime.quantization.shape_inference import quant_pre_process

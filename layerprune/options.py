@@ -116,7 +116,7 @@ class ExportOptions:
     optimize: Literal["O1", "O2", "O3"] | None = field(default=None, metadata=cli(
         "onnxruntime graph optimization level"))
     quantize: Literal["int8"] | None = field(default=None, metadata=cli(
-        "try dynamic int8 for this CPU (then with the last layer and head in fp32, then fp32) and keep the first "
+        "try dynamic int8 for this CPU (then with the feed-forward outputs and head in fp32, then fp32) and keep the first "
         "whose gate forecast passes"))
     tolerance: float = field(default=0.01, metadata=cli(
         "largest allowed metric drop, as a fraction (0.01 = 1 point)", parse=fraction))

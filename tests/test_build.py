@@ -425,7 +425,7 @@ def test_one_max_length_from_export_to_server(run_dir: Path, tmp_path: Path) -> 
 
 @pytest.mark.parametrize("cpu", ["avx2", "avx512"])
 def test_int8_candidates_fastest_first_on_both_cpu_paths(run_dir: Path, tmp_path: Path, monkeypatch, cpu) -> None:
-    """--quantize int8 scores int8, int8 with the nodes nearest the logits in fp32, and fp32, with this CPU's
+    """--quantize int8 scores int8, int8 with the feed-forward outputs and head in fp32, and fp32, with this CPU's
     configuration (forced here: the AVX-512 preset's model runs on any x86 CPU), and keeps the first whose
     forecast passes; what it keeps is what is validated and served."""
     import onnx

@@ -185,15 +185,31 @@ def test_quantize_int8(bundles, tmp_path: Path, level) -> None:
     assert max_logit_difference(fp32, int8) <= 0.1 * np.abs(fp32).max() + 1e-3
 
 
-def test_quantize_keeps_the_last_layer_and_head_in_fp32(bundles, tmp_path: Path) -> None:
+def test_quantize_keeps_the_feed_forward_outputs_and_head_in_fp32(bundles, tmp_path: Path) -> None:
     bundle = copy_bundle(bundles["bert"], tmp_path / "b")
     keep = sensitive_nodes(bundle)
-    assert any("/classifier/" in name for name in keep) and any(f"/layer.{TINY_LAYERS - 1}/" in n for n in keep)
-    assert quantize_onnx(bundle, keep).endswith("last layer and head in fp32")
+    ffn_out = {f"/bert/encoder/layer.{i}/output/dense/MatMul" for i in range(TINY_LAYERS)}
+    assert ffn_out <= set(keep) and any("/classifier/" in name for name in keep)
+    assert not [n for n in keep if "attention" in n or "intermediate" in n], "only the FFN outputs and the head"
+    assert quantize_onnx(bundle, keep).endswith("feed-forward outputs and head in fp32")
     nodes = onnx.load(str(bundle / "model.onnx")).graph.node
     integer = [n.name for n in nodes if n.op_type == "MatMulInteger"]
-    assert integer and not [n for n in integer if "/classifier/" in n or "/pooler/" in n or f"layer.{TINY_LAYERS - 1}/" in n]
+    assert integer and not [n for n in integer if "/classifier/" in n or "/pooler/" in n or "/output/dense/" in n
+                            and "attention" not in n]
     assert any(n.op_type == "MatMul" and "/classifier/" in n.name for n in nodes), "the head's product stays float"
+    assert any("/attention/output/dense/" in n for n in integer), "the attention output stays int8"
+
+
+@pytest.mark.parametrize("names", [
+    ["/distilbert/transformer/layer.0/ffn/lin2/MatMul", "/distilbert/transformer/layer.0/ffn/lin1/MatMul"],
+    ["/albert/encoder/albert_layer_groups.0/albert_layers.0/ffn_output/MatMul",
+     "/albert/encoder/albert_layer_groups.0/albert_layers.0/ffn/MatMul"],
+])
+def test_feed_forward_output_names_per_architecture(names) -> None:
+    from layerprune.export import FFN_OUTPUT, IN_A_LAYER
+
+    assert FFN_OUTPUT.search(names[0]) and not FFN_OUTPUT.search(names[1])
+    assert IN_A_LAYER.search(names[0]) and IN_A_LAYER.search(names[1]), "inside a layer, not the head"
 
 
 @pytest.mark.parametrize(("machine", "flags", "expected"), [
