@@ -469,16 +469,6 @@ def test_resolve_labels_is_the_one_place() -> None:
         resolve_labels(["a", {"x": 1}, "b"], "f")
 
 
-def test_tasks_reads_no_data() -> None:
-    """tasks.py is schema + YAML: importing it must not pull in the data package (no import cycle)."""
-    import subprocess
-    import sys
-
-    code = "import layerprune.tasks, sys; assert not [m for m in sys.modules if m.startswith('layerprune.data')]"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-500:]
-
-
 # --------------------------------------------------------------------------- Examples
 
 
