@@ -46,7 +46,7 @@ from .data import Examples, load_examples, read_texts
 from .errors import LayerpruneError
 from .heal import Distilled, DistillOptions, TextStates, distill, encode_texts
 from .hidden import predict_logits
-from .metrics import compute_metric
+from .scoring import compute_metric
 from .models import architecture, load_classifier, num_layers
 from .plots import plot_depths
 from .prune import HeadFit, depth_logits, fit_head, head_state, load_head, truncate

@@ -18,8 +18,8 @@ from .artifacts import MetricValue, TrainingReport, atomic_dir, library_versions
 from .data import Examples, load_examples
 from .errors import TaskError
 from .hidden import predict_logits, tokenize
-from .metrics import compute_metric
 from .models import load_classifier
+from .scoring import compute_metric
 from .tasks import TaskConfig
 
 REPORT_FILE = "training_report.json"

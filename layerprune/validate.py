@@ -17,7 +17,7 @@ from .artifacts import AnalysisReport, GateForecast, ValidationReport, load_arti
 from .bundle import VALIDATION_FILE, verify_bundle
 from .data import Examples, load_examples
 from .errors import DataError
-from .metrics import compute_metric, predictions, score_predictions
+from .scoring import compute_metric, predictions, score_predictions
 from .tasks import HubSource, TaskConfig
 
 HALVES_SEED = 0
