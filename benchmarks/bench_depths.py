@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from layerprune.architectures import num_layers  # noqa: E402
 from layerprune.data import load_examples  # noqa: E402
 from layerprune.runtime import OnnxClassifier  # noqa: E402
 from layerprune.tasks import load_task  # noqa: E402
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     examples = load_examples(load_task("rt-polarity"), "test")
     texts, labels = list(examples.texts), np.asarray(examples.labels)
-    total = int(json.loads((args.checkpoint / "config.json").read_text())["num_hidden_layers"])
+    total = num_layers(json.loads((args.checkpoint / "config.json").read_text()))  # n_layers for DistilBERT
     depths = [2, 4, total] if args.quick else list(range(1, total + 1))
     args.out.mkdir(parents=True, exist_ok=True)
 

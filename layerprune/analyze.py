@@ -28,10 +28,10 @@ from .clustering import find_blocks
 from .data import Examples, load_examples
 from .errors import DataError, LayerpruneError
 from .hidden import Batch, forward_all_layers, make_batches, pool
-from .metrics import compute_metric
 from .models import load_classifier, num_layers, resolve_checkpoint
 from .options import AnalyzeOptions  # options are declared once, with their CLI flags
 from .plots import plot_cka
+from .scoring import compute_metric
 from .tasks import TaskConfig
 
 

@@ -55,7 +55,7 @@ from .data import Examples, load_examples, read_texts
 from .errors import LayerpruneError
 from .heal import Distilled, TextStates, distill, encode_texts
 from .hidden import predict_logits
-from .metrics import compute_metric
+from .scoring import compute_metric
 from .models import architecture, load_classifier, num_layers
 from .options import ExportOptions  # options are declared once, with their CLI flags
 from .plots import plot_depths

@@ -179,7 +179,8 @@ def _runtime_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve_task(args: argparse.Namespace):
-    from .tasks import load_task, task_from_files
+    from .data import task_from_files
+    from .tasks import load_task
 
     if args.task and args.data:
         raise LayerpruneError("give either --task or --data, not both")

@@ -11,15 +11,20 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import (
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
 
 from .artifacts import MetricValue, TrainingReport, atomic_dir, library_versions
 from .data import Examples, load_examples
 from .errors import TaskError
 from .hidden import predict_logits, tokenize
-from .metrics import compute_metric
 from .models import load_classifier
 from .options import FinetuneOptions  # options are declared once, with their CLI flags
+from .scoring import compute_metric
 from .tasks import TaskConfig
 
 REPORT_FILE = "training_report.json"

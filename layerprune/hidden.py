@@ -31,8 +31,7 @@ class Batch:
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, examples: Examples, max_length: int) -> dict[str, list]:
     """Token ids of every example, truncated to max_length and not yet padded."""
-    pairs = examples.pairs if examples.pairs is not None else None
-    return tokenizer(examples.texts, pairs, truncation=True, max_length=max_length)
+    return tokenizer(examples.texts, examples.pairs, truncation=True, max_length=max_length)
 
 
 def make_batches(

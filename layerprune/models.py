@@ -1,4 +1,4 @@
-"""Loading classifier checkpoints, and the one table of architectures layerprune supports.
+"""Loading classifier checkpoints, and reaching into them by the table of architectures.py.
 
 Nothing else in the package reaches into `model.bert.encoder.layer` by hand: it asks this module.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,45 +21,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+# The table's names are re-exported: callers that hold a model ask this module for everything about it.
+from .architectures import ARCHITECTURES, Architecture, Head, architecture, num_layers  # noqa: F401
 from .assets import OFFLINE_COPIES
 from .errors import ModelError, first_line
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """Where a model family keeps its stack of layers and the config field that holds its depth."""
-
-    base: str  # attribute of the *ForSequenceClassification model holding the encoder
-    layers: str  # dotted path from `base` to the nn.ModuleList of layers
-    depth_field: str  # config field with the number of layers
-    shared_weights: bool = False  # ALBERT: one set of weights applied depth times
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "bert": Architecture("bert", "encoder.layer", "num_hidden_layers"),
-    "roberta": Architecture("roberta", "encoder.layer", "num_hidden_layers"),
-    "xlm-roberta": Architecture("roberta", "encoder.layer", "num_hidden_layers"),
-    "albert": Architecture("albert", "encoder.albert_layer_groups", "num_hidden_layers", shared_weights=True),
-    "distilbert": Architecture("distilbert", "transformer.layer", "n_layers"),
-    "electra": Architecture("electra", "encoder.layer", "num_hidden_layers"),
-    "deberta-v2": Architecture("deberta", "encoder.layer", "num_hidden_layers"),
-    "mpnet": Architecture("mpnet", "encoder.layer", "num_hidden_layers"),
-}
-
-
-
-def architecture(config: PretrainedConfig) -> Architecture:
-    """The table entry for a config's model_type, or a ModelError that lists what is supported."""
-    arch = ARCHITECTURES.get(config.model_type)
-    if arch is None:
-        supported = ", ".join(sorted(ARCHITECTURES))
-        raise ModelError(f"unsupported architecture '{config.model_type}'; layerprune supports: {supported}")
-    return arch
-
-
-def num_layers(config: PretrainedConfig) -> int:
-    """Number of Transformer layers (hidden_states has this plus one entries: index 0 = embeddings)."""
-    return int(getattr(config, architecture(config).depth_field))
 
 
 def layer_list(model: PreTrainedModel) -> nn.ModuleList:
@@ -198,44 +162,12 @@ def pick_device(device: torch.device | str | None = None) -> torch.device:
 
 
 
-@dataclass(frozen=True)
-class Head:
-    """A sequence-classification head: it reads only the first token of the last hidden state.
-
-    The modules are applied in order, `activation` between consecutive ones; dropout is left out (eval mode).
-    """
-
-    modules: tuple[str, ...]  # dotted names in the *ForSequenceClassification model, pooler included
-    first_linear: str  # the nn.Linear that reads the first token (re-fitting works in its input coordinates)
-    sequence_input: bool  # the first module takes (B, T, D) and picks token 0 itself; else we pass (B, D)
-    activation: str | None = None  # "tanh" or "relu", applied after every module but the last
-
-
-# From transformers 4.57's *ForSequenceClassification.forward: BERT pools with bert.pooler (tanh inside),
-# ALBERT with albert.pooler + tanh, DistilBERT with pre_classifier + ReLU, DeBERTa-v2 with its ContextPooler;
-# RoBERTa, XLM-R, ELECTRA and MPNet have a classifier module that takes features[:, 0, :] itself.
-_TOKEN0_CLASSIFIER = Head(("classifier",), "classifier.dense", sequence_input=True)
-HEADS: dict[str, Head] = {
-    "bert": Head(("bert.pooler", "classifier"), "bert.pooler.dense", sequence_input=True),
-    "roberta": _TOKEN0_CLASSIFIER,
-    "xlm-roberta": _TOKEN0_CLASSIFIER,
-    "albert": Head(("albert.pooler", "classifier"), "albert.pooler", sequence_input=False, activation="tanh"),
-    "distilbert": Head(
-        ("pre_classifier", "classifier"), "pre_classifier", sequence_input=False, activation="relu"
-    ),
-    "electra": _TOKEN0_CLASSIFIER,
-    "deberta-v2": Head(("pooler", "classifier"), "pooler.dense", sequence_input=True),
-    "mpnet": _TOKEN0_CLASSIFIER,
-}
-assert set(HEADS) == set(ARCHITECTURES), "every supported architecture needs its head described"
-
 _ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
 
 
 def head(config: PretrainedConfig) -> Head:
     """The table entry for a config's classification head (ModelError for unsupported architectures)."""
-    architecture(config)
-    return HEADS[config.model_type]
+    return architecture(config).head
 
 
 def head_modules(model: PreTrainedModel) -> dict[str, nn.Module]:

@@ -15,56 +15,41 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
+from .architectures import albert_groups_to_keep, architecture, num_layers
 from .errors import LayerpruneError, ModelError, first_line
 from .hidden import Batch, forward_all_layers
-from .models import apply_head, architecture, head, head_logits, head_modules, layer_list, num_layers
+from .models import apply_head, head, head_logits, head_modules, layer_list
 
 
-def truncate(model: PreTrainedModel, keep: int) -> PreTrainedModel:
-    """Keep layers 1..keep, in place, with the fine-tuned head untouched; returns the model.
+def truncate(model: PreTrainedModel, depth: int) -> PreTrainedModel:
+    """Keep layers 1..depth, in place, with the fine-tuned head untouched; returns the model.
 
-    The config's depth field follows, so `save_pretrained` gives a checkpoint that reloads at depth keep.
+    The config's depth field follows, so `save_pretrained` gives a checkpoint that reloads at that depth.
     """
     arch = architecture(model.config)
-    depth = num_layers(model.config)
-    if not 1 <= keep <= depth:
-        raise ModelError(f"cannot keep {keep} layers: the model has {depth}, so keep must be 1 to {depth}")
+    total = num_layers(model.config)
+    if not 1 <= depth <= total:
+        raise ModelError(f"cannot keep {depth} layers: the model has {total}, so keep must be 1 to {total}")
     if arch.shared_weights:
-        _truncate_albert_groups(model, keep)
+        _truncate_albert_groups(model, depth)
     else:
-        del layer_list(model)[keep:]
-    setattr(model.config, arch.depth_field, keep)
+        del layer_list(model)[depth:]
+    setattr(model.config, arch.depth_field, depth)
     return model
 
 
-def _albert_groups(depth: int, groups: int) -> list[int]:
-    """The layer group ALBERT applies at each layer (its own formula: it depends on the depth)."""
-    return [int(i / (depth / groups)) for i in range(depth)]
-
-
-def _albert_groups_to_keep(config: PretrainedConfig, keep: int) -> int | None:
-    """How many layer groups ALBERT at depth `keep` needs to compute the original's first keep layers, or
-    None where no group count does (or transformers cannot run it)."""
-    wanted = _albert_groups(config.num_hidden_layers, config.num_hidden_groups)[:keep]
-    groups = wanted[-1] + 1
-    if _albert_groups(keep, groups) != wanted:
-        return None
-    # transformers hands each group int(depth / groups) head-mask slots, one per inner layer it indexes.
-    return groups if keep // groups >= config.inner_group_num else None
-
-
-def _truncate_albert_groups(model: PreTrainedModel, keep: int) -> None:
+def _truncate_albert_groups(model: PreTrainedModel, depth: int) -> None:
     """ALBERT shares weights: only the depth changes, and the layer groups past the kept layers go. With
     several groups, the new depth must map its layers to the same groups, else the model would differ."""
     config = model.config
-    groups = _albert_groups_to_keep(config, keep)
+    groups = albert_groups_to_keep(config, depth)
     if groups is None:
-        exact = [k for k in range(1, config.num_hidden_layers + 1) if _albert_groups_to_keep(config, k)]
+        exact = [k for k in range(1, config.num_hidden_layers + 1) if albert_groups_to_keep(config, k)]
         raise ModelError(
             f"cannot truncate this ALBERT ({config.num_hidden_groups} layer groups of {config.inner_group_num} "
-            f"layers) to {keep} layers exactly; depths that work: {', '.join(map(str, exact))}"
+            f"layers) to {depth} layers exactly; depths that work: {', '.join(map(str, exact))}"
         )
     del layer_list(model)[groups:]
     config.num_hidden_groups = groups

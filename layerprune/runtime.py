@@ -18,11 +18,9 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
+from .architectures import position_offset
 from .errors import LayerpruneError, first_line
 
-# Models whose position ids start after the padding index (padding_idx + 1 = 2), so two positions of
-# max_position_embeddings are never usable by tokens.
-_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "longformer"}
 _MAX_LENGTH_CAP = 512
 _DEFAULT_TOKENIZER_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -186,8 +184,7 @@ def model_max_length(config: dict, tokenizer_config: dict) -> int:
         limits.append(int(min(model_max, _MAX_LENGTH_CAP)))
     positions = config.get("max_position_embeddings")
     if isinstance(positions, int) and positions > 0:
-        offset = int(config.get("pad_token_id") or 1) + 1 if config.get("model_type") in _OFFSET_POSITIONS else 0
-        limits.append(positions - offset)
+        limits.append(positions - position_offset(config))
     return min(limits)
 
 

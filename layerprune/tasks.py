@@ -2,21 +2,20 @@
 
 One YAML file per task lives in ``configs/tasks/`` at the repository root (override the folder
 with the env var ``LAYERPRUNE_TASKS_DIR``). Each file is validated by :class:`TaskConfig`.
-``load_task`` takes a known task name or a path to a YAML file; ``task_from_files`` builds a
-config for local data files given on the command line (``--data FILE --text-field ...``).
+``load_task`` takes a known task name or a path to a YAML file. Schema and YAML only: reading data
+(and the config for ``--data FILE``, ``layerprune.data.task_from_files``) is the data package's job.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import DataError, TaskError
+from .errors import TaskError
 
 Metric = Literal["accuracy", "f1", "matthews", "pearson", "spearman"]
 REGRESSION_METRICS: frozenset[str] = frozenset({"pearson", "spearman"})
@@ -71,7 +70,7 @@ class HubSource(_Strict):
 
 
 class RTPolaritySource(_Strict):
-    """The Rotten Tomatoes sentences of Hutto & Gilbert (2014), with fixed splits (see data.py)."""
+    """The Rotten Tomatoes sentences of Hutto & Gilbert (2014), with fixed splits (see data/rt_polarity.py)."""
 
     kind: Literal["rt-polarity"]
 
@@ -182,7 +181,8 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _validation_message(err: ValidationError) -> str:
+def validation_message(err: ValidationError) -> str:
+    """The first problem pydantic found, on one line (and how many more there are)."""
     errors = err.errors()
     first = errors[0]
     loc = ".".join(str(p) for p in first.get("loc", ()) if p is not None)
@@ -213,7 +213,7 @@ def _config_from_file(path: Path) -> TaskConfig:
     try:
         task = TaskConfig.model_validate(data)
     except ValidationError as e:
-        raise TaskError(f"invalid task config {path}: {_validation_message(e)}") from None
+        raise TaskError(f"invalid task config {path}: {validation_message(e)}") from None
     if isinstance(task.source, FileSource):
         base = path.resolve().parent
         files = {s: str((base / Path(p).expanduser()).resolve()) for s, p in task.source.files.items()}
@@ -239,11 +239,6 @@ def list_tasks() -> list[TaskConfig]:
     return sorted(tasks, key=lambda t: t.name)
 
 
-def task_names() -> list[str]:
-    """Names of the shipped tasks, sorted."""
-    return sorted(p.stem for p in _config_files())
-
-
 def load_task(name_or_path: str | os.PathLike[str]) -> TaskConfig:
     """A shipped task by name (e.g. ``sst2``), or a task YAML file by path."""
     text = os.fspath(name_or_path)
@@ -262,113 +257,3 @@ def load_task(name_or_path: str | os.PathLike[str]) -> TaskConfig:
     if task.name != key:
         raise TaskError(f"task config {files[key]} has name {task.name!r}; it must match the file name {key!r}")
     return task
-
-
-# --------------------------------------------------------------------------- configs for local files
-
-
-def _infer_labels(values: list[Any], where: str) -> tuple[list[str] | None, str]:
-    """Label names (None for regression) and the kind ("names", "ids", "regression") of raw labels."""
-    cleaned: list[Any] = []
-    for i, v in enumerate(values):
-        if isinstance(v, str):
-            v = v.strip()
-        if v is None or v == "":
-            raise DataError(f"missing label in row {i + 1} of {where}; every example needs a label")
-        cleaned.append(v)
-    if any(isinstance(v, bool) for v in cleaned):
-        cleaned = [int(v) if isinstance(v, bool) else v for v in cleaned]
-
-    numbers: list[float] = []
-    for v in cleaned:
-        if isinstance(v, (int, float)):
-            numbers.append(float(v))
-            continue
-        if isinstance(v, str):
-            try:
-                numbers.append(float(v))
-                continue
-            except ValueError:
-                pass
-        break
-    if len(numbers) == len(cleaned) and all(math.isfinite(x) for x in numbers):
-        if all(x.is_integer() for x in numbers):
-            lo, hi = int(min(numbers)), int(max(numbers))
-            if lo < 0:
-                raise DataError(
-                    f"integer labels in {where} must be ids 0..K-1, found {lo}; map them to 0..K-1 or use label names"
-                )
-            if hi < 1:
-                raise DataError(
-                    f"all labels in {where} are 0, so the number of classes is unknown; pass the label names (--label-names)"
-                )
-            return [str(i) for i in range(hi + 1)], "ids"
-        return None, "regression"
-    names = sorted({str(v) for v in cleaned})
-    if len(names) < 2:
-        raise DataError(
-            f"only one label ({names[0]!r}) found in {where}; pass all label names (--label-names) in id order"
-        )
-    return names, "names"
-
-
-def task_from_files(
-    eval_file: str | os.PathLike[str],
-    text_field: str,
-    label_field: str,
-    text_pair_field: str | None = None,
-    train_file: str | os.PathLike[str] | None = None,
-    label_names: list[str] | None = None,
-    metric: Metric | None = None,
-    *,
-    regression: bool | None = None,
-    eval_split: str = "validation",
-) -> TaskConfig:
-    """A task for local files without a config (``--data FILE [--train-data FILE]``).
-
-    Without ``label_names`` they are inferred from the labels of the files: string labels give
-    their sorted unique names; integer labels give ids 0..max named "0", "1", ...; non-integer
-    numbers make a regression task (metric pearson). ``regression=True`` forces regression.
-    The metric defaults to accuracy for classification and pearson for regression.
-    """
-    from .data import read_columns  # data imports tasks; import here to avoid a cycle
-
-    eval_path = Path(eval_file).expanduser().resolve()
-    files = {eval_split: str(eval_path)}
-    if train_file is not None:
-        if eval_split == "train":
-            raise TaskError("the eval split of local data cannot be called 'train' when a train file is given")
-        files["train"] = str(Path(train_file).expanduser().resolve())
-    if regression and label_names is not None:
-        raise TaskError("a regression task has no label names; drop --label-names or --regression")
-
-    fields = [text_field] + ([text_pair_field] if text_pair_field else []) + [label_field]
-    raw_labels: list[Any] = []
-    for path in files.values():
-        cols = read_columns(Path(path), fields)
-        raw_labels.extend(cols[label_field])
-
-    where = " and ".join(str(p) for p in files.values())
-    if regression:
-        names = None
-    elif label_names is not None:
-        names = list(label_names)
-    else:
-        names, _ = _infer_labels(raw_labels, where)
-    if metric is None:
-        metric = "pearson" if names is None else "accuracy"
-    try:
-        return TaskConfig(
-            name=eval_path.stem,
-            description=f"local data: {where}",
-            source=FileSource(kind="file", files=files),
-            text_field=text_field,
-            text_pair_field=text_pair_field,
-            label_field=label_field,
-            label_names=names,
-            metric=metric,
-            eval_split=eval_split,
-            train_split="train" if train_file is not None else None,
-        )
-    except ValidationError as e:
-        raise TaskError(f"cannot use local data {where}: {_validation_message(e)}") from None

@@ -17,8 +17,8 @@ from .artifacts import AnalysisReport, GateForecast, ValidationReport, load_arti
 from .bundle import open_bundle
 from .data import Examples, load_examples
 from .errors import DataError
-from .metrics import compute_metric, predictions, score_predictions
 from .options import ALPHA
+from .scoring import compute_metric, predictions, score_predictions
 from .tasks import HubSource, TaskConfig
 
 HALVES_SEED = 0

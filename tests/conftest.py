@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
-from layerprune.models import ARCHITECTURES  # noqa: E402
+from layerprune.architectures import ARCHITECTURES  # noqa: E402
 
 TINY_LAYERS = 4
 VOCAB = 30522  # the bundled MiniLM WordPiece vocabulary serves every tiny model

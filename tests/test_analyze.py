@@ -12,10 +12,10 @@ from conftest import SENTENCES, TINY_CONFIGS, TINY_LAYERS
 from layerprune import cka as cka_math
 from layerprune.analyze import AnalyzeOptions, _token_budget, analyze
 from layerprune.artifacts import AnalysisReport, load_artifact
+from layerprune.data import task_from_files
 from layerprune.errors import DataError, LayerpruneError
 from layerprune.hidden import forward_all_layers, make_batches, pool
 from layerprune.models import load_classifier
-from layerprune.tasks import task_from_files
 
 
 @pytest.fixture

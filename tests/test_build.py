@@ -14,9 +14,10 @@ from layerprune.artifacts import AnalysisReport, DepthReport, Manifest, Validati
 from layerprune.build import ExportOptions, _choose_depth, export_bundle
 from layerprune.bundle import BundleError, servable_bundle, verify_bundle
 from layerprune.cli import main
+from layerprune.data import task_from_files
 from layerprune.errors import LayerpruneError
 from layerprune.heal import DistillOptions
-from layerprune.tasks import TaskConfig, task_from_files
+from layerprune.tasks import TaskConfig
 from layerprune.validate import calibration_and_holdout, compare, forecast, validate_bundle
 
 FAST = dict(device="cpu", batch_size=8)

@@ -177,11 +177,11 @@ def no_work(monkeypatch):
 
     import layerprune.analyze
     import layerprune.build
-    import layerprune.data
+    import layerprune.data.glue
     import layerprune.finetune
     import serve.triton
 
-    monkeypatch.setattr(layerprune.data, "_read_hub", refuse("hub data"))
+    monkeypatch.setattr(layerprune.data.glue, "read_hub", refuse("hub data"))
     monkeypatch.setattr(layerprune.analyze, "analyze", refuse("analyze"))
     monkeypatch.setattr(layerprune.build, "export_bundle", refuse("export"))
     monkeypatch.setattr(layerprune.finetune, "finetune", refuse("finetune"))

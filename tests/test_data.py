@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from layerprune import data as lpdata
+from layerprune.data import rt_polarity as rt_module
 from layerprune.data import (
     RT_POLARITY_LINES,
     RT_POLARITY_SHA256,
@@ -19,11 +19,13 @@ from layerprune.data import (
     label_rt_polarity,
     load_examples,
     parse_rt_polarity,
+    resolve_labels,
     rt_polarity_bytes,
     split_rt_polarity,
+    task_from_files,
 )
 from layerprune.errors import DataError, TaskError
-from layerprune.tasks import TaskConfig, list_tasks, load_task, task_from_files
+from layerprune.tasks import TaskConfig, list_tasks, load_task
 
 GLUE_TASKS = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
 
@@ -452,6 +454,22 @@ def test_task_from_files_metric_checks(tmp_path: Path) -> None:
     assert reg.is_regression and reg.metric == "pearson"
 
 
+def test_resolve_labels_is_the_one_place() -> None:
+    """Names, ids and numbers resolve the same for an inferred task as for a named one."""
+    names, ids = resolve_labels([" pos", "neg", "pos"], "f")
+    assert names == ["neg", "pos"] and ids.tolist() == [1, 0, 1] and ids.dtype == np.int64
+    names, ids = resolve_labels(["2", 0, 1.0, True], "f")
+    assert names == ["0", "1", "2"] and ids.tolist() == [2, 0, 1, 1]
+    names, ids = resolve_labels(["neg", 1], "f", names=["neg", "pos"])
+    assert names == ["neg", "pos"] and ids.tolist() == [0, 1]
+    names, targets = resolve_labels(["0.5", 2], "f")
+    assert names is None and targets.dtype == np.float32 and targets.tolist() == [0.5, 2.0]
+    names, targets = resolve_labels([1, 0], "f", regression=True)
+    assert names is None and targets.tolist() == [1.0, 0.0]
+    with pytest.raises(DataError, match=r"^unknown label \{'x': 1\} in row 2 of f;"):
+        resolve_labels(["a", {"x": 1}, "b"], "f")
+
+
 # --------------------------------------------------------------------------- Examples
 
 
@@ -524,7 +542,7 @@ def test_rt_env_file_end_to_end(tmp_path: Path, monkeypatch) -> None:
     f = tmp_path / "rt.txt"
     f.write_bytes(content)
     monkeypatch.setenv("LAYERPRUNE_RT_POLARITY", str(f))
-    monkeypatch.setattr(lpdata, "RT_POLARITY_SHA256", hashlib.sha256(content).hexdigest())
+    monkeypatch.setattr(rt_module, "RT_POLARITY_SHA256", hashlib.sha256(content).hexdigest())
     task = load_task("rt-polarity")
     parts = {s: load_examples(task, s) for s in ("train", "validation", "test")}
     assert [len(parts[s]) for s in ("train", "validation", "test")] == [32, 4, 4]

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from layerprune.artifacts import TrainingReport, load_artifact
+from layerprune.data import task_from_files
 from layerprune.errors import TaskError
 from layerprune.finetune import FinetuneOptions, finetune
 from layerprune.models import has_classification_head, load_classifier, load_config
-from layerprune.tasks import task_from_files
 
 FAST = FinetuneOptions(epochs=1, batch_size=4, max_length=32, device="cpu")
 

@@ -16,7 +16,7 @@ TRAINING_SIDE = {"analyze", "build", "export", "finetune", "heal", "hidden", "mo
 
 def _imports(path: Path) -> set[str]:
     """Every module a file imports, absolute (relative imports resolved against its package)."""
-    package = path.parent.name
+    package = ".".join(path.relative_to(ROOT).parent.parts)  # layerprune, layerprune.data, serve
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -24,7 +24,8 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = f"{package}.{base}" if base else package
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
             found.add(base)
             found |= {f"{base}.{alias.name}" for alias in node.names}
     return found
@@ -50,12 +51,18 @@ def test_the_server_reads_bundles_only(path: Path) -> None:
     assert not reached & TRAINING_SIDE, f"serve/{path.name} imports layerprune.{reached & TRAINING_SIDE}"
 
 
-@pytest.mark.parametrize("path", sorted([*(ROOT / "layerprune").glob("*.py"), *(ROOT / "serve").glob("*.py")]),
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", sorted([*(ROOT / "layerprune").rglob("*.py"), *(ROOT / "serve").glob("*.py")]),
+                         ids=lambda p: str(p.relative_to(ROOT)))
 def test_nothing_imports_the_cli(path: Path) -> None:
     if path.name == "cli.py":
         return
     assert not {m for m in _imports(path) if m == "layerprune.cli" or m.startswith("layerprune.cli.")}
+
+
+def test_tasks_are_schema_and_yaml_only() -> None:
+    """Task configs read no data: the data package imports tasks, never the other way round."""
+    reached = {m for m in _imports(ROOT / "layerprune" / "tasks.py") if m.startswith("layerprune.")}
+    assert reached <= {"layerprune.errors", "layerprune.errors.TaskError"}, reached
 
 
 def test_installed_console_script() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from conftest import TINY_CONFIGS, TINY_LAYERS
+from layerprune.architectures import position_offset
 from layerprune.errors import ModelError
 from layerprune.models import (
     ARCHITECTURES,
@@ -32,6 +34,18 @@ def test_table_finds_layers_and_depth(tiny_models: dict[str, Path], model_type: 
     out = model(**{k: v for k, v in inputs.items() if k in tokenizer.model_input_names},
                 output_hidden_states=True)
     assert len(out.hidden_states) == TINY_LAYERS + 1
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_table_reads_config_json(tiny_models: dict[str, Path], model_type: str) -> None:
+    """The torch-free readers (runtime, benchmarks) get the same depth and position offset from config.json
+    as the model itself has: n_layers for DistilBERT, padding_idx + 1 where positions start after padding."""
+    model, _ = load_classifier(tiny_models[model_type], device="cpu")
+    config = json.loads((tiny_models[model_type] / "config.json").read_text())
+    assert num_layers(config) == num_layers(model.config) == TINY_LAYERS
+    embeddings = getattr(model, ARCHITECTURES[model_type].base).embeddings
+    padding_idx = getattr(embeddings, "padding_idx", None)  # only the position-offset models keep it
+    assert position_offset(config) == (0 if padding_idx is None else padding_idx + 1)
 
 
 def test_unsupported_architecture_lists_supported(tmp_path: Path) -> None:

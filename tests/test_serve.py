@@ -23,9 +23,9 @@ from conftest import SENTENCES, TINY_LAYERS, ServerProcess, free_port, make_tiny
 from layerprune.analyze import AnalyzeOptions, analyze
 from layerprune.build import ExportOptions, export_bundle
 from layerprune.bundle import BundleError, sha256_file
+from layerprune.data import task_from_files
 from layerprune.errors import LayerpruneError
 from layerprune.runtime import OnnxClassifier
-from layerprune.tasks import task_from_files
 from serve.app import create_app
 from serve.main import main as serve_main
 from serve.model import load_model
