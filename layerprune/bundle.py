@@ -29,6 +29,7 @@ CKA_PLOT = "cka.png"
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # optional (HF's settings beside tokenizer.json): not a manifest part
 
 
 class BundleError(LayerpruneError):
@@ -141,11 +142,12 @@ class OpenBundle:
 
 
 def open_bundle(root: Path, *, allow_unvalidated: bool = False, **runtime: Any) -> OpenBundle:
-    """The gate (servable_bundle), then the runtime at the manifest's max length with the manifest's labels
-    (a label count that is not the model's output count is refused). runtime: OnnxClassifier's options."""
+    """The gate (servable_bundle), then the runtime on the files the manifest names, at its max length with its
+    labels (a label count that is not the model's output count is refused). runtime: OnnxClassifier's options."""
     from .runtime import OnnxClassifier
 
     root = Path(root)
     manifest, validation = servable_bundle(root, allow_unvalidated=allow_unvalidated)
-    classifier = OnnxClassifier(root, max_length=manifest.max_length, labels=manifest.labels, **runtime)
+    classifier = OnnxClassifier(root, max_length=manifest.max_length, labels=manifest.labels, parts=manifest.parts,
+                                **runtime)
     return OpenBundle(root, manifest, validation, classifier)

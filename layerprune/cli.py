@@ -9,14 +9,12 @@ import argparse
 import dataclasses
 import os
 import sys
-import types
-import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import LayerpruneError
-from .options import AnalyzeOptions, ExportOptions, FinetuneOptions, fraction, positive
+from .options import AnalyzeOptions, ExportOptions, FinetuneOptions, add_options, fraction, positive
 
 DEFAULT_RUN_DIR = Path("lp-run")
 
@@ -122,35 +120,6 @@ def _parser() -> argparse.ArgumentParser:
                     help=f"largest allowed accuracy drop (default {ExportOptions.tolerance:g}, as export)")
     de.set_defaults(run=_run_demo)
     return parser
-
-
-def add_options(parser: argparse.ArgumentParser, options: type) -> None:
-    """One flag per field of the options dataclass that carries `options.cli` metadata: dest = the field's
-    name, default = its default, parsed and restricted as its type says unless the metadata says otherwise."""
-    hints = typing.get_type_hints(options)
-    for f in dataclasses.fields(options):
-        spec = f.metadata.get("cli")
-        if spec is None:
-            continue
-        kind, literals = _flag_type(hints[f.name])
-        shown = spec["show_default"] and f.default not in (None, False)
-        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default,
-                                  "help": spec["help"] + (f" (default {f.default})" if shown else "")}
-        if kind is bool:
-            kwargs["action"] = "store_true"
-        else:
-            kwargs["type"] = spec["parse"] or (kind if kind in (int, float, Path) else None)
-            kwargs["choices"] = spec["choices"] or (literals if spec["parse"] is None else None)
-        parser.add_argument(spec["flag"] or "--" + f.name.replace("_", "-"), **kwargs)
-
-
-def _flag_type(hint: Any) -> tuple[Any, list[str] | None]:
-    """(the type without None, the Literal's values or None) of a field's annotation."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (
-        typing.Union, types.UnionType) else [hint]
-    literals = [v for a in args if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)]
-    plain = [a for a in args if typing.get_origin(a) is not typing.Literal]
-    return (plain[0] if plain else str), (literals or None)
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:

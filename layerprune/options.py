@@ -1,5 +1,6 @@
 """The options of each command, written once: a field's name, type and default drive both the library call
-and the CLI flag (`cli.add_options` reads the `cli(...)` metadata); fields without it are library-only.
+and the CLI flag (`add_options` reads the `cli(...)` metadata); fields without it are library-only. The
+server's settings (serve/settings.py, pydantic-settings) declare their flags the same way.
 
 Light on purpose (standard library and the artifact types): the CLI builds its parser from these classes
 before any work, and the hub libraries must not be imported then (see preflight.py).
@@ -8,6 +9,9 @@ before any work, and the hub libraries must not be imported then (see preflight.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +47,60 @@ def keep_layers(text: str) -> int | str:
     return text if text == "auto" else positive(text)
 
 
-def cli(help: str, *, flag: str | None = None, parse: Callable[[str], Any] | None = None,
+def cli(help: str | None = None, *, flag: str | None = None, parse: Callable[[str], Any] | None = None,
         choices: list[str] | None = None, show_default: bool = True) -> dict[str, Any]:
     """Field metadata that makes the field a CLI flag: --field-name (or `flag`), parsed by `parse` (default:
-    from the field's type), `choices`, and "(default X)" added to `help` unless show_default is False."""
+    from the field's type), `choices`, and "(default X)" added to `help` (default: a pydantic field's
+    description) unless show_default is False. A dataclass field takes it as `field(metadata=cli(...))`, a
+    pydantic field as `Annotated[type, cli(...)]`."""
     return {"cli": {"help": help, "flag": flag, "parse": parse, "choices": choices, "show_default": show_default}}
+
+
+def add_options(parser: argparse.ArgumentParser, options: type, *, layered: bool = False) -> None:
+    """One flag per field of `options` (an options dataclass or a pydantic settings class) that carries `cli`
+    metadata: dest = the field's name, parsed and restricted as its type says unless the metadata says
+    otherwise. default: the field's; layered (settings that also come from the environment or a file): None,
+    so a flag not given overrides nothing (the help still names the field's default)."""
+    for name, hint, default, spec, description in _cli_fields(options):
+        kind, literals = _flag_type(hint)
+        text = spec["help"] or description
+        shown = f"(default {default})" if spec["show_default"] and default not in (None, False) else ""
+        kwargs: dict[str, Any] = {"dest": name, "default": None if layered else default,
+                                  "help": " ".join(filter(None, [text, shown])) or None}
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = spec["parse"] or (kind if kind in (int, float, Path) else None)
+            kwargs["choices"] = spec["choices"] or (literals if spec["parse"] is None else None)
+        parser.add_argument(spec["flag"] or "--" + name.replace("_", "-"), **kwargs)
+
+
+def cli_fields(options: type) -> list[str]:
+    """The names of the fields of `options` that are CLI flags."""
+    return [name for name, *_ in _cli_fields(options)]
+
+
+def _cli_fields(options: type) -> list[tuple[str, Any, Any, dict[str, Any], str | None]]:
+    """(name, type annotation, default, cli metadata, description) of each field that carries `cli` metadata."""
+    if dataclasses.is_dataclass(options):
+        hints = typing.get_type_hints(options)
+        return [(f.name, hints[f.name], f.default, f.metadata["cli"], None)
+                for f in dataclasses.fields(options) if "cli" in f.metadata]
+    found = []  # a pydantic model: the metadata rides in Annotated, kept in FieldInfo.metadata
+    for name, info in options.model_fields.items():
+        spec = next((m["cli"] for m in info.metadata if isinstance(m, dict) and "cli" in m), None)
+        if spec is not None:
+            found.append((name, info.annotation, info.default, spec, info.description))
+    return found
+
+
+def _flag_type(hint: Any) -> tuple[Any, list[str] | None]:
+    """(the type without None, the Literal's values or None) of a field's annotation."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (
+        typing.Union, types.UnionType) else [hint]
+    literals = [v for a in args if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)]
+    plain = [a for a in args if typing.get_origin(a) is not typing.Literal]
+    return (plain[0] if plain else str), (literals or None)
 
 
 @dataclass(frozen=True)

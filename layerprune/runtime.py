@@ -1,4 +1,4 @@
-"""Running an exported bundle (model.onnx, config.json, tokenizer.json) with onnxruntime.
+"""Running an exported bundle (its ONNX graph, config and tokenizer: the files its manifest names) with onnxruntime.
 
 Torch-free on purpose: the server imports this module. Importing anything from `transformers`
 imports torch (4.57: even `from transformers import AutoTokenizer`), so the tokenizer is the bundle's
@@ -12,21 +12,25 @@ import json
 import threading
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from .architectures import position_offset
+from .bundle import CONFIG_FILE, MODEL_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from .errors import LayerpruneError, first_line
+
+if TYPE_CHECKING:
+    from .artifacts import BundleParts
 
 _MAX_LENGTH_CAP = 512
 _DEFAULT_TOKENIZER_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
 
 class OnnxClassifier:
-    """A bundle's model.onnx + tokenizer, run with onnxruntime.
+    """A bundle's ONNX graph + tokenizer, run with onnxruntime.
 
     input_names: what the session takes (DistilBERT, MPNet and RoBERTa-likes take no token_type_ids);
     max_length: the longest token sequence the model can see; id2label: from config.json.
@@ -35,20 +39,24 @@ class OnnxClassifier:
     def __init__(
         self, model_dir: Path, *, max_length: int | None = None, providers: list[str] | None = None,
         threads: int | None = None, spinning: bool = True, memory_arena: bool = True,
-        labels: list[str] | None = None,
+        labels: list[str] | None = None, parts: BundleParts | None = None,
     ) -> None:
         """max_length: tokens per input (a bundle's manifest says which it was validated at); default the
         model's own limit. providers: default CUDA when this onnxruntime build offers it, else CPU (CPU always
         last, as the fallback for ops CUDA lacks, e.g. int8 MatMulInteger). threads: intra-op threads.
         memory_arena: False frees each run's memory after it (a server's peak stays that of one run).
-        labels: one name per output (a bundle's manifest resolved them at export); default from config.json."""
+        labels: one name per output (a bundle's manifest resolved them at export); default from config.json.
+        parts: a bundle manifest's file names for the graph, config and tokenizer; default the names export
+        writes (a bare ONNX folder)."""
         self.model_dir = Path(model_dir)
-        for name in ("model.onnx", "config.json", "tokenizer.json"):
-            if not (self.model_dir / name).is_file():
-                raise LayerpruneError(f"{self.model_dir} has no {name}; is it an exported bundle?")
-        self.config = _read_json(self.model_dir / "config.json")
-        tokenizer_config = _read_json(self.model_dir / "tokenizer_config.json", missing_ok=True)
-        self.session = _session(self.model_dir / "model.onnx", providers, threads, spinning, memory_arena)
+        names = (parts.model, parts.config, parts.tokenizer) if parts else (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE)
+        self.model_path, config_path, self.tokenizer_path = (self.model_dir / name for name in names)
+        for path in (self.model_path, config_path, self.tokenizer_path):
+            if not path.is_file():
+                raise LayerpruneError(f"{self.model_dir} has no {path.name}; is it an exported bundle?")
+        self.config = _read_json(config_path)
+        tokenizer_config = _read_json(self.model_dir / TOKENIZER_CONFIG_FILE, missing_ok=True)
+        self.session = _session(self.model_path, providers, threads, spinning, memory_arena)
         self.input_names: list[str] = [i.name for i in self.session.get_inputs()]
         self.output_name: str = self.session.get_outputs()[0].name
         self.id2label: dict[int, str] = _id2label(self.config, self.session, labels)
@@ -57,9 +65,9 @@ class OnnxClassifier:
             raise LayerpruneError(f"max_length must be between 2 and {limit} for this model, got {max_length}")
         self.max_length: int = max_length or limit
         try:
-            self._tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+            self._tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
         except Exception as exc:  # tokenizers raises a plain Exception on a malformed file
-            raise LayerpruneError(f"cannot read {self.model_dir / 'tokenizer.json'}: {first_line(exc)}") from exc
+            raise LayerpruneError(f"cannot read {self.tokenizer_path}: {first_line(exc)}") from exc
         self._tokenizer.no_padding()  # padding is done per batch below, in numpy
         self._truncation_side = tokenizer_config.get("truncation_side", "right")
         self._pad_id = _pad_id(self._tokenizer, tokenizer_config)
@@ -69,8 +77,7 @@ class OnnxClassifier:
         self._lock = threading.Lock()  # the Tokenizer's truncation setting is shared state
         unknown = set(self.input_names) - {"input_ids", "attention_mask", "token_type_ids"}
         if unknown:
-            model = self.model_dir / "model.onnx"
-            raise LayerpruneError(f"{model} takes inputs the runtime cannot make: {sorted(unknown)}")
+            raise LayerpruneError(f"{self.model_path} takes inputs the runtime cannot make: {sorted(unknown)}")
 
     @property
     def num_labels(self) -> int:

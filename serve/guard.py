@@ -41,37 +41,47 @@ class GuardMiddleware:
             return
         start = time.perf_counter()
         route = Metrics.route_label(scope.get("path", ""))
-        status = {"code": 500}
+        status = {"code": 500, "started": False}
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
             await send(message)
 
         try:
-            refusal = self._refusal(scope)
-            if refusal is None and scope.get("method") in BODY_METHODS:
-                try:
-                    body, too_big = await asyncio.wait_for(self._read_body(receive), self.body_timeout)
-                except asyncio.TimeoutError:
-                    refusal = error_response(408, f"the request body did not arrive within {self.body_timeout:g} s",
-                                     "Validation", headers={"Connection": "close"})
-                else:
-                    if body is None:  # the client left before its body arrived: nothing to answer
-                        status["code"] = 499
-                        return
-                    if too_big:
-                        refusal = error_response(413, f"the request body is larger than {self.max_body} bytes", "Validation",
-                                         headers={"Connection": "close"})
-                    receive = _replay(body, receive)
-            if refusal is not None:
-                await refusal(scope, receive, send_wrapper)
-                return
-            await self.app(scope, receive, send_wrapper)
+            await self._guarded(scope, receive, send_wrapper, status)
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs once its shutdown drain time is over (a body still arriving, a
+            # request still queued). Raising on would log "Exception in ASGI application" with a traceback for
+            # each; a draining server instead tells a client still waiting that it is going away.
+            if not status["started"]:
+                await _shutting_down()(scope, receive, send_wrapper)
         finally:
             method = Metrics.method_label(scope.get("method", ""))
             self.metrics.requests.labels(route, method, str(status["code"])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+    async def _guarded(self, scope: dict, receive: Any, send: Any, status: dict) -> None:
+        """The checks on headers and body, then the app."""
+        refusal = self._refusal(scope)
+        if refusal is None and scope.get("method") in BODY_METHODS:
+            try:
+                body, too_big = await asyncio.wait_for(self._read_body(receive), self.body_timeout)
+            except asyncio.TimeoutError:
+                refusal = error_response(408, f"the request body did not arrive within {self.body_timeout:g} s",
+                                         "Validation", headers={"Connection": "close"})
+            else:
+                if body is None:  # the client left before its body arrived: nothing to answer
+                    status["code"] = 499
+                    return
+                if too_big:
+                    refusal = error_response(413, f"the request body is larger than {self.max_body} bytes", "Validation",
+                                             headers={"Connection": "close"})
+                receive = _replay(body, receive)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
     def _refusal(self, scope: dict) -> JSONResponse | None:
         """The answer to a request refused on its headers alone, or None."""
@@ -109,6 +119,11 @@ class GuardMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks), False
+
+
+def _shutting_down() -> JSONResponse:
+    return error_response(503, "the server is shutting down; retry", "Unhealthy",
+                          headers={"Connection": "close", "Retry-After": "1"})
 
 
 def _replay(body: bytes, receive: Any) -> Any:

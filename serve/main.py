@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError
+from layerprune.options import add_options, cli_fields
 
 from .settings import ServeSettings, load_settings
 
@@ -72,36 +73,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The serve flags, for `python -m serve` and for a `layerprune serve` subcommand alike."""
     p.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_BUNDLE, help=f"bundle directory (default {DEFAULT_BUNDLE})")
     p.add_argument("--config", type=Path, help="settings file (default: configs/serve.yaml when present)")
-    p.add_argument("--host", help="interface to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int)
-    p.add_argument("--allow-unvalidated", action="store_true", default=None,
-                   help="serve a bundle whose validation did not pass (said on /v1/models and in the log)")
-    p.add_argument("--max-batch-size", type=int)
-    p.add_argument("--max-wait-ms", type=float)
-    p.add_argument("--max-inputs-per-request", type=int)
-    p.add_argument("--max-chars-per-input", type=int)
-    p.add_argument("--max-queue", type=int)
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
-    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--max-batch-tokens", type=int, help="rows x padded length per onnxruntime run (TEI's)")
-    p.add_argument("--ray", action="store_true", default=None,
-                   help="serve as a Ray Serve deployment: same gate, routes and batching per replica")
-    p.add_argument("--replicas", type=int, help="Ray Serve replicas (default 1)")
-    p.add_argument("--max-replicas", type=int, help="Ray Serve autoscaling from --replicas up to this many")
-    p.add_argument("--ray-address", help="Ray cluster to join ('auto'); default: a local Ray instance")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (better: LAYERPRUNE_SERVE_API_KEY, which "
-                   "other users cannot see in the process list)")
+    add_options(p, ServeSettings, layered=True)  # one flag per settings field marked cli(): None when not given
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
-    return load_settings(
-        args.config, host=args.host, port=args.port, allow_unvalidated=args.allow_unvalidated,
-        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        max_inputs_per_request=args.max_inputs_per_request, max_chars_per_input=args.max_chars_per_input,
-        max_queue=args.max_queue, threads=args.threads, log_level=args.log_level, api_key=args.api_key,
-        max_batch_tokens=args.max_batch_tokens, ray=args.ray, replicas=args.replicas, max_replicas=args.max_replicas,
-        ray_address=args.ray_address,
-    )
+    """Flags given > environment > settings file > defaults (a flag not given is None: load_settings skips it)."""
+    return load_settings(args.config, **{name: getattr(args, name) for name in cli_fields(ServeSettings)})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -281,7 +281,7 @@ class Info(BaseModel):
     def describe(cls, model: ServedModel, settings: ServeSettings, providers: list[str], overhead: float) -> Info:
         labels, m = model.labels, model.manifest
         return cls(
-            model_id=model.source_name, model_sha=m.files.get("model.onnx"), model_dtype=m.quantize or "float32",
+            model_id=model.source_name, model_sha=m.files.get(m.parts.model), model_dtype=m.quantize or "float32",
             served_model_name=model.model_id,
             model_type=ModelType(classifier=ClassifierModel(id2label={str(i): x for i, x in enumerate(labels)},
                                                             label2id={x: i for i, x in enumerate(labels)})),

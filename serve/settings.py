@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from layerprune.errors import LayerpruneError
+from layerprune.options import cli
 
 ENV_PREFIX = "LAYERPRUNE_SERVE_"
 DEFAULT_CONFIG = Path("configs/serve.yaml")
@@ -19,19 +20,24 @@ _config_file: ContextVar[Path | None] = ContextVar("serve_config_file", default=
 
 
 class ServeSettings(BaseSettings):
+    """Every setting of the server. `Annotated[..., cli()]` makes a field a flag of `layerprune serve` and
+    `python -m serve` too (layerprune.options.add_options): its name, type and description are the flag's."""
+
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
-    host: str = Field("127.0.0.1", description="interface to bind; loopback unless asked")
-    port: int = Field(8080, ge=0, le=65535)
-    max_batch_size: int = Field(32, ge=1, le=4096, description="inputs per onnxruntime run")
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="wait for more inputs once the queue is empty")
-    max_inputs_per_request: int = Field(64, ge=1)
-    max_chars_per_input: int = Field(10_000, ge=1)
-    max_queue: int = Field(4096, ge=1, description="inputs waiting for the model; beyond it requests get 429")
+    host: Annotated[str, cli()] = Field("127.0.0.1", description="interface to bind; loopback unless asked")
+    port: Annotated[int, cli()] = Field(8080, ge=0, le=65535, description="port to listen on")
+    max_batch_size: Annotated[int, cli()] = Field(32, ge=1, le=4096, description="inputs per onnxruntime run")
+    max_wait_ms: Annotated[float, cli()] = Field(5.0, ge=0, le=10_000,
+                                                 description="wait for more inputs once the queue is empty")
+    max_inputs_per_request: Annotated[int, cli()] = Field(64, ge=1, description="inputs in one request; more: 422")
+    max_chars_per_input: Annotated[int, cli()] = Field(10_000, ge=1, description="characters per input; more: 422")
+    max_queue: Annotated[int, cli()] = Field(4096, ge=1,
+                                             description="inputs waiting for the model; beyond it requests get 429")
     max_queue_tokens: int = Field(
         65_536, ge=1, description="estimated tokens waiting for the model; beyond it 429 with Retry-After "
         "(a request is always taken when nothing is queued)")
-    max_batch_tokens: int = Field(
+    max_batch_tokens: Annotated[int, cli()] = Field(
         4096, ge=1, description="rows x padded length per onnxruntime run (TEI's max_batch_tokens): "
         "long inputs run in smaller batches, which bounds the memory of one run")
     run_overhead_tokens: float | None = Field(
@@ -39,7 +45,9 @@ class ServeSettings(BaseSettings):
         "length-aware runs; None: measured at start-up")
     memory_arena: bool = Field(False, description="onnxruntime's CPU arena: a little faster on short inputs, but it "
                                "keeps the memory of the largest run for good")
-    api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' (not on health probes or docs)")
+    api_key: Annotated[SecretStr | None, cli()] = Field(
+        None, description="require 'Authorization: Bearer KEY' (not on health probes or docs); better set "
+        "LAYERPRUNE_SERVE_API_KEY, which other users cannot see in the process list")
     cors_origins: list[str] = Field([], description="origins allowed by CORS; empty: none (no CORS headers)")
     timeout_header_s: float = Field(10, gt=0, description="a request's headers must arrive within this")
     timeout_body_s: float = Field(30, gt=0, description="a request's body must arrive within this, else 408")
@@ -47,14 +55,20 @@ class ServeSettings(BaseSettings):
     timeout_shutdown_s: int = Field(10, ge=0, description="on SIGTERM, wait this long for requests in flight")
     max_connections: int = Field(1024, ge=1, description="concurrent connections and requests; beyond: 503")
     auto_truncate: bool = Field(True, description="/predict default for 'truncate' (TEI's --auto-truncate)")
-    threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads; None = its default")
-    allow_unvalidated: bool = False
-    ray: bool = Field(False, description="serve as a Ray Serve deployment (pip install 'layerprune[ray]')")
-    replicas: int = Field(1, ge=1, description="Ray Serve replicas (with max_replicas: the autoscaling minimum)")
-    max_replicas: int | None = Field(None, ge=1, description="Ray Serve autoscaling up to this many replicas")
-    ray_address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://host:10001'); "
-                                    "None: a local Ray instance")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    threads: Annotated[int | None, cli()] = Field(
+        None, ge=1, description="onnxruntime intra-op threads (default: onnxruntime's own)")
+    allow_unvalidated: Annotated[bool, cli()] = Field(
+        False, description="serve a bundle whose validation did not pass (said on /v1/models and in the log)")
+    ray: Annotated[bool, cli()] = Field(False, description="serve as a Ray Serve deployment: same gate, routes and "
+                                        "batching per replica (pip install 'layerprune[ray]')")
+    replicas: Annotated[int, cli()] = Field(1, ge=1, description="Ray Serve replicas; with --max-replicas, "
+                                            "the autoscaling minimum")
+    max_replicas: Annotated[int | None, cli()] = Field(
+        None, ge=1, description="Ray Serve autoscaling from --replicas up to this many")
+    ray_address: Annotated[str | None, cli()] = Field(
+        None, description="Ray cluster to join ('auto', 'ray://host:10001'); default: a local Ray instance")
+    log_level: Annotated[Literal["critical", "error", "warning", "info", "debug"], cli()] = Field(
+        "info", description="the server's and uvicorn's log level")
 
     @classmethod
     def settings_customise_sources(

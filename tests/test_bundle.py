@@ -9,15 +9,17 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from layerprune.artifacts import MANIFEST_SCHEMA, Manifest, load_artifact
-from layerprune.bundle import BundleError, open_bundle, verify_bundle
+from layerprune.bundle import BundleError, open_bundle, sha256_file, verify_bundle
 from layerprune.errors import LayerpruneError
+from layerprune.runtime import OnnxClassifier
 from serve.model import load_model
 from serve.triton import write_triton_repository
 from conftest import ROOT, ServerProcess
-from test_serve import _bundle
+from test_serve import _bundle, _client, _wait_ready
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +95,38 @@ def test_old_bundle_is_one_line_from_every_command(bundle: Path, tmp_path: Path)
         assert done.returncode != 0, argv
         assert "re-export the bundle with this version" in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def _renamed_parts(bundle: Path, out: Path, names: dict[str, str]) -> Path:
+    """A copy of `bundle` whose parts (manifest `parts` key -> new file name) are renamed on disk, the
+    manifest's parts and hashes rewritten to match: a consistent bundle with non-default file names."""
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for part, name in names.items():
+        old = manifest["parts"][part]
+        (out / old).rename(out / name)
+        manifest["parts"][part] = name
+        manifest["files"][name] = manifest["files"].pop(old)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_parts_with_other_names_are_opened_and_served(bundle: Path, tmp_path: Path) -> None:
+    """The runtime opens the files the manifest names, not the default names (issue 9: one bundle contract)."""
+    names = {"model": "graph.onnx", "config": "hf-config.json", "tokenizer": "wordpiece.json"}
+    renamed = _renamed_parts(bundle, tmp_path / "renamed", names)
+    assert not any((renamed / old).exists() for old in ("model.onnx", "config.json", "tokenizer.json"))
+    with pytest.raises(LayerpruneError, match="has no model.onnx"):  # a bare folder read by the default names
+        OnnxClassifier(renamed)
+    opened = open_bundle(renamed)
+    assert opened.classifier.model_path == renamed / "graph.onnx"
+    texts = ["a fine movie", "a dull, lifeless remake"]
+    np.testing.assert_allclose(opened.classifier.logits(texts), open_bundle(bundle).classifier.logits(texts), atol=1e-6)
+    with _client(renamed) as client:
+        _wait_ready(client)
+        assert client.get("/info").json()["model_sha"] == sha256_file(renamed / "graph.onnx")
+        answer = client.post("/predict", json={"inputs": texts})
+    assert answer.status_code == 200, answer.text
+    assert [sorted(d["label"] for d in row) for row in answer.json()] == [["negative", "positive"]] * 2
+    onnx = (write_triton_repository(renamed, tmp_path / "triton") / "1" / "model.onnx").read_bytes()
+    assert onnx == (renamed / "graph.onnx").read_bytes()

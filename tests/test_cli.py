@@ -371,3 +371,30 @@ def test_serve_help_lists_the_server_flags(capsys) -> None:
     assert code == 0 and "--max-batch-size" in out and "--allow-unvalidated" in out
     code, out, _ = run_cli(["export", "--help"], capsys)
     assert code == 0 and "--heal-examples HEAL_EXAMPLES" in out and "(default 4000)" in out
+
+
+SERVE_FLAGS = {"host", "port", "allow_unvalidated", "max_batch_size", "max_wait_ms", "max_inputs_per_request",
+               "max_chars_per_input", "max_queue", "threads", "log_level", "max_batch_tokens", "ray", "replicas",
+               "max_replicas", "ray_address", "api_key"}
+
+
+def test_serve_flags_are_the_settings_fields(monkeypatch, capsys) -> None:
+    """One declaration per option: the ServeSettings fields marked cli() are the serve flags (the same set as
+    before they were generated); a flag given wins, one not given leaves the environment's and the file's."""
+    import serve.main
+    from layerprune.options import cli_fields
+    from serve.settings import ServeSettings
+
+    assert set(cli_fields(ServeSettings)) == SERVE_FLAGS
+    code, out, _ = run_cli(["serve", "--help"], capsys)
+    assert code == 0 and all(f"--{name.replace('_', '-')}" in out for name in SERVE_FLAGS), out
+    got: list = []
+    monkeypatch.setattr(serve.main, "run", lambda bundle, settings: got.append((bundle, settings)) or 0)
+    monkeypatch.setenv("LAYERPRUNE_SERVE_MAX_QUEUE", "77")
+    monkeypatch.setenv("LAYERPRUNE_SERVE_PORT", "7000")
+    argv = ["serve", "b", "--port", "9", "--ray", "--log-level", "debug", "--api-key", "k", "--max-wait-ms", "1.5"]
+    assert main(argv) == 0
+    bundle, settings = got[0]
+    assert bundle == Path("b") and (settings.port, settings.ray, settings.log_level) == (9, True, "debug")
+    assert settings.api_key.get_secret_value() == "k" and settings.max_wait_ms == 1.5
+    assert settings.max_queue == 77 and settings.allow_unvalidated is False and settings.host == "127.0.0.1"

@@ -107,11 +107,13 @@ def _client(bundle: Path, **overrides) -> TestClient:
     return TestClient(create_app(model, settings))
 
 
-def _wait_ready(client: TestClient) -> None:
-    deadline = time.monotonic() + 30
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "never ready"
+def _wait_ready(client: TestClient, tries: int = 3000) -> None:
+    """Polls /readyz a bounded number of times (not a clock: a busy machine is slow, not wrong)."""
+    for _ in range(tries):
+        if client.get("/readyz").status_code == 200:
+            return
         time.sleep(0.01)
+    raise AssertionError(f"not ready after {tries} tries")
 
 
 @pytest.fixture(scope="module")
@@ -379,6 +381,7 @@ def server(bundle):
         yield srv.wait_ready().url
     finally:
         srv.stop()
+    srv.assert_no_traceback()  # after every test on it, fuzz included: nothing it was sent crashed a handler
 
 
 def test_server_parity_with_offline(server, offline) -> None:
@@ -396,15 +399,13 @@ def test_server_parity_with_offline(server, offline) -> None:
 def test_server_concurrent_load(server, offline) -> None:
     want = {t: row for t, row in zip(TEXTS, offline.logits(TEXTS))}
     labels = [offline.id2label[i] for i in range(offline.num_labels)]
-    threads, per_thread, deadline = 8, 40, time.monotonic() + 60
+    threads, per_thread = 8, 40  # bounded by count; httpx's timeout bounds a stuck request
     errors: list[str] = []
 
     def client(seed: int) -> int:
         rng, done = random.Random(seed), 0
-        with httpx.Client(base_url=server, timeout=30) as http:
+        with httpx.Client(base_url=server, timeout=60) as http:
             for _ in range(per_thread):
-                if time.monotonic() > deadline:
-                    break
                 texts = rng.sample(TEXTS, rng.randint(1, 4))
                 r = http.post("/predict", json={"inputs": texts, "raw_scores": True})
                 if r.status_code != 200:
@@ -420,7 +421,7 @@ def test_server_concurrent_load(server, offline) -> None:
     with ThreadPoolExecutor(threads) as pool:
         done = sum(pool.map(client, range(threads)))
     assert not errors, errors[:5]
-    assert done == threads * per_thread, f"only {done} requests before the time bound"
+    assert done == threads * per_thread, f"{done} of {threads * per_thread} requests answered 200"
     metrics = httpx.get(f"{server}/metrics").text
     assert 'route="/predict",status="200"' in metrics
 
@@ -469,10 +470,8 @@ def _fuzz_body(rng: random.Random) -> tuple[str, bytes]:
 def test_server_fuzz_gives_only_4xx(server) -> None:
     rng = random.Random(2014)
     statuses: dict[int, int] = {}
-    deadline = time.monotonic() + 45
-    with httpx.Client(base_url=server, timeout=20) as http:
-        for i in range(300):
-            assert time.monotonic() < deadline, f"fuzz too slow at request {i}"
+    with httpx.Client(base_url=server, timeout=60) as http:  # 300 requests, each bounded by the timeout
+        for _ in range(300):
             route, body = _fuzz_body(rng)
             r = http.post(route, content=body, headers={"content-type": "application/json"})
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
@@ -568,7 +567,20 @@ def test_dockerfile_installs_what_serving_imports() -> None:
     assert not {"torch", "transformers", "datasets"} & needed, needed
 
 
-def test_dockerfile_cmd_and_healthcheck_run(bundle) -> None:
+def _wait_http_ready(url: str, proc: subprocess.Popen, tries: int = 600) -> None:
+    """/readyz answers 200 once warmed up (the healthcheck only says alive); polled a bounded number of times."""
+    for _ in range(tries):
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} not ready after {tries} tries")
+
+
+def test_dockerfile_cmd_and_healthcheck_run(bundle, offline) -> None:
     d = _dockerfile()
     cmd = json.loads(d["CMD"][-1])
     assert cmd[:3] == ["python", "-m", "serve"] and cmd[3] == "/app/bundle"
@@ -583,16 +595,19 @@ def test_dockerfile_cmd_and_healthcheck_run(bundle) -> None:
              else a for a in cmd]
     proc = subprocess.Popen(local, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
+        for _ in range(300):  # a count of tries, not a clock
             probe = subprocess.run([sys.executable if a == "python" else a for a in health_cmd], env=env, capture_output=True,
                                    timeout=30)
             if probe.returncode == 0:
                 break
             assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "healthcheck never passed"
             time.sleep(0.2)
-        assert httpx.post(f"http://127.0.0.1:{port}/predict", json={"inputs": "fine"}, timeout=30).status_code in (200, 503)
+        else:
+            raise AssertionError("healthcheck never passed")
+        _wait_http_ready(f"http://127.0.0.1:{port}", proc)
+        r = httpx.post(f"http://127.0.0.1:{port}/predict", json={"inputs": "fine"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert sorted(d["label"] for d in r.json()) == sorted(offline.id2label.values()), r.text  # both labels
     finally:
         proc.terminate()
         try:

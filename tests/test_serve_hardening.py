@@ -460,7 +460,8 @@ def test_idle_keep_alive_is_closed(server) -> None:
 
 def test_shutdown_drain_is_bounded(bundle) -> None:
     """SIGTERM while a client holds a partial body (body timeout far away) and another sends nothing: the
-    server still exits, after at most timeout_shutdown_s of drain (it used to stay up)."""
+    server still exits, after at most timeout_shutdown_s of drain (it used to stay up), without a traceback,
+    and answers the half-sent request 503."""
     srv = _Proc(bundle, LAYERPRUNE_SERVE_TIMEOUT_BODY_S="600", LAYERPRUNE_SERVE_TIMEOUT_HEADER_S="600",
                 LAYERPRUNE_SERVE_TIMEOUT_SHUTDOWN_S="2")
     socks = []
@@ -475,6 +476,9 @@ def test_shutdown_drain_is_bounded(bundle) -> None:
         assert srv.proc.wait(timeout=60) in (0, -signal.SIGTERM)
         log = srv.log()
         assert "timeout graceful shutdown exceeded" in log and "Finished server process" in log, log[-2000:]
+        srv.assert_no_traceback()  # the cancelled body read ends quietly
+        answer = _read_until_closed(slow)  # the client still sending is told the server is going away
+        assert answer.startswith(b"HTTP/1.1 503") and b"shutting down" in answer, answer[:500]
     finally:
         for s in socks:
             s.close()
