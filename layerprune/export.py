@@ -26,13 +26,14 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from .bundle import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
 from .errors import LayerpruneError, ModelError, first_line
 from .models import has_classification_head, load_config
 
 if TYPE_CHECKING:
     from optimum.onnxruntime.configuration import QuantizationConfig
 
-ONNX_FILE = "model.onnx"
+ONNX_FILE = MODEL_FILE  # the bundle's file names live in bundle.py
 OptimizationLevel = Literal["O1", "O2", "O3"]
 
 # optimum maps all eight of models.ARCHITECTURES to onnxruntime's "bert" fusions (ORTConfigManager).
@@ -67,9 +68,9 @@ def export_onnx(checkpoint_dir: Path, out_dir: Path) -> Path:
             )
         except Exception as exc:  # optimum raises ValueError, KeyError, RuntimeError, torch errors ...
             raise ModelError(f"ONNX export of {checkpoint_dir} failed: {first_line(exc)}") from exc
-        for name in (ONNX_FILE, "config.json", "tokenizer.json"):
+        for name in (ONNX_FILE, CONFIG_FILE, TOKENIZER_FILE):
             if not (tmp / name).is_file():
-                why = " (the runtime needs a fast tokenizer)" if name == "tokenizer.json" else ""
+                why = " (the runtime needs a fast tokenizer)" if name == TOKENIZER_FILE else ""
                 raise ModelError(f"ONNX export of {checkpoint_dir} wrote no {name}{why}")
         if not (tmp / f"{ONNX_FILE}_data").exists():  # weights inside model.onnx: drop an older export's
             (out_dir / f"{ONNX_FILE}_data").unlink(missing_ok=True)
@@ -218,7 +219,7 @@ def max_logit_difference(torch_logits: np.ndarray, onnx_logits: np.ndarray) -> f
 
 
 def _require_model(onnx_dir: Path) -> None:
-    for name in (ONNX_FILE, "config.json"):
+    for name in (ONNX_FILE, CONFIG_FILE):
         if not (onnx_dir / name).is_file():
             raise LayerpruneError(f"{onnx_dir} holds no {name}; export it with export_onnx first")
 
