@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from layerprune.build import ExportOptions, export_bundle  # noqa: E402
-from layerprune.export import cpu_model  # noqa: E402
+from layerprune.export import ExportOptions, export_bundle  # noqa: E402
+from layerprune.onnx_export import cpu_model  # noqa: E402
 
 
 def main() -> int:

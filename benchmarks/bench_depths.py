@@ -6,7 +6,7 @@
 One run, one machine, the same sentences (rt-polarity test split, 1,056 real sentences):
 - `pipeline("text-classification")` on the full fine-tuned checkpoint (PyTorch), batch 1 and batch 32
   (pipeline batches in input order, as users call it);
-- the full checkpoint exported by optimum (`layerprune.export.export_onnx`), run with `OnnxClassifier`,
+- the full checkpoint exported by optimum (`layerprune.onnx_export.export_onnx`), run with `OnnxClassifier`,
   batch 32 length-sorted (as the server and `OnnxClassifier.logits` do) and unsorted (input order);
 - `layerprune.prune.truncate` at every depth 1..L (fine-tuned head, NO healing), exported fp32, then
   `optimize_onnx(.., "O2")`, and `quantize_onnx(..)` (int8 dynamic, on the fp32 export, as bundles are);
@@ -170,7 +170,7 @@ def bench_pipeline(checkpoint: Path, texts: list[str], labels: np.ndarray, bs1_n
 
 def build_models(checkpoint: Path, depths: list[int], total: int, work: Path) -> tuple[Path, dict, dict]:
     """Full export + per depth fp32 / O2 / int8 folders. Returns (full_dir, {(depth, kind): dir}, build secs)."""
-    from layerprune.export import export_onnx, optimize_onnx, quantize_onnx
+    from layerprune.onnx_export import export_onnx, optimize_onnx, quantize_onnx
     from layerprune.models import load_classifier
     from layerprune.prune import truncate
 

@@ -226,7 +226,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .build import export_bundle
+    from .export import export_bundle
     from .bundle import size_mb
     from .tables import candidates_table, validation_table
 

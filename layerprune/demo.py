@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .analyze import analyze
-from .build import ExportOptions, export_bundle
+from .export import ExportOptions, export_bundle
 from .bundle import size_mb
 from .tables import candidates_table
 from .data import Examples, load_examples

@@ -1,324 +1,418 @@
-"""ONNX export of a (truncated) sequence-classification checkpoint, through optimum-onnx.
+"""export: analysis run directory -> validated ONNX bundle.
 
-A bundle folder holds `model.onnx` (dynamic batch and sequence axes, one output: `logits`), the
-checkpoint's `config.json` and its tokenizer files, `tokenizer.json` among them: the torch-free
-`runtime` reads that with the `tokenizers` library. `optimize_onnx` and `quantize_onnx` rewrite
-`model.onnx` in place, so a bundle always serves exactly one model file.
-
-This module imports torch and optimum; the server never imports it.
+1. The original model runs once over the calibration examples, the heal texts and the unlabeled agreement
+   texts: its logits, the first-token states of every depth, and the token states distillation starts from.
+2. Depth: fixed N, or auto: from the CKA boundary, down while the gate forecast passes, up until it does
+   (validate.forecast: a one-sided 95% bound on the holdout delta, or the disagreement bound). Every depth
+   looked at is healed as asked: distill (top layers + head, from the original), head (re-fit) or none.
+3. Export: truncate, install the heal, ONNX through optimum, optimize; with int8 the candidates are scored
+   fastest first (int8; int8 with the feed-forward outputs and head in fp32; fp32) and the first whose forecast
+   passes is kept.
+4. Validate the bundle against the original on the disjoint holdout, at the bundle's one max length. The
+   bundle is built in a temporary folder and renamed into place.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import logging
-import os
-import platform
-import re
 import shutil
 import tempfile
-import warnings
-from collections.abc import Iterator
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
-from .bundle import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
-from .errors import LayerpruneError, ModelError, first_line
-from .models import has_classification_head, load_config
+from . import onnx_export
+from .artifacts import (
+    AnalysisReport,
+    DepthReport,
+    DepthScore,
+    ExportCandidate,
+    GateForecast,
+    HealMode,
+    HealStats,
+    Manifest,
+    ValidationReport,
+    atomic_dir,
+    library_versions,
+    load_artifact,
+)
+from .bundle import (
+    ANALYSIS_FILE,
+    CKA_PLOT,
+    DEPTH_FILE,
+    DEPTH_PLOT,
+    MANIFEST_FILE,
+    VALIDATION_FILE,
+    bundle_parts,
+    hash_files,
+    output_labels,
+)
+from .data import Examples, load_examples, read_texts
+from .errors import LayerpruneError
+from .heal import Distilled, TextStates, distill, encode_texts
+from .hidden import predict_logits
+from .scoring import compute_metric
+from .models import architecture, load_classifier, num_layers
+from .options import ExportOptions  # options are declared once, with their CLI flags
+from .plots import plot_depths
+from .prune import HeadFit, depth_logits, fit_head, head_state, load_head, truncate
+from .runtime import OnnxClassifier, model_max_length
+from .tasks import TaskConfig
+from .validate import EvalParts, calibration_and_holdout, compare, forecast
 
-if TYPE_CHECKING:
-    from optimum.onnxruntime.configuration import QuantizationConfig
-
-ONNX_FILE = MODEL_FILE  # the bundle's file names live in bundle.py
-OptimizationLevel = Literal["O1", "O2", "O3"]
-
-# optimum maps all eight of models.ARCHITECTURES to onnxruntime's "bert" fusions (ORTConfigManager).
-# Checked on the tiny models of tests/conftest.py (optimum 2.1, onnxruntime 1.32): O1, O2 and O3 run and
-# keep parity for every type. At O2/O3 bert, roberta, xlm-roberta, distilbert, electra and albert get the
-# fused Attention op; deberta-v2 (disentangled attention) and mpnet (relative position bias) keep their
-# attention unfused and get only the SkipLayerNormalization and (Bias)Gelu fusions.
-
-
-def export_onnx(checkpoint_dir: Path, out_dir: Path) -> Path:
-    """Export `checkpoint_dir` to `out_dir/model.onnx` (fp32) with its config and tokenizer beside it.
-
-    `out_dir` may exist and hold other files (a bundle under construction); only the exported files
-    are written. The export goes to a temporary folder first, so a failure leaves no model.onnx.
-    optimum's own validation is skipped: callers measure parity on real examples, which is stricter
-    than optimum's random inputs and does not run the model twice more.
-    """
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    if not (checkpoint_dir / "config.json").is_file():
-        raise ModelError(f"{checkpoint_dir} is not a checkpoint directory (no config.json)")
-    _, config = load_config(checkpoint_dir)  # refuses model types outside models.ARCHITECTURES
-    if not has_classification_head(config):
-        raise ModelError(f"{checkpoint_dir} has no sequence-classification head; only classifiers are exported")
-    with _staging(out_dir, "export") as tmp, _quiet():
-        from optimum.exporters.onnx import main_export
-
-        try:
-            main_export(
-                str(checkpoint_dir), tmp, task="text-classification", framework="pt",
-                library_name="transformers", dtype="fp32", device="cpu", do_validation=False,
-                local_files_only=True,
-            )
-        except Exception as exc:  # optimum raises ValueError, KeyError, RuntimeError, torch errors ...
-            raise ModelError(f"ONNX export of {checkpoint_dir} failed: {first_line(exc)}") from exc
-        for name in (ONNX_FILE, CONFIG_FILE, TOKENIZER_FILE):
-            if not (tmp / name).is_file():
-                why = " (the runtime needs a fast tokenizer)" if name == TOKENIZER_FILE else ""
-                raise ModelError(f"ONNX export of {checkpoint_dir} wrote no {name}{why}")
-        if not (tmp / f"{ONNX_FILE}_data").exists():  # weights inside model.onnx: drop an older export's
-            (out_dir / f"{ONNX_FILE}_data").unlink(missing_ok=True)
-        _move_files(tmp, out_dir)
-    return out_dir / ONNX_FILE
+BUNDLE_DIR = "bundle"
+TRUNCATED_DIR = "truncated"
 
 
-def optimize_onnx(onnx_dir: Path, level: OptimizationLevel) -> None:
-    """Replace `onnx_dir/model.onnx` by onnxruntime's graph optimization at `level` (for CPU).
-
-    O1: basic graph rewrites (constant folding, redundant nodes); O2: plus the transformer fusions
-    (attention, skip-LayerNorm, bias-GELU); O3: plus the tanh GELU approximation, not exact for models
-    with erf GELU (most BERTs): expect logits to move by more than O1/O2 do.
-    """
-    onnx_dir = Path(onnx_dir)
-    _require_model(onnx_dir)
-    with _staging(onnx_dir, "optimize") as tmp, _quiet():
-        from optimum.onnxruntime import AutoOptimizationConfig, ORTOptimizer
-        from optimum.onnxruntime.utils import ORTConfigManager
-
-        model_type = _model_type(onnx_dir)
-        if model_type not in ORTConfigManager._conf:
-            raise LayerpruneError(f"onnxruntime has no graph optimization for model type '{model_type}'")
-        try:
-            config = AutoOptimizationConfig.with_optimization_level(level)
-            ORTOptimizer.from_pretrained(onnx_dir, file_names=[ONNX_FILE]).optimize(config, tmp)
-        except Exception as exc:
-            raise LayerpruneError(f"onnxruntime {level} optimization failed: {first_line(exc)}") from exc
-        _replace_model(tmp / "model_optimized.onnx", onnx_dir)
+@dataclass(frozen=True)
+class ExportResult:
+    bundle: Path
+    manifest: Manifest
+    validation: ValidationReport
+    depth: DepthReport
+    truncated_checkpoint: Path
+    advice: str | None  # what to try next when the gate refused the bundle
+    next_candidate: ExportOptions | None  # the same, as options
 
 
-def quantization_config(cpu: str | None = None) -> tuple[str, QuantizationConfig]:
-    """optimum's dynamic int8 configuration for `cpu` (default: the CPU this runs on, see `cpu_kind`),
-    with a short name for the manifest. Quantization targets the exporting machine's CPU family.
+@dataclass
+class _Texts:
+    """What the original model computed on the texts export looks at (the holdout excepted)."""
 
-    All dynamic (activations quantized per batch as they come, no calibration data) with per-channel
-    weights. Measured on an AVX-512 server: optimum's `avx512` per-channel preset 3.5x the fp32
-    throughput at -0.8 accuracy points; the per-tensor `avx512_vnni` preset lost 2.9 points.
-    - AVX-512: optimum's `avx512` preset, u8 activations x s8 weights.
-    - AVX2 (no AVX-512): u8 x s8 with 7-bit weights (reduce_range). onnxruntime's u8 x s8 kernel
-      (VPMADDUBSW) sums pairs of products into saturating int16; 7-bit weights keep every pair sum in
-      range (255 * 64 * 2 < 32767), which is onnxruntime's own advice for CPUs without VNNI. optimum's
-      `avx2` preset avoids the saturation with u8 weights instead, whose kernel widens to int16 first
-      and is slower. MiniLM-L6 fine-tuned on rt-polarity, 2 AVX2 cores (AMD EPYC), 2,112 held-out
-      sentences (fp32: 0.8665 accuracy): u8/s8 7-bit -0.28 points, optimum's avx2 u8/u8 -0.38, u8/s8
-      8-bit +0.00 (all within 8 sentences: noise); speed over fp32 1.3-1.5x for u8/s8 (either range),
-      1.2x for u8/u8. So: the fast kernel, made safe from saturation for models where it does bite.
-    - aarch64 / arm64: optimum's `arm64` preset (u8 x s8; ARM's dot-product kernels do not saturate).
-    - ppc64le: optimum's `ppc64le` preset.
-    """
-    from onnxruntime.quantization import QuantType
-    from optimum.onnxruntime import AutoQuantizationConfig
-
-    cpu = cpu or cpu_kind()
-    if cpu == "avx512":
-        return "avx512 dynamic per-channel u8/s8", AutoQuantizationConfig.avx512(is_static=False, per_channel=True)
-    if cpu == "avx2":
-        preset = AutoQuantizationConfig.avx2(is_static=False, per_channel=True, reduce_range=True)
-        return "avx2 dynamic per-channel u8/s8 7-bit", dataclasses.replace(preset, weights_dtype=QuantType.QInt8)
-    if cpu == "arm64":
-        return "arm64 dynamic per-channel u8/s8", AutoQuantizationConfig.arm64(is_static=False, per_channel=True)
-    if cpu == "ppc64le":
-        return "ppc64le dynamic per-channel u8/s8", AutoQuantizationConfig.ppc64le(is_static=False, per_channel=True)
-    raise LayerpruneError(f"no int8 quantization preset for this CPU ({cpu}); optimum has avx512, avx2, arm64, ppc64le")
+    calibration: TextStates
+    calibration_labels: np.ndarray
+    heal: TextStates | None
+    heal_labels: np.ndarray | None  # None: unlabeled heal texts
+    agreement: TextStates | None
 
 
-def cpu_kind(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """'avx512', 'avx2', 'arm64', 'ppc64le', or what platform.machine() says (e.g. x86 without AVX2)."""
-    machine = platform.machine().lower()
-    if machine in ("aarch64", "arm64"):
-        return "arm64"
-    if machine == "ppc64le":
-        return "ppc64le"
-    if machine not in ("x86_64", "amd64", "i686", "i386"):
-        return machine or "unknown"
-    flags = _cpu_flags(cpuinfo)
-    if "avx512f" in flags and "avx512bw" in flags:  # the byte/word ops int8 GEMM kernels need
-        return "avx512"
-    if "avx2" in flags:
-        return "avx2"
-    return f"{machine} without avx2"
+def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = ExportOptions()) -> ExportResult:
+    """Build the bundle for the analysis in `run_dir` (default output: RUN_DIR/bundle)."""
+    analysis = _load_analysis(run_dir)
+    task, glue_dir = analysis.task_config, Path(analysis.glue_dir) if analysis.glue_dir else None
+    model, tokenizer = load_classifier(
+        analysis.model, num_labels=task.num_labels, device=opts.device, trust_remote_code=opts.trust_remote_code
+    )
+    total = num_layers(model.config)
+    if opts.keep_layers != "auto" and not 1 <= opts.keep_layers <= total:
+        raise LayerpruneError(f"--keep-layers must be between 1 and {total} for this model, got {opts.keep_layers}")
+    max_length = _max_length(model, tokenizer, opts.max_length)
+    heal_examples, agreement_examples, labelled = _heal_texts(task, glue_dir, opts)
+    heal = _heal_mode(opts.heal, model, heal_examples, labelled)
+    parts = calibration_and_holdout(task, glue_dir, opts.max_examples, opts.resample_seed)
+    start = analysis.boundary if opts.keep_layers == "auto" else opts.keep_layers
+    # Keep the token states where the first distillation starts; other depths are computed from them.
+    first_inputs = {0, max(min(start, total) - opts.heal_layers, 0)} if heal == "distill" else {0}
+
+    def encode(examples: Examples, role: str) -> TextStates:
+        return encode_texts(model, tokenizer, examples, batch_size=opts.batch_size, max_length=max_length,
+                            keep_depths=first_inputs, desc=f"original, {role}")
+
+    texts = _Texts(
+        calibration=encode(parts.calibration, "calibration"),
+        calibration_labels=parts.calibration.labels,
+        heal=encode(heal_examples, "heal texts") if heal != "none" else None,
+        heal_labels=heal_examples.labels if heal != "none" and labelled else None,
+        agreement=encode(agreement_examples, "agreement texts") if agreement_examples else None,
+    )
+    original_holdout = predict_logits(model, tokenizer, parts.holdout, max_length=max_length)
+
+    budget = _error_budget(opts)
+    depths = _Depths(model, task, texts, heal, opts, n_holdout=len(parts.holdout))
+    depth = _choose_depth(depths.passes, analysis.boundary, total, opts.keep_layers, budget.depth)
+    if opts.sweep:
+        for d in range(1, total + 1):
+            depths.passes(d, budget.depth)
+    note = None
+    if opts.keep_layers == "auto" and depth == total:
+        note = f"nothing can be dropped within tolerance {opts.tolerance:g}: keeping all {total} layers"
+
+    truncate(model, depth)
+    depths.install(model, depth)
+    if task.label_names:  # the bundle's config names its labels, whatever the checkpoint said
+        model.config.id2label = dict(enumerate(task.label_names))
+        model.config.label2id = {name: i for i, name in enumerate(task.label_names)}
+    target = Path(out) if out is not None else Path(run_dir) / BUNDLE_DIR
+    with tempfile.TemporaryDirectory(prefix="layerprune-truncated-") as scratch, atomic_dir(target, MANIFEST_FILE) as tmp:
+        _save_checkpoint(model, tokenizer, Path(scratch))
+        onnx_export.export_onnx(Path(scratch), tmp)
+        truncated = predict_logits(model, tokenizer, parts.holdout, max_length=max_length)
+        parity = onnx_export.max_logit_difference(truncated, _onnx_logits(tmp, parts.holdout, max_length))
+        if opts.optimize:
+            onnx_export.optimize_onnx(tmp, opts.optimize)
+        candidates = _pick_export(tmp, task, texts, parts, max_length, opts, budget) if opts.quantize else []
+        chosen = next((c for c in candidates if c.chosen), None)
+        quant_name = chosen.name if chosen and chosen.name != "fp32" else None
+        served = _onnx_logits(tmp, parts.holdout, max_length)
+        validation = compare(task, parts.holdout, parts.holdout_name, original_holdout, served, opts.tolerance,
+                             max_length, parity)
+        report = depths.report(analysis.boundary, depth, parts, candidates, note, opts)
+        validation.save(tmp / VALIDATION_FILE)
+        report.save(tmp / DEPTH_FILE)
+        plot_depths(report, tmp / DEPTH_PLOT)
+        shutil.copy(Path(run_dir) / ANALYSIS_FILE, tmp / ANALYSIS_FILE)
+        if (Path(run_dir) / CKA_PLOT).is_file():
+            shutil.copy(Path(run_dir) / CKA_PLOT, tmp / CKA_PLOT)
+        manifest = Manifest(
+            files=hash_files(tmp), parts=bundle_parts(tmp), source_checkpoint=analysis.model, task=task.name,
+            metric_name=task.metric, labels=output_labels(tmp), kept_layers=depth, total_layers=total,
+            model_type=analysis.model_type,
+            heal=heal, max_length=max_length, pair_input=task.text_pair_field is not None,
+            resample_seed=opts.resample_seed, optimize=opts.optimize, quantize="int8" if quant_name else None,
+            quantization_config=quant_name, servable=validation.passed, versions=library_versions(),
+        )
+        manifest.save(tmp / MANIFEST_FILE)
+    # The truncated PyTorch checkpoint, for users who fine-tune or serve it further; not part of the bundle.
+    with atomic_dir(Path(run_dir) / TRUNCATED_DIR, "config.json") as tmp:
+        _save_checkpoint(model, tokenizer, tmp)
+    advice, retry = (None, None) if validation.passed else _next_candidate(depth, total, quant_name, opts)
+    return ExportResult(target, manifest, validation, report, Path(run_dir) / TRUNCATED_DIR, advice, retry)
 
 
-# The second matrix product of each layer's feed-forward block, per exporter naming: BERT-likes (BERT,
-# RoBERTa, ELECTRA, MPNet, DeBERTa) 'output/dense', DistilBERT 'ffn/lin2', ALBERT 'ffn_output'.
-FFN_OUTPUT = re.compile(r"/(?<!attention/)output/dense/|/ffn/lin2/|/ffn_output/")
-IN_A_LAYER = re.compile(r"/layer\.\d+/|/albert_layers\.\d+/")  # else the embeddings' or the head's
+def _next_candidate(depth: int, total: int, quantized: str | None,
+                    opts: ExportOptions) -> tuple[str | None, ExportOptions | None]:
+    """After a bundle the gate refused: what to try next, in words and as options (None: nothing left)."""
+    if quantized:
+        return ("next candidate: the same depth without --quantize int8",
+                dataclasses.replace(opts, keep_layers=depth, quantize=None))
+    if depth < total:
+        return f"next candidate: --keep-layers {depth + 1}", dataclasses.replace(opts, keep_layers=depth + 1)
+    return None, None
 
 
-def sensitive_nodes(onnx_dir: Path) -> list[str]:
-    """The matrix products where int8 rounding moves predictions most: each layer's feed-forward output
-    projection (its input, after GELU, has the outliers that a per-tensor activation scale rounds away;
-    Bondarenko et al., 2021) and the head's (pooler and classifier: every product outside the layers).
-    MiniLM-L6 5 layers, rt-polarity, 5,112 sentences, AVX2: int8 disagreed with fp32 on 1.25% of them, 0.68%
-    with these in fp32, 1.23% with the last layer and head in fp32 instead. The exporter names nodes after
-    the PyTorch modules ('/bert/encoder/layer.4/output/dense/MatMul'), which is what this reads."""
-    import onnx
-
-    model = onnx.load(str(Path(onnx_dir) / ONNX_FILE), load_external_data=False)
-    products = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "FusedMatMul")]
-    kept = [n for n in products if FFN_OUTPUT.search(n.name) or not IN_A_LAYER.search(n.name)]
-    # The quantizer rewrites a Gemm as a MatMul named "<gemm>_MatMul" + Add before it looks at exclusions.
-    return [name for n in kept for name in ([n.name, f"{n.name}_MatMul"] if n.op_type == "Gemm" else [n.name])]
+def _max_length(model, tokenizer, asked: int | None) -> int:
+    """One max length for the bundle: asked, or the model's own limit (what the server would use anyway)."""
+    limit = model_max_length(model.config.to_dict(), {"model_max_length": tokenizer.model_max_length})
+    if asked is not None and not 2 <= asked <= limit:
+        raise LayerpruneError(f"--max-length must be between 2 and {limit} for this model, got {asked}")
+    return asked or limit
 
 
-def quantize_onnx(onnx_dir: Path, keep_fp32: list[str] | None = None) -> str:
-    """Replace `onnx_dir/model.onnx` by its dynamic int8 quantization for this CPU, leaving the nodes named in
-    `keep_fp32` in float; return the configuration's name."""
-    onnx_dir = Path(onnx_dir)
-    _require_model(onnx_dir)
-    name, config = quantization_config()
-    if keep_fp32:
-        config = dataclasses.replace(config, nodes_to_exclude=list(keep_fp32))
-        name += ", feed-forward outputs and head in fp32"
-    with _staging(onnx_dir, "quantize") as tmp, _quiet():
-        import onnx
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-        from optimum.onnxruntime import ORTQuantizer
-        from transformers import AutoConfig
-
-        try:
-            # onnx's shape inference cannot type the outputs of onnxruntime's fused ops (Attention,
-            # SkipLayerNormalization after O2/O3), and the quantizer then refuses the MatMuls behind them;
-            # onnxruntime's symbolic shape inference knows those ops and records every tensor's type.
-            typed = tmp / "typed.onnx"
-            external = _uses_external_data(onnx.load(str(onnx_dir / ONNX_FILE), load_external_data=False))
-            quant_pre_process(onnx_dir / ONNX_FILE, typed, skip_optimization=True, auto_merge=True,
-                              save_as_external_data=external, all_tensors_to_one_file=True,
-                              external_data_location="typed.onnx_data")
-            ORTQuantizer(typed, config=AutoConfig.from_pretrained(onnx_dir)).quantize(config, tmp)
-        except Exception as exc:
-            raise LayerpruneError(f"int8 quantization ({name}) failed: {first_line(exc)}") from exc
-        _replace_model(tmp / "typed_quantized.onnx", onnx_dir)
-    return name
+def _heal_texts(task: TaskConfig, glue_dir: Path | None, opts: ExportOptions) -> tuple[Examples | None, Examples | None, bool]:
+    """(heal texts, agreement texts, labelled): from --heal-data (unlabeled) or the task's train split; the
+    agreement texts are the next ones after the heal texts."""
+    if opts.heal_data is not None:
+        pool = read_texts(opts.heal_data, opts.heal_text_field or task.text_field, task.text_pair_field)
+        labelled = False
+    elif task.train_split:
+        pool = load_examples(task, task.train_split, glue_dir=glue_dir)
+        labelled = True
+    else:
+        return None, None, False
+    heal = pool.head(opts.heal_examples)
+    rest = pool.select(np.arange(len(heal), min(len(pool), len(heal) + opts.agreement_examples)))
+    return heal, (rest if len(rest) else None), labelled
 
 
-def max_logit_difference(torch_logits: np.ndarray, onnx_logits: np.ndarray) -> float:
-    """Parity of two runs on the same examples: the largest absolute difference of any logit."""
-    a, b = np.asarray(torch_logits, dtype=np.float64), np.asarray(onnx_logits, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"logits of shapes {a.shape} and {b.shape} cannot be compared")
-    return float(np.abs(a - b).max()) if a.size else 0.0
+def _heal_mode(asked: HealMode | None, model, texts: Examples | None, labelled: bool) -> HealMode:
+    arch = architecture(model.config)
+    layers_alone = not (arch.shared_weights or getattr(model.config, "conv_kernel_size", 0))
+    if asked is None:
+        if texts is None:
+            return "none"
+        return "distill" if layers_alone else ("head" if labelled else "none")
+    if asked != "none" and texts is None:
+        raise LayerpruneError(f"--heal {asked} needs texts: the task has no train split; give --heal-data FILE")
+    if asked == "head" and not labelled:
+        raise LayerpruneError("--heal head needs labelled texts; --heal-data texts carry none: use --heal distill")
+    if asked == "distill" and not layers_alone:
+        raise LayerpruneError(f"--heal distill cannot re-tune {model.config.model_type} layers alone (shared "
+                              "weights or a convolution); use --heal head")
+    return asked
 
 
-# --- helpers -------------------------------------------------------------------------------------
+class _Depths:
+    """Each depth looked at: healed as asked, scored on calibration, and its gate forecast."""
+
+    def __init__(self, model, task: TaskConfig, texts: _Texts, heal: HealMode, opts: ExportOptions, n_holdout: int):
+        self.model, self.task, self.texts, self.heal, self.opts = model, task, texts, heal, opts
+        self.n_holdout = n_holdout
+        self.total = num_layers(model.config)
+        self.raw = [self._metric(logits) for logits in depth_logits(model, texts.calibration.first)]
+        self.full = self._metric(texts.calibration.logits)
+        self.heals: dict[int, HeadFit | Distilled] = {}
+        self.scores: dict[int, DepthScore] = {}
+        self.heal_runs: list[HealStats] = []
+        self.probed: list[int] = []
+
+    def passes(self, depth: int, alpha: float) -> bool:
+        """Whether the gate is forecast to pass the model truncated at `depth` (healed as asked), at error
+        rate `alpha`; each depth is forecast once."""
+        if depth not in self.probed:
+            self.probed.append(depth)
+        if depth not in self.scores:
+            self.scores[depth] = self._score(depth, alpha)
+        return self.scores[depth].forecast.passes
+
+    def _score(self, depth: int, alpha: float) -> DepthScore:
+        logits = (lambda texts: texts.logits) if depth == self.total else (lambda texts: self._logits(depth, texts))
+        calibration = logits(self.texts.calibration)
+        agreement = None if self.texts.agreement is None else logits(self.texts.agreement)
+        score = DepthScore(depth=depth, metric=self.raw[depth], forecast=self._forecast(calibration, agreement, alpha))
+        if self.heal == "head" and depth < self.total:
+            score.metric_healed = self._metric(calibration)
+        if self.heal == "distill" and depth < self.total:
+            score.metric_distilled = self._metric(calibration)
+        return score
+
+    def _forecast(self, calibration: np.ndarray, agreement: np.ndarray | None, alpha: float) -> GateForecast:
+        unlabeled = None if agreement is None else (self.texts.agreement.logits, agreement)
+        return forecast(self.task, self.texts.calibration_labels, self.texts.calibration.logits, calibration,
+                        self.opts.tolerance, self.n_holdout, unlabeled, alpha)
+
+    def _logits(self, depth: int, texts: TextStates) -> np.ndarray:
+        """The model truncated at `depth`, healed as asked, on `texts`."""
+        if self.heal == "none":
+            return depth_logits(self.model, texts.first[depth : depth + 1])[0]
+        fit = self._heal(depth)
+        if isinstance(fit, Distilled):
+            return fit.logits(texts, self.model)
+        return _with_head(self.model, fit, lambda: depth_logits(self.model, texts.first[depth : depth + 1])[0])
+
+    def _heal(self, depth: int) -> HeadFit | Distilled:
+        if depth in self.heals:
+            return self.heals[depth]
+        heal, labels, started = self.texts.heal, self.texts.heal_labels, time.perf_counter()
+        if self.heal == "distill":
+            layers = min(self.opts.heal_layers, depth)  # at depth 1 only layer 1 can be re-tuned
+            fit = distill(self.model, depth, heal, labels, regression=self.task.is_regression,
+                          opts=dataclasses.replace(self.opts.distill, heal_layers=layers))
+            stats = HealStats(depth=depth, mode="distill", n_train=fit.n_train, n_held_out=fit.n_held_out,
+                              epochs=fit.epochs, epochs_run=fit.epochs_run, seconds=round(fit.seconds, 1))
+        else:
+            fit = fit_head(self.model, heal.first[depth], labels, regression=self.task.is_regression)
+            held = heal.n // 10 if heal.n >= 100 else 0
+            stats = HealStats(depth=depth, mode="head", n_train=heal.n - held, n_held_out=held,
+                              seconds=round(time.perf_counter() - started, 1))
+        self.heals[depth] = fit
+        self.heal_runs.append(stats)
+        return fit
+
+    def install(self, truncated, depth: int) -> None:
+        """Put the heal of `depth` into the model truncated there."""
+        fit = self.heals.get(depth)
+        if isinstance(fit, Distilled):
+            fit.install(truncated)
+        elif fit is not None:
+            load_head(truncated, fit.state)
+
+    def _metric(self, logits: np.ndarray) -> float:
+        return compute_metric(self.task.metric, self.texts.calibration_labels, logits, regression=self.task.is_regression)
+
+    def report(self, boundary: int, chosen: int, parts: EvalParts, candidates: list[ExportCandidate],
+               note: str | None, opts: ExportOptions) -> DepthReport:
+        scores = [self.scores.get(d) or DepthScore(depth=d, metric=self.raw[d]) for d in range(1, self.total + 1)]
+        heal, agreement = self.texts.heal, self.texts.agreement
+        return DepthReport(
+            mode="auto" if opts.keep_layers == "auto" else "fixed", heal=self.heal, heal_layers=opts.heal_layers,
+            boundary=boundary, total_layers=self.total, chosen=chosen, tolerance=opts.tolerance, full_metric=self.full,
+            metric_name=self.task.metric, calibration=parts.calibration_name, n_calibration=len(parts.calibration),
+            n_heal=heal.n if heal else 0, heal_labelled=self.texts.heal_labels is not None,
+            n_agreement=agreement.n if agreement else 0, probed=list(self.probed), scores=scores,
+            heal_runs=self.heal_runs, candidates=candidates, note=note,
+        )
 
 
-def _require_model(onnx_dir: Path) -> None:
-    for name in (ONNX_FILE, CONFIG_FILE):
-        if not (onnx_dir / name).is_file():
-            raise LayerpruneError(f"{onnx_dir} holds no {name}; export it with export_onnx first")
-
-
-def _model_type(onnx_dir: Path) -> str:
-    return str(json.loads((onnx_dir / "config.json").read_text()).get("model_type", "unknown"))
-
-
-@contextlib.contextmanager
-def _staging(parent: Path, what: str) -> Iterator[Path]:
-    """A temporary folder inside `parent` (same filesystem: moves are renames), always removed."""
+def _with_head(model, fit: HeadFit, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """Run `compute` with a re-fitted head installed, then put the fine-tuned head back."""
+    fine_tuned = head_state(model)
+    load_head(model, fit.state)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{what}-tmp-", dir=parent))
-    except OSError as exc:
-        raise LayerpruneError(f"cannot write to {parent}: {exc.strerror}") from None
-    try:
-        yield tmp
+        return compute()
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        load_head(model, fine_tuned)
 
 
-def _move_files(src: Path, dst: Path) -> None:
-    """Move every file of the flat folder `src` into `dst`, replacing files of the same name."""
-    for path in sorted(src.iterdir()):
-        if path.is_file():
-            os.replace(path, dst / path.name)
+@dataclass(frozen=True)
+class _ErrorBudget:
+    depth: float  # for the depth walk
+    per_variant: float  # for each int8 variant
+    variants: int
 
 
-def _replace_model(new_model: Path, onnx_dir: Path) -> None:
-    """Make `new_model` the folder's model.onnx; the tool's other outputs (config copies, ort_config.json)
-    stay behind in the staging folder. A model with external weights (> 2 GB) is re-saved so that its
-    data file is named after model.onnx, as optimum's loader expects."""
-    if not new_model.is_file():
-        raise LayerpruneError(f"onnxruntime wrote no {new_model.name}")
-    import onnx
-
-    header = onnx.load(str(new_model), load_external_data=False)
-    old_data = onnx_dir / f"{ONNX_FILE}_data"
-    if not _uses_external_data(header):
-        os.replace(new_model, onnx_dir / ONNX_FILE)
-        old_data.unlink(missing_ok=True)
-        return
-    model = onnx.load(str(new_model))  # with its weights, from beside new_model
-    staged = new_model.with_name(ONNX_FILE)
-    onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{ONNX_FILE}_data")
-    os.replace(staged.with_name(f"{ONNX_FILE}_data"), old_data)
-    os.replace(staged, onnx_dir / ONNX_FILE)
+def _error_budget(opts: ExportOptions, variants: int = 2) -> _ErrorBudget:
+    """Split the export's error rate over its forecasts (Bonferroni): export keeps the first int8 variant that
+    passes, so each variant is another chance to ship a bundle the gate refuses. With --quantize int8, half
+    of alpha goes to the depth walk and half is shared by the int8 variants; without, all of it to the depth."""
+    if not opts.quantize:
+        return _ErrorBudget(depth=opts.alpha, per_variant=0.0, variants=0)
+    return _ErrorBudget(depth=opts.alpha / 2, per_variant=opts.alpha / 2 / variants, variants=variants)
 
 
-def _uses_external_data(model) -> bool:
-    import onnx
-
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
-def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU's model name and int8 kind, e.g. 'AMD EPYC (avx2)': to name beside every figure measured."""
-    name = platform.processor() or platform.machine()
-    try:
-        name = next(line.partition(":")[2].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name} ({cpu_kind(cpuinfo)})"
-
-
-def _cpu_flags(cpuinfo: Path) -> set[str]:
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return set()
+def _choose_depth(passes: Callable[[int, float], bool], boundary: int, total: int, keep: int | Literal["auto"],
+                  alpha: float) -> int:
+    """Fixed N, or auto: from the CKA boundary, down while the forecast passes (a fixed-sequence test: each
+    step at `alpha`), else up until it does. Going up, every depth tried is another chance for a wrong yes,
+    so those share `alpha` (Bonferroni over the depths between the boundary and the full model, which
+    always passes)."""
+    if keep != "auto":
+        passes(keep, alpha)
+        return keep
+    depth = min(max(boundary, 1), total)
+    if passes(depth, alpha):
+        while depth > 1 and passes(depth - 1, alpha):
+            depth -= 1
+        return depth
+    step = alpha / max(total - depth - 1, 1)
+    while depth < total and not passes(depth, step):
+        depth += 1
+    passes(depth, step)  # scored for the report, the full model included
+    return depth
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the export's chatter: tracer and deprecation warnings, optimum/transformers/onnxruntime
-    info logs. Errors still raise; the levels are restored afterwards."""
-    import transformers
-    from optimum.utils import logging as optimum_logging
+def _pick_export(bundle: Path, task: TaskConfig, texts: _Texts, parts: EvalParts, max_length: int,
+                 opts: ExportOptions, budget: _ErrorBudget) -> list[ExportCandidate]:
+    """Score the export candidates fastest first (int8; int8 with the feed-forward outputs and head in fp32; the
+    fp32 model as exported), keep the first whose forecast passes in `bundle`, and report them all. The
+    int8 variants share their part of the error budget; fp32 is the depth the walk already chose."""
+    variants: list[tuple[str, list[str] | None]] = [("int8", None), ("int8-safe", onnx_export.sensitive_nodes(bundle))]
+    scored: list[tuple[ExportCandidate, Path | None]] = []
+    with tempfile.TemporaryDirectory(prefix=".candidates-", dir=bundle.parent) as staging:
+        for label, keep_fp32 in variants:
+            folder = Path(staging) / label
+            shutil.copytree(bundle, folder)
+            name = onnx_export.quantize_onnx(folder, keep_fp32)
+            scored.append((_score_candidate(name, folder, task, texts, parts, max_length, opts, budget.per_variant),
+                           folder))
+        scored.append((_score_candidate("fp32", bundle, task, texts, parts, max_length, opts, budget.depth), None))
+        chosen, folder = next(((c, f) for c, f in scored if c.forecast.passes), scored[-1])
+        chosen.chosen = True
+        if folder is not None:
+            shutil.copy(folder / onnx_export.ONNX_FILE, bundle / onnx_export.ONNX_FILE)
+    return [c for c, _ in scored]
 
-    loggers = [logging.getLogger(name) for name in ("optimum", "transformers", "torch.onnx", "onnxruntime")]
-    loggers.append(logging.getLogger())  # onnxruntime's quantization tools log to the root logger
-    levels = [lg.level for lg in loggers]
-    tf_level, opt_level = transformers.logging.get_verbosity(), optimum_logging.get_verbosity()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for lg in loggers:
-                lg.setLevel(logging.ERROR)
-            transformers.logging.set_verbosity_error()
-            optimum_logging.set_verbosity_error()
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-        transformers.logging.set_verbosity(tf_level)
-        optimum_logging.set_verbosity(opt_level)
+
+def _score_candidate(name: str, folder: Path, task: TaskConfig, texts: _Texts, parts: EvalParts, max_length: int,
+                     opts: ExportOptions, alpha: float) -> ExportCandidate:
+    runner = OnnxClassifier(folder, max_length=max_length)
+    started = time.perf_counter()
+    calibration = runner.logits(parts.calibration.texts, parts.calibration.pairs, batch_size=opts.batch_size)
+    rate = len(parts.calibration) / (time.perf_counter() - started)
+    unlabeled = None
+    if texts.agreement is not None:
+        examples = texts.agreement.examples
+        unlabeled = (texts.agreement.logits, runner.logits(examples.texts, examples.pairs, batch_size=opts.batch_size))
+    prediction = forecast(task, parts.calibration.labels, texts.calibration.logits, calibration, opts.tolerance,
+                          len(parts.holdout), unlabeled, alpha)
+    metric = compute_metric(task.metric, parts.calibration.labels, calibration, regression=task.is_regression)
+    return ExportCandidate(name=name, metric=metric, forecast=prediction, sentences_per_s=round(rate, 1))
+
+
+def _onnx_logits(bundle: Path, examples: Examples, max_length: int) -> np.ndarray:
+    return OnnxClassifier(bundle, max_length=max_length).logits(examples.texts, examples.pairs)
+
+
+def _save_checkpoint(model, tokenizer, path: Path) -> None:
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def _load_analysis(run_dir: Path) -> AnalysisReport:
+    path = Path(run_dir) / ANALYSIS_FILE
+    if not path.is_file():
+        raise LayerpruneError(f"{run_dir} holds no {ANALYSIS_FILE}; run `layerprune analyze` first")
+    return load_artifact(AnalysisReport, path)

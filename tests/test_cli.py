@@ -176,14 +176,14 @@ def no_work(monkeypatch):
         return work
 
     import layerprune.analyze
-    import layerprune.build
+    import layerprune.export
     import layerprune.data.glue
     import layerprune.finetune
     import serve.triton
 
     monkeypatch.setattr(layerprune.data.glue, "read_hub", refuse("hub data"))
     monkeypatch.setattr(layerprune.analyze, "analyze", refuse("analyze"))
-    monkeypatch.setattr(layerprune.build, "export_bundle", refuse("export"))
+    monkeypatch.setattr(layerprune.export, "export_bundle", refuse("export"))
     monkeypatch.setattr(layerprune.finetune, "finetune", refuse("finetune"))
     monkeypatch.setattr(serve.triton, "write_triton_repository", refuse("triton"))
     return called
@@ -332,14 +332,14 @@ def test_tasks_imports_no_server() -> None:
 
 def test_flags_become_the_options(monkeypatch) -> None:
     """No flags: the dataclass defaults (the CLI's --device is 'auto'); flags land on their fields."""
-    import layerprune.build
+    import layerprune.export
     import layerprune.finetune
     from layerprune.options import ExportOptions, FinetuneOptions
 
     got: list = []
     monkeypatch.setattr("layerprune.cli._preflight", lambda args: None)
     monkeypatch.setattr("layerprune.cli._check_checkpoint", lambda args, name: None)
-    monkeypatch.setattr(layerprune.build, "export_bundle", lambda run, out, opts: got.append(opts) or 1 / 0)
+    monkeypatch.setattr(layerprune.export, "export_bundle", lambda run, out, opts: got.append(opts) or 1 / 0)
     monkeypatch.setattr(layerprune.finetune, "finetune", lambda model, task, out, opts: got.append(opts) or 1 / 0)
     for argv in (["export"], ["export", "--keep-layers", "3", "--heal", "head", "--tolerance", "0.02", "--sweep",
                               "--agreement-examples", "0", "--max-length", "64", "--alpha", "0.1"],

@@ -1,315 +1,473 @@
-"""ONNX export (optimum), graph optimization, int8 quantization, and the torch-free runtime.
-
-The tiny models' logits are small (random heads, |logit| ~ 0.01), so parity is also checked relative to
-their size, not only against the absolute bounds a real model would be held to.
-"""
+"""export + validate: truncate -> ONNX bundle -> validation, on tiny models; the bundle as a contract."""
 
 from __future__ import annotations
 
-import collections
-import hashlib
-import shutil
-import subprocess
-import sys
+import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
-from conftest import SENTENCES, TINY_CONFIGS, TINY_LAYERS
-from layerprune import export as export_module
-from layerprune.data import Examples
+from conftest import SENTENCES, TINY_LAYERS
+from layerprune.analyze import AnalyzeOptions, analyze
+from layerprune.artifacts import AnalysisReport, DepthReport, Manifest, ValidationReport, load_artifact
+from layerprune.export import ExportOptions, _choose_depth, export_bundle
+from layerprune.bundle import BundleError, servable_bundle, verify_bundle
+from layerprune.cli import main
+from layerprune.data import task_from_files
 from layerprune.errors import LayerpruneError
-from layerprune.export import (
-    cpu_kind,
-    export_onnx,
-    max_logit_difference,
-    optimize_onnx,
-    quantization_config,
-    quantize_onnx,
-    sensitive_nodes,
-)
-from layerprune.hidden import predict_logits
-from layerprune.models import load_classifier
-from layerprune.runtime import OnnxClassifier
+from layerprune.heal import DistillOptions
+from layerprune.tasks import TaskConfig
+from layerprune.validate import calibration_and_holdout, compare, forecast, validate_bundle
 
-TEXTS = [text for text, _ in SENTENCES]
-PAIRS = list(reversed(TEXTS))
-# Pairs only where the ONNX model takes token_type_ids and the tiny model's tokenizer emits them, as in
-# the real checkpoints (RoBERTa-likes and DistilBERT/MPNet take no segment ids).
-PAIR_TYPES = {"bert", "deberta-v2"}
-BUNDLE_FILES = {"model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "vocab.txt"}
+FAST = dict(device="cpu", batch_size=8)
 
 
 @pytest.fixture(scope="module")
-def bundles(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Every tiny model exported once (fp32); tests that change a bundle work on a copy."""
-    root = tmp_path_factory.mktemp("bundles")
-    return {mt: export_onnx(path, root / mt).parent for mt, path in tiny_models.items()}
+def reviews(tmp_path_factory) -> Path:
+    """24 labelled sentences (the 12 shared ones, twice with a twist), enough to cut in halves."""
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    rows = [(t, l) for t, l in SENTENCES] + [(f"honestly, {t}", l) for t, l in SENTENCES]
+    path.write_text("text,label\n" + "\n".join(f'"{t}",{l}' for t, l in rows) + "\n")
+    return path
 
 
 @pytest.fixture(scope="module")
-def torch_logits(tiny_models: dict[str, Path]) -> dict[str, np.ndarray]:
-    """The PyTorch models' logits on TEXTS (with PAIRS for PAIR_TYPES), as the analysis computes them."""
-    out = {}
-    for mt, path in tiny_models.items():
-        model, tokenizer = load_classifier(path, device="cpu")
-        pairs = PAIRS if mt in PAIR_TYPES else None
-        out[mt] = predict_logits(model, tokenizer, Examples(TEXTS, pairs, np.zeros(len(TEXTS), dtype=np.int64)))
+def run_dir(tiny_models, reviews, tmp_path_factory) -> Path:
+    task = task_from_files(reviews, "text", "label", train_file=reviews)
+    run = tmp_path_factory.mktemp("runs") / "run"
+    analyze(str(tiny_models["bert"]), task, run, AnalyzeOptions(**FAST))
+    return run
+
+
+@pytest.fixture(scope="module")
+def bundle(run_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "b2"
+    export_bundle(run_dir, out, ExportOptions(keep_layers=2, heal="none", **FAST))
     return out
 
 
-def onnx_logits(bundle: Path, model_type: str, **kwargs) -> np.ndarray:
-    return OnnxClassifier(bundle).logits(TEXTS, PAIRS if model_type in PAIR_TYPES else None, **kwargs)
+def test_bundle_layout_and_hashes(bundle: Path) -> None:
+    for name in ["model.onnx", "config.json", "tokenizer.json", "manifest.json", "validation.json",
+                 "depth.json", "depth.png", "analysis.json", "cka.png"]:
+        assert (bundle / name).is_file(), name
+    manifest = verify_bundle(bundle)
+    assert manifest.kept_layers == 2 and manifest.total_layers == TINY_LAYERS
+    assert set(manifest.files) >= {"model.onnx", "validation.json", "config.json", "tokenizer.json"}
+    assert "manifest.json" not in manifest.files
+    config = json.loads((bundle / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2
+    assert config["id2label"] == {"0": "negative", "1": "positive"}, "labels named from the task"
 
 
-def copy_bundle(bundle: Path, dest: Path) -> Path:
-    shutil.copytree(bundle, dest)
-    return dest
+def test_truncated_checkpoint_saved_in_run_dir(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from layerprune.models import load_classifier
+
+    run = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("truncated", "bundle"))
+    result = export_bundle(run, None, ExportOptions(keep_layers=3, heal="none", **FAST))
+    assert result.bundle == run / "bundle" and result.truncated_checkpoint == run / "truncated"
+    model, _ = load_classifier(run / "truncated", num_labels=2)
+    assert model.config.num_hidden_layers == 3
+    assert not any(p.suffix == ".safetensors" for p in result.bundle.rglob("*")), "the bundle holds what is served"
 
 
-def op_counts(bundle: Path) -> collections.Counter:
-    return collections.Counter(node.op_type for node in onnx.load(str(bundle / "model.onnx")).graph.node)
+def test_fp32_parity_and_validation(bundle: Path) -> None:
+    report = load_artifact(ValidationReport, bundle / "validation.json")
+    assert report.max_abs_logit_diff_fp32 is not None and report.max_abs_logit_diff_fp32 <= 1e-4
+    assert report.n_examples == 12 and "holdout" in report.holdout
+    assert report.delta_ci95[0] <= report.delta <= report.delta_ci95[1]
+    manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
+    assert report.max_length == manifest.max_length == 160, "the tiny models' limit: 160 positions"
+    # The numbers against an independent reference: scikit-learn's accuracy of the served ONNX model and of
+    # the original checkpoint run by transformers, on the same holdout examples.
+    import torch
+    from sklearn.metrics import accuracy_score
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from layerprune.runtime import OnnxClassifier
+
+    analysis = load_artifact(AnalysisReport, bundle / "analysis.json")
+    holdout = calibration_and_holdout(analysis.task_config, None, report.n_examples).holdout
+    served = OnnxClassifier(bundle, max_length=manifest.max_length).logits(holdout.texts)
+    tokenizer = AutoTokenizer.from_pretrained(analysis.model)
+    original = AutoModelForSequenceClassification.from_pretrained(analysis.model).eval()
+    with torch.no_grad():
+        logits = original(**tokenizer(holdout.texts, padding=True, return_tensors="pt")).logits.numpy()
+    bundle_acc, original_acc = (accuracy_score(holdout.labels, x.argmax(-1)) for x in (served, logits))
+    assert report.bundle == pytest.approx(bundle_acc) and report.original == pytest.approx(original_acc)
+    assert report.passed == manifest.servable == (bundle_acc - original_acc >= -report.tolerance)
 
 
-def assert_parity(reference: np.ndarray, logits: np.ndarray, atol: float) -> None:
-    diff = max_logit_difference(reference, logits)
-    assert diff <= atol, f"max |logit diff| {diff:.2e} > {atol:.0e}"
-    assert diff <= 1e-2 * np.abs(reference).max(), f"max |logit diff| {diff:.2e} is large next to the logits"
+def test_full_depth_bundle_equals_original(run_dir: Path, tmp_path: Path) -> None:
+    result = export_bundle(run_dir, tmp_path / "full", ExportOptions(keep_layers=TINY_LAYERS, heal="none", **FAST))
+    v = result.validation
+    assert v.delta == 0.0 and v.agreement == 1.0 and v.passed
+    assert validate_bundle(tmp_path / "full", device="cpu").passed
 
 
-# --- export -------------------------------------------------------------------------------------
+def test_validate_recomputes_the_same_numbers(bundle: Path) -> None:
+    stored = load_artifact(ValidationReport, bundle / "validation.json")
+    again = validate_bundle(bundle, device="cpu")
+    assert again.original == pytest.approx(stored.original)
+    assert again.bundle == pytest.approx(stored.bundle)
 
 
-@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
-def test_export_matches_pytorch(bundles, torch_logits, model_type: str) -> None:
-    bundle = bundles[model_type]
-    assert BUNDLE_FILES <= {p.name for p in bundle.iterdir()}
-    assert not [p for p in bundle.iterdir() if p.name.startswith(".")], "staging folder left behind"
-    runner = OnnxClassifier(bundle)
-    # dynamic batch and sequence axes, fp32 logits
-    assert all(isinstance(dim, str) for i in runner.session.get_inputs() for dim in i.shape)
-    assert runner.session.get_outputs()[0].type == "tensor(float)"
-    no_segments = {"distilbert", "mpnet", "roberta", "xlm-roberta"}
-    assert ("token_type_ids" in runner.input_names) == (model_type not in no_segments)
-    assert runner.id2label == {0: "LABEL_0", 1: "LABEL_1"}
-    # batch_size 5: three length-sorted batches that must come back in input order
-    logits = onnx_logits(bundle, model_type, batch_size=5)
-    assert logits.shape == (len(TEXTS), 2) and logits.dtype == np.float32
-    assert_parity(torch_logits[model_type], logits, atol=1e-4)
+def test_tampered_and_missing_files_are_named(bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    with open(copy / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match="model.onnx does not match"):
+        verify_bundle(copy)
+    shutil.copytree(bundle, tmp_path / "missing")
+    (tmp_path / "missing" / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match="tokenizer.json is missing"):
+        verify_bundle(tmp_path / "missing")
+    # A hand-edited validation.json that claims a pass is caught by its hash.
+    shutil.copytree(bundle, tmp_path / "edited")
+    path = tmp_path / "edited" / "validation.json"
+    path.write_text(path.read_text().replace('"passed": false', '"passed": true') + " ")
+    with pytest.raises(BundleError, match="validation.json does not match"):
+        servable_bundle(tmp_path / "edited")
 
 
-def test_export_is_deterministic_and_quiet(tiny_models, bundles, tmp_path: Path, capfd) -> None:
-    again = export_onnx(tiny_models["bert"], tmp_path / "again")
-    out, err = capfd.readouterr()
-    assert out == "" and err == "", f"export printed: {(out + err)[:300]}"
-    for name in sorted(BUNDLE_FILES):
-        first, second = (bundles["bert"] / name).read_bytes(), (again.parent / name).read_bytes()
-        assert hashlib.sha256(first).digest() == hashlib.sha256(second).digest(), f"{name} differs"
+def test_failing_bundle_is_written_but_not_servable(run_dir: Path, tmp_path: Path) -> None:
+    # A negative tolerance demands an improvement no truncation gives on the same head: it must fail.
+    result = export_bundle(run_dir, tmp_path / "fail", ExportOptions(keep_layers=TINY_LAYERS, heal="none",
+                                                                     tolerance=-0.5, **FAST))
+    assert not result.validation.passed and not result.manifest.servable
+    with pytest.raises(BundleError, match="failed validation"):
+        servable_bundle(tmp_path / "fail")
+    manifest, _ = servable_bundle(tmp_path / "fail", allow_unvalidated=True)
+    assert manifest.kept_layers == TINY_LAYERS
+    assert result.next_candidate is None and result.advice is None, "nothing is left after the full fp32 model"
+    shallow = export_bundle(run_dir, tmp_path / "fail2", ExportOptions(keep_layers=2, heal="none", tolerance=-0.5, **FAST))
+    assert shallow.advice == "next candidate: --keep-layers 3" and shallow.next_candidate.keep_layers == 3
 
 
-def test_export_into_existing_folder_keeps_other_files(tiny_models, tmp_path: Path) -> None:
-    (tmp_path / "pytorch").mkdir()
-    (tmp_path / "pytorch" / "keep.txt").write_text("mine")
-    assert export_onnx(tiny_models["distilbert"], tmp_path) == tmp_path / "model.onnx"
-    assert (tmp_path / "pytorch" / "keep.txt").read_text() == "mine"
-    assert {p.name for p in tmp_path.iterdir()} == BUNDLE_FILES | {"pytorch"}
+def test_auto_with_heal_records_depths(run_dir: Path, tmp_path: Path) -> None:
+    result = export_bundle(run_dir, tmp_path / "auto", ExportOptions(heal="head", sweep=True, **FAST))
+    depth = load_artifact(DepthReport, tmp_path / "auto" / "depth.json")
+    assert depth == result.depth and depth.mode == "auto" and depth.heal == "head"
+    assert [s.depth for s in depth.scores] == list(range(1, TINY_LAYERS + 1))
+    assert all(s.metric_healed is not None for s in depth.scores[:-1]), "--sweep heals every depth"
+    assert depth.probed[0] == depth.boundary
+    assert depth.n_heal == 24 and depth.heal_labelled and depth.n_agreement == 0, "24 train texts, all used to heal"
+    chosen = next(s for s in depth.scores if s.depth == depth.chosen)
+    assert chosen.forecast.passes, "auto keeps a depth whose gate forecast passes (the full model always does)"
+    below = next((s for s in depth.scores if s.depth == depth.chosen - 1), None)
+    assert below is None or not below.forecast.passes, "and the depth below it does not"
 
 
-def test_export_without_config_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "ckpt").mkdir()
-    with pytest.raises(LayerpruneError, match="no config.json"):
-        export_onnx(tmp_path / "ckpt", tmp_path / "out")
-    assert not (tmp_path / "out" / "model.onnx").exists()
+def test_distill_heal_with_unlabeled_texts(run_dir: Path, tmp_path: Path) -> None:
+    texts = tmp_path / "in-domain.jsonl"
+    texts.write_text("".join(f'{{"review": "{t}, {w}"}}\n' for t, _ in SENTENCES for w in ("truly", "sadly", "so")))
+    opts = ExportOptions(keep_layers=2, heal_layers=2, heal_data=texts, heal_text_field="review", heal_examples=24,
+                         distill=DistillOptions(lr=1e-2), **FAST)
+    result = export_bundle(run_dir, tmp_path / "d", opts)
+    depth = result.depth
+    assert depth.heal == "distill" and not depth.heal_labelled and depth.n_heal == 24 and depth.n_agreement == 12
+    assert [run.depth for run in depth.heal_runs] == [2] and depth.heal_runs[0].n_train == 24
+    assert depth.scores[1].metric_distilled is not None and result.manifest.heal == "distill"
+    from layerprune.models import layer_list, load_classifier
+
+    analysis = load_artifact(AnalysisReport, run_dir / "analysis.json")
+    original, _ = load_classifier(analysis.model, device="cpu")
+    healed, _ = load_classifier(result.truncated_checkpoint, device="cpu")
+    changed = [not all(a.equal(b) for a, b in zip(layer_list(original)[i].parameters(), layer_list(healed)[i].parameters()))
+               for i in range(2)]
+    assert changed == [True, True], "--heal-layers 2 re-tunes both kept layers"
+    with pytest.raises(LayerpruneError, match="--heal head needs labelled texts"):
+        export_bundle(run_dir, tmp_path / "h", ExportOptions(keep_layers=2, heal="head", heal_data=texts,
+                                                             heal_text_field="review", **FAST))
+    assert not (tmp_path / "h").exists()
 
 
-def test_export_failure_is_one_line_and_leaves_nothing(tiny_models, tmp_path: Path) -> None:
-    broken = copy_bundle(tiny_models["bert"], tmp_path / "broken")
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(LayerpruneError, match="ONNX export of .* failed") as info:
-        export_onnx(broken, tmp_path / "out")
-    assert "\n" not in str(info.value)
-    assert list((tmp_path / "out").iterdir()) == []
+def test_calibration_and_holdout_are_disjoint(reviews: Path) -> None:
+    task = task_from_files(reviews, "text", "label")
+    parts = calibration_and_holdout(task, None, None)
+    assert len(parts.calibration) == len(parts.holdout) == 12
+    assert not set(zip(parts.calibration.texts)) & set(zip(parts.holdout.texts))
+    again = calibration_and_holdout(task, None, None)
+    assert again.calibration.texts == parts.calibration.texts, "the halves are fixed"
+    capped = calibration_and_holdout(task, None, 5)
+    assert capped.holdout.texts == parts.holdout.texts[:5]
 
 
-# --- optimize -----------------------------------------------------------------------------------
+def test_calibration_and_holdout_use_a_separate_test_split(tmp_path: Path, reviews: Path) -> None:
+    from layerprune.tasks import load_task
 
-# All eight types optimize at O1-O3 (see export.py); deberta-v2 and mpnet keep unfused attention.
-FUSED_ATTENTION = {"bert": True, "distilbert": True, "deberta-v2": False, "mpnet": False}
+    yaml = tmp_path / "mine.yaml"
+    yaml.write_text(f"""name: mine
+description: local data with a test split
+source: {{kind: file, files: {{validation: {reviews}, test: {reviews}, train: {reviews}}}}}
+text_field: text
+label_field: label
+label_names: [negative, positive]
+metric: accuracy
+""")
+    parts = calibration_and_holdout(load_task(str(yaml)), None, None)
+    assert parts.holdout_name == "test split" and len(parts.holdout) == 24
 
 
-@pytest.mark.parametrize(("model_type", "level"), [
-    ("bert", "O1"), ("bert", "O2"), ("bert", "O3"), ("distilbert", "O2"), ("deberta-v2", "O2"), ("mpnet", "O1"),
+@pytest.mark.parametrize("boundary,passing,expected,probed", [
+    (4, {3, 4, 5, 6}, 3, [4, 3, 2]),  # passes at 4: go down while it passes
+    (4, {5, 6}, 5, [4, 5]),  # fails at 4: go up until it passes
+    (4, {6}, 6, [4, 5, 6]),  # nothing passes below the full model, which is scored too
+    (1, {1, 2, 3, 4, 5, 6}, 1, [1]),
+    (6, {6}, 6, [6, 5]),
 ])
-def test_optimize_replaces_model_and_keeps_parity(bundles, torch_logits, tmp_path, model_type, level) -> None:
-    bundle = copy_bundle(bundles[model_type], tmp_path / "b")
-    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
-    optimize_onnx(bundle, level)
-    after = {p.name: p.read_bytes() for p in bundle.iterdir()}
-    assert set(after) == set(before), "leftover or missing files"
-    assert after["model.onnx"] != before["model.onnx"]
-    assert all(after[name] == before[name] for name in before if name != "model.onnx"), "config/tokenizer changed"
-    ops = op_counts(bundle)
-    if level != "O1":
-        assert ops["SkipLayerNormalization"] > 0
-        assert (ops["Attention"] > 0) == FUSED_ATTENTION[model_type]
-    assert_parity(torch_logits[model_type], onnx_logits(bundle, model_type), atol=1e-3)
+def test_auto_search(boundary, passing, expected, probed) -> None:
+    seen, alphas = [], {}
+
+    def passes(depth: int, alpha: float) -> bool:
+        seen.append(depth)
+        alphas.setdefault(depth, alpha)
+        return depth in passing
+
+    assert _choose_depth(passes, boundary, 6, "auto", 0.04) == expected
+    assert list(dict.fromkeys(seen)) == probed
+    assert alphas[boundary] == 0.04, "the boundary, and the walk down from it, at the full rate"
+    above = [d for d in probed if d > boundary]
+    for depth in above:  # going up, the tries share it: 6 - 4 - 1 = 1 try at 4, 4 tries at boundary 1
+        assert alphas[depth] == pytest.approx(0.04 / max(6 - boundary - 1, 1))
 
 
-def test_optimize_needs_an_exported_model(tmp_path: Path) -> None:
-    with pytest.raises(LayerpruneError, match="no model.onnx"):
-        optimize_onnx(tmp_path, "O1")
+def test_error_budget_splits_alpha_over_forecasts() -> None:
+    from layerprune.export import ExportOptions, _error_budget
+
+    plain = _error_budget(ExportOptions(alpha=0.05))
+    assert (plain.depth, plain.variants) == (0.05, 0)
+    int8 = _error_budget(ExportOptions(alpha=0.05, quantize="int8"))
+    assert int8.depth + int8.variants * int8.per_variant == pytest.approx(0.05)
+    assert int8.per_variant == pytest.approx(0.0125)
 
 
-# --- quantize -----------------------------------------------------------------------------------
+def test_forecast_is_stricter_at_a_smaller_error_rate() -> None:
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 1000)
+    original = np.eye(2)[labels] * 2.0
+    candidate = original.copy()
+    flip = rng.choice(1000, 40, replace=False)  # 4% of predictions flipped, half of them to the right answer
+    candidate[flip[:20]] = np.eye(2)[1 - labels[flip[:20]]] * 2.0
+    original[flip[20:]] = np.eye(2)[1 - labels[flip[20:]]] * 2.0
+    loose = forecast(_task(), labels, original, candidate, 0.01, n_holdout=1000, alpha=0.2)
+    strict = forecast(_task(), labels, original, candidate, 0.01, n_holdout=1000, alpha=0.0125)
+    assert loose.delta == strict.delta == 0.0
+    assert (loose.alpha, strict.alpha) == (0.2, 0.0125)
+    assert strict.lower_bound < loose.lower_bound
+    assert loose.passes and not strict.passes
 
 
-@pytest.mark.parametrize("level", [None, "O2"])
-def test_quantize_int8(bundles, tmp_path: Path, level) -> None:
-    bundle = copy_bundle(bundles["bert"], tmp_path / "b")
-    fp32 = onnx_logits(bundle, "bert")
-    if level:
-        optimize_onnx(bundle, level)  # fused Attention ops: needs the symbolic shape inference
-    name = quantize_onnx(bundle)
-    assert name == quantization_config()[0]
-    assert {p.name for p in bundle.iterdir()} == BUNDLE_FILES
-    ops = op_counts(bundle)
-    assert ops["DynamicQuantizeLinear"] > 0 and ops["MatMulInteger"] > 0
-    if level:
-        assert ops["QAttention"] > 0
-    int8 = onnx_logits(bundle, "bert")
-    assert np.isfinite(int8).all()
-    # argmax agreement means nothing on random tiny models: close-ish logits instead
-    assert max_logit_difference(fp32, int8) <= 0.1 * np.abs(fp32).max() + 1e-3
+def test_compare_pass_and_fail() -> None:
+    from layerprune.data import Examples
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    holdout = Examples(texts=["x"] * 400, pairs=None, labels=labels)
+    task = TaskConfig.model_validate({
+        "name": "t", "description": "d", "source": {"kind": "file", "files": {"validation": "/x.csv"}},
+        "text_field": "text", "label_field": "label", "label_names": ["a", "b"], "metric": "accuracy",
+        "train_split": None,
+    })
+    original = np.eye(2)[labels] * 3  # always right
+    worse = original.copy()
+    worse[:20] = worse[:20, ::-1]  # 20 of 400 wrong: -5 points
+    failed = compare(task, holdout, "h", original, worse, tolerance=0.01, max_length=128)
+    assert failed.delta == pytest.approx(-0.05) and not failed.passed and failed.agreement == 0.95
+    assert failed.delta_ci95[1] < 0, "20 flips in the same direction: the interval excludes 0"
+    assert compare(task, holdout, "h", original, worse, tolerance=0.06, max_length=128).passed
 
 
-def test_quantize_keeps_the_feed_forward_outputs_and_head_in_fp32(bundles, tmp_path: Path) -> None:
-    bundle = copy_bundle(bundles["bert"], tmp_path / "b")
-    keep = sensitive_nodes(bundle)
-    ffn_out = {f"/bert/encoder/layer.{i}/output/dense/MatMul" for i in range(TINY_LAYERS)}
-    assert ffn_out <= set(keep) and any("/classifier/" in name for name in keep)
-    assert not [n for n in keep if "attention" in n or "intermediate" in n], "only the FFN outputs and the head"
-    assert quantize_onnx(bundle, keep).endswith("feed-forward outputs and head in fp32")
-    nodes = onnx.load(str(bundle / "model.onnx")).graph.node
-    integer = [n.name for n in nodes if n.op_type == "MatMulInteger"]
-    assert integer and not [n for n in integer if "/classifier/" in n or "/pooler/" in n or "/output/dense/" in n
-                            and "attention" not in n]
-    assert any(n.op_type == "MatMul" and "/classifier/" in n.name for n in nodes), "the head's product stays float"
-    assert any("/attention/output/dense/" in n for n in integer), "the attention output stays int8"
+def test_cli_export_and_validate(run_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cli-bundle"
+    code = main(["export", str(run_dir), "--keep-layers", "3", "--heal", "none", "--out", str(out), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "kept 3 of 4 layers" in printed and "| passed |" in printed
+    assert main(["validate", str(out), "--device", "cpu"]) == 0
+    assert "validation passed" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("names", [
-    ["/distilbert/transformer/layer.0/ffn/lin2/MatMul", "/distilbert/transformer/layer.0/ffn/lin1/MatMul"],
-    ["/albert/encoder/albert_layer_groups.0/albert_layers.0/ffn_output/MatMul",
-     "/albert/encoder/albert_layer_groups.0/albert_layers.0/ffn/MatMul"],
+@pytest.mark.parametrize("args,message", [
+    (["--keep-layers", "0"], "positive integer"),
+    (["--keep-layers", "9"], "between 1 and 4"),
 ])
-def test_feed_forward_output_names_per_architecture(names) -> None:
-    from layerprune.export import FFN_OUTPUT, IN_A_LAYER
-
-    assert FFN_OUTPUT.search(names[0]) and not FFN_OUTPUT.search(names[1])
-    assert IN_A_LAYER.search(names[0]) and IN_A_LAYER.search(names[1]), "inside a layer, not the head"
-
-
-@pytest.mark.parametrize(("machine", "flags", "expected"), [
-    ("x86_64", "fpu sse2 avx avx2 fma avx512f avx512bw avx512_vnni", "avx512"),
-    ("x86_64", "fpu sse2 avx avx2 fma f16c", "avx2"),
-    ("aarch64", "", "arm64"),
-    ("x86_64", "fpu sse2 sse4_2", "x86_64 without avx2"),
-])
-def test_quantization_config_follows_the_cpu(monkeypatch, tmp_path, machine, flags, expected) -> None:
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-    monkeypatch.setattr(export_module.platform, "machine", lambda: machine)
-    assert cpu_kind(cpuinfo) == expected
-    if expected.startswith("x86_64 without"):
-        with pytest.raises(LayerpruneError, match="no int8 quantization preset"):
-            quantization_config(expected)
-        return
-    name, config = quantization_config(expected)
-    assert name.startswith(expected) and "per-channel" in name
-    assert not config.is_static and config.per_channel
-    assert config.reduce_range == (expected == "avx2")  # 7-bit weights: no u8 x s8 saturation on AVX2
+def test_cli_export_bad_depth(run_dir: Path, tmp_path: Path, capsys, args, message) -> None:
+    try:
+        code = main(["export", str(run_dir), "--out", str(tmp_path / "x"), *args])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code != 0 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
 
 
-# --- the bundle elsewhere: optimum and transformers ---------------------------------------------
+def test_cli_export_without_analysis(tmp_path: Path, capsys) -> None:
+    assert main(["export", str(tmp_path)]) == 2
+    assert "run `layerprune analyze` first" in capsys.readouterr().err
 
 
-def test_bundle_runs_in_optimum_pipeline(bundles) -> None:
-    from optimum.onnxruntime import ORTModelForSequenceClassification
-    from transformers import AutoTokenizer, pipeline
+def test_cli_validate_tampered(bundle: Path, tmp_path: Path, capsys) -> None:
+    import shutil
 
-    bundle = bundles["bert"]
-    model = ORTModelForSequenceClassification.from_pretrained(bundle)
-    classify = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained(bundle))
-    predicted = [model.config.label2id[row["label"]] for row in classify(TEXTS)]
-    assert predicted == OnnxClassifier(bundle).logits(TEXTS).argmax(axis=1).tolist()
-
-
-# --- runtime ------------------------------------------------------------------------------------
+    copy = tmp_path / "t"
+    shutil.copytree(bundle, copy)
+    (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")
+    assert main(["validate", str(copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "layerprune: error: bundle file config.json does not match its manifest hash (altered after export)"
 
 
-def test_runtime_does_not_import_torch() -> None:
-    code = "import layerprune.runtime, sys; assert 'torch' not in sys.modules, 'torch imported'"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-500:]
+def test_failed_export_leaves_nothing(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise LayerpruneError("exporter broke")
+
+    monkeypatch.setattr("layerprune.export.onnx_export.export_onnx", broken)
+    with pytest.raises(LayerpruneError):
+        export_bundle(run_dir, tmp_path / "b", ExportOptions(keep_layers=2, heal="none", **FAST))
+    assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("model_type", ["bert", "roberta"])
-def test_encode_matches_transformers_tokenizer(bundles, model_type: str) -> None:
-    from transformers import AutoTokenizer
+def test_demo_serves_a_bundle_on_loopback(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """The demo's last stage: the bundled server in a subprocess, asked over HTTP, stopped cleanly."""
+    from layerprune.demo import _ask_server
 
-    bundle = bundles[model_type]
-    runner = OnnxClassifier(bundle)
-    expected = AutoTokenizer.from_pretrained(bundle)(
-        TEXTS, PAIRS, truncation=True, max_length=12, padding=True, return_tensors="np")
-    encoding = runner.encode(TEXTS, PAIRS, max_length=12)
-    assert list(encoding) == runner.input_names  # only what the session takes
-    for name, array in encoding.items():
-        assert array.dtype == np.int64
-        np.testing.assert_array_equal(array, expected[name], err_msg=name)
+    export_bundle(run_dir, tmp_path / "full", ExportOptions(keep_layers=TINY_LAYERS, heal="none", **FAST))
+    _ask_server(tmp_path / "full", ["a moving and beautifully acted story", "tedious"], ["positive", "negative"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("POST http://127.0.0.1:") and len(lines) == 3
+    assert all(line.split()[0] in ("positive", "negative") for line in lines[1:])
 
 
-def test_max_length_and_truncation(bundles) -> None:
-    assert OnnxClassifier(bundles["bert"]).max_length == 160  # max_position_embeddings of the tiny config
-    runner = OnnxClassifier(bundles["roberta"])
-    assert runner.max_length == 158  # RoBERTa positions start at padding_idx + 1
-    long_text = " ".join(["word"] * 400)
-    assert runner.encode([long_text], max_length=1000)["input_ids"].shape == (1, 158)
-    assert runner.logits([long_text]).shape == (1, 2)
-    with pytest.raises(LayerpruneError, match="takes at most 158"):
-        runner.encode([long_text], truncation=False)
+def _task(metric: str = "accuracy") -> TaskConfig:
+    return TaskConfig.model_validate({
+        "name": "t", "description": "d", "source": {"kind": "file", "files": {"validation": "/x.csv"}},
+        "text_field": "text", "label_field": "label", "label_names": ["a", "b"], "metric": metric,
+        "train_split": None,
+    })
 
 
-def test_logits_edge_cases(bundles) -> None:
-    runner = OnnxClassifier(bundles["distilbert"])
-    assert runner.logits([]).shape == (0, 2)
-    one_by_one = np.concatenate([runner.logits([t]) for t in TEXTS])
-    np.testing.assert_allclose(runner.logits(TEXTS, batch_size=4), one_by_one, atol=1e-5)
-    with pytest.raises(LayerpruneError, match="3 texts but 2 pairs"):
-        runner.logits(TEXTS[:3], PAIRS[:2])
+def test_forecast_labelled_route() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 1000)
+    original = np.eye(2)[labels] * 3
+    worse = original.copy()
+    worse[:30] = worse[:30, ::-1]  # 30 of 1000 broken: -3 points on calibration
+    bad = forecast(_task(), labels, original, worse, 0.01, n_holdout=1000)
+    assert bad.delta == pytest.approx(-0.03) and bad.lower_bound < -0.03 and not bad.passes
+    assert bad.disagreement == pytest.approx(0.03) and bad.n_agreement == 1000
+    mixed = original.copy()
+    mixed[:10] = mixed[:10, ::-1]
+    mixed[10:20] = np.eye(2)[1 - labels[10:20]] * 3  # 10 more broken...
+    mixed[20:40] = np.eye(2)[labels[20:40]] * 3  # ...and nothing fixed: still a loss
+    assert not forecast(_task(), labels, original, mixed, 0.01, n_holdout=1000).passes
+    assert forecast(_task(), labels, original, original, 0.01, n_holdout=1000).passes, "identical models pass"
 
 
-def test_runtime_options(bundles) -> None:
-    runner = OnnxClassifier(bundles["bert"], providers=["CPUExecutionProvider"], threads=1)
-    assert runner.session.get_providers() == ["CPUExecutionProvider"]
-    assert runner.session.get_session_options().intra_op_num_threads == 1
-    with pytest.raises(LayerpruneError, match="threads must be at least 1"):
-        OnnxClassifier(bundles["bert"], threads=0)
+def test_forecast_agreement_route_needs_no_labels_but_only_bounds_accuracy() -> None:
+    """300 labelled examples cannot show a 1-point tolerance holds, 6,000 unlabeled texts that agree can."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 300)
+    original = np.eye(2)[labels] * 3
+    flipped = original.copy()
+    flipped[:2] = flipped[:2, ::-1]  # 2 of 300 broken
+    alone = forecast(_task(), labels, original, flipped, 0.01, n_holdout=300)
+    assert not alone.passes, "the labelled bound alone is too wide on 300 examples"
+    unlabeled = np.eye(2)[rng.integers(0, 2, 6000)] * 3
+    disagreeing = unlabeled.copy()
+    disagreeing[:6] = disagreeing[:6, ::-1]  # 0.1% of the texts differ
+    with_texts = forecast(_task(), labels, original, flipped, 0.01, n_holdout=300, unlabeled=(unlabeled, disagreeing))
+    assert with_texts.passes and with_texts.n_agreement == 6300 and with_texts.disagreement_upper < 0.004
+    f1 = forecast(_task("f1"), labels, original, flipped, 0.01, n_holdout=300, unlabeled=(unlabeled, disagreeing))
+    assert not f1.passes, "disagreement bounds accuracy, not F1"
 
 
-def test_runtime_on_broken_bundles(bundles, tmp_path: Path) -> None:
-    bundle = copy_bundle(bundles["bert"], tmp_path / "b")
-    (bundle / "model.onnx").write_bytes(b"junk")
-    with pytest.raises(LayerpruneError, match="onnxruntime cannot load .*model.onnx"):
-        OnnxClassifier(bundle)
+def test_one_max_length_from_export_to_server(run_dir: Path, tmp_path: Path) -> None:
+    """The bundle is validated at the manifest's max length and the server truncates at that same length:
+    on inputs longer than it, the server's logits are the validated model's, not the model's own limit's."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from layerprune.runtime import OnnxClassifier
+    from serve.app import create_app
+    from serve.model import load_model
+    from serve.settings import ServeSettings
+    from serve.triton import write_triton_repository
+
+    out = tmp_path / "short"
+    result = export_bundle(run_dir, out, ExportOptions(keep_layers=3, heal="none", max_length=12, tolerance=1.0, **FAST))
+    assert result.manifest.max_length == result.validation.max_length == 12
+    assert validate_bundle(out, device="cpu").max_length == 12
+    long_texts = [" ".join([t] * 4) for t, _ in SENTENCES[:4]]  # 20-40 tokens each
+    validated = OnnxClassifier(out, max_length=12).logits(long_texts)
+    own_limit = OnnxClassifier(out).logits(long_texts)
+    # A random tiny model's logits move little with the input (~1e-5), but float32 noise is ~1e-7.
+    assert np.abs(validated - own_limit).max() > 1e-5, "the texts are longer than 12 tokens"
+    model = load_model(out)
+    assert model.classifier.max_length == 12
+    with TestClient(create_app(model, ServeSettings(max_wait_ms=1.0))) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        answer = client.post("/predict", json={"inputs": long_texts, "raw_scores": True}).json()
+    labels = [model.classifier.id2label[i] for i in range(2)]
+    served = np.array([[{d["label"]: d["score"] for d in row}[name] for name in labels] for row in answer])
+    np.testing.assert_allclose(served, validated, rtol=0, atol=2e-6)
+    config = (write_triton_repository(out, tmp_path / "triton") / "config.pbtxt").read_text()
+    assert 'key: "max_sequence_length"\n  value: { string_value: "12" }' in config
 
 
-def test_runtime_without_model_names_the_file(bundles, tmp_path: Path) -> None:
-    bundle = copy_bundle(bundles["bert"], tmp_path / "b")
-    (bundle / "model.onnx").unlink()
-    with pytest.raises(LayerpruneError, match=r"has no model\.onnx"):
-        OnnxClassifier(bundle)
-    with pytest.raises(LayerpruneError, match=r"has no model\.onnx"):
-        OnnxClassifier(tmp_path / "missing")
+@pytest.mark.parametrize("cpu", ["avx2", "avx512"])
+def test_int8_candidates_fastest_first_on_both_cpu_paths(run_dir: Path, tmp_path: Path, monkeypatch, cpu) -> None:
+    """--quantize int8 scores int8, int8 with the feed-forward outputs and head in fp32, and fp32, with this CPU's
+    configuration (forced here: the AVX-512 preset's model runs on any x86 CPU), and keeps the first whose
+    forecast passes; what it keeps is what is validated and served."""
+    import onnx
+
+    from layerprune import onnx_export as export_module
+
+    monkeypatch.setattr(export_module, "cpu_kind", lambda *a: cpu)
+    result = export_bundle(run_dir, tmp_path / "q", ExportOptions(keep_layers=3, heal="none", quantize="int8",
+                                                                  tolerance=1.0, **FAST))
+    names = [c.name for c in result.depth.candidates]
+    assert names[0].startswith(f"{cpu} dynamic per-channel") and "in fp32" in names[1] and names[2] == "fp32"
+    assert result.depth.candidates[0].chosen, "a tolerance of 1.0 lets the fastest candidate through"
+    assert result.manifest.quantization_config == names[0] and result.manifest.quantize == "int8"
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node}
+    assert "MatMulInteger" in ops and result.validation.passed
+    strict = export_bundle(run_dir, tmp_path / "s", ExportOptions(keep_layers=3, heal="none", quantize="int8",
+                                                                  tolerance=0.0, **FAST))
+    passing = [c.forecast.passes for c in strict.depth.candidates]
+    chosen = [c.chosen for c in strict.depth.candidates]
+    assert chosen.index(True) == (passing.index(True) if True in passing else 2), "first passing, else fp32"
+
+
+def test_validate_checks_the_bundles_own_files_before_the_original(bundle: Path, tmp_path: Path, capsys,
+                                                                    monkeypatch) -> None:
+    """A broken tokenizer.json whose hash was updated too: one line, exit 2, and the original checkpoint is
+    never loaded (that is the slow part)."""
+    import shutil
+
+    from layerprune.bundle import hash_files
+
+    copy = tmp_path / "broken"
+    shutil.copytree(bundle, copy)
+    (copy / "tokenizer.json").write_text("{not json")
+    manifest = load_artifact(Manifest, copy / "manifest.json")
+    manifest.files = hash_files(copy)
+    manifest.save(copy / "manifest.json")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the original model was loaded before the bundle's own files were checked")
+
+    monkeypatch.setattr("layerprune.models.load_classifier", never)
+    assert main(["validate", str(copy), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("layerprune: error: cannot read") and "tokenizer.json" in err and "\n" not in err

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINING_SIDE = {"analyze", "build", "export", "finetune", "heal", "hidden", "models", "prune", "validate",
+TRAINING_SIDE = {"analyze", "export", "onnx_export", "finetune", "heal", "hidden", "models", "prune", "validate",
                  "demo", "cli", "plots"}
 
 

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from conftest import SENTENCES, TINY_LAYERS, ServerProcess, free_port, make_tiny_classifier
 from layerprune.analyze import AnalyzeOptions, analyze
-from layerprune.build import ExportOptions, export_bundle
+from layerprune.export import ExportOptions, export_bundle
 from layerprune.bundle import BundleError, sha256_file
 from layerprune.data import task_from_files
 from layerprune.errors import LayerpruneError
@@ -135,7 +135,7 @@ def pair_client(pair_bundle):
 
 def test_serve_imports_no_torch() -> None:
     code = ("import sys, serve.app, serve.main, serve.model, serve.batcher, serve.triton, serve.settings; "
-            "bad = [m for m in ('torch', 'transformers', 'datasets', 'layerprune.build', 'layerprune.export', "
+            "bad = [m for m in ('torch', 'transformers', 'datasets', 'layerprune.export', 'layerprune.onnx_export', "
             "'layerprune.analyze', 'layerprune.finetune', 'layerprune.data') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
