@@ -124,6 +124,7 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
     budget = _error_budget(opts)
     depths = _Depths(model, task, texts, heal, opts, n_holdout=len(parts.holdout))
     depth = _choose_depth(depths.passes, analysis.boundary, total, opts.keep_layers, budget.depth)
+    probed = list(depths.probed)  # what auto looked at; --sweep scores the rest for the report only
     if opts.sweep:
         for d in range(1, total + 1):
             depths.passes(d, budget.depth)
@@ -150,7 +151,7 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
         served = _onnx_logits(tmp, parts.holdout, max_length)
         validation = compare(task, parts.holdout, parts.holdout_name, original_holdout, served, opts.tolerance,
                              max_length, parity)
-        report = depths.report(analysis.boundary, depth, parts, candidates, note, opts)
+        report = depths.report(analysis.boundary, depth, probed, parts, candidates, note, opts)
         validation.save(tmp / VALIDATION_FILE)
         report.save(tmp / DEPTH_FILE)
         plot_depths(report, tmp / DEPTH_PLOT)
@@ -303,8 +304,8 @@ class _Depths:
     def _metric(self, logits: np.ndarray) -> float:
         return compute_metric(self.task.metric, self.texts.calibration_labels, logits, regression=self.task.is_regression)
 
-    def report(self, boundary: int, chosen: int, parts: EvalParts, candidates: list[ExportCandidate],
-               note: str | None, opts: ExportOptions) -> DepthReport:
+    def report(self, boundary: int, chosen: int, probed: list[int], parts: EvalParts,
+               candidates: list[ExportCandidate], note: str | None, opts: ExportOptions) -> DepthReport:
         scores = [self.scores.get(d) or DepthScore(depth=d, metric=self.raw[d]) for d in range(1, self.total + 1)]
         heal, agreement = self.texts.heal, self.texts.agreement
         return DepthReport(
@@ -312,7 +313,7 @@ class _Depths:
             boundary=boundary, total_layers=self.total, chosen=chosen, tolerance=opts.tolerance, full_metric=self.full,
             metric_name=self.task.metric, calibration=parts.calibration_name, n_calibration=len(parts.calibration),
             n_heal=heal.n if heal else 0, heal_labelled=self.texts.heal_labels is not None,
-            n_agreement=agreement.n if agreement else 0, probed=list(self.probed), scores=scores,
+            n_agreement=agreement.n if agreement else 0, probed=probed, scores=scores,
             heal_runs=self.heal_runs, candidates=candidates, note=note,
         )
 

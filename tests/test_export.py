@@ -149,6 +149,14 @@ def test_failing_bundle_is_written_but_not_servable(run_dir: Path, tmp_path: Pat
     assert shallow.advice == "next candidate: --keep-layers 3" and shallow.next_candidate.keep_layers == 3
 
 
+def test_sweep_leaves_what_auto_probed_alone(run_dir: Path, tmp_path: Path) -> None:
+    plain = export_bundle(run_dir, tmp_path / "plain", ExportOptions(heal="head", **FAST)).depth
+    swept = export_bundle(run_dir, tmp_path / "swept", ExportOptions(heal="head", sweep=True, **FAST)).depth
+    assert swept.probed == plain.probed and swept.chosen == plain.chosen
+    assert len(plain.probed) < TINY_LAYERS, "else --sweep adds nothing to tell apart"
+    assert sum(s.forecast is not None for s in swept.scores) == TINY_LAYERS
+
+
 def test_auto_with_heal_records_depths(run_dir: Path, tmp_path: Path) -> None:
     result = export_bundle(run_dir, tmp_path / "auto", ExportOptions(heal="head", sweep=True, **FAST))
     depth = load_artifact(DepthReport, tmp_path / "auto" / "depth.json")
