@@ -67,16 +67,25 @@ def test_default_export_validates_and_serves_what_was_validated(run_dir: Path, c
     texts = ["a gorgeous, witty, seductive movie", "the plot is nothing but boilerplate cliches", long_text]
     runner = OnnxClassifier(bundle, max_length=manifest.max_length)
     assert len(runner.encode([long_text])["input_ids"][0]) > 128
-    validated = runner.logits(texts)
+    # Dynamic int8 scales activations per run, so logits depend a little on a run's other rows: compare one
+    # text per request (a run of one on both sides); a batch must give the same predictions.
+    validated = np.concatenate([runner.logits([text]) for text in texts])
     server = ServerProcess(bundle)
     try:
         url = server.wait_ready(timeout=180).url
-        answer = httpx.post(f"{url}/predict", json={"inputs": texts, "raw_scores": True}, timeout=60).json()
+        answers = [httpx.post(f"{url}/predict", json={"inputs": text, "raw_scores": True}, timeout=60).json()
+                   for text in texts]
+        batch = httpx.post(f"{url}/predict", json={"inputs": texts, "raw_scores": True}, timeout=60).json()
     finally:
         server.stop()
     labels = [runner.id2label[i] for i in range(runner.num_labels)]
-    served = np.array([[{d["label"]: d["score"] for d in row}[name] for name in labels] for row in answer])
+
+    def scores(rows: list) -> np.ndarray:
+        return np.array([[{d["label"]: d["score"] for d in row}[name] for name in labels] for row in rows])
+
+    served = scores([a[0] if isinstance(a[0], list) else a for a in answers])
     np.testing.assert_allclose(served, validated, rtol=0, atol=1e-5)
+    assert (scores(batch).argmax(1) == runner.logits(texts).argmax(1)).all()
 
 
 def test_degraded_bundle_is_refused_everywhere(run_dir: Path, tmp_path: Path, capsys) -> None:
