@@ -20,18 +20,47 @@ def protocol_with_header_timeout(seconds: float) -> type[asyncio.Protocol]:
     return httptools_with_header_timeout(seconds)
 
 
+class _HeaderDeadline:
+    """The deadline both protocols share: armed when a request's head starts, disarmed when its headers
+    are complete or the connection goes; when it fires, the connection is closed."""
+
+    seconds: float
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _arm(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.seconds, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _too_slow(self) -> None:
+        self._header_timer = None
+        if self._in_headers() and not self.transport.is_closing():
+            self.transport.close()
+
+    def _in_headers(self) -> bool:
+        return True
+
+
 def httptools_with_header_timeout(seconds: float) -> type[asyncio.Protocol]:
     """uvicorn's HttpToolsProtocol, its connections closed when a request's headers are not complete `seconds`
     after the connection opened or after the request's first byte."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class HeaderTimeoutHttpTools(HttpToolsProtocol):
-        _header_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
+    class HeaderTimeoutHttpTools(_HeaderDeadline, HttpToolsProtocol):
         def on_message_begin(self) -> None:  # the first byte of a request
             self._arm()
             super().on_message_begin()
@@ -40,24 +69,7 @@ def httptools_with_header_timeout(seconds: float) -> type[asyncio.Protocol]:
             self._disarm()
             super().on_headers_complete()
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def _arm(self) -> None:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(seconds, self._too_slow)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _too_slow(self) -> None:
-            self._header_timer = None
-            if not self.transport.is_closing():
-                self.transport.close()
-
+    HeaderTimeoutHttpTools.seconds = seconds
     return HeaderTimeoutHttpTools
 
 
@@ -66,13 +78,7 @@ def h11_with_header_timeout(seconds: float) -> type[H11Protocol]:
     headers are not complete `seconds` after the connection opened or after the request's first byte.
     Bodies are timed by the app (408); idle keep-alive by uvicorn's timeout_keep_alive."""
 
-    class HeaderTimeoutH11(H11Protocol):
-        _header_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
+    class HeaderTimeoutH11(_HeaderDeadline, H11Protocol):
         def data_received(self, data: bytes) -> None:
             if self.conn.their_state is h11.IDLE:  # bytes of a new request's head
                 self._arm()
@@ -80,22 +86,8 @@ def h11_with_header_timeout(seconds: float) -> type[H11Protocol]:
             if self.conn.their_state is not h11.IDLE:  # its headers are complete
                 self._disarm()
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
+        def _in_headers(self) -> bool:
+            return self.conn.their_state is h11.IDLE
 
-        def _arm(self) -> None:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(seconds, self._too_slow)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _too_slow(self) -> None:
-            self._header_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                self.transport.close()
-
+    HeaderTimeoutH11.seconds = seconds
     return HeaderTimeoutH11
