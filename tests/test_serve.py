@@ -85,13 +85,17 @@ def failed_bundle(bundle, tmp_path_factory) -> Path:
     return _failed_validation_copy(bundle, tmp_path_factory.mktemp("failed") / "bundle")
 
 
-@pytest.fixture(scope="module")
-def tampered_bundle(bundle, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tampered") / "bundle"
+def _tampered_copy(bundle: Path, out: Path) -> Path:
+    """A copy of `bundle` whose model.onnx gained one byte after export: its hash no longer matches."""
     shutil.copytree(bundle, out)
     with open(out / "model.onnx", "ab") as f:
         f.write(b"\0")
     return out
+
+
+@pytest.fixture(scope="module")
+def tampered_bundle(bundle, tmp_path_factory) -> Path:
+    return _tampered_copy(bundle, tmp_path_factory.mktemp("tampered") / "bundle")
 
 
 @pytest.fixture(scope="module")

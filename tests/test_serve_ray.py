@@ -3,7 +3,6 @@ same routes with the same answers from 2 replicas, and the same gate refuses a t
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from conftest import SENTENCES, ServerProcess, free_port
 from layerprune.bundle import BundleError
-from test_serve import ROOT, _bundle
+from test_serve import ROOT, _bundle, _tampered_copy
 
 ray = pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install 'layerprune[ray]'")
 pytestmark = pytest.mark.slow
@@ -28,11 +27,7 @@ def bundle(minilm_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tampered(bundle, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ray-tampered") / "bundle"
-    shutil.copytree(bundle, out)
-    with open(out / "model.onnx", "ab") as f:
-        f.write(b"\0")
-    return out
+    return _tampered_copy(bundle, tmp_path_factory.mktemp("ray-tampered") / "bundle")
 
 
 def test_replica_runs_the_gate(tampered) -> None:
