@@ -109,27 +109,28 @@ def quantization_config(cpu: str | None = None) -> tuple[str, QuantizationConfig
     All dynamic (activations quantized per batch as they come, no calibration data) with per-channel
     weights. Measured on an AVX-512 server: optimum's `avx512` per-channel preset 3.5x the fp32
     throughput at -0.8 accuracy points; the per-tensor `avx512_vnni` preset lost 2.9 points.
-    - AVX-512: optimum's `avx512` preset, u8 activations x s8 weights.
-    - AVX2 (no AVX-512): u8 x s8 with 7-bit weights (reduce_range). onnxruntime's u8 x s8 kernel
-      (VPMADDUBSW) sums pairs of products into saturating int16; 7-bit weights keep every pair sum in
-      range (255 * 64 * 2 < 32767), which is onnxruntime's own advice for CPUs without VNNI. optimum's
-      `avx2` preset avoids the saturation with u8 weights instead, whose kernel widens to int16 first
-      and is slower. MiniLM-L6 fine-tuned on rt-polarity, 2 AVX2 cores (AMD EPYC), 2,112 held-out
+    - AVX-512 with VNNI: optimum's `avx512` preset, u8 activations x s8 weights, 8-bit. VPDPBUSD sums the
+      products into int32: nothing saturates.
+    - AVX2, or AVX-512 without VNNI: u8 x s8 with 7-bit weights (reduce_range). Without VNNI onnxruntime's
+      u8 x s8 kernel (VPMADDUBSW) sums pairs of products into saturating int16; 7-bit weights keep every
+      pair sum in range (255 * 64 * 2 < 32767), which is onnxruntime's own advice for CPUs without VNNI.
+      optimum's `avx2` preset avoids the saturation with u8 weights instead, whose kernel widens to int16
+      first and is slower. MiniLM-L6 fine-tuned on rt-polarity, 2 AVX2 cores (AMD EPYC), 2,112 held-out
       sentences (fp32: 0.8665 accuracy): u8/s8 7-bit -0.28 points, optimum's avx2 u8/u8 -0.38, u8/s8
       8-bit +0.00 (all within 8 sentences: noise); speed over fp32 1.3-1.5x for u8/s8 (either range),
       1.2x for u8/u8. So: the fast kernel, made safe from saturation for models where it does bite.
+      7-bit weights compute the same on every x86 kernel; 8-bit ones only on VNNI (see `serves_int8_of`).
     - aarch64 / arm64: optimum's `arm64` preset (u8 x s8; ARM's dot-product kernels do not saturate).
     - ppc64le: optimum's `ppc64le` preset.
     """
-    from onnxruntime.quantization import QuantType
     from optimum.onnxruntime import AutoQuantizationConfig
 
     cpu = cpu or cpu_kind()
-    if cpu == "avx512":
-        return "avx512 dynamic per-channel u8/s8", AutoQuantizationConfig.avx512(is_static=False, per_channel=True)
-    if cpu == "avx2":
-        preset = AutoQuantizationConfig.avx2(is_static=False, per_channel=True, reduce_range=True)
-        return "avx2 dynamic per-channel u8/s8 7-bit", dataclasses.replace(preset, weights_dtype=QuantType.QInt8)
+    if cpu == "avx512-vnni":
+        return "avx512-vnni dynamic per-channel u8/s8", AutoQuantizationConfig.avx512(is_static=False, per_channel=True)
+    if cpu in ("avx512", "avx2"):  # optimum's avx2 preset differs only in its u8 weights
+        config = AutoQuantizationConfig.avx512(is_static=False, per_channel=True, reduce_range=True)
+        return f"{cpu} dynamic per-channel u8/s8 7-bit", config
     if cpu == "arm64":
         return "arm64 dynamic per-channel u8/s8", AutoQuantizationConfig.arm64(is_static=False, per_channel=True)
     if cpu == "ppc64le":
@@ -137,8 +138,17 @@ def quantization_config(cpu: str | None = None) -> tuple[str, QuantizationConfig
     raise LayerpruneError(f"no int8 quantization preset for this CPU ({cpu}); optimum has avx512, avx2, arm64, ppc64le")
 
 
+def serves_int8_of(built_for: str, cpu: str | None = None) -> bool:
+    """Whether int8 weights quantized for CPU kind `built_for` compute on `cpu` (default: this one) what they
+    computed where they were validated. 8-bit u8 x s8 weights saturate the int16 pair sums of every x86
+    kernel but VNNI's, so they serve only on VNNI; 7-bit weights and other architectures' presets are safe."""
+    cpu = cpu or cpu_kind()
+    return built_for != "avx512-vnni" or cpu == "avx512-vnni"
+
+
 def cpu_kind(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """'avx512', 'avx2', 'arm64', 'ppc64le', or what platform.machine() says (e.g. x86 without AVX2)."""
+    """'avx512-vnni', 'avx512', 'avx2', 'arm64', 'ppc64le', or what platform.machine() says (e.g. x86
+    without AVX2)."""
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64"):
         return "arm64"
@@ -148,7 +158,7 @@ def cpu_kind(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
         return machine or "unknown"
     flags = _cpu_flags(cpuinfo)
     if "avx512f" in flags and "avx512bw" in flags:  # the byte/word ops int8 GEMM kernels need
-        return "avx512"
+        return "avx512-vnni" if "avx512_vnni" in flags else "avx512"
     if "avx2" in flags:
         return "avx2"
     return f"{machine} without avx2"
@@ -176,12 +186,12 @@ def sensitive_nodes(onnx_dir: Path) -> list[str]:
     return [name for n in kept for name in ([n.name, f"{n.name}_MatMul"] if n.op_type == "Gemm" else [n.name])]
 
 
-def quantize_onnx(onnx_dir: Path, keep_fp32: list[str] | None = None) -> str:
-    """Replace `onnx_dir/model.onnx` by its dynamic int8 quantization for this CPU, leaving the nodes named in
-    `keep_fp32` in float; return the configuration's name."""
+def quantize_onnx(onnx_dir: Path, keep_fp32: list[str] | None = None, cpu: str | None = None) -> str:
+    """Replace `onnx_dir/model.onnx` by its dynamic int8 quantization for CPU kind `cpu` (default: this one),
+    leaving the nodes named in `keep_fp32` in float; return the configuration's name."""
     onnx_dir = Path(onnx_dir)
     _require_model(onnx_dir)
-    name, config = quantization_config()
+    name, config = quantization_config(cpu)
     if keep_fp32:
         config = dataclasses.replace(config, nodes_to_exclude=list(keep_fp32))
         name += ", feed-forward outputs and head in fp32"

@@ -432,7 +432,7 @@ def test_one_max_length_from_export_to_server(run_dir: Path, tmp_path: Path) -> 
     assert 'key: "max_sequence_length"\n  value: { string_value: "12" }' in config
 
 
-@pytest.mark.parametrize("cpu", ["avx2", "avx512"])
+@pytest.mark.parametrize("cpu", ["avx2", "avx512-vnni"])
 def test_int8_candidates_fastest_first_on_both_cpu_paths(run_dir: Path, tmp_path: Path, monkeypatch, cpu) -> None:
     """--quantize int8 scores int8, int8 with the feed-forward outputs and head in fp32, and fp32, with this CPU's
     configuration (forced here: the AVX-512 preset's model runs on any x86 CPU), and keeps the first whose

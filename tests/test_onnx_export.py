@@ -213,7 +213,8 @@ def test_feed_forward_output_names_per_architecture(names) -> None:
 
 
 @pytest.mark.parametrize(("machine", "flags", "expected"), [
-    ("x86_64", "fpu sse2 avx avx2 fma avx512f avx512bw avx512_vnni", "avx512"),
+    ("x86_64", "fpu sse2 avx avx2 fma avx512f avx512bw avx512_vnni", "avx512-vnni"),
+    ("x86_64", "fpu sse2 avx avx2 fma avx512f avx512bw", "avx512"),
     ("x86_64", "fpu sse2 avx avx2 fma f16c", "avx2"),
     ("aarch64", "", "arm64"),
     ("x86_64", "fpu sse2 sse4_2", "x86_64 without avx2"),
@@ -230,7 +231,18 @@ def test_quantization_config_follows_the_cpu(monkeypatch, tmp_path, machine, fla
     name, config = quantization_config(expected)
     assert name.startswith(expected) and "per-channel" in name
     assert not config.is_static and config.per_channel
-    assert config.reduce_range == (expected == "avx2")  # 7-bit weights: no u8 x s8 saturation on AVX2
+    # 7-bit weights wherever the u8 x s8 kernel sums pairs into saturating int16 (x86 without VNNI)
+    assert config.reduce_range == (expected in ("avx2", "avx512"))
+
+
+@pytest.mark.parametrize(("built_for", "host", "same"), [
+    ("avx2", "avx512-vnni", True), ("avx512", "avx2", True), ("avx512-vnni", "avx512-vnni", True),
+    ("avx512-vnni", "avx512", False), ("avx512-vnni", "avx2", False), ("arm64", "arm64", True),
+])
+def test_8_bit_weights_serve_only_on_vnni(built_for, host, same) -> None:
+    from layerprune.onnx_export import serves_int8_of
+
+    assert serves_int8_of(built_for, host) is same
 
 
 # --- the bundle elsewhere: optimum and transformers ---------------------------------------------
