@@ -5,7 +5,10 @@ The layers below the re-tuned ones are frozen, so the re-tuned layers always see
 original model's hidden states at depth (keep - heal_layers). Those are computed once per text (`TextStates`)
 and training runs only the re-tuned layers and the head, which is why healing costs seconds to minutes
 rather than a fine-tune. Loss: Hinton et al.'s distillation, KL(teacher || student) on logits softened by a
-temperature T (scaled by T^2), plus a weighted label cross-entropy where labels exist. Training stops early on
+temperature T (scaled by T^2), plus a weighted label cross-entropy where labels exist, plus the squared gap
+between the student's top first-token state and the original's last-layer one (what the head reads; in units
+of its variance): a 2-class teacher's logits say little per text, its last-layer state says much more. MPNet
+at 8 of 12, re-tuning 2 layers: calibration delta -0.95 -> -0.57 points with it. Training stops early on
 a held-out tenth of the heal texts; the epoch with the lowest held-out loss wins (epoch 0, the weights as they
 were, included).
 """
@@ -185,19 +188,31 @@ class _Loss:
         self.teacher, self.targets, self.regression, self.opts = teacher, targets, regression, opts
         self.accepted = inspect.signature(student.forward).parameters
         self.device = next(student.parameters()).device
+        self.top_states = torch.from_numpy(texts.first[-1])  # (n, D) the original's last layer, first token
+        self.top_variance = float(self.top_states.var(dim=0).mean()) or 1.0
 
     def __call__(self, i: int, training: bool) -> torch.Tensor:
         batch = self.texts.batches[i]
         self.layers.train(training)
         for module in head_modules(self.student).values():
             module.train(training)
+        features = self.opts.feature_weight > 0
         with run_layers_on(self.student, self.layers) as feed:
             feed(self.inputs[i].to(self.device, torch.float32))
-            logits = self.student(**model_inputs(batch, self.accepted, self.device)).logits.float()
+            out = self.student(**model_inputs(batch, self.accepted, self.device), output_hidden_states=features)
         idx = torch.from_numpy(batch.indices)
         teacher = self.teacher[idx].to(self.device)
         targets = None if self.targets is None else self.targets[idx].to(self.device)
-        return distillation_loss(logits, teacher, targets, self.regression, self.opts)
+        loss = distillation_loss(out.logits.float(), teacher, targets, self.regression, self.opts)
+        if features:
+            loss = loss + self.opts.feature_weight * self._feature_loss(out.hidden_states[-1][:, 0], idx)
+        return loss
+
+    def _feature_loss(self, student: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """MSE between the student's top first-token state and the original's at its last layer (what the
+        head reads), in units of the original's per-dimension variance."""
+        teacher = self.top_states[idx].to(self.device)
+        return ((student.float() - teacher) ** 2).mean() / self.top_variance
 
     def mean(self, batches: list[int]) -> float | None:
         if not batches:

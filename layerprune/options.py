@@ -144,6 +144,7 @@ class DistillOptions:
     lr: float = 5e-5
     temperature: float = 2.0
     label_weight: float = 0.5  # weight of the label cross-entropy beside the distillation loss
+    feature_weight: float = 1.0  # weight of matching the original's top first-token state (what the head reads)
     patience: int = 1  # epochs without a better held-out loss before stopping
     seed: int = 0
 

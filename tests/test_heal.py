@@ -4,6 +4,7 @@ exactly what the truncated model computes, and training moves the truncated mode
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -63,13 +64,38 @@ def test_distillation_brings_the_truncated_model_towards_the_original(tiny_model
     texts = _texts(model, tokenizer, examples)
     # A random tiny model's depths all say about the same; a teacher that tells the sentiment apart does not.
     texts.logits = (np.eye(2)[examples.labels] * 4 - 2).astype(np.float32)
-    before = distill(model, 2, texts, None, opts=DistillOptions(epochs=0))
-    after = distill(model, 2, texts, None, opts=DistillOptions(epochs=30, lr=3e-3, patience=30))
+    logits_only = DistillOptions(feature_weight=0.0)  # the made-up teacher has no states to match
+    before = distill(model, 2, texts, None, opts=dataclasses.replace(logits_only, epochs=0))
+    after = distill(model, 2, texts, None, opts=dataclasses.replace(logits_only, epochs=30, lr=3e-3, patience=30))
     gap = lambda healed: float(np.abs(healed.logits(texts, model) - texts.logits).mean())  # noqa: E731
     assert after.epochs > 0 and after.steps > 0
     assert gap(after) < 0.5 * gap(before), "30 epochs of distillation halve the logit gap to the teacher"
     original = [p.detach().clone() for p in model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(original, model.parameters())), "the original is untouched"
+
+
+def _top_first_token(healed, texts, original) -> np.ndarray:
+    """The healed model's top first-token state (what its head reads), per text."""
+    inputs = token_states(original, texts, healed.depth - healed.heal_layers)
+    out = np.zeros((texts.n, original.config.hidden_size), dtype=np.float32)
+    with run_layers_on(healed.student, healed.layers) as feed, torch.inference_mode():
+        for batch, states in zip(texts.batches, inputs):
+            feed(states.float())
+            hidden = healed.student(**batch.encoding, output_hidden_states=True).hidden_states[-1]
+            out[batch.indices] = hidden[:, 0].numpy()
+    return out
+
+
+def test_feature_loss_brings_the_top_state_towards_the_originals_last_layer(tiny_models, examples) -> None:
+    """The feature term matches what the head reads: the truncated model's top first-token state moves
+    towards the original's last-layer one (texts.first[-1]); without it, it need not."""
+    model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
+    texts = _texts(model, tokenizer, examples)
+    fast = DistillOptions(epochs=30, lr=3e-3, patience=30, label_weight=0.0)
+    gap = lambda healed: float(((_top_first_token(healed, texts, model) - texts.first[-1]) ** 2).mean())  # noqa: E731
+    before = gap(distill(model, 2, texts, None, opts=dataclasses.replace(fast, epochs=0)))
+    matched = gap(distill(model, 2, texts, None, opts=dataclasses.replace(fast, feature_weight=1.0)))
+    assert matched < 0.5 * before, "30 epochs with the feature term halve the squared gap"
 
 
 def test_held_out_tenth_chooses_the_epoch(tiny_models) -> None:
