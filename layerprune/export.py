@@ -194,19 +194,20 @@ def _max_length(model, tokenizer, asked: int | None) -> int:
 
 
 def _heal_texts(task: TaskConfig, glue_dir: Path | None, opts: ExportOptions) -> tuple[Examples | None, Examples | None, bool]:
-    """(heal texts, agreement texts, labelled): from --heal-data (unlabeled) or the task's train split; the
-    agreement texts are the next ones after the heal texts."""
+    """(heal texts, agreement texts, labelled): from --heal-data (unlabeled) or the task's train split.
+
+    Agreement texts are the --heal-data texts after the heal texts, never train texts: the original model was
+    most likely fine-tuned on those, is surer of them, and a pruned model disagrees with it less there than on
+    new texts, which would make the agreement bound optimistic. Measured (MiniLM, rt-polarity, the demo's
+    int8 bundle): 0.40% disagreement on 4,000 train sentences, 1.04% on the validation split."""
     if opts.heal_data is not None:
         pool = read_texts(opts.heal_data, opts.heal_text_field or task.text_field, task.text_pair_field)
-        labelled = False
-    elif task.train_split:
-        pool = load_examples(task, task.train_split, glue_dir=glue_dir)
-        labelled = True
-    else:
-        return None, None, False
-    heal = pool.head(opts.heal_examples)
-    rest = pool.select(np.arange(len(heal), min(len(pool), len(heal) + opts.agreement_examples)))
-    return heal, (rest if len(rest) else None), labelled
+        heal = pool.head(opts.heal_examples)
+        rest = pool.select(np.arange(len(heal), min(len(pool), len(heal) + opts.agreement_examples)))
+        return heal, (rest if len(rest) else None), False
+    if task.train_split:
+        return load_examples(task, task.train_split, glue_dir=glue_dir).head(opts.heal_examples), None, True
+    return None, None, False
 
 
 def _heal_mode(asked: HealMode | None, model, texts: Examples | None, labelled: bool) -> HealMode:

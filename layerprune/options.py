@@ -166,7 +166,8 @@ class ExportOptions:
         "column of --heal-data with the text (default: the task's text field)"))
     heal_examples: int = field(default=4000, metadata=cli("texts to heal with", parse=positive))
     agreement_examples: int = field(default=4000, metadata=cli(
-        "further in-domain texts on which agreement with the original is measured", parse=int))
+        "further --heal-data texts on which agreement with the original is measured (never train texts: the "
+        "original was fine-tuned on them)", parse=int))
     optimize: Literal["O1", "O2", "O3"] | None = field(default=None, metadata=cli(
         "onnxruntime graph optimization level"))
     quantize: Literal["int8"] | None = field(default=None, metadata=cli(

@@ -171,6 +171,15 @@ def test_auto_with_heal_records_depths(run_dir: Path, tmp_path: Path) -> None:
     assert below is None or not below.forecast.passes, "and the depth below it does not"
 
 
+def test_train_texts_heal_but_never_bound_agreement(run_dir: Path, tmp_path: Path) -> None:
+    """Train texts beyond the heal texts are not agreement texts: the original was fine-tuned on them, so
+    agreement there says too little about new texts. The forecast counts only the calibration examples."""
+    result = export_bundle(run_dir, tmp_path / "h", ExportOptions(keep_layers=2, heal="head", heal_examples=12, **FAST))
+    depth = result.depth
+    assert depth.n_heal == 12 and depth.n_agreement == 0
+    assert depth.scores[1].forecast.n_agreement == depth.n_calibration
+
+
 def test_distill_heal_with_unlabeled_texts(run_dir: Path, tmp_path: Path) -> None:
     texts = tmp_path / "in-domain.jsonl"
     texts.write_text("".join(f'{{"review": "{t}, {w}"}}\n' for t, _ in SENTENCES for w in ("truly", "sadly", "so")))
