@@ -46,12 +46,12 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="bench-auto-") as tmp:
             result = export_bundle(args.run_dir, Path(tmp) / "bundle", opts)
         seconds = time.perf_counter() - started
-        depth, v = result.depth, result.validation
+        report, v = result.depth, result.validation  # report: depth.json
         # The forecast of what was exported: the chosen int8/fp32 candidate's, else the depth's own.
-        candidate = next((c for c in depth.candidates if c.chosen), None)
-        chosen = candidate.forecast if candidate else next(s for s in depth.scores if s.depth == depth.chosen).forecast
+        candidate = next((c for c in report.candidates if c.chosen), None)
+        chosen = candidate.forecast if candidate else next(s for s in report.scores if s.depth == report.depth).forecast
         rows.append([
-            str(seed), f"{depth.chosen} of {depth.total_layers}", depth.heal, result.manifest.quantization_config or "fp32",
+            str(seed), f"{report.depth} of {report.total_layers}", report.heal, result.manifest.quantization_config or "fp32",
             f"{chosen.delta:+.4f}", f"{chosen.lower_bound:+.4f}", f"{v.delta:+.4f}",
             f"[{v.delta_ci95[0]:+.4f}, {v.delta_ci95[1]:+.4f}]", f"{v.agreement:.1%}", "yes" if v.passed else "NO",
             f"{seconds:.0f}",

@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle_info = (man, val)
         name = (f"auto bundle {args.bundle.parent.name}/{args.bundle.name} (heal {man['heal']}, optimize {man['optimize']}, "
                 f"quantize {man['quantize']})")
-        rows.append(bench_onnx(Row(name, "bundle", int(man["kept_layers"]),
+        rows.append(bench_onnx(Row(name, "bundle", int(man["depth"]),
                                    note=f"validation {'passed' if val['passed'] else 'FAILED'}: "
                                         f"{val['bundle']:.4f} vs {val['original']:.4f}, tol {val['tolerance']}"),
                                args.bundle, texts, labels, args.bs1_n, args.repeats))
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "MET" if speed >= 5 and tol_ok else "MISSED"
         md.append(
             f"- target (auto bundle, int8 where validation passes, >= 5x the pipeline at batch 32, metric within "
-            f"tolerance): bundle depth {man['kept_layers']}/{man['total_layers']} {man['quantize'] or 'fp32'}: "
+            f"tolerance): bundle depth {man['depth']}/{man['total_layers']} {man['quantize'] or 'fp32'}: "
             f"{b.bs32_sps:.0f} vs {pipe32:.0f} sent/s = **{speed:.2f}x**; accuracy here {b.accuracy:.4f} vs "
             f"pipeline {pipe.accuracy:.4f} (delta {b.accuracy - pipe.accuracy:+.4f}, tolerance "
             f"{val['tolerance']}; validation.json: {val['bundle']:.4f} vs {val['original']:.4f}, passed="

@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
 
     real, padding = _metric(metrics, 'layerprune_tokens_total{kind="real"}'), _metric(metrics, 'layerprune_tokens_total{kind="padding"}')
     batches, inputs = _metric(metrics, "layerprune_batch_size_count"), _metric(metrics, "layerprune_batch_size_sum")
-    print(f"\nbundle {args.bundle} ({info.get('model_dtype')}, {info.get('kept_layers')} of {info.get('total_layers')} "
+    print(f"\nbundle {args.bundle} ({info.get('model_dtype')}, {info.get('depth')} of {info.get('total_layers')} "
           f"layers, {info.get('providers', ['?'])[0]}), {len(texts)} sentences, {args.connections} connections x "
           f"{args.duration:.0f} s per level, load generator {client}, max batch {args.batch_size}, max wait "
           f"{args.max_wait_ms} ms, threads {args.threads or 'default'}, run overhead {info.get('run_overhead_tokens')} tokens\n")

@@ -210,15 +210,17 @@ class ExportCandidate(BaseModel):
 
 
 class DepthReport(Artifact):
-    """depth.json: how the number of kept layers (and the export) was chosen."""
+    """depth.json: how the depth (the number of encoder layers kept) and the export were chosen.
 
-    schema_version: int = 2
+    v3: the outcome is `depth` (was `chosen`), the same name as the manifest's."""
+
+    schema_version: int = 3
     mode: Literal["auto", "fixed"]
     heal: HealMode
     heal_layers: int = Field(description="layers re-tuned by distillation (with the head)")
     boundary: int = Field(description="the analysis' CKA boundary, where auto starts")
     total_layers: int
-    chosen: int
+    depth: int = Field(description="encoder layers kept (1..total_layers): what the bundle was exported at")
     tolerance: float
     full_metric: float = Field(description="the full model on the calibration examples")
     metric_name: str
@@ -268,13 +270,14 @@ class BundleParts(BaseModel):
     cka_plot: str | None = None
 
 
-MANIFEST_SCHEMA = 3
+MANIFEST_SCHEMA = 4
 
 
 class Manifest(Artifact):
     """manifest.json: what a bundle holds and where it came from; the server trusts nothing else.
 
-    v3: labels are resolved once, at export, and parts names the files; consumers re-derive neither."""
+    v3: labels are resolved once, at export, and parts names the files; consumers re-derive neither.
+    v4: the number of encoder layers kept is `depth` (was `kept_layers`), as in depth.json and the server."""
 
     schema_version: int = MANIFEST_SCHEMA
     files: dict[str, str] = Field(description="relative path -> sha256 of every file but this one")
@@ -283,8 +286,8 @@ class Manifest(Artifact):
     task: str
     metric_name: str
     labels: list[str] = Field(description="one name per model output, in output order: what the server answers")
-    kept_layers: int
-    total_layers: int
+    depth: int = Field(description="encoder layers kept (1..total_layers): the exported model's depth")
+    total_layers: int = Field(description="encoder layers of the source checkpoint")
     model_type: str
     heal: HealMode
     max_length: int = Field(description="tokens per input: validated at this length, served at this length")

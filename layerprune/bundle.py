@@ -89,7 +89,7 @@ def read_manifest(root: Path) -> Manifest:
         version = None  # not a JSON object: load_artifact names the problem
     if isinstance(version, int) and version != MANIFEST_SCHEMA:
         raise BundleError(f"{path} has manifest schema v{version}; this layerprune reads v{MANIFEST_SCHEMA}: "
-                          "re-export the bundle with this version")
+                          "re-run `layerprune export` to rebuild the bundle with this version")
     return load_artifact(Manifest, path)
 
 

@@ -231,13 +231,13 @@ def _run_export(args: argparse.Namespace) -> int:
     from .tables import candidates_table, validation_table
 
     result = export_bundle(args.run_dir, args.out, _options(ExportOptions, args))
-    depth, manifest = result.depth, result.manifest
-    print(f"depth ({depth.mode}, heal={depth.heal}): kept {depth.chosen} of {depth.total_layers} layers "
-          f"(CKA boundary {depth.boundary}; probed {depth.probed} on {depth.calibration}, n={depth.n_calibration})")
-    if depth.note:
-        print(depth.note)
-    if depth.candidates:
-        print(candidates_table(depth))
+    report, manifest = result.depth, result.manifest  # report: depth.json, how the depth was chosen
+    print(f"depth ({report.mode}, heal={report.heal}): kept {report.depth} of {report.total_layers} layers "
+          f"(CKA boundary {report.boundary}; probed {report.probed} on {report.calibration}, n={report.n_calibration})")
+    if report.note:
+        print(report.note)
+    if report.candidates:
+        print(candidates_table(report))
     print(validation_table(result.validation, manifest))
     print(f"bundle: {result.bundle} ({size_mb(result.bundle):.1f} MB)")
     if not result.validation.passed:

@@ -65,10 +65,10 @@ def run_demo(model: str = "minilm", checkpoint: Path | None = None, run_dir: Pat
     while not result.validation.passed and result.next_candidate is not None:
         # The forecast said yes and the holdout said no: pruning was not free after all. Go deeper (or drop
         # int8) until the gate passes; the full fp32 model is the original and always does.
-        print(f"the gate refused {result.depth.chosen} layers (holdout delta {result.validation.delta:+.4f}); "
+        print(f"the gate refused {result.depth.depth} layers (holdout delta {result.validation.delta:+.4f}); "
               f"{result.advice}")
         result = export_bundle(run_dir, None, result.next_candidate)
-    print(f"kept {result.depth.chosen} of {result.depth.total_layers} layers (heal={result.depth.heal}); "
+    print(f"kept {result.depth.depth} of {result.depth.total_layers} layers (heal={result.depth.heal}); "
           f"bundle {result.bundle}")
     if result.depth.note:
         print(result.depth.note)
@@ -150,7 +150,7 @@ def _summary(result, validation, speedup: tuple[float, float], seconds: float) -
     size = size_mb(result.bundle)
     torch_rate, onnx_rate = speedup
     rows = [
-        ("layers kept", f"{result.depth.chosen} of {result.depth.total_layers} (CKA boundary {result.depth.boundary}, "
+        ("layers kept", f"{result.depth.depth} of {result.depth.total_layers} (CKA boundary {result.depth.boundary}, "
                         f"heal={result.depth.heal})"),
         (f"{validation.metric_name}, original", f"{validation.original:.4f} ({validation.holdout}, n={validation.n_examples})"),
         (f"{validation.metric_name}, bundle", f"{validation.bundle:.4f} (delta {validation.delta:+.4f}, tolerance {validation.tolerance})"),

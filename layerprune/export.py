@@ -160,7 +160,7 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
             shutil.copy(Path(run_dir) / CKA_PLOT, tmp / CKA_PLOT)
         manifest = Manifest(
             files=hash_files(tmp), parts=bundle_parts(tmp), source_checkpoint=analysis.model, task=task.name,
-            metric_name=task.metric, labels=output_labels(tmp), kept_layers=depth, total_layers=total,
+            metric_name=task.metric, labels=output_labels(tmp), depth=depth, total_layers=total,
             model_type=analysis.model_type,
             heal=heal, max_length=max_length, pair_input=task.text_pair_field is not None,
             resample_seed=opts.resample_seed, optimize=opts.optimize, quantize="int8" if quant_name else None,
@@ -305,13 +305,13 @@ class _Depths:
     def _metric(self, logits: np.ndarray) -> float:
         return compute_metric(self.task.metric, self.texts.calibration_labels, logits, regression=self.task.is_regression)
 
-    def report(self, boundary: int, chosen: int, probed: list[int], parts: EvalParts,
+    def report(self, boundary: int, depth: int, probed: list[int], parts: EvalParts,
                candidates: list[ExportCandidate], note: str | None, opts: ExportOptions) -> DepthReport:
         scores = [self.scores.get(d) or DepthScore(depth=d, metric=self.raw[d]) for d in range(1, self.total + 1)]
         heal, agreement = self.texts.heal, self.texts.agreement
         return DepthReport(
             mode="auto" if opts.keep_layers == "auto" else "fixed", heal=self.heal, heal_layers=opts.heal_layers,
-            boundary=boundary, total_layers=self.total, chosen=chosen, tolerance=opts.tolerance, full_metric=self.full,
+            boundary=boundary, total_layers=self.total, depth=depth, tolerance=opts.tolerance, full_metric=self.full,
             metric_name=self.task.metric, calibration=parts.calibration_name, n_calibration=len(parts.calibration),
             n_heal=heal.n if heal else 0, heal_labelled=self.texts.heal_labels is not None,
             n_agreement=agreement.n if agreement else 0, probed=probed, scores=scores,

@@ -151,6 +151,7 @@ class DistillOptions:
 
 @dataclass(frozen=True)
 class ExportOptions:
+    # the user's request ("auto" or N); the outcome, the layers kept, is `depth` in depth.json and the manifest
     keep_layers: int | Literal["auto"] = field(default="auto", metadata=cli(
         "auto (the smallest depth whose gate forecast passes, searched from the CKA boundary) or N",
         parse=keep_layers))

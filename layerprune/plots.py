@@ -65,7 +65,7 @@ def plot_depths(report: DepthReport, path: Path) -> None:
     ax.axhspan(report.full_metric - report.tolerance, report.full_metric, color="grey", alpha=0.15,
                label=f"tolerance {report.tolerance:g}")
     ax.axvline(report.boundary, color="#00a0c0", linestyle="--", linewidth=1, label=f"CKA boundary ({report.boundary})")
-    ax.axvline(report.chosen, color="#d04000", linewidth=2, label=f"kept: {report.chosen}")
+    ax.axvline(report.depth, color="#d04000", linewidth=2, label=f"kept: {report.depth}")
     ax.set_xticks(range(1, report.total_layers + 1))
     ax.set_xlabel("layers kept")
     ax.set_ylabel(f"{report.metric_name} ({report.calibration}, n={report.n_calibration})")

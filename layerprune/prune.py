@@ -31,7 +31,7 @@ def truncate(model: PreTrainedModel, depth: int) -> PreTrainedModel:
     arch = architecture(model.config)
     total = num_layers(model.config)
     if not 1 <= depth <= total:
-        raise ModelError(f"cannot keep {depth} layers: the model has {total}, so keep must be 1 to {total}")
+        raise ModelError(f"cannot keep {depth} layers: the model has {total}, so depth must be 1 to {total}")
     if arch.shared_weights:
         _truncate_albert_groups(model, depth)
     else:

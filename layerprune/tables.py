@@ -26,7 +26,7 @@ def validation_table(report: ValidationReport, manifest: Manifest) -> str:
     low, high = report.delta_ci95
     rows = [
         ("original checkpoint", f"{manifest.total_layers} layers, PyTorch", f"{report.original:.4f}"),
-        ("bundle", f"{manifest.kept_layers} layers, ONNX {variant}, heal={manifest.heal}, max length {report.max_length}",
+        ("bundle", f"{manifest.depth} layers, ONNX {variant}, heal={manifest.heal}, max length {report.max_length}",
          f"{report.bundle:.4f}"),
         ("delta", f"95% CI [{low:+.4f}, {high:+.4f}] (paired bootstrap)", f"{report.delta:+.4f}"),
         ("prediction agreement", "", agreement),

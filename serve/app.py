@@ -123,7 +123,7 @@ async def classify(req: ClassifyRequest, request: Request, svc: Service = Depend
         best = int(np.argmax(row))
         results.append({"label": labels[best], "score": float(row[best]),
                         "scores": {label: float(s) for label, s in zip(labels, row)}})
-    body = {"model": svc.model.model_id, "kept_layers": m.kept_layers, "total_layers": m.total_layers,
+    body = {"model": svc.model.model_id, "depth": m.depth, "total_layers": m.total_layers,
             "results": results}
     return JSONResponse(body, headers=_timing_headers(svc, answer, texts, pairs, started))
 
@@ -221,7 +221,7 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
     )
     app = _fastapi(
         title="layerprune serve", version=version(), lifespan=lifespan,
-        description=f"Text classification with the pruned ONNX bundle of {model.source_name} ({model.manifest.kept_layers}"
+        description=f"Text classification with the pruned ONNX bundle of {model.source_name} ({model.manifest.depth}"
         f" of {model.manifest.total_layers} layers, task {model.manifest.task}), on text-embeddings-inference's API.",
     )
     app.state.service = Service(model, settings, metrics, batcher)

@@ -41,7 +41,7 @@ def run(bundle: Path, settings: ServeSettings) -> int:
         log.warning("serving %s WITHOUT a passed validation (--allow-unvalidated)", bundle)
     log.info(
         "serving %s (%s, %d of %d layers, %s input) on http://%s:%d, providers %s",
-        bundle, model.model_id, model.manifest.kept_layers, model.manifest.total_layers,
+        bundle, model.model_id, model.manifest.depth, model.manifest.total_layers,
         "pair" if model.pair_input else "single-text", settings.host, settings.port,
         model.classifier.session.get_providers(),
     )

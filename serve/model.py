@@ -74,7 +74,7 @@ class ServedModel:
             "labels": self.labels,
             "pair_input": self.pair_input,
             "max_length": self.classifier.max_length,
-            "kept_layers": m.kept_layers,
+            "depth": m.depth,
             "total_layers": m.total_layers,
             "heal": m.heal,
             "optimize": m.optimize,

@@ -227,7 +227,7 @@ class Classification(BaseModel):
 
 class ClassifyResponse(BaseModel):
     model: str
-    kept_layers: int
+    depth: int = Field(description="encoder layers kept, of total_layers")
     total_layers: int
     results: list[Classification]
 
@@ -270,7 +270,7 @@ class Info(BaseModel):
     docker_label: str | None = None
     # layerprune
     pair_input: bool
-    kept_layers: int
+    depth: int = Field(description="encoder layers kept, of total_layers")
     total_layers: int
     validated: bool
     providers: list[str] = Field(description="onnxruntime execution providers, the one that runs first")
@@ -288,7 +288,7 @@ class Info(BaseModel):
             max_concurrent_requests=settings.max_connections, max_input_length=model.classifier.max_length,
             max_batch_tokens=settings.max_batch_tokens, max_batch_requests=settings.max_batch_size,
             max_client_batch_size=settings.max_inputs_per_request, auto_truncate=settings.auto_truncate,
-            tokenization_workers=1, version=version(), pair_input=model.pair_input, kept_layers=m.kept_layers,
+            tokenization_workers=1, version=version(), pair_input=model.pair_input, depth=m.depth,
             total_layers=m.total_layers, validated=model.validated, providers=providers,
             max_chars_per_input=settings.max_chars_per_input, run_overhead_tokens=round(overhead, 1),
         )

@@ -120,6 +120,6 @@ def _powers_of_two(limit: int) -> list[int]:
 
 def _summary(manifest) -> str:
     return json.dumps({"source_checkpoint": public_source(manifest.source_checkpoint), "task": manifest.task,
-                       "kept_layers": manifest.kept_layers, "total_layers": manifest.total_layers,
+                       "depth": manifest.depth, "total_layers": manifest.total_layers,
                        "model_type": manifest.model_type, "servable": manifest.servable,
                        "max_length": manifest.max_length})

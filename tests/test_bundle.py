@@ -72,9 +72,10 @@ def test_server_and_triton_answer_with_the_manifests_labels(bundle: Path, tmp_pa
                     "validation": "validation.json", "depth": "depth.json", "analysis": "analysis.json"}},
          "names other.onnx as the bundle's model but lists no hash"),
         ({"labels": None}, "not a valid Manifest: labels: "),
-        ({"schema_version": 2}, "re-export the bundle with this version"),
+        ({"schema_version": 2}, "re-run `layerprune export` to rebuild the bundle with this version"),
+        ({"schema_version": 3}, "re-run `layerprune export` to rebuild the bundle with this version"),
     ],
-    ids=["label-count", "max-length", "unhashed-part", "no-labels", "old-schema"],
+    ids=["label-count", "max-length", "unhashed-part", "no-labels", "schema-v2", "schema-v3"],
 )
 def test_tampered_manifest_is_refused(bundle: Path, tmp_path: Path, changes: dict, message: str) -> None:
     edited = _edited(bundle, tmp_path / "edited", **changes)
@@ -84,17 +85,31 @@ def test_tampered_manifest_is_refused(bundle: Path, tmp_path: Path, changes: dic
         write_triton_repository(edited, tmp_path / "triton")
 
 
+def _v3_manifest(bundle: Path, out: Path) -> Path:
+    """A copy of `bundle` whose manifest is as v3 wrote it: the depth under its old name, kept_layers."""
+    edited = _edited(bundle, out, schema_version=3)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["kept_layers"] = manifest.pop("depth")
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    return edited
+
+
 def test_old_bundle_is_one_line_from_every_command(bundle: Path, tmp_path: Path) -> None:
-    old = _edited(bundle, tmp_path / "old", schema_version=2)
-    with pytest.raises(BundleError, match="manifest schema v2; this layerprune reads v3"):
-        verify_bundle(old)
+    assert MANIFEST_SCHEMA == 4
+    v2 = _edited(bundle, tmp_path / "v2", schema_version=2)
+    with pytest.raises(BundleError, match="manifest schema v2; this layerprune reads v4: re-run `layerprune export`"):
+        verify_bundle(v2)
+    old = _v3_manifest(bundle, tmp_path / "v3")
+    for read in (verify_bundle, open_bundle, load_model):
+        with pytest.raises(BundleError, match="manifest schema v3; this layerprune reads v4: re-run `layerprune export`"):
+            read(old)
     for argv in (["validate", str(old), "--device", "cpu"], ["serve", str(old)],
                  ["triton", str(old), str(tmp_path / "repo")]):
         done = subprocess.run([sys.executable, "-m", "layerprune.cli", *argv], cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode != 0, argv
-        assert "re-export the bundle with this version" in done.stderr and "Traceback" not in done.stderr, done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "manifest schema v3" in done.stderr and "re-run `layerprune export`" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def _renamed_parts(bundle: Path, out: Path, names: dict[str, str]) -> Path:

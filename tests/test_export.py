@@ -52,7 +52,7 @@ def test_bundle_layout_and_hashes(bundle: Path) -> None:
                  "depth.json", "depth.png", "analysis.json", "cka.png"]:
         assert (bundle / name).is_file(), name
     manifest = verify_bundle(bundle)
-    assert manifest.kept_layers == 2 and manifest.total_layers == TINY_LAYERS
+    assert manifest.depth == 2 and manifest.total_layers == TINY_LAYERS
     assert set(manifest.files) >= {"model.onnx", "validation.json", "config.json", "tokenizer.json"}
     assert "manifest.json" not in manifest.files
     config = json.loads((bundle / "config.json").read_text())
@@ -143,7 +143,7 @@ def test_failing_bundle_is_written_but_not_servable(run_dir: Path, tmp_path: Pat
     with pytest.raises(BundleError, match="failed validation"):
         servable_bundle(tmp_path / "fail")
     manifest, _ = servable_bundle(tmp_path / "fail", allow_unvalidated=True)
-    assert manifest.kept_layers == TINY_LAYERS
+    assert manifest.depth == TINY_LAYERS
     assert result.next_candidate is None and result.advice is None, "nothing is left after the full fp32 model"
     shallow = export_bundle(run_dir, tmp_path / "fail2", ExportOptions(keep_layers=2, heal="none", tolerance=-0.5, **FAST))
     assert shallow.advice == "next candidate: --keep-layers 3" and shallow.next_candidate.keep_layers == 3
@@ -152,22 +152,22 @@ def test_failing_bundle_is_written_but_not_servable(run_dir: Path, tmp_path: Pat
 def test_sweep_leaves_what_auto_probed_alone(run_dir: Path, tmp_path: Path) -> None:
     plain = export_bundle(run_dir, tmp_path / "plain", ExportOptions(heal="head", **FAST)).depth
     swept = export_bundle(run_dir, tmp_path / "swept", ExportOptions(heal="head", sweep=True, **FAST)).depth
-    assert swept.probed == plain.probed and swept.chosen == plain.chosen
+    assert swept.probed == plain.probed and swept.depth == plain.depth
     assert len(plain.probed) < TINY_LAYERS, "else --sweep adds nothing to tell apart"
     assert sum(s.forecast is not None for s in swept.scores) == TINY_LAYERS
 
 
 def test_auto_with_heal_records_depths(run_dir: Path, tmp_path: Path) -> None:
     result = export_bundle(run_dir, tmp_path / "auto", ExportOptions(heal="head", sweep=True, **FAST))
-    depth = load_artifact(DepthReport, tmp_path / "auto" / "depth.json")
-    assert depth == result.depth and depth.mode == "auto" and depth.heal == "head"
-    assert [s.depth for s in depth.scores] == list(range(1, TINY_LAYERS + 1))
-    assert all(s.metric_healed is not None for s in depth.scores[:-1]), "--sweep heals every depth"
-    assert depth.probed[0] == depth.boundary
-    assert depth.n_heal == 24 and depth.heal_labelled and depth.n_agreement == 0, "24 train texts, all used to heal"
-    chosen = next(s for s in depth.scores if s.depth == depth.chosen)
+    report = load_artifact(DepthReport, tmp_path / "auto" / "depth.json")
+    assert report == result.depth and report.mode == "auto" and report.heal == "head"
+    assert [s.depth for s in report.scores] == list(range(1, TINY_LAYERS + 1))
+    assert all(s.metric_healed is not None for s in report.scores[:-1]), "--sweep heals every depth"
+    assert report.probed[0] == report.boundary
+    assert report.n_heal == 24 and report.heal_labelled and report.n_agreement == 0, "24 train texts, all used to heal"
+    chosen = next(s for s in report.scores if s.depth == report.depth)
     assert chosen.forecast.passes, "auto keeps a depth whose gate forecast passes (the full model always does)"
-    below = next((s for s in depth.scores if s.depth == depth.chosen - 1), None)
+    below = next((s for s in report.scores if s.depth == report.depth - 1), None)
     assert below is None or not below.forecast.passes, "and the depth below it does not"
 
 

@@ -107,22 +107,22 @@ def test_truncated_model_computes_head_of_that_depth(
     assert by_depth.shape == (TINY_LAYERS + 1, len(EXAMPLES), 2)
     np.testing.assert_allclose(by_depth[TINY_LAYERS], full_logits, atol=ATOL, rtol=0)
     head_before = state_of(full)
-    for keep in range(1, TINY_LAYERS + 1):
-        model = truncate(copy.deepcopy(full), keep)
-        assert num_layers(model.config) == keep
-        assert len(layer_list(model)) == (1 if ARCHITECTURES[model_type].shared_weights else keep)
+    for depth in range(1, TINY_LAYERS + 1):
+        model = truncate(copy.deepcopy(full), depth)
+        assert num_layers(model.config) == depth
+        assert len(layer_list(model)) == (1 if ARCHITECTURES[model_type].shared_weights else depth)
         assert same_state(state_of(model), head_before)
         logits = predict_logits(model, tokenizer, EXAMPLES)
-        np.testing.assert_allclose(logits, by_depth[keep], atol=ATOL, rtol=0)
-        if keep < TINY_LAYERS:  # the check has teeth: depths give different logits
+        np.testing.assert_allclose(logits, by_depth[depth], atol=ATOL, rtol=0)
+        if depth < TINY_LAYERS:  # the check has teeth: depths give different logits
             assert np.abs(logits - full_logits).max() > 100 * ATOL
 
-        model.save_pretrained(tmp_path / str(keep))
+        model.save_pretrained(tmp_path / str(depth))
         reloaded, info = AutoModelForSequenceClassification.from_pretrained(
-            tmp_path / str(keep), output_loading_info=True
+            tmp_path / str(depth), output_loading_info=True
         )
         assert not info["missing_keys"] and not info["unexpected_keys"]
-        assert num_layers(reloaded.config) == keep
+        assert num_layers(reloaded.config) == depth
         np.testing.assert_allclose(predict_logits(reloaded.eval(), tokenizer, EXAMPLES), logits, atol=1e-6, rtol=0)
 
 
@@ -133,11 +133,11 @@ def test_keeping_every_layer_changes_nothing(tiny_models: dict[str, Path]) -> No
     np.testing.assert_array_equal(predict_logits(model, tokenizer, EXAMPLES), before)
 
 
-@pytest.mark.parametrize("keep", [0, TINY_LAYERS + 1, -1])
-def test_keep_out_of_range(tiny_models: dict[str, Path], keep: int) -> None:
+@pytest.mark.parametrize("depth", [0, TINY_LAYERS + 1, -1])
+def test_depth_out_of_range(tiny_models: dict[str, Path], depth: int) -> None:
     model, _ = load_classifier(tiny_models["distilbert"], device="cpu")
-    with pytest.raises(ModelError, match=f"has {TINY_LAYERS}, so keep must be 1 to {TINY_LAYERS}"):
-        truncate(model, keep)
+    with pytest.raises(ModelError, match=f"has {TINY_LAYERS}, so depth must be 1 to {TINY_LAYERS}"):
+        truncate(model, depth)
     assert num_layers(model.config) == TINY_LAYERS
 
 
@@ -163,11 +163,11 @@ def test_albert_with_layer_groups_truncates_only_where_exact(grouped_albert: Pat
     refused = r"ALBERT \(2 layer groups of 1 layers\) to 4 layers exactly; depths that work: 1, 2, 3, 5, 6$"
     with pytest.raises(ModelError, match=refused):
         truncate(copy.deepcopy(full), 4)
-    for keep, groups in [(1, 1), (2, 1), (3, 1), (5, 2), (6, 2)]:
-        model = truncate(copy.deepcopy(full), keep)
-        assert (model.config.num_hidden_layers, model.config.num_hidden_groups) == (keep, groups)
+    for depth, groups in [(1, 1), (2, 1), (3, 1), (5, 2), (6, 2)]:
+        model = truncate(copy.deepcopy(full), depth)
+        assert (model.config.num_hidden_layers, model.config.num_hidden_groups) == (depth, groups)
         assert len(layer_list(model)) == groups
-        np.testing.assert_allclose(predict_logits(model, tokenizer, EXAMPLES), by_depth[keep], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(predict_logits(model, tokenizer, EXAMPLES), by_depth[depth], atol=ATOL, rtol=0)
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     np.testing.assert_allclose(predict_logits(reloaded, tokenizer, EXAMPLES), by_depth[6], atol=ATOL, rtol=0)
@@ -191,14 +191,14 @@ def test_truncation_identity_in_config_variants(minilm_dir: Path, variant: str) 
     loud_head(full)
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
     by_depth = depth_logits(full, first_token_states(full, batches_of(tokenizer), len(EXAMPLES)))
-    for keep in range(1, TINY_LAYERS + 1):
-        if variant == "albert-inner-2" and keep == 1:
+    for depth in range(1, TINY_LAYERS + 1):
+        if variant == "albert-inner-2" and depth == 1:
             # transformers gives each group depth/groups head-mask slots, and 2 inner layers need 2
             with pytest.raises(ModelError, match="of 2 layers\\) to 1 layers exactly; depths that work: 2, 3, 4"):
-                truncate(copy.deepcopy(full), keep)
+                truncate(copy.deepcopy(full), depth)
             continue
-        model = truncate(copy.deepcopy(full), keep)
-        np.testing.assert_allclose(predict_logits(model, tokenizer, EXAMPLES), by_depth[keep], atol=ATOL, rtol=0)
+        model = truncate(copy.deepcopy(full), depth)
+        np.testing.assert_allclose(predict_logits(model, tokenizer, EXAMPLES), by_depth[depth], atol=ATOL, rtol=0)
 
 
 # --------------------------------------------------------------------------- depth scoring

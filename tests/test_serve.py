@@ -227,7 +227,7 @@ def test_predict_tei_shapes(client, offline) -> None:
 def test_classify_route(client, offline, bundle) -> None:
     r = client.post("/v1/classify", json={"texts": TEXTS, "raw_scores": True}).json()
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert (r["kept_layers"], r["total_layers"]) == (2, TINY_LAYERS) == (manifest["kept_layers"], manifest["total_layers"])
+    assert (r["depth"], r["total_layers"]) == (2, TINY_LAYERS) == (manifest["depth"], manifest["total_layers"])
     assert r["model"] == "model"
     expected = offline.logits(TEXTS)
     for res, want in zip(r["results"], expected):
@@ -255,7 +255,7 @@ def test_models_route(client, failed_bundle, caplog) -> None:
     info = client.get("/v1/models").json()
     model = info["data"][0]
     assert model["validated"] and model["warning"] is None and "warning" not in info
-    assert model["validation"]["passed"] and (model["kept_layers"], model["total_layers"]) == (2, TINY_LAYERS)
+    assert model["validation"]["passed"] and (model["depth"], model["total_layers"]) == (2, TINY_LAYERS)
     assert model["task"] and model["source_checkpoint"] and model["pair_input"] is False
     with caplog.at_level("WARNING", logger="layerprune.serve"), _client(failed_bundle, allow_unvalidated=True) as c:
         _wait_ready(c)

@@ -135,7 +135,7 @@ def test_info(client, bundle) -> None:
     assert info["max_client_batch_size"] == settings.max_inputs_per_request
     assert info["model_sha"] == model.manifest.files["model.onnx"]
     assert info["providers"] == ["CPUExecutionProvider"] and info["validated"] is True
-    assert (info["kept_layers"], info["pair_input"]) == (2, False)
+    assert (info["depth"], info["pair_input"]) == (2, False)
     assert "/" not in info["model_id"] or not info["model_id"].startswith("/")  # never a local path
 
 
