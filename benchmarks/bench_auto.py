@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from layerprune.export import ExportOptions, export_bundle  # noqa: E402
-from layerprune.onnx_export import cpu_model  # noqa: E402
+from layerprune.cpu import cpu_model  # noqa: E402
 
 
 def main() -> int:

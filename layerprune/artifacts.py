@@ -277,7 +277,8 @@ class Manifest(Artifact):
     """manifest.json: what a bundle holds and where it came from; the server trusts nothing else.
 
     v3: labels are resolved once, at export, and parts names the files; consumers re-derive neither.
-    v4: the number of encoder layers kept is `depth` (was `kept_layers`), as in depth.json and the server."""
+    v4: the number of encoder layers kept is `depth` (was `kept_layers`), as in depth.json and the server;
+    `int8_cpu` names the CPU kind int8 weights were quantized for."""
 
     schema_version: int = MANIFEST_SCHEMA
     files: dict[str, str] = Field(description="relative path -> sha256 of every file but this one")
@@ -296,6 +297,9 @@ class Manifest(Artifact):
     optimize: str | None
     quantize: str | None
     quantization_config: str | None
+    int8_cpu: str | None = Field(default=None, description=(
+        "CPU kind the int8 weights were quantized and validated for (layerprune.cpu.cpu_kind); 8-bit "
+        "'avx512-vnni' weights compute differently elsewhere, so only VNNI hosts serve them"))
     servable: bool
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     versions: dict[str, str]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .artifacts import MANIFEST_SCHEMA, BundleParts, Manifest, ValidationReport, load_artifact
+from .cpu import cpu_kind, serves_int8_of
 from .errors import LayerpruneError
 
 if TYPE_CHECKING:
@@ -119,6 +120,10 @@ def servable_bundle(root: Path, allow_unvalidated: bool = False) -> tuple[Manife
     if report is not None and report.max_length != manifest.max_length:
         raise BundleError(f"{root}: the manifest says max length {manifest.max_length}, the bundle was validated at "
                           f"{report.max_length}; what was validated is what is served: re-export it")
+    if manifest.int8_cpu and not serves_int8_of(manifest.int8_cpu):
+        raise BundleError(f"{root} holds int8 weights for {manifest.int8_cpu} CPUs, which compute differently on this "
+                          f"{cpu_kind()} CPU (saturating int16 sums): what was validated is what is served: export "
+                          "it on this kind of host, or without --quantize int8")
     if allow_unvalidated:
         return manifest, report
     if report is None:

@@ -164,7 +164,9 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
             model_type=analysis.model_type,
             heal=heal, max_length=max_length, pair_input=task.text_pair_field is not None,
             resample_seed=opts.resample_seed, optimize=opts.optimize, quantize="int8" if quant_name else None,
-            quantization_config=quant_name, servable=validation.passed, versions=library_versions(),
+            quantization_config=quant_name,
+            int8_cpu=onnx_export.cpu_kind() if quant_name else None, servable=validation.passed,
+            versions=library_versions(),
         )
         manifest.save(tmp / MANIFEST_FILE)
     # The truncated PyTorch checkpoint, for users who fine-tune or serve it further; not part of the bundle.

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from .bundle import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
+from .cpu import cpu_kind
 from .errors import LayerpruneError, ModelError, first_line
 from .models import has_classification_head, load_config
 
@@ -119,7 +119,7 @@ def quantization_config(cpu: str | None = None) -> tuple[str, QuantizationConfig
       sentences (fp32: 0.8665 accuracy): u8/s8 7-bit -0.28 points, optimum's avx2 u8/u8 -0.38, u8/s8
       8-bit +0.00 (all within 8 sentences: noise); speed over fp32 1.3-1.5x for u8/s8 (either range),
       1.2x for u8/u8. So: the fast kernel, made safe from saturation for models where it does bite.
-      7-bit weights compute the same on every x86 kernel; 8-bit ones only on VNNI (see `serves_int8_of`).
+      7-bit weights compute the same on every x86 kernel; 8-bit ones only on VNNI (see `cpu.serves_int8_of`).
     - aarch64 / arm64: optimum's `arm64` preset (u8 x s8; ARM's dot-product kernels do not saturate).
     - ppc64le: optimum's `ppc64le` preset.
     """
@@ -137,31 +137,6 @@ def quantization_config(cpu: str | None = None) -> tuple[str, QuantizationConfig
         return "ppc64le dynamic per-channel u8/s8", AutoQuantizationConfig.ppc64le(is_static=False, per_channel=True)
     raise LayerpruneError(f"no int8 quantization preset for this CPU ({cpu}); optimum has avx512, avx2, arm64, ppc64le")
 
-
-def serves_int8_of(built_for: str, cpu: str | None = None) -> bool:
-    """Whether int8 weights quantized for CPU kind `built_for` compute on `cpu` (default: this one) what they
-    computed where they were validated. 8-bit u8 x s8 weights saturate the int16 pair sums of every x86
-    kernel but VNNI's, so they serve only on VNNI; 7-bit weights and other architectures' presets are safe."""
-    cpu = cpu or cpu_kind()
-    return built_for != "avx512-vnni" or cpu == "avx512-vnni"
-
-
-def cpu_kind(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """'avx512-vnni', 'avx512', 'avx2', 'arm64', 'ppc64le', or what platform.machine() says (e.g. x86
-    without AVX2)."""
-    machine = platform.machine().lower()
-    if machine in ("aarch64", "arm64"):
-        return "arm64"
-    if machine == "ppc64le":
-        return "ppc64le"
-    if machine not in ("x86_64", "amd64", "i686", "i386"):
-        return machine or "unknown"
-    flags = _cpu_flags(cpuinfo)
-    if "avx512f" in flags and "avx512bw" in flags:  # the byte/word ops int8 GEMM kernels need
-        return "avx512-vnni" if "avx512_vnni" in flags else "avx512"
-    if "avx2" in flags:
-        return "avx2"
-    return f"{machine} without avx2"
 
 
 # The second matrix product of each layer's feed-forward block, per exporter naming: BERT-likes (BERT,
@@ -285,27 +260,6 @@ def _uses_external_data(model) -> bool:
     import onnx
 
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
-def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU's model name and int8 kind, e.g. 'AMD EPYC (avx2)': to name beside every figure measured."""
-    name = platform.processor() or platform.machine()
-    try:
-        name = next(line.partition(":")[2].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name} ({cpu_kind(cpuinfo)})"
-
-
-def _cpu_flags(cpuinfo: Path) -> set[str]:
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return set()
 
 
 @contextlib.contextmanager

@@ -85,6 +85,25 @@ def test_tampered_manifest_is_refused(bundle: Path, tmp_path: Path, changes: dic
         write_triton_repository(edited, tmp_path / "triton")
 
 
+@pytest.mark.parametrize(("built_for", "host", "served"), [
+    ("avx512-vnni", "avx2", False), ("avx512-vnni", "avx512", False), ("avx512-vnni", "avx512-vnni", True),
+    ("avx2", "avx512-vnni", True),
+])
+def test_int8_weights_serve_only_where_they_compute_as_validated(bundle: Path, tmp_path: Path, monkeypatch,
+                                                                 built_for: str, host: str, served: bool) -> None:
+    """8-bit weights (quantized on a VNNI host) saturate the int16 sums of other x86 kernels: measured on
+    MiniLM, 30 of 2,112 predictions differ between AVX2 and VNNI (benchmarks/int8_cpus.py). Refused there."""
+    monkeypatch.setattr("layerprune.cpu.cpu_kind", lambda *a: host)
+    edited = _edited(bundle, tmp_path / "int8", quantize="int8", int8_cpu=built_for)
+    if served:
+        assert load_model(edited).info()["labels"] == ["negative", "positive"]
+        return
+    with pytest.raises(BundleError, match=f"int8 weights for {built_for} CPUs, which compute differently"):
+        load_model(edited)
+    with pytest.raises(BundleError, match="export it on this kind of host, or without --quantize int8"):
+        open_bundle(edited)
+
+
 def _v3_manifest(bundle: Path, out: Path) -> Path:
     """A copy of `bundle` whose manifest is as v3 wrote it: the depth under its old name, kept_layers."""
     edited = _edited(bundle, out, schema_version=3)

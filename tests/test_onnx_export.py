@@ -18,11 +18,11 @@ import onnx
 import pytest
 
 from conftest import SENTENCES, TINY_CONFIGS, TINY_LAYERS
-from layerprune import onnx_export as export_module
 from layerprune.data import Examples
 from layerprune.errors import LayerpruneError
+from layerprune import cpu
+from layerprune.cpu import cpu_kind, serves_int8_of
 from layerprune.onnx_export import (
-    cpu_kind,
     export_onnx,
     max_logit_difference,
     optimize_onnx,
@@ -222,7 +222,7 @@ def test_feed_forward_output_names_per_architecture(names) -> None:
 def test_quantization_config_follows_the_cpu(monkeypatch, tmp_path, machine, flags, expected) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-    monkeypatch.setattr(export_module.platform, "machine", lambda: machine)
+    monkeypatch.setattr(cpu.platform, "machine", lambda: machine)
     assert cpu_kind(cpuinfo) == expected
     if expected.startswith("x86_64 without"):
         with pytest.raises(LayerpruneError, match="no int8 quantization preset"):
@@ -240,8 +240,6 @@ def test_quantization_config_follows_the_cpu(monkeypatch, tmp_path, machine, fla
     ("avx512-vnni", "avx512", False), ("avx512-vnni", "avx2", False), ("arm64", "arm64", True),
 ])
 def test_8_bit_weights_serve_only_on_vnni(built_for, host, same) -> None:
-    from layerprune.onnx_export import serves_int8_of
-
     assert serves_int8_of(built_for, host) is same
 
 
