@@ -1,0 +1,246 @@
+"""Dynamic int8 per x86 CPU kind: 7-bit weights (AVX2, AVX-512 without VNNI) vs 8-bit (AVX-512 VNNI).
+
+    python benchmarks/int8_cpus.py --checkpoint lp-run/truncated --run-dir lp-run [--max-examples N]
+                                   [--out benchmarks/results/int8_cpus.md]
+
+The 8-bit configuration is only served on VNNI hosts (`onnx_export.serves_int8_of`), whose accuracy an
+AVX2 host cannot measure natively: its u8 x s8 kernel saturates the int16 pair sums that 8-bit weights
+overflow. `emulate_vnni` rewrites the graph's integer products into exact float64 ones, which is what a
+VNNI kernel computes, so both configurations are scored here as their target CPUs would run them.
+
+Examples: the run's task (`analysis.json`), calibration + holdout parts concatenated (rt-polarity: 2,112
+sentences), or the first --max-examples of them. The checkpoint is exported to fp32 ONNX once; each
+configuration (all int8; int8-safe: `sensitive_nodes` kept fp32) is quantized from it and scored twice:
+natively on this host's onnxruntime and with `emulate_vnni`. All rows use the model's max length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
+from layerprune.data import Examples  # noqa: E402
+from layerprune.onnx_export import (  # noqa: E402
+    cpu_model, export_onnx, max_logit_difference, quantize_onnx, sensitive_nodes,
+)
+from layerprune.runtime import OnnxClassifier  # noqa: E402
+from layerprune.scoring import compute_metric  # noqa: E402
+from layerprune.tasks import TaskConfig  # noqa: E402
+from layerprune.validate import calibration_and_holdout  # noqa: E402
+
+CPUS = {"avx2": "7-bit", "avx512-vnni": "8-bit"}  # the two weight ranges quantization_config gives x86
+VARIANTS = ("all int8", "int8-safe")
+EMULATED = "emulated VNNI"
+
+
+# --- the VNNI emulator ---------------------------------------------------------------------------
+
+
+def emulate_vnni(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose every MatMulInteger computes (A - a_zero_point) @ (B - b_zero_point) exactly.
+
+    Each MatMulInteger (u8 activations x s8 weights, optional zero points, int32 output) becomes: Cast A and
+    B to DOUBLE, subtract the zero points (cast to DOUBLE; a missing or empty zero point is 0), MatMul in
+    DOUBLE, Cast to INT32. That equals what an AVX-512 VNNI kernel computes: VPDPBUSD adds u8 x s8 products
+    straight into int32, so nothing saturates. The float64 product is exact: every |product| is below 2^16
+    and the sums of a transformer's inner dimensions (K <= a few thousand) stay far below 2^53, so neither
+    the products nor any summation order round. A host without VNNI computes something else for 8-bit
+    weights (AVX2's VPMADDUBSW sums pairs of products into saturating int16), which is why 8-bit accuracy
+    must be measured through this emulation there. For 7-bit weights both give the same integers.
+
+    Zero points follow the ONNX spec: b_zero_point is a scalar or per column (shape [N], or [..., 1, N]),
+    which broadcasts over B's last axis as is; a per-row a_zero_point of shape [M] is reshaped to [M, 1]
+    (an N-D one is already [..., M, 1]). Nodes inside subgraphs (If, Loop) are not rewritten.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    ranks = _ranks(out)
+    nodes = []
+    for i, node in enumerate(out.graph.node):
+        if node.op_type == "MatMulInteger" and node.domain in ("", "ai.onnx"):
+            nodes.extend(_exact_matmul(node, f"{node.name or 'MatMulInteger'}_vnni{i}", ranks, out.graph))
+        else:
+            nodes.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def _exact_matmul(node: onnx.NodeProto, prefix: str, ranks: dict[str, int], graph: onnx.GraphProto):
+    """The float64 nodes that replace one MatMulInteger (see emulate_vnni)."""
+    a, b, a_zp, b_zp = (list(node.input) + ["", ""])[:4]
+    nodes = []
+
+    def as_double(name: str, tag: str) -> str:
+        nodes.append(helper.make_node("Cast", [name], [f"{prefix}/{tag}"], to=TensorProto.DOUBLE))
+        return f"{prefix}/{tag}"
+
+    def centred(x: str, zp: str, tag: str, per_row: bool) -> str:
+        x = as_double(x, tag)
+        if not zp:
+            return x
+        per_row = per_row and ranks.get(zp) == 1  # [M] -> [M, 1]: one zero point per row of A
+        zp = as_double(zp, f"{tag}_zero_point")
+        if per_row:
+            shape = f"{prefix}/row_shape"
+            graph.initializer.append(numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), shape))
+            nodes.append(helper.make_node("Reshape", [zp, shape], [f"{zp}_rows"]))
+            zp = f"{zp}_rows"
+        nodes.append(helper.make_node("Sub", [x, zp], [f"{x}_centred"]))
+        return f"{x}_centred"
+
+    product = f"{prefix}/product"
+    nodes.append(helper.make_node("MatMul", [centred(a, a_zp, "A", True), centred(b, b_zp, "B", False)], [product]))
+    nodes.append(helper.make_node("Cast", [product], list(node.output), to=TensorProto.INT32))
+    return nodes
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor ranks the graph states or shape inference finds (initializers, inputs, value_info)."""
+    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+    try:
+        graph = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # an op onnx cannot type: fall back to what the graph itself states
+        graph = model.graph
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        if info.type.tensor_type.HasField("shape"):
+            ranks.setdefault(info.name, len(info.type.tensor_type.shape.dim))
+    return ranks
+
+
+# --- the benchmark -------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    configuration: str
+    kernel: str
+    logits: np.ndarray
+
+
+def examples_of(task: TaskConfig, max_examples: int | None) -> Examples:
+    """The task's calibration and holdout examples, concatenated (what export sees), or the first N."""
+    parts = calibration_and_holdout(task, None, None)
+    both = parts.calibration.concat(parts.holdout)
+    return both if max_examples is None else both.head(max_examples)
+
+
+def logits_of(folder: Path, examples: Examples, max_length: int) -> np.ndarray:
+    return OnnxClassifier(folder, max_length=max_length).logits(examples.texts, examples.pairs, batch_size=32)
+
+
+def quantized_copy(fp32: Path, dest: Path, cpu: str, keep_fp32: list[str] | None) -> Path:
+    shutil.copytree(fp32, dest)
+    quantize_onnx(dest, keep_fp32, cpu=cpu)
+    return dest
+
+
+def emulated_copy(folder: Path, dest: Path) -> Path:
+    """`folder` (a bundle) with its model.onnx run through emulate_vnni."""
+    shutil.copytree(folder, dest)
+    onnx.save(emulate_vnni(onnx.load(str(dest / "model.onnx"))), str(dest / "model.onnx"))
+    return dest
+
+
+def score(examples: Examples, checkpoint: Path, metric: str) -> tuple[list[Row], int]:
+    """fp32 and every configuration x kernel; also returns the max length used."""
+    with tempfile.TemporaryDirectory(prefix="int8-cpus-") as tmp:
+        fp32 = export_onnx(checkpoint, Path(tmp) / "fp32").parent
+        max_length = OnnxClassifier(fp32).max_length  # model_max_length: what export validates at
+        keep = sensitive_nodes(fp32)
+        rows = [Row("fp32", f"native {cpu_model()}", logits_of(fp32, examples, max_length))]
+        _progress(rows[-1], examples, metric)
+        for cpu, bits in CPUS.items():
+            for variant in VARIANTS:
+                name = f"{cpu} {bits}, {variant}"
+                folder = quantized_copy(fp32, Path(tmp) / name, cpu, keep if variant == "int8-safe" else None)
+                rows.append(Row(name, f"native {cpu_model()}", logits_of(folder, examples, max_length)))
+                _progress(rows[-1], examples, metric)
+                emulated = emulated_copy(folder, Path(tmp) / f"{name} vnni")
+                rows.append(Row(name, EMULATED, logits_of(emulated, examples, max_length)))
+                _progress(rows[-1], examples, metric)
+                shutil.rmtree(folder)
+                shutil.rmtree(emulated)
+    return rows, max_length
+
+
+def _progress(row: Row, examples: Examples, metric: str) -> None:
+    value = compute_metric(metric, examples.labels, row.logits)
+    print(f"  {row.configuration} / {row.kernel}: {metric} {value:.4f}", file=sys.stderr, flush=True)
+
+
+def table(rows: list[Row], labels: np.ndarray, metric: str) -> list[str]:
+    """The markdown table: every row against the first (fp32)."""
+    reference = rows[0].logits
+    base = compute_metric(metric, labels, reference)
+    lines = [f"| configuration | kernel | {metric} | delta vs fp32 (points) | disagreement with fp32 "
+             "| max abs logit diff vs fp32 |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        value = compute_metric(metric, labels, row.logits)
+        disagree = float((row.logits.argmax(1) != reference.argmax(1)).mean())
+        lines.append(f"| {row.configuration} | {row.kernel} | {value:.4f} | {100 * (value - base):+.2f} "
+                     f"| {100 * disagree:.2f}% | {max_logit_difference(reference, row.logits):.4f} |")
+    return lines
+
+
+def kernel_checks(rows: list[Row]) -> list[str]:
+    """Native vs emulated per configuration: equal for 7-bit weights (a check of the emulator itself),
+    apart for 8-bit ones on a host without VNNI (the int16 saturation)."""
+    lines = []
+    for native, emulated in zip(rows[1::2], rows[2::2]):
+        diff = max_logit_difference(native.logits, emulated.logits)
+        flips = int((native.logits.argmax(1) != emulated.logits.argmax(1)).sum())
+        lines.append(f"- {native.configuration}: native vs emulated VNNI, max abs logit diff {diff:.2e}, "
+                     f"{flips} of {len(native.logits)} predictions differ")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="the (truncated) checkpoint to export")
+    parser.add_argument("--run-dir", type=Path, required=True, help="a run folder with analysis.json")
+    parser.add_argument("--max-examples", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "int8_cpus.md")
+    args = parser.parse_args()
+
+    report = load_artifact(AnalysisReport, args.run_dir / "analysis.json")
+    task = report.task_config
+    examples = examples_of(task, args.max_examples)
+    print(f"{len(examples)} {task.name} examples; exporting {args.checkpoint}", file=sys.stderr, flush=True)
+    rows, max_length = score(examples, args.checkpoint, task.metric)
+    import onnxruntime
+
+    lines = [
+        f"# dynamic int8 per CPU kind: {args.checkpoint} ({report.model_type}), {task.name}",
+        "",
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores; onnxruntime {onnxruntime.__version__}. "
+        f"{len(examples):,} sentences (calibration + holdout), max length {max_length}. "
+        f"'{EMULATED}': the same model with `emulate_vnni` (exact int32 products, what a VNNI host computes).",
+        "",
+        *table(rows, examples.labels, task.metric),
+        "",
+        *kernel_checks(rows),
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
