@@ -34,8 +34,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
 from layerprune.data import Examples  # noqa: E402
+from layerprune.cpu import cpu_model  # noqa: E402
 from layerprune.onnx_export import (  # noqa: E402
-    cpu_model, export_onnx, max_logit_difference, quantize_onnx, sensitive_nodes,
+    export_onnx, max_logit_difference, quantize_onnx, sensitive_nodes,
 )
 from layerprune.runtime import OnnxClassifier  # noqa: E402
 from layerprune.scoring import compute_metric  # noqa: E402
