@@ -115,11 +115,11 @@ def quantization_config(cpu: str | None = None) -> tuple[str, QuantizationConfig
       u8 x s8 kernel (VPMADDUBSW) sums pairs of products into saturating int16; 7-bit weights keep every
       pair sum in range (255 * 64 * 2 < 32767), which is onnxruntime's own advice for CPUs without VNNI.
       optimum's `avx2` preset avoids the saturation with u8 weights instead, whose kernel widens to int16
-      first and is slower. MiniLM-L6 fine-tuned on rt-polarity, 2 AVX2 cores (AMD EPYC), 2,112 held-out
-      sentences (fp32: 0.8665 accuracy): u8/s8 7-bit -0.28 points, optimum's avx2 u8/u8 -0.38, u8/s8
-      8-bit +0.00 (all within 8 sentences: noise); speed over fp32 1.3-1.5x for u8/s8 (either range),
-      1.2x for u8/u8. So: the fast kernel, made safe from saturation for models where it does bite.
+      first and is slower (speed over fp32 on 2 AVX2 cores: 1.3-1.5x for u8/s8, 1.2x for u8/u8).
       7-bit weights compute the same on every x86 kernel; 8-bit ones only on VNNI (see `cpu.serves_int8_of`).
+    benchmarks/int8_cpus.py (VNNI emulated exactly), 2,112 rt-polarity sentences, vs fp32, with the
+    feed-forward outputs and head in fp32: MiniLM 7-bit -0.24 points, 8-bit (VNNI) -0.24; MPNet 9 layers
+    7-bit +0.00, 8-bit (VNNI) +0.09. 8-bit weights on an AVX2 kernel: MPNet falls to chance.
     - aarch64 / arm64: optimum's `arm64` preset (u8 x s8; ARM's dot-product kernels do not saturate).
     - ppc64le: optimum's `ppc64le` preset.
     """
