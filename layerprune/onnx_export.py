@@ -117,11 +117,12 @@ def quantization_config(cpu: str | None = None) -> tuple[str, QuantizationConfig
       optimum's `avx2` preset avoids the saturation with u8 weights instead, whose kernel widens to int16
       first and is slower (speed over fp32 on 2 AVX2 cores: 1.3-1.5x for u8/s8, 1.2x for u8/u8).
       7-bit weights compute the same on every x86 kernel; 8-bit ones only on VNNI (see `cpu.serves_int8_of`).
+    - aarch64 / arm64: optimum's `arm64` preset (u8 x s8; ARM's dot-product kernels do not saturate).
+    - ppc64le: optimum's `ppc64le` preset.
+
     benchmarks/int8_cpus.py (VNNI emulated exactly), 2,112 rt-polarity sentences, vs fp32, with the
     feed-forward outputs and head in fp32: MiniLM 7-bit -0.24 points, 8-bit (VNNI) -0.24; MPNet 9 layers
     7-bit +0.00, 8-bit (VNNI) +0.09. 8-bit weights on an AVX2 kernel: MPNet falls to chance.
-    - aarch64 / arm64: optimum's `arm64` preset (u8 x s8; ARM's dot-product kernels do not saturate).
-    - ppc64le: optimum's `ppc64le` preset.
     """
     from optimum.onnxruntime import AutoQuantizationConfig
 
@@ -136,7 +137,6 @@ def quantization_config(cpu: str | None = None) -> tuple[str, QuantizationConfig
     if cpu == "ppc64le":
         return "ppc64le dynamic per-channel u8/s8", AutoQuantizationConfig.ppc64le(is_static=False, per_channel=True)
     raise LayerpruneError(f"no int8 quantization preset for this CPU ({cpu}); optimum has avx512, avx2, arm64, ppc64le")
-
 
 
 # The second matrix product of each layer's feed-forward block, per exporter naming: BERT-likes (BERT,
