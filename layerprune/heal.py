@@ -2,7 +2,7 @@
 so that its logits match the full model's.
 
 The layers below the re-tuned ones are frozen, so the re-tuned layers always see the same inputs: the
-original model's hidden states at depth (keep - heal_layers). Those are computed once per text (`TextStates`)
+original model's hidden states at depth (depth - heal_layers). Those are computed once per text (`TextStates`)
 and training runs only the re-tuned layers and the head, which is why healing costs seconds to minutes
 rather than a fine-tune. Loss: Hinton et al.'s distillation, KL(teacher || student) on logits softened by a
 temperature T (scaled by T^2), plus a weighted label cross-entropy where labels exist, plus the squared gap
