@@ -11,6 +11,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -120,17 +122,23 @@ def _wait_ready(client: TestClient, tries: int = 3000) -> None:
     raise AssertionError(f"not ready after {tries} tries")
 
 
-@pytest.fixture(scope="module")
-def client(bundle):
-    with _client(bundle) as c:
+@contextmanager
+def _serving(bundle: Path, **overrides) -> Iterator[TestClient]:
+    """A client of the app serving `bundle`, started (lifespan run) and ready."""
+    with _client(bundle, **overrides) as c:
         _wait_ready(c)
         yield c
 
 
 @pytest.fixture(scope="module")
+def client(bundle):
+    with _serving(bundle) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
 def pair_client(pair_bundle):
-    with _client(pair_bundle) as c:
-        _wait_ready(c)
+    with _serving(pair_bundle) as c:
         yield c
 
 
@@ -257,8 +265,7 @@ def test_models_route(client, failed_bundle, caplog) -> None:
     assert model["validated"] and model["warning"] is None and "warning" not in info
     assert model["validation"]["passed"] and (model["depth"], model["total_layers"]) == (2, TINY_LAYERS)
     assert model["task"] and model["source_checkpoint"] and model["pair_input"] is False
-    with caplog.at_level("WARNING", logger="layerprune.serve"), _client(failed_bundle, allow_unvalidated=True) as c:
-        _wait_ready(c)
+    with caplog.at_level("WARNING", logger="layerprune.serve"), _serving(failed_bundle, allow_unvalidated=True) as c:
         for _ in range(2):
             body = c.get("/v1/models").json()
             assert body["data"][0]["validated"] is False and "allow-unvalidated" in body["data"][0]["warning"]
@@ -324,8 +331,7 @@ def test_malformed_and_oversized_bodies(client) -> None:
 
 
 def test_overloaded_queue(bundle) -> None:
-    with _client(bundle, max_queue=2) as c:
-        _wait_ready(c)
+    with _serving(bundle, max_queue=2) as c:
         r = c.post("/predict", json={"inputs": ["a", "b", "c"]})
         assert r.status_code == 429 and r.json()["error_type"] == "Overloaded"
         assert c.post("/predict", json={"inputs": ["a", "b"]}).status_code == 200
@@ -342,8 +348,7 @@ def test_metrics(client) -> None:
 
 
 def test_micro_batches_group_requests(bundle) -> None:
-    with _client(bundle, max_wait_ms=50.0, max_batch_size=8) as c:
-        _wait_ready(c)
+    with _serving(bundle, max_wait_ms=50.0, max_batch_size=8) as c:
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda t: c.post("/predict", json={"inputs": t}).status_code, TEXTS[:16]))
         assert results == [200] * 16

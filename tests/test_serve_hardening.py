@@ -26,7 +26,7 @@ from serve.metrics import Metrics
 from serve.model import load_model
 from serve.settings import ServeSettings
 from conftest import ServerProcess
-from test_serve import _bundle, _client, _wait_ready
+from test_serve import _bundle, _serving, _wait_ready
 
 MAX_ERROR_BYTES = 4096  # any error answer: the field and the problem, never the payload
 
@@ -38,8 +38,7 @@ def bundle(minilm_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(bundle):
-    with _client(bundle) as c:
-        _wait_ready(c)
+    with _serving(bundle) as c:
         yield c
 
 
@@ -124,8 +123,7 @@ def test_cors_off_unless_configured(bundle, client) -> None:
     assert "access-control-allow-origin" not in r.headers
     r = client.post("/predict", json={"inputs": "a"}, headers={"origin": "http://evil.example"})
     assert "access-control-allow-origin" not in r.headers
-    with _client(bundle, cors_origins=["http://app.example"]) as c:
-        _wait_ready(c)
+    with _serving(bundle, cors_origins=["http://app.example"]) as c:
         r = c.options("/predict", headers={**preflight, "origin": "http://app.example"})
         assert r.headers.get("access-control-allow-origin") == "http://app.example"
         r = c.options("/predict", headers=preflight)
@@ -136,8 +134,7 @@ def test_cors_off_unless_configured(bundle, client) -> None:
 
 
 def test_api_key(bundle) -> None:
-    with _client(bundle, api_key="s3cret") as c:
-        _wait_ready(c)
+    with _serving(bundle, api_key="s3cret") as c:
         for route, body in [("/predict", {"inputs": "a"}), ("/v1/classify", {"texts": ["a"]})]:
             for headers in [{}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"},
                             {"authorization": "Basic s3cret"}]:
@@ -282,8 +279,7 @@ def test_queue_bounded_by_tokens_with_retry_after() -> None:
 
 
 def test_429_says_when_to_retry(bundle, monkeypatch) -> None:
-    with _client(bundle) as c:
-        _wait_ready(c)
+    with _serving(bundle) as c:
 
         async def full(*args, **kwargs):
             raise Overloaded("about 70000 tokens are queued (max 65536); retry later", 7)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import SENTENCES, ServerProcess
-from test_serve import _bundle, _client, _wait_ready
+from test_serve import _bundle, _client, _serving
 
 TEXTS = [t for t, _ in SENTENCES]
 TIMING_HEADERS = ["x-compute-time", "x-tokenization-time", "x-queue-time", "x-inference-time", "x-total-time"]
@@ -20,8 +20,7 @@ def bundle(minilm_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(bundle):
-    with _client(bundle) as c:
-        _wait_ready(c)
+    with _serving(bundle) as c:
         yield c
 
 
@@ -171,8 +170,7 @@ def test_tei_status_and_error_body(client, body, status, error_type) -> None:
 
 
 def test_backend_failure_is_424(bundle, monkeypatch) -> None:
-    with _client(bundle) as c:
-        _wait_ready(c)
+    with _serving(bundle) as c:
 
         def broken(encoding):
             raise RuntimeError("onnxruntime exploded")
