@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 from .artifacts import MetricValue, TrainingReport, atomic_dir, library_versions
@@ -38,6 +39,9 @@ def finetune(base_model: str, task: TaskConfig, out: Path, opts: FinetuneOptions
     if opts.max_train_examples is not None:
         train = train.head(opts.max_train_examples)
     evaluation = load_examples(task, task.eval_split, glue_dir=opts.glue_dir)
+    # The new head's random init happens here, before the Trainer seeds anything: seed it too, or the same
+    # seed gives a different checkpoint every run (MiniLM, rt-polarity: validation 0.8617 to 0.8731).
+    set_seed(opts.seed)
     model, tokenizer = load_classifier(
         base_model,
         num_labels=task.num_labels,

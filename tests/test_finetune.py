@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from layerprune.artifacts import TrainingReport, load_artifact
 from layerprune.data import task_from_files
@@ -49,3 +51,14 @@ def test_finetune_needs_a_train_split(minilm_dir: Path, sentiment_csv: Path, tmp
     with pytest.raises(TaskError, match="--train-data"):
         finetune(str(minilm_dir), task, tmp_path / "ckpt", FAST)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_the_same_seed_gives_the_same_checkpoint(minilm_dir: Path, sentiment_csv: Path, tmp_path: Path) -> None:
+    task = task_from_files(sentiment_csv, "text", "label", train_file=sentiment_csv)
+    weights = []
+    for run in range(2):
+        torch.rand(run + 1)  # a different global RNG state before each run: the seed alone must decide
+        finetune(str(minilm_dir), task, tmp_path / f"ckpt{run}", FAST)
+        weights.append(load_file(tmp_path / f"ckpt{run}" / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
