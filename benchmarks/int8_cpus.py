@@ -3,7 +3,7 @@
     python benchmarks/int8_cpus.py --checkpoint lp-run/truncated --run-dir lp-run [--max-examples N]
                                    [--out benchmarks/results/int8_cpus.md]
 
-The 8-bit configuration is only served on VNNI hosts (`onnx_export.serves_int8_of`), whose accuracy an
+The 8-bit configuration is only served on VNNI hosts (`cpu.serves_int8_of`), whose accuracy an
 AVX2 host cannot measure natively: its u8 x s8 kernel saturates the int16 pair sums that 8-bit weights
 overflow. `emulate_vnni` rewrites the graph's integer products into exact float64 ones, which is what a
 VNNI kernel computes, so both configurations are scored here as their target CPUs would run them.

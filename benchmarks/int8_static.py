@@ -33,12 +33,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from int8_cpus import examples_of  # noqa: E402
+from int8_cpus import examples_of, quantized_copy  # noqa: E402
 from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
-from layerprune.cpu import cpu_model  # noqa: E402
+from layerprune.cpu import cpu_kind, cpu_model  # noqa: E402
 from layerprune.data import Examples, load_examples  # noqa: E402
 from layerprune.onnx_export import (  # noqa: E402
-    export_onnx, quantization_config, quantize_onnx, sensitive_nodes,
+    export_onnx, quantization_config, sensitive_nodes,
 )
 from layerprune.runtime import OnnxClassifier  # noqa: E402
 from layerprune.scoring import compute_metric  # noqa: E402
@@ -118,7 +118,7 @@ def main() -> int:
         keep = sensitive_nodes(fp32)
         builds = [("fp32", lambda dest: shutil.copytree(fp32, dest))]
         for variant, excluded in (("all int8", None), ("int8-safe", keep)):
-            builds.append((f"dynamic, {variant}", lambda dest, e=excluded: _dynamic_copy(fp32, dest, e)))
+            builds.append((f"dynamic, {variant}", lambda dest, e=excluded: quantized_copy(fp32, dest, cpu_kind(), e)))
             for method in CALIBRATIONS:
                 builds.append((f"static QDQ {method}, {variant}",
                                lambda dest, m=method, e=excluded: static_copy(fp32, dest, calibration_texts, m, e)))
@@ -150,12 +150,6 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table + "\n")
     return 0
-
-
-def _dynamic_copy(fp32: Path, dest: Path, keep_fp32: list[str] | None) -> Path:
-    shutil.copytree(fp32, dest)
-    quantize_onnx(dest, keep_fp32)
-    return dest
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from .bundle import (
     hash_files,
     output_labels,
 )
+from .cpu import cpu_kind
 from .data import Examples, load_examples, read_texts
 from .errors import LayerpruneError
 from .heal import Distilled, TextStates, distill, encode_texts
@@ -145,7 +146,8 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
         parity = onnx_export.max_logit_difference(truncated, _onnx_logits(tmp, parts.holdout, max_length))
         if opts.optimize:
             onnx_export.optimize_onnx(tmp, opts.optimize)
-        candidates = _pick_export(tmp, task, texts, parts, max_length, opts, budget) if opts.quantize else []
+        cpu = cpu_kind()  # the int8 weights are quantized for this CPU, and the manifest says which
+        candidates = _pick_export(tmp, task, texts, parts, max_length, opts, budget, cpu) if opts.quantize else []
         chosen = next((c for c in candidates if c.chosen), None)
         quant_name = chosen.name if chosen and chosen.name != "fp32" else None
         served = _onnx_logits(tmp, parts.holdout, max_length)
@@ -165,7 +167,7 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
             heal=heal, max_length=max_length, pair_input=task.text_pair_field is not None,
             resample_seed=opts.resample_seed, optimize=opts.optimize, quantize="int8" if quant_name else None,
             quantization_config=quant_name,
-            int8_cpu=onnx_export.cpu_kind() if quant_name else None, servable=validation.passed,
+            int8_cpu=cpu if quant_name else None, servable=validation.passed,
             versions=library_versions(),
         )
         manifest.save(tmp / MANIFEST_FILE)
@@ -369,7 +371,7 @@ def _choose_depth(passes: Callable[[int, float], bool], boundary: int, total: in
 
 
 def _pick_export(bundle: Path, task: TaskConfig, texts: _Texts, parts: EvalParts, max_length: int,
-                 opts: ExportOptions, budget: _ErrorBudget) -> list[ExportCandidate]:
+                 opts: ExportOptions, budget: _ErrorBudget, cpu: str) -> list[ExportCandidate]:
     """Score the export candidates fastest first (int8; int8 with the feed-forward outputs and head in fp32; the
     fp32 model as exported), keep the first whose forecast passes in `bundle`, and report them all. The
     int8 variants share their part of the error budget; fp32 is the depth the walk already chose."""
@@ -379,7 +381,7 @@ def _pick_export(bundle: Path, task: TaskConfig, texts: _Texts, parts: EvalParts
         for label, keep_fp32 in variants:
             folder = Path(staging) / label
             shutil.copytree(bundle, folder)
-            name = onnx_export.quantize_onnx(folder, keep_fp32)
+            name = onnx_export.quantize_onnx(folder, keep_fp32, cpu=cpu)
             scored.append((_score_candidate(name, folder, task, texts, parts, max_length, opts, budget.per_variant),
                            folder))
         scored.append((_score_candidate("fp32", bundle, task, texts, parts, max_length, opts, budget.depth), None))

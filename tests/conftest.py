@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -90,6 +93,15 @@ def sentiment_csv(tmp_path: Path) -> Path:
 # --- a real server process on loopback --------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str) -> types.ModuleType:
+    """benchmarks/NAME.py as a module: benchmarks/ is no package and not on the path pytest sets up. It is
+    registered under its name, where dataclasses and the other scripts' imports look it up."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = sys.modules.setdefault(name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

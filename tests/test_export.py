@@ -448,15 +448,14 @@ def test_int8_candidates_fastest_first_on_both_cpu_paths(run_dir: Path, tmp_path
     forecast passes; what it keeps is what is validated and served."""
     import onnx
 
-    from layerprune import onnx_export as export_module
-
-    monkeypatch.setattr(export_module, "cpu_kind", lambda *a: cpu)
+    monkeypatch.setattr("layerprune.export.cpu_kind", lambda *a: cpu)
     result = export_bundle(run_dir, tmp_path / "q", ExportOptions(keep_layers=3, heal="none", quantize="int8",
                                                                   tolerance=1.0, **FAST))
     names = [c.name for c in result.depth.candidates]
     assert names[0].startswith(f"{cpu} dynamic per-channel") and "in fp32" in names[1] and names[2] == "fp32"
     assert result.depth.candidates[0].chosen, "a tolerance of 1.0 lets the fastest candidate through"
     assert result.manifest.quantization_config == names[0] and result.manifest.quantize == "int8"
+    assert result.manifest.int8_cpu == cpu, "the manifest names the CPU kind the weights were quantized for"
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node}
     assert "MatMulInteger" in ops and result.validation.passed
     strict = export_bundle(run_dir, tmp_path / "s", ExportOptions(keep_layers=3, heal="none", quantize="int8",

@@ -4,9 +4,7 @@ kernel wherever that kernel cannot saturate (7-bit weights)."""
 from __future__ import annotations
 
 import collections
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +13,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import SENTENCES
+from conftest import SENTENCES, load_benchmark
 from layerprune.onnx_export import export_onnx, max_logit_difference, quantize_onnx
 from layerprune.runtime import OnnxClassifier
 
-# benchmarks/ is no package (and not on the path pytest sets up): load the script from its file.
-_SPEC = importlib.util.spec_from_file_location("int8_cpus", Path(__file__).parents[1] / "benchmarks" / "int8_cpus.py")
-int8_cpus = sys.modules.setdefault("int8_cpus", importlib.util.module_from_spec(_SPEC))  # dataclasses look it up
-_SPEC.loader.exec_module(int8_cpus)
+int8_cpus = load_benchmark("int8_cpus")
 
 TEXTS = [text for text, _ in SENTENCES]
 

@@ -4,21 +4,17 @@ and a model that still classifies."""
 from __future__ import annotations
 
 import collections
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from conftest import SENTENCES
+from conftest import SENTENCES, load_benchmark
 from layerprune.data import Examples
 from layerprune.onnx_export import export_onnx, sensitive_nodes
 from layerprune.runtime import OnnxClassifier
 
-_SPEC = importlib.util.spec_from_file_location("int8_static", Path(__file__).parents[1] / "benchmarks" / "int8_static.py")
-int8_static = sys.modules.setdefault("int8_static", importlib.util.module_from_spec(_SPEC))
-_SPEC.loader.exec_module(int8_static)
+int8_static = load_benchmark("int8_static")
 
 TEXTS = [text for text, _ in SENTENCES]
 
