@@ -81,6 +81,7 @@ def run_ray(bundle: Path, settings: ServeSettings) -> int:
         return exc.exit_code
     ray.init(address=settings.ray_address, include_dashboard=False, logging_level=logging.WARNING,
              configure_logging=False)
+    stop = _stop_on_signal()  # before deploying: a stop that arrives meanwhile is answered once it is done
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(deployment(bundle, settings), name=APP_NAME, route_prefix="/")
@@ -90,7 +91,7 @@ def run_ray(bundle: Path, settings: ServeSettings) -> int:
         return 2 if "BundleError" in str(exc) or "LayerpruneError" in str(exc) else 1
     log.info("serving %s on Ray Serve at http://%s:%d with %s replica(s)%s", bundle, settings.host, settings.port,
              settings.replicas, f", autoscaling to {settings.max_replicas}" if settings.max_replicas else "")
-    _wait_for_signal()
+    stop.wait()
     _shutdown(ray, serve)
     return 0
 
@@ -102,11 +103,20 @@ def _reason(exc: Exception) -> str:
     return (ours or lines or [type(exc).__name__])[-1][:500]
 
 
-def _wait_for_signal() -> None:
+def _stop_on_signal() -> threading.Event:
+    """An event SIGINT/SIGTERM set. Installed before the deployment starts: a signal during `serve.run` (which
+    blocks until every replica runs) would otherwise kill the process with Ray half started. A second signal
+    stops waiting for the deployment."""
     stop = threading.Event()
+
+    def handle(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise SystemExit(128 + signum)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+        signal.signal(sig, handle)
+    return stop
 
 
 def _shutdown(ray: Any, serve: Any) -> None:
