@@ -624,3 +624,32 @@ def test_dockerfile_cmd_and_healthcheck_run(bundle, offline) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+# Ray replaced by stand-ins whose serve.run is interrupted by SIGTERM, as a stop during deployment is.
+_STOPPED_WHILE_DEPLOYING = """
+import os, signal, sys, types
+from pathlib import Path
+
+fake = types.SimpleNamespace(
+    start=lambda **_: None, ingress=lambda: (lambda cls: cls),
+    deployment=lambda *_, **__: types.SimpleNamespace(bind=lambda *_: None),
+    run=lambda *_, **__: os.kill(os.getpid(), signal.SIGTERM), shutdown=lambda: print("serve.shutdown"))
+ray = types.ModuleType("ray")
+ray.serve, ray.init, ray.shutdown = fake, lambda **_: None, lambda: print("ray.shutdown")
+sys.modules.update({"ray": ray, "ray.serve": fake})
+
+from serve.ray_app import run_ray
+from serve.settings import ServeSettings
+sys.exit(run_ray(Path(sys.argv[1]), ServeSettings(replicas=2)))
+"""
+
+
+def test_ray_a_stop_during_deployment_shuts_ray_down_after_it(bundle) -> None:
+    """SIGTERM while serve.run deploys (the tests stop the server as soon as it answers) used to kill the
+    process before its stop handler existed: no 'replica(s)' line, Ray never shut down."""
+    done = subprocess.run([sys.executable, "-c", _STOPPED_WHILE_DEPLOYING, str(bundle)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "2 replica(s)" in done.stderr
+    assert done.stdout.split() == ["serve.shutdown", "ray.shutdown"]
