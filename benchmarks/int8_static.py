@@ -48,8 +48,9 @@ from layerprune.scoring import compute_metric  # noqa: E402
 CALIBRATIONS = ("minmax",)
 
 
-def static_copy(fp32: Path, dest: Path, texts: Examples, method: str, keep_fp32: list[str] | None) -> Path:
-    """`fp32` quantized statically (QDQ, per-channel, this CPU's weight range), activation ranges from
+def static_copy(fp32: Path, dest: Path, texts: Examples, method: str, keep_fp32: list[str] | None,
+                cpu: str) -> Path:
+    """`fp32` quantized statically (QDQ, per-channel, CPU kind `cpu`'s weight range), activation ranges from
     optimum's `method` calibration over `texts`."""
     from datasets import Dataset
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -58,7 +59,7 @@ def static_copy(fp32: Path, dest: Path, texts: Examples, method: str, keep_fp32:
     from transformers import AutoConfig, AutoTokenizer
 
     shutil.copytree(fp32, dest)
-    _, dynamic = quantization_config()
+    _, dynamic = quantization_config(cpu)
     config = dataclasses.replace(_static(dynamic), nodes_to_exclude=list(keep_fp32 or []))
     typed = dest / "typed.onnx"
     quant_pre_process(dest / "model.onnx", typed, skip_optimization=True, auto_merge=True)
@@ -116,12 +117,13 @@ def main() -> int:
         fp32 = export_onnx(args.checkpoint, Path(tmp) / "fp32").parent
         max_length = OnnxClassifier(fp32).max_length
         keep = sensitive_nodes(fp32)
+        cpu = cpu_kind()  # one weight range for every row, dynamic and static
         builds = [("fp32", lambda dest: shutil.copytree(fp32, dest))]
         for variant, excluded in (("all int8", None), ("int8-safe", keep)):
-            builds.append((f"dynamic, {variant}", lambda dest, e=excluded: quantized_copy(fp32, dest, cpu_kind(), e)))
+            builds.append((f"dynamic, {variant}", lambda dest, e=excluded: quantized_copy(fp32, dest, cpu, e)))
             for method in CALIBRATIONS:
                 builds.append((f"static QDQ {method}, {variant}",
-                               lambda dest, m=method, e=excluded: static_copy(fp32, dest, calibration_texts, m, e)))
+                               lambda dest, m=method, e=excluded: static_copy(fp32, dest, calibration_texts, m, e, cpu)))
         for i, (name, build) in enumerate(builds):
             folder = Path(tmp) / f"candidate-{i}"
             build(folder)
@@ -135,7 +137,7 @@ def main() -> int:
 
     lines = [f"# static vs dynamic int8: {args.checkpoint}, task {task.name}, {len(examples)} examples, max length "
              f"{max_length}", "", f"CPU: {cpu_model()}, {os.cpu_count()} cores; weights: "
-             f"{quantization_config()[0]}; static ranges from {len(calibration_texts)} train texts", "",
+             f"{quantization_config(cpu)[0]}; static ranges from {len(calibration_texts)} train texts", "",
              f"| configuration | {task.metric} | delta vs fp32 (points) | disagreement with fp32 | sentences/s "
              "| speed vs fp32 | model MB |", "|---|---|---|---|---|---|---|"]
     base_logits, base_speed = rows[0][1], rows[0][2]

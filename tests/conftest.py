@@ -98,7 +98,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_benchmark(name: str) -> types.ModuleType:
     """benchmarks/NAME.py as a module: benchmarks/ is no package and not on the path pytest sets up. It is
     registered under its name, where dataclasses and the other scripts' imports look it up."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = sys.modules.setdefault(name, importlib.util.module_from_spec(spec))
     spec.loader.exec_module(module)
     return module

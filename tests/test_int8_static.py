@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from conftest import SENTENCES, load_benchmark
+from layerprune.cpu import cpu_kind
 from layerprune.data import Examples
 from layerprune.onnx_export import export_onnx, sensitive_nodes
 from layerprune.runtime import OnnxClassifier
@@ -23,7 +24,7 @@ def test_static_int8_is_qdq_with_calibrated_ranges_and_keeps_the_sensitive_nodes
     fp32 = export_onnx(tiny_models["bert"], tmp_path / "fp32").parent
     keep = sensitive_nodes(fp32)
     calibration = Examples(TEXTS[:8], None, np.zeros(8, dtype=np.int64))
-    static = int8_static.static_copy(fp32, tmp_path / "static", calibration, "minmax", keep)
+    static = int8_static.static_copy(fp32, tmp_path / "static", calibration, "minmax", keep, cpu_kind())
 
     model = onnx.load(str(static / "model.onnx"))
     ops = collections.Counter(node.op_type for node in model.graph.node)
