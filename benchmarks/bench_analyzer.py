@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from layerprune.files import ANALYZER_RESULTS, DEMO_CHECKPOINTS, RESULTS_DIR  # noqa: E402
+
 LAYERS, WIDTH, BATCH = 13, 768, 256
 MIB = 1024 * 1024
 
@@ -69,7 +71,7 @@ def part_a(checkpoint: Path, repeats: int) -> tuple[str, dict]:
     share = (cka + clu) / tot
     lines = [
         f"### (a) `analyze` {checkpoint.name} on rt-polarity/{report.split} (n={report.n_examples}, "
-        f"{report.representation}, CKA {report.cka_estimator}, {report.num_layers} layers), "
+        f"{report.representation}, CKA {report.cka_estimator}, {report.total_layers} layers), "
         f"median of {repeats} runs after a warm-up",
         "",
         "| stage | seconds | share of total |",
@@ -196,14 +198,14 @@ def part_b(sizes: list[int], exact_budget: float) -> tuple[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, default=ROOT / "runs/minilm-rt")
+    p.add_argument("--checkpoint", type=Path, default=ROOT / DEMO_CHECKPOINTS["minilm"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sizes", default="1000,5000,20000,100000")
     p.add_argument("--exact-budget-s", type=float, default=180.0)
     p.add_argument("--quick", action="store_true", help="1 repeat; sizes 1000,5000")
     p.add_argument("--skip-a", action="store_true")
     p.add_argument("--skip-b", action="store_true")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    p.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR)
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.sizes = 1, "1000,5000"
@@ -223,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(out)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"analyzer{'_quick' if args.quick else ''}.md").write_text(text + "\n", encoding="utf-8")
+    results = args.out / ANALYZER_RESULTS.format(suffix="_quick" if args.quick else "")
+    results.write_text(text + "\n", encoding="utf-8")
     return 0
 
 

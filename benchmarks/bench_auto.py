@@ -25,18 +25,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from layerprune.export import ExportOptions, export_bundle  # noqa: E402
 from layerprune.cpu import cpu_model  # noqa: E402
+from layerprune.files import AUTO_RESULTS, BUNDLE_DIR, DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", type=Path, default=ROOT / "lp-run")
+    parser.add_argument("--run-dir", type=Path, default=ROOT / DEFAULT_RUN_DIR)
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--quantize", choices=["int8", "none"], default="int8")
     parser.add_argument("--tolerance", type=float, default=0.01)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "auto.md")
+    parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / AUTO_RESULTS)
     args = parser.parse_args()
 
-    header = ["seed", "kept", "heal", "export", "calibration delta", "forecast lower bound", "holdout delta",
+    header = ["seed", "depth", "heal", "export", "calibration delta", "forecast lower bound", "holdout delta",
               "holdout 95% CI", "agreement", "passed", "time s"]
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -44,7 +45,7 @@ def main() -> int:
                              resample_seed=seed)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="bench-auto-") as tmp:
-            result = export_bundle(args.run_dir, Path(tmp) / "bundle", opts)
+            result = export_bundle(args.run_dir, Path(tmp) / BUNDLE_DIR, opts)
         seconds = time.perf_counter() - started
         report, v = result.depth, result.validation  # report: depth.json
         # The forecast of what was exported: the chosen int8/fp32 candidate's, else the depth's own.

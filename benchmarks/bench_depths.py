@@ -36,8 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from layerprune.architectures import num_layers  # noqa: E402
+from layerprune.architectures import total_layers  # noqa: E402
 from layerprune.data import load_examples  # noqa: E402
+from layerprune.files import (  # noqa: E402
+    CONFIG_FILE, DEFAULT_BUNDLE, DEMO_CHECKPOINTS, DEPTHS_FRONTIER_PLOT, DEPTHS_LATENCY_PLOT, DEPTHS_RESULTS,
+    MANIFEST_FILE, RESULTS_DIR, VALIDATION_FILE,
+)
 from layerprune.runtime import OnnxClassifier  # noqa: E402
 from layerprune.tasks import load_task  # noqa: E402
 
@@ -281,7 +285,7 @@ def plots(rows: list[Row], fits: list[dict], total: int, out: Path, suffix: str 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    p = out / f"depths_frontier{suffix}.png"
+    p = out / DEPTHS_FRONTIER_PLOT.format(suffix=suffix)
     fig.savefig(p, dpi=120)
     plt.close(fig)
     written.append(p)
@@ -303,7 +307,7 @@ def plots(rows: list[Row], fits: list[dict], total: int, out: Path, suffix: str 
     ax.legend(fontsize=8)
     ax.set_title("latency vs kept depth (ONNX Runtime, CPU)")
     fig.tight_layout()
-    p = out / f"depths_latency{suffix}.png"
+    p = out / DEPTHS_LATENCY_PLOT.format(suffix=suffix)
     fig.savefig(p, dpi=120)
     plt.close(fig)
     written.append(p)
@@ -312,12 +316,12 @@ def plots(rows: list[Row], fits: list[dict], total: int, out: Path, suffix: str 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, default=ROOT / "runs/minilm-rt")
-    p.add_argument("--bundle", type=Path, default=ROOT / "lp-run/bundle")
+    p.add_argument("--checkpoint", type=Path, default=ROOT / DEMO_CHECKPOINTS["minilm"])
+    p.add_argument("--bundle", type=Path, default=ROOT / DEFAULT_BUNDLE)
     p.add_argument("--bs1-n", type=int, default=200, help="sentences for the batch-1 measurement")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="depths 2, 4, 6 only; 1 repeat; 50 batch-1 sentences")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    p.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR)
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.bs1_n = 1, min(args.bs1_n, 50)
@@ -325,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     examples = load_examples(load_task("rt-polarity"), "test")
     texts, labels = list(examples.texts), np.asarray(examples.labels)
-    total = num_layers(json.loads((args.checkpoint / "config.json").read_text()))  # n_layers for DistilBERT
+    total = total_layers(json.loads((args.checkpoint / CONFIG_FILE).read_text()))  # n_layers for DistilBERT
     depths = [2, 4, total] if args.quick else list(range(1, total + 1))
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -356,9 +360,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{kind} depth {k} done ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
 
     bundle_info = None
-    if (args.bundle / "manifest.json").is_file():
-        man = json.loads((args.bundle / "manifest.json").read_text())
-        val = json.loads((args.bundle / "validation.json").read_text())
+    if (args.bundle / MANIFEST_FILE).is_file():
+        man = json.loads((args.bundle / MANIFEST_FILE).read_text())
+        val = json.loads((args.bundle / VALIDATION_FILE).read_text())
         bundle_info = (man, val)
         name = (f"auto bundle {args.bundle.parent.name}/{args.bundle.name} (heal {man['heal']}, optimize {man['optimize']}, "
                 f"quantize {man['quantize']})")
@@ -421,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(md)
     print(text)
     suffix = "_quick" if args.quick else ""
-    (args.out / f"depths{suffix}.md").write_text(text + "\n", encoding="utf-8")
+    (args.out / DEPTHS_RESULTS.format(suffix=suffix)).write_text(text + "\n", encoding="utf-8")
     for path in plots(rows, fits, total, args.out, suffix):
         print(f"wrote {path}", file=sys.stderr)
     return 0

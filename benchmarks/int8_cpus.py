@@ -35,6 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
 from layerprune.data import Examples  # noqa: E402
 from layerprune.cpu import cpu_model  # noqa: E402
+from layerprune.files import ANALYSIS_FILE, INT8_CPUS_RESULTS, MODEL_FILE, RESULTS_DIR  # noqa: E402
 from layerprune.onnx_export import (  # noqa: E402
     export_onnx, max_logit_difference, quantize_onnx, sensitive_nodes,
 )
@@ -153,7 +154,7 @@ def quantized_copy(fp32: Path, dest: Path, cpu: str, keep_fp32: list[str] | None
 def emulated_copy(folder: Path, dest: Path) -> Path:
     """`folder` (a bundle) with its model.onnx run through emulate_vnni."""
     shutil.copytree(folder, dest)
-    onnx.save(emulate_vnni(onnx.load(str(dest / "model.onnx"))), str(dest / "model.onnx"))
+    onnx.save(emulate_vnni(onnx.load(str(dest / MODEL_FILE))), str(dest / MODEL_FILE))
     return dest
 
 
@@ -162,13 +163,13 @@ def score(examples: Examples, checkpoint: Path, metric: str) -> tuple[list[Row],
     with tempfile.TemporaryDirectory(prefix="int8-cpus-") as tmp:
         fp32 = export_onnx(checkpoint, Path(tmp) / "fp32").parent
         max_length = OnnxClassifier(fp32).max_length  # model_max_length: what export validates at
-        keep = sensitive_nodes(fp32)
+        fp32_nodes = sensitive_nodes(fp32)
         rows = [Row("fp32", f"native {cpu_model()}", logits_of(fp32, examples, max_length))]
         _progress(rows[-1], examples, metric)
         for cpu, bits in CPUS.items():
             for variant in VARIANTS:
                 name = f"{cpu} {bits}, {variant}"
-                folder = quantized_copy(fp32, Path(tmp) / name, cpu, keep if variant == "int8-safe" else None)
+                folder = quantized_copy(fp32, Path(tmp) / name, cpu, fp32_nodes if variant == "int8-safe" else None)
                 rows.append(Row(name, f"native {cpu_model()}", logits_of(folder, examples, max_length)))
                 _progress(rows[-1], examples, metric)
                 emulated = emulated_copy(folder, Path(tmp) / f"{name} vnni")
@@ -213,12 +214,12 @@ def kernel_checks(rows: list[Row]) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="the (truncated) checkpoint to export")
-    parser.add_argument("--run-dir", type=Path, required=True, help="a run folder with analysis.json")
+    parser.add_argument("--run-dir", type=Path, required=True, help=f"a run folder with {ANALYSIS_FILE}")
     parser.add_argument("--max-examples", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "int8_cpus.md")
+    parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / INT8_CPUS_RESULTS)
     args = parser.parse_args()
 
-    report = load_artifact(AnalysisReport, args.run_dir / "analysis.json")
+    report = load_artifact(AnalysisReport, args.run_dir / ANALYSIS_FILE)
     task = report.task_config
     examples = examples_of(task, args.max_examples)
     print(f"{len(examples)} {task.name} examples; exporting {args.checkpoint}", file=sys.stderr, flush=True)

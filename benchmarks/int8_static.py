@@ -37,6 +37,10 @@ from int8_cpus import examples_of, quantized_copy  # noqa: E402
 from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
 from layerprune.cpu import cpu_kind, cpu_model  # noqa: E402
 from layerprune.data import Examples, load_examples  # noqa: E402
+from layerprune.files import (  # noqa: E402
+    ANALYSIS_FILE, AUGMENTED_MODEL_FILE, DEFAULT_RUN_DIR, INT8_STATIC_RESULTS, MODEL_FILE, QUANTIZED_TYPED_MODEL_FILE,
+    RESULTS_DIR, TRUNCATED_DIR, TYPED_MODEL_FILE,
+)
 from layerprune.onnx_export import (  # noqa: E402
     export_onnx, quantization_config, sensitive_nodes,
 )
@@ -61,8 +65,8 @@ def static_copy(fp32: Path, dest: Path, texts: Examples, method: str, keep_fp32:
     shutil.copytree(fp32, dest)
     _, dynamic = quantization_config(cpu)
     config = dataclasses.replace(_static(dynamic), nodes_to_exclude=list(keep_fp32 or []))
-    typed = dest / "typed.onnx"
-    quant_pre_process(dest / "model.onnx", typed, skip_optimization=True, auto_merge=True)
+    typed = dest / TYPED_MODEL_FILE
+    quant_pre_process(dest / MODEL_FILE, typed, skip_optimization=True, auto_merge=True)
     quantizer = ORTQuantizer(typed, config=AutoConfig.from_pretrained(dest))
     inputs = OnnxClassifier(dest).input_names
     # one padded length for all: the histogram (percentile) calibrators stack every run's activations
@@ -70,10 +74,10 @@ def static_copy(fp32: Path, dest: Path, texts: Examples, method: str, keep_fp32:
     dataset = Dataset.from_dict({k: v for k, v in encoded.items() if k in inputs})
     calibration = getattr(AutoCalibrationConfig, method)(dataset)
     with tempfile.TemporaryDirectory(prefix="augmented-") as tmp:
-        ranges = quantizer.fit(dataset, calibration, onnx_augmented_model_name=Path(tmp) / "augmented.onnx",
+        ranges = quantizer.fit(dataset, calibration, onnx_augmented_model_name=Path(tmp) / AUGMENTED_MODEL_FILE,
                                operators_to_quantize=config.operators_to_quantize)
     quantizer.quantize(config, dest, calibration_tensors_range=ranges)
-    os.replace(dest / "typed_quantized.onnx", dest / "model.onnx")
+    os.replace(dest / QUANTIZED_TYPED_MODEL_FILE, dest / MODEL_FILE)
     typed.unlink()
     return dest
 
@@ -82,7 +86,7 @@ def _static(dynamic):
     """The dynamic configuration's weight settings, made static: QDQ, QLinear ops, u8 asymmetric activations,
     and the operators dynamic quantizes (MatMul, Gather, ...). optimum's static default quantizes every op
     QDQ knows, Where and LayerNormalization included: the additive attention mask (float32's minimum) then
-    shares a range with real activations, and MPNet fell to chance (-40.9 points, 2,112 sentences)."""
+    shares a range with real activations, and MPNet fell to chance (figures: see docs/results.md)."""
     from onnxruntime.quantization import QuantFormat, QuantizationMode
     from optimum.onnxruntime.configuration import ORT_DEFAULT_OPS_STATIC_QUANTIZATION_QDQ
 
@@ -102,13 +106,13 @@ def run(folder: Path, examples: Examples, max_length: int) -> tuple[np.ndarray, 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "lp-run" / "truncated")
-    parser.add_argument("--run-dir", type=Path, default=ROOT / "lp-run")
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / DEFAULT_RUN_DIR / TRUNCATED_DIR)
+    parser.add_argument("--run-dir", type=Path, default=ROOT / DEFAULT_RUN_DIR)
     parser.add_argument("--max-examples", type=int)
     parser.add_argument("--calibration-texts", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "int8_static.md")
+    parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / INT8_STATIC_RESULTS)
     args = parser.parse_args()
-    task = load_artifact(AnalysisReport, args.run_dir / "analysis.json").task_config
+    task = load_artifact(AnalysisReport, args.run_dir / ANALYSIS_FILE).task_config
     examples = examples_of(task, args.max_examples)
     calibration_texts = load_examples(task, task.train_split).head(args.calibration_texts)
 
@@ -116,10 +120,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="int8-static-") as tmp:
         fp32 = export_onnx(args.checkpoint, Path(tmp) / "fp32").parent
         max_length = OnnxClassifier(fp32).max_length
-        keep = sensitive_nodes(fp32)
+        fp32_nodes = sensitive_nodes(fp32)
         cpu = cpu_kind()  # one weight range for every row, dynamic and static
         builds = [("fp32", lambda dest: shutil.copytree(fp32, dest))]
-        for variant, excluded in (("all int8", None), ("int8-safe", keep)):
+        for variant, excluded in (("all int8", None), ("int8-safe", fp32_nodes)):
             builds.append((f"dynamic, {variant}", lambda dest, e=excluded: quantized_copy(fp32, dest, cpu, e)))
             for method in CALIBRATIONS:
                 builds.append((f"static QDQ {method}, {variant}",
@@ -128,7 +132,7 @@ def main() -> int:
             folder = Path(tmp) / f"candidate-{i}"
             build(folder)
             logits, speed = run(folder, examples, max_length)
-            size = (folder / "model.onnx").stat().st_size / 1e6
+            size = (folder / MODEL_FILE).stat().st_size / 1e6
             rows.append((name, logits, speed, size))
             print(f"  {name}: {compute_metric(task.metric, examples.labels, logits):.4f}, {speed:.1f}/s",
                   file=sys.stderr, flush=True)

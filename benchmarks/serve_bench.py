@@ -36,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from layerprune.files import DEFAULT_BUNDLE, SERVE_BENCH_BODIES, SERVE_BENCH_SAMPLES  # noqa: E402
 from layerprune.runtime import OnnxClassifier  # noqa: E402
 
 LUA = """
@@ -248,7 +249,7 @@ def _metric(text: str, name: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bundle", type=Path, nargs="?", default=Path("lp-run/bundle"))
+    p.add_argument("bundle", type=Path, nargs="?", default=DEFAULT_BUNDLE)
     p.add_argument("--texts", type=Path, help="sentences, one a line (default: rt-polarity test split)")
     p.add_argument("--limit", type=int, default=100_000, help="use the first N sentences")
     p.add_argument("--connections", "--clients", type=int, default=32)
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = sentences(args.texts, args.limit)
     offline = offline_throughput(args.bundle, texts, args.batch_size, args.threads, min(args.duration, 10.0))
     workdir = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    bodies = workdir / "bodies.jsonl"
+    bodies = workdir / SERVE_BENCH_BODIES
     bodies.write_text("".join(json.dumps({"inputs": t}) + "\n" for t in texts), encoding="utf-8")
 
     server, url = start_server(args.bundle, args)
@@ -333,7 +334,7 @@ def _start_py_spy(pid: int, duration: float, workdir: Path) -> subprocess.Popen 
         print("py-spy is not installed (pip install py-spy): no stage profile", file=sys.stderr)
         return None
     return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(max(1, round(duration))),
-                             "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(workdir / "spy.txt")],
+                             "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(workdir / SERVE_BENCH_SAMPLES)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -347,7 +348,7 @@ def _print_profile(pid: int, before: dict[int, float], after: dict[int, float], 
           f"{1e6 * loop / requests:.0f} us; worker + onnxruntime threads (tokenization, padding, inference) "
           f"{1e6 * others / requests:.0f} us; server total {100 * (loop + others) / (wall * cores):.0f}% of the cores "
           "(the rest: wrk and other processes)")
-    raw = workdir / "spy.txt"
+    raw = workdir / SERVE_BENCH_SAMPLES
     if raw.is_file():
         stages = profile_stages(raw)
         total = sum(stages.values()) or 1

@@ -23,12 +23,12 @@ from .artifacts import (
     atomic_dir,
     library_versions,
 )
-from .bundle import ANALYSIS_FILE, CKA_PLOT
 from .clustering import find_blocks
 from .data import Examples, load_examples
 from .errors import DataError, LayerpruneError
+from .files import ANALYSIS_FILE, CKA_PLOT
 from .hidden import Batch, forward_all_layers, make_batches, pool
-from .models import load_classifier, num_layers, resolve_checkpoint
+from .models import load_classifier, resolve_checkpoint, total_layers
 from .options import AnalyzeOptions  # options are declared once, with their CLI flags
 from .plots import plot_cka
 from .scoring import compute_metric
@@ -53,8 +53,8 @@ def analyze(checkpoint: str, task: TaskConfig, out: Path, opts: AnalyzeOptions =
     )
     loaded = time.perf_counter()
 
-    depth = num_layers(model.config)
-    passed = _forward(model, batches, len(examples), depth, opts)
+    total = total_layers(model.config)
+    passed = _forward(model, batches, len(examples), total, opts)
     forwarded = time.perf_counter()
 
     if passed.minibatch is not None:
@@ -70,7 +70,7 @@ def analyze(checkpoint: str, task: TaskConfig, out: Path, opts: AnalyzeOptions =
     report = AnalysisReport(
         model=resolve_checkpoint(checkpoint),  # absolute, so later stages find it from any folder
         model_type=model.config.model_type,
-        num_layers=depth,
+        total_layers=total,
         task=task.name,
         task_config=task,
         glue_dir=str(opts.glue_dir) if opts.glue_dir else None,
@@ -86,7 +86,6 @@ def analyze(checkpoint: str, task: TaskConfig, out: Path, opts: AnalyzeOptions =
         clusters_chosen_by=blocks.chosen_by,
         laplacian_eigenvalues=[round(float(v), 6) for v in blocks.eigenvalues],
         boundary=blocks.boundary,
-        recommended_keep_layers=blocks.boundary,
         metric=MetricValue(name=task.metric, value=metric),
         timings=AnalysisTimings(
             load_s=loaded - started,
@@ -128,13 +127,13 @@ class _Pass:
     n_rows: int
 
 
-def _forward(model: PreTrainedModel, batches: list[Batch], n: int, depth: int, opts: AnalyzeOptions) -> _Pass:
+def _forward(model: PreTrainedModel, batches: list[Batch], n: int, total: int, opts: AnalyzeOptions) -> _Pass:
     """Logits for every example and each layer's representation rows (or minibatch CKA sums)."""
     take = _token_budget(batches, n, opts.max_tokens) if opts.representation == "tokens" else None
-    minibatch = cka_math.MinibatchCKA(depth + 1) if opts.estimator == "minibatch" else None
+    minibatch = cka_math.MinibatchCKA(total + 1) if opts.estimator == "minibatch" else None
     logits: np.ndarray | None = None
     n_rows = 0
-    rows: list[dict[int, np.ndarray]] = [{} for _ in range(depth + 1)]
+    rows: list[dict[int, np.ndarray]] = [{} for _ in range(total + 1)]
     for batch, batch_logits, hidden_states in forward_all_layers(model, batches, desc="hidden states"):
         if logits is None:
             logits = np.zeros((n, batch_logits.shape[-1]), dtype=np.float32)

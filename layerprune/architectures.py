@@ -79,7 +79,7 @@ def architecture(config: Any) -> Architecture:
     return arch
 
 
-def num_layers(config: Any) -> int:
+def total_layers(config: Any) -> int:
     """Number of Transformer layers (hidden_states has this plus one entries: index 0 = embeddings)."""
     return int(_field(config, architecture(config).depth_field))
 
@@ -110,3 +110,5 @@ def albert_groups_to_keep(config: Any, depth: int) -> int | None:
         return None
     # transformers hands each group int(depth / groups) head-mask slots, one per inner layer it indexes.
     return groups if depth // groups >= _field(config, "inner_group_num") else None
+
+

@@ -6,6 +6,7 @@ so an interrupted or failed stage never leaves a half-written run directory behi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -29,6 +30,7 @@ class Artifact(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     schema_version: int = 1
+    written_by: ClassVar[str] = "layerprune"  # the command that writes it: what to re-run for another schema version
 
     def save(self, path: Path) -> None:
         path.write_text(self.model_dump_json(indent=2) + "\n")
@@ -40,7 +42,12 @@ A = TypeVar("A", bound=Artifact)
 def load_artifact(cls: type[A], path: Path) -> A:
     """Read and validate an artifact, or a LayerpruneError naming the file."""
     try:
-        return cls.model_validate_json(path.read_text())
+        text = path.read_text()
+        version, current = _schema_version(text), cls.model_fields["schema_version"].default
+        if version is not None and version != current:
+            raise LayerpruneError(f"{path} has {cls.__name__} schema v{version}; this layerprune reads v{current}: "
+                                  f"re-run `{cls.written_by}` to write it with this version")
+        return cls.model_validate_json(text)
     except FileNotFoundError:
         raise LayerpruneError(f"{path} not found") from None
     except ValidationError as exc:  # its first line says only how many errors: name the first one
@@ -49,6 +56,22 @@ def load_artifact(cls: type[A], path: Path) -> A:
         raise LayerpruneError(f"{path} is not a valid {cls.__name__}: {where}: {err['msg']}") from None
     except ValueError as exc:
         raise LayerpruneError(f"{path} is not a valid {cls.__name__}: {str(exc).splitlines()[0]}") from None
+
+
+def schema_version_of(path: Path) -> int | None:
+    """The schema_version an artifact file declares; None when it cannot be read or declares none."""
+    try:
+        return _schema_version(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _schema_version(text: str) -> int | None:
+    try:
+        version = json.loads(text).get("schema_version")
+    except (ValueError, AttributeError):
+        return None  # not a JSON object: validation names the problem
+    return version if isinstance(version, int) else None
 
 
 class MetricValue(BaseModel):
@@ -72,9 +95,12 @@ class AnalysisTimings(BaseModel):
 class AnalysisReport(Artifact):
     """analysis.json: layer-by-layer CKA of a fine-tuned checkpoint and where its late block starts."""
 
+    # schema history: CHANGELOG.md
+    schema_version: int = 2
+    written_by: ClassVar[str] = "layerprune analyze"
     model: str = Field(description="checkpoint directory or hub id that was analyzed")
     model_type: str
-    num_layers: int
+    total_layers: int
     task: str
     task_config: TaskConfig = Field(description="the full task, so later stages can reload its data")
     glue_dir: str | None = None
@@ -90,7 +116,6 @@ class AnalysisReport(Artifact):
     clusters_chosen_by: str
     laplacian_eigenvalues: list[float]
     boundary: int = Field(description="first layer of the last (late) block")
-    recommended_keep_layers: int
     metric: MetricValue = Field(description="the full model's task metric on the same examples")
     timings: AnalysisTimings
     device: str
@@ -101,6 +126,7 @@ class AnalysisReport(Artifact):
 class TrainingReport(Artifact):
     """training_report.json, written beside a fine-tuned checkpoint."""
 
+    written_by: ClassVar[str] = "layerprune finetune"
     base_model: str
     task: str
     train_split: str
@@ -161,7 +187,7 @@ def atomic_dir(target: Path, marker: str) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-HealMode = Literal["distill", "head", "none"]
+HealMode = Literal["whole", "distill", "head", "none"]
 
 
 class GateForecast(BaseModel):
@@ -182,8 +208,7 @@ class DepthScore(BaseModel):
 
     depth: int
     metric: float = Field(description="head as fine-tuned (the paper's setting: no further tuning)")
-    metric_healed: float | None = Field(default=None, description="head re-fitted on the truncated features")
-    metric_distilled: float | None = Field(default=None, description="top layers + head distilled from the original")
+    metric_healed: float | None = Field(default=None, description="healed as the report's `heal` says (None: not healed)")
     forecast: GateForecast | None = Field(default=None, description="the gate forecast of the heal mode used")
 
 
@@ -211,10 +236,10 @@ class ExportCandidate(BaseModel):
 
 class DepthReport(Artifact):
     """depth.json: how the depth (the number of encoder layers kept) and the export were chosen.
+    Schema history: CHANGELOG.md."""
 
-    v3: the outcome is `depth` (was `chosen`), the same name as the manifest's."""
-
-    schema_version: int = 3
+    schema_version: int = 4
+    written_by: ClassVar[str] = "layerprune export"
     mode: Literal["auto", "fixed"]
     heal: HealMode
     heal_layers: int = Field(description="layers re-tuned by distillation (with the head)")
@@ -240,6 +265,7 @@ class ValidationReport(Artifact):
     """validation.json: the exported bundle against the original checkpoint on held-out examples."""
 
     schema_version: int = 2
+    written_by: ClassVar[str] = "layerprune export"
     metric_name: str
     holdout: str = Field(description="which examples validated the bundle (disjoint from calibration)")
     n_examples: int
@@ -276,11 +302,11 @@ MANIFEST_SCHEMA = 4
 class Manifest(Artifact):
     """manifest.json: what a bundle holds and where it came from; the server trusts nothing else.
 
-    v3: labels are resolved once, at export, and parts names the files; consumers re-derive neither.
-    v4: the number of encoder layers kept is `depth` (was `kept_layers`), as in depth.json and the server;
-    `int8_cpu` names the CPU kind int8 weights were quantized for."""
+    Labels are resolved once, at export, and `parts` names the files: consumers re-derive neither.
+    Schema history: CHANGELOG.md."""
 
     schema_version: int = MANIFEST_SCHEMA
+    written_by: ClassVar[str] = "layerprune export"
     files: dict[str, str] = Field(description="relative path -> sha256 of every file but this one")
     parts: BundleParts
     source_checkpoint: str

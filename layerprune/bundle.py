@@ -1,6 +1,6 @@
-"""A bundle on disk: the names of its parts, its manifest, file hashes and the gate that decides whether
-it may be served. The one reader for the server, `validate` and the Triton export: they read the manifest
-(labels, pair input, max length, file names) and re-derive nothing.
+"""A bundle on disk: its manifest, file hashes and the gate that decides whether it may be served (the
+names of its parts are in `files`). The one reader for the server, `validate` and the Triton export: they
+read the manifest (labels, pair input, max length, file names) and re-derive nothing.
 
 Torch-free on purpose: the server imports this module and `runtime`, never training or export code.
 """
@@ -8,29 +8,25 @@ Torch-free on purpose: the server imports this module and `runtime`, never train
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .artifacts import MANIFEST_SCHEMA, BundleParts, Manifest, ValidationReport, load_artifact
+from .artifacts import MANIFEST_SCHEMA, BundleParts, Manifest, ValidationReport, load_artifact, schema_version_of
 from .cpu import cpu_kind, serves_int8_of
 from .errors import LayerpruneError
-
-if TYPE_CHECKING:
-    from .runtime import OnnxClassifier
-
-# Every file name of a run directory and a bundle, in one place.
-MANIFEST_FILE = "manifest.json"
-VALIDATION_FILE = "validation.json"
-DEPTH_FILE = "depth.json"
-DEPTH_PLOT = "depth.png"
-ANALYSIS_FILE = "analysis.json"  # written by analyze into the run directory, copied into the bundle
-CKA_PLOT = "cka.png"
-MODEL_FILE = "model.onnx"
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # optional (HF's settings beside tokenizer.json): not a manifest part
+from .files import (
+    ANALYSIS_FILE,
+    CKA_PLOT,
+    CONFIG_FILE,
+    DEPTH_FILE,
+    DEPTH_PLOT,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    VALIDATION_FILE,
+)
+from .runtime import OnnxClassifier
 
 
 class BundleError(LayerpruneError):
@@ -73,8 +69,6 @@ def bundle_parts(root: Path) -> BundleParts:
 def output_labels(root: Path) -> list[str]:
     """The label of each model output, in output order, resolved once at export for the manifest: the
     runtime's reading of config.json (id2label, else LABEL_i for as many outputs as the graph has)."""
-    from .runtime import OnnxClassifier
-
     return OnnxClassifier(Path(root), providers=["CPUExecutionProvider"]).labels
 
 
@@ -84,11 +78,8 @@ def read_manifest(root: Path) -> Manifest:
     path = root / MANIFEST_FILE
     if not path.is_file():
         raise BundleError(f"{root} is not a layerprune bundle: no {MANIFEST_FILE}")
-    try:
-        version = json.loads(path.read_text(encoding="utf-8")).get("schema_version")
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        version = None  # not a JSON object: load_artifact names the problem
-    if isinstance(version, int) and version != MANIFEST_SCHEMA:
+    version = schema_version_of(path)
+    if version is not None and version != MANIFEST_SCHEMA:
         raise BundleError(f"{path} has manifest schema v{version}; this layerprune reads v{MANIFEST_SCHEMA}: "
                           "re-run `layerprune export` to rebuild the bundle with this version")
     return load_artifact(Manifest, path)
@@ -149,8 +140,6 @@ class OpenBundle:
 def open_bundle(root: Path, *, allow_unvalidated: bool = False, **runtime: Any) -> OpenBundle:
     """The gate (servable_bundle), then the runtime on the files the manifest names, at its max length with its
     labels (a label count that is not the model's output count is refused). runtime: OnnxClassifier's options."""
-    from .runtime import OnnxClassifier
-
     root = Path(root)
     manifest, validation = servable_bundle(root, allow_unvalidated=allow_unvalidated)
     classifier = OnnxClassifier(root, max_length=manifest.max_length, labels=manifest.labels, parts=manifest.parts,

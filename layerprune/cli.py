@@ -14,9 +14,17 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import LayerpruneError
+from .files import (
+    ANALYSIS_FILE,
+    BUNDLE_DIR,
+    CKA_PLOT,
+    DEFAULT_BUNDLE,
+    DEFAULT_RUN_DIR,
+    DEMO_CHECKPOINTS,
+    MANIFEST_FILE,
+    TRAINING_REPORT_FILE,
+)
 from .options import AnalyzeOptions, ExportOptions, FinetuneOptions, add_options, fraction, positive
-
-DEFAULT_RUN_DIR = Path("lp-run")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,21 +85,21 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("checkpoint", help="fine-tuned classification checkpoint directory or hub id")
     _task_arguments(an)
     add_options(an, AnalyzeOptions)
-    an.add_argument("--out", type=Path, default=DEFAULT_RUN_DIR, help="run directory (default ./lp-run)")
+    an.add_argument("--out", type=Path, default=DEFAULT_RUN_DIR, help=f"run directory (default ./{DEFAULT_RUN_DIR})")
     _runtime_arguments(an)
     an.set_defaults(run=_run_analyze)
 
     ex = commands.add_parser("export", help="drop the top layers, export a validated ONNX bundle")
     ex.add_argument("run_dir", nargs="?", type=Path, default=DEFAULT_RUN_DIR,
-                    help="run directory written by analyze (default ./lp-run)")
+                    help=f"run directory written by analyze (default ./{DEFAULT_RUN_DIR})")
     add_options(ex, ExportOptions)
-    ex.add_argument("--out", type=Path, help="bundle directory (default RUN_DIR/bundle)")
+    ex.add_argument("--out", type=Path, help=f"bundle directory (default RUN_DIR/{BUNDLE_DIR})")
     _runtime_arguments(ex)
     ex.set_defaults(run=_run_export)
 
     va = commands.add_parser("validate", help="re-check a bundle: hashes, then metric against the original")
-    va.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_RUN_DIR / "bundle",
-                    help="bundle directory (default ./lp-run/bundle)")
+    va.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_BUNDLE,
+                    help=f"bundle directory (default ./{DEFAULT_BUNDLE})")
     va.add_argument("--tolerance", type=fraction, help="override the tolerance recorded at export")
     va.add_argument("--device", default="auto")
     va.set_defaults(run=_run_validate)
@@ -101,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.set_defaults(run=_run_serve)
 
     tr = commands.add_parser("triton", help="write an NVIDIA Triton model repository for a bundle")
-    tr.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_RUN_DIR / "bundle")
+    tr.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_BUNDLE)
     tr.add_argument("out", type=Path, help="model repository folder")
     tr.add_argument("--name", default="layerprune", help="model name in the repository")
     tr.add_argument("--max-batch-size", type=positive, default=32)
@@ -114,8 +122,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="minilm: all-MiniLM-L6-v2, 6 layers (default); mpnet: all-mpnet-base-v2, 12 layers "
                          "(a 400 MB download and a 35-minute fine-tune on 2 cores, both cached)")
     de.add_argument("--checkpoint", type=Path,
-                    help="fine-tuned checkpoint, made here on the first run (default runs/minilm-rt, runs/mpnet-rt)")
-    de.add_argument("--out", type=Path, default=DEFAULT_RUN_DIR, help="run directory (default ./lp-run)")
+                    help="fine-tuned checkpoint, made here on the first run (default "
+                         f"{', '.join(str(path) for path in DEMO_CHECKPOINTS.values())})")
+    de.add_argument("--out", type=Path, default=DEFAULT_RUN_DIR, help=f"run directory (default ./{DEFAULT_RUN_DIR})")
     de.add_argument("--tolerance", type=fraction, default=ExportOptions.tolerance,
                     help=f"largest allowed accuracy drop (default {ExportOptions.tolerance:g}, as export)")
     de.set_defaults(run=_run_demo)
@@ -175,11 +184,11 @@ def _preflight(args: argparse.Namespace) -> None:
         go_offline_unless_hub_answers()
     # (what, where, the file an earlier output of that stage holds: only such a folder is replaced)
     outputs = {
-        "finetune": lambda: [("checkpoint", args.out, "training_report.json")],
-        "analyze": lambda: [("run directory", args.out, "analysis.json")],
-        "export": lambda: [("bundle", args.out or args.run_dir / "bundle", "manifest.json")],
+        "finetune": lambda: [("checkpoint", args.out, TRAINING_REPORT_FILE)],
+        "analyze": lambda: [("run directory", args.out, ANALYSIS_FILE)],
+        "export": lambda: [("bundle", args.out or args.run_dir / BUNDLE_DIR, MANIFEST_FILE)],
         "triton": lambda: [("model repository", args.out, None)],
-        "demo": lambda: [("run directory", args.out, "analysis.json"), ("checkpoint", args.checkpoint, None)],
+        "demo": lambda: [("run directory", args.out, ANALYSIS_FILE), ("checkpoint", args.checkpoint, None)],
     }
     for what, path, marker in outputs.get(args.command, list)():
         if path is not None:  # demo's checkpoint has a per-model default
@@ -221,7 +230,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
     task = _resolve_task(args)
     report = analyze(args.checkpoint, task, args.out, _options(AnalyzeOptions, args))
     print(_summary(report))
-    print(f"run directory: {args.out} (analysis.json, cka.png)")
+    print(f"run directory: {args.out} ({ANALYSIS_FILE}, {CKA_PLOT})")
     return 0
 
 
@@ -297,10 +306,10 @@ def _summary(report) -> str:
     spans = ", ".join(f"[{b[0]}..{b[-1]}]" for b in blocks.values())
     t = report.timings
     return "\n".join([
-        f"{report.model_type}, {report.num_layers} layers, {report.task}/{report.split}, "
+        f"{report.model_type}, {report.total_layers} layers, {report.task}/{report.split}, "
         f"n={report.n_examples}, {report.representation}, CKA {report.cka_estimator}",
         f"blocks ({report.clusters_chosen_by}): {spans}; late block starts at layer {report.boundary}",
-        f"recommended: keep {report.recommended_keep_layers} of {report.num_layers} layers",
+        f"recommended: keep {report.boundary} of {report.total_layers} layers",
         f"full model {report.metric.name}: {report.metric.value:.4f}",
         f"time: load {t.load_s:.1f} s, forward {t.forward_s:.1f} s, CKA {t.cka_s:.2f} s, "
         f"clustering {t.clustering_s:.2f} s, total {t.total_s:.1f} s",

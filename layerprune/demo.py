@@ -23,6 +23,7 @@ from .export import ExportOptions, export_bundle
 from .bundle import size_mb
 from .tables import candidates_table
 from .data import Examples, load_examples
+from .files import CONFIG_FILE, DEFAULT_RUN_DIR, DEMO_CHECKPOINTS
 from .finetune import FinetuneOptions, finetune
 from .hidden import predict_logits
 from .models import load_classifier
@@ -39,27 +40,27 @@ class DemoModel:
 
 DEMO_MODELS = {
     "minilm": DemoModel(
-        "sentence-transformers/all-MiniLM-L6-v2", Path("runs/minilm-rt"), FinetuneOptions(learning_rate=1e-4)),
+        "sentence-transformers/all-MiniLM-L6-v2", DEMO_CHECKPOINTS["minilm"], FinetuneOptions(learning_rate=1e-4)),
     "mpnet": DemoModel(
-        "sentence-transformers/all-mpnet-base-v2", Path("runs/mpnet-rt"), FinetuneOptions(learning_rate=3e-5)),
+        "sentence-transformers/all-mpnet-base-v2", DEMO_CHECKPOINTS["mpnet"], FinetuneOptions(learning_rate=3e-5)),
 }
 
 
-def run_demo(model: str = "minilm", checkpoint: Path | None = None, run_dir: Path = Path("lp-run"),
+def run_demo(model: str = "minilm", checkpoint: Path | None = None, run_dir: Path = DEFAULT_RUN_DIR,
              tolerance: float = 0.01) -> int:
     demo = DEMO_MODELS[model]
     checkpoint = checkpoint or demo.checkpoint
     task = load_task("rt-polarity")
     started = time.perf_counter()
     _stage(1, "fine-tune")
-    if (checkpoint / "config.json").is_file():
+    if (checkpoint / CONFIG_FILE).is_file():
         print(f"cached: {checkpoint} (delete it to fine-tune again)")
     else:
         report = finetune(demo.base, task, checkpoint, demo.finetune)
         print(f"validation accuracy {report.metric.value:.4f} after {report.train_seconds:.0f} s")
     _stage(2, "analyze")
     analysis = analyze(str(checkpoint), task, run_dir)
-    print(f"late block starts at layer {analysis.boundary} of {analysis.num_layers}; run directory {run_dir}")
+    print(f"late block starts at layer {analysis.boundary} of {analysis.total_layers}; run directory {run_dir}")
     _stage(3, "export --keep-layers auto --quantize int8")
     result = export_bundle(run_dir, None, ExportOptions(tolerance=tolerance, quantize="int8"))
     while not result.validation.passed and result.next_candidate is not None:

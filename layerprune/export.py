@@ -1,14 +1,14 @@
-"""export: analysis run directory -> validated ONNX bundle.
+"""export: analysis run directory -> validated ONNX bundle, in the stages `export_bundle` runs:
 
-1. The original model runs once over the calibration examples, the heal texts and the unlabeled agreement
-   texts: its logits, the first-token states of every depth, and the token states distillation starts from.
-2. Depth: fixed N, or auto: from the CKA boundary, down while the gate forecast passes, up until it does
-   (validate.forecast: a one-sided 95% bound on the holdout delta, or the disagreement bound). Every depth
-   looked at is healed as asked: distill (top layers + head, from the original), head (re-fit) or none.
-3. Export: truncate, install the heal, ONNX through optimum, optimize; with int8 the candidates are scored
-   fastest first (int8; int8 with the feed-forward outputs and head in fp32; fp32) and the first whose forecast
-   passes is kept.
-4. Validate the bundle against the original on the disjoint holdout, at the bundle's one max length. The
+1. Texts: calibration and holdout (validate.calibration_and_holdout), heal texts (the train split, or
+   --heal-data) with their augmented copies (heal/augment.py), and --heal-data's agreement texts.
+2. The original model runs once over all but the holdout (heal.encode_texts): its logits and states are
+   what every heal learns from and every depth is scored against.
+3. Depth (depth_search): fixed N, or auto, each depth healed as asked (heal/) and forecast on calibration.
+4. Build: truncate, install the heal, ONNX through optimum, optimize; with int8 the candidates are scored
+   fastest first (int8; int8 with the feed-forward outputs and head in fp32; fp32) and the first whose
+   forecast passes is kept.
+5. Validate the bundle against the original on the disjoint holdout, at the bundle's one max length. The
    bundle is built in a temporary folder and renamed into place.
 """
 
@@ -18,10 +18,8 @@ import dataclasses
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
@@ -29,45 +27,33 @@ from . import onnx_export
 from .artifacts import (
     AnalysisReport,
     DepthReport,
-    DepthScore,
     ExportCandidate,
-    GateForecast,
     HealMode,
-    HealStats,
     Manifest,
     ValidationReport,
     atomic_dir,
     library_versions,
     load_artifact,
 )
-from .bundle import (
-    ANALYSIS_FILE,
-    CKA_PLOT,
-    DEPTH_FILE,
-    DEPTH_PLOT,
-    MANIFEST_FILE,
-    VALIDATION_FILE,
-    bundle_parts,
-    hash_files,
-    output_labels,
-)
+from .bundle import bundle_parts, hash_files, output_labels
 from .cpu import cpu_kind
 from .data import Examples, load_examples, read_texts
+from .depth_search import Depths, ErrorBudget, ExportTexts, choose_depth, error_budget
 from .errors import LayerpruneError
-from .heal import Distilled, TextStates, distill, encode_texts
+from .files import (
+    ANALYSIS_FILE, BUNDLE_DIR, CKA_PLOT, CONFIG_FILE, DEPTH_FILE, DEPTH_PLOT, MANIFEST_FILE, MODEL_FILE, TRUNCATED_DIR,
+    VALIDATION_FILE,
+)
+from .heal import Heal, augment_texts, encode_texts
 from .hidden import predict_logits
-from .scoring import compute_metric
-from .models import architecture, load_classifier, num_layers
+from .models import architecture, load_classifier, total_layers
 from .options import ExportOptions  # options are declared once, with their CLI flags
 from .plots import plot_depths
-from .prune import HeadFit, depth_logits, fit_head, head_state, load_head, truncate
+from .prune import truncate
 from .runtime import OnnxClassifier, model_max_length
+from .scoring import compute_metric
 from .tasks import TaskConfig
-from .validate import EvalParts, calibration_and_holdout, compare, forecast
-
-BUNDLE_DIR = "bundle"
-TRUNCATED_DIR = "truncated"
-
+from .validate import EvalParts, calibration_and_holdout, certifiable_disagreement, compare, forecast
 
 @dataclass(frozen=True)
 class ExportResult:
@@ -80,15 +66,11 @@ class ExportResult:
     next_candidate: ExportOptions | None  # the same, as options
 
 
-@dataclass
-class _Texts:
-    """What the original model computed on the texts export looks at (the holdout excepted)."""
-
-    calibration: TextStates
-    calibration_labels: np.ndarray
-    heal: TextStates | None
-    heal_labels: np.ndarray | None  # None: unlabeled heal texts
-    agreement: TextStates | None
+@dataclass(frozen=True)
+class _HealTexts:
+    examples: Examples | None  # the texts heals learn from (None: no heal possible)
+    labels: np.ndarray | None  # their labels where known (-1 / NaN: augmented), None: unlabeled texts
+    agreement: Examples | None  # unlabeled in-domain texts that bound disagreement (never heal or train texts)
 
 
 def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = ExportOptions()) -> ExportResult:
@@ -98,46 +80,32 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
     model, tokenizer = load_classifier(
         analysis.model, num_labels=task.num_labels, device=opts.device, trust_remote_code=opts.trust_remote_code
     )
-    total = num_layers(model.config)
+    total = total_layers(model.config)
     if opts.keep_layers != "auto" and not 1 <= opts.keep_layers <= total:
         raise LayerpruneError(f"--keep-layers must be between 1 and {total} for this model, got {opts.keep_layers}")
     max_length = _max_length(model, tokenizer, opts.max_length)
-    heal_examples, agreement_examples, labelled = _heal_texts(task, glue_dir, opts)
-    heal = _heal_mode(opts.heal, model, heal_examples, labelled)
+
+    # 1-2. the texts, and the original's outputs on them
+    heal_texts = _heal_texts(task, glue_dir, opts)
+    heal = _heal_mode(opts.heal, model, heal_texts)
+    if heal in ("distill", "whole") and opts.augment:
+        heal_texts = _augmented(heal_texts, task, opts)
     parts = calibration_and_holdout(task, glue_dir, opts.max_examples, opts.resample_seed)
-    start = analysis.boundary if opts.keep_layers == "auto" else opts.keep_layers
-    # Keep the token states where the first distillation starts; other depths are computed from them.
-    first_inputs = {0, max(min(start, total) - opts.heal_layers, 0)} if heal == "distill" else {0}
-
-    def encode(examples: Examples, role: str) -> TextStates:
-        return encode_texts(model, tokenizer, examples, batch_size=opts.batch_size, max_length=max_length,
-                            keep_depths=first_inputs, desc=f"original, {role}")
-
-    texts = _Texts(
-        calibration=encode(parts.calibration, "calibration"),
-        calibration_labels=parts.calibration.labels,
-        heal=encode(heal_examples, "heal texts") if heal != "none" else None,
-        heal_labels=heal_examples.labels if heal != "none" and labelled else None,
-        agreement=encode(agreement_examples, "agreement texts") if agreement_examples else None,
-    )
+    texts = _encode(model, tokenizer, parts, heal_texts, heal, max_length, opts)
     original_holdout = predict_logits(model, tokenizer, parts.holdout, max_length=max_length)
 
-    budget = _error_budget(opts)
-    depths = _Depths(model, task, texts, heal, opts, n_holdout=len(parts.holdout))
-    depth = _choose_depth(depths.passes, analysis.boundary, total, opts.keep_layers, budget.depth)
+    # 3. the depth
+    budget = error_budget(opts)
+    depths = Depths(model, task, texts, heal, opts, n_holdout=len(parts.holdout))
+    depth = choose_depth(depths.passes, analysis.boundary, total, opts.keep_layers, budget.depth)
     probed = list(depths.probed)  # what auto looked at; --sweep scores the rest for the report only
     if opts.sweep:
         for d in range(1, total + 1):
             depths.passes(d, budget.depth)
-    note = None
-    if opts.keep_layers == "auto" and depth == total:
-        note = f"nothing can be dropped within tolerance {opts.tolerance:g}: keeping all {total} layers"
+    note = _nothing_dropped(depths, total, opts) if opts.keep_layers == "auto" and depth == total else None
+    _truncate_and_heal(model, depths.heal(depth), task)
 
-    truncate(model, depth)
-    depths.install(model, depth)
-    if task.label_names:  # the bundle's config names its labels, whatever the checkpoint said
-        model.config.id2label = dict(enumerate(task.label_names))
-        model.config.label2id = {name: i for i, name in enumerate(task.label_names)}
+    # 4-5. the bundle: ONNX, the export candidates, validation on the holdout, the artifacts
     target = Path(out) if out is not None else Path(run_dir) / BUNDLE_DIR
     with tempfile.TemporaryDirectory(prefix="layerprune-truncated-") as scratch, atomic_dir(target, MANIFEST_FILE) as tmp:
         _save_checkpoint(model, tokenizer, Path(scratch))
@@ -148,34 +116,87 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
             onnx_export.optimize_onnx(tmp, opts.optimize)
         cpu = cpu_kind()  # the int8 weights are quantized for this CPU, and the manifest says which
         candidates = _pick_export(tmp, task, texts, parts, max_length, opts, budget, cpu) if opts.quantize else []
-        chosen = next((c for c in candidates if c.chosen), None)
-        quant_name = chosen.name if chosen and chosen.name != "fp32" else None
+        quantized = next((c.name for c in candidates if c.chosen and c.name != "fp32"), None)
         served = _onnx_logits(tmp, parts.holdout, max_length)
         validation = compare(task, parts.holdout, parts.holdout_name, original_holdout, served, opts.tolerance,
                              max_length, parity)
-        report = depths.report(analysis.boundary, depth, probed, parts, candidates, note, opts)
-        validation.save(tmp / VALIDATION_FILE)
-        report.save(tmp / DEPTH_FILE)
-        plot_depths(report, tmp / DEPTH_PLOT)
-        shutil.copy(Path(run_dir) / ANALYSIS_FILE, tmp / ANALYSIS_FILE)
-        if (Path(run_dir) / CKA_PLOT).is_file():
-            shutil.copy(Path(run_dir) / CKA_PLOT, tmp / CKA_PLOT)
-        manifest = Manifest(
-            files=hash_files(tmp), parts=bundle_parts(tmp), source_checkpoint=analysis.model, task=task.name,
-            metric_name=task.metric, labels=output_labels(tmp), depth=depth, total_layers=total,
-            model_type=analysis.model_type,
-            heal=heal, max_length=max_length, pair_input=task.text_pair_field is not None,
-            resample_seed=opts.resample_seed, optimize=opts.optimize, quantize="int8" if quant_name else None,
-            quantization_config=quant_name,
-            int8_cpu=cpu if quant_name else None, servable=validation.passed,
-            versions=library_versions(),
-        )
+        report = depths.report(analysis.boundary, depth, probed, parts.calibration_name, candidates, note)
+        _write_reports(tmp, run_dir, validation, report)
+        manifest = _manifest(tmp, analysis, task, report, validation, quantized, cpu, opts)
         manifest.save(tmp / MANIFEST_FILE)
     # The truncated PyTorch checkpoint, for users who fine-tune or serve it further; not part of the bundle.
-    with atomic_dir(Path(run_dir) / TRUNCATED_DIR, "config.json") as tmp:
+    with atomic_dir(Path(run_dir) / TRUNCATED_DIR, CONFIG_FILE) as tmp:
         _save_checkpoint(model, tokenizer, tmp)
-    advice, retry = (None, None) if validation.passed else _next_candidate(depth, total, quant_name, opts)
+    advice, retry = (None, None) if validation.passed else _next_candidate(depth, total, quantized, opts)
     return ExportResult(target, manifest, validation, report, Path(run_dir) / TRUNCATED_DIR, advice, retry)
+
+
+def _encode(model, tokenizer, parts: EvalParts, heal_texts: _HealTexts, heal: HealMode, max_length: int,
+            opts: ExportOptions) -> ExportTexts:
+    """The original model's outputs on everything export looks at but the holdout."""
+    token_indices = {0}  # hidden-state indices whose token states are kept; heals compute the rest from them
+    if heal == "distill" and opts.keep_layers != "auto":  # where the one top-layer heal starts
+        token_indices.add(max(opts.keep_layers - opts.heal_layers, 0))
+
+    def encode(examples: Examples, role: str):
+        return encode_texts(model, tokenizer, examples, batch_size=opts.batch_size, max_length=max_length,
+                            keep_tokens=token_indices, desc=f"original, {role}")
+
+    healing = heal != "none"
+    return ExportTexts(
+        calibration=encode(parts.calibration, "calibration"),
+        calibration_labels=parts.calibration.labels,
+        heal=encode(heal_texts.examples, "heal texts") if healing else None,
+        heal_labels=heal_texts.labels if healing else None,
+        agreement=encode(heal_texts.agreement, "agreement texts") if heal_texts.agreement else None,
+    )
+
+
+def _truncate_and_heal(model, heal: Heal, task: TaskConfig) -> None:
+    """The bundle's model, in place: the original truncated at the heal's depth with the heal installed,
+    its config naming the task's labels whatever the checkpoint said."""
+    truncate(model, heal.depth)
+    heal.install(model)
+    if task.label_names:
+        model.config.id2label = dict(enumerate(task.label_names))
+        model.config.label2id = {name: i for i, name in enumerate(task.label_names)}
+
+
+def _manifest(bundle: Path, analysis: AnalysisReport, task: TaskConfig, report: DepthReport,
+              validation: ValidationReport, quantized: str | None, cpu: str, opts: ExportOptions) -> Manifest:
+    """The bundle's one contract: its files and their hashes, and everything its consumers need."""
+    return Manifest(
+        files=hash_files(bundle), parts=bundle_parts(bundle), source_checkpoint=analysis.model, task=task.name,
+        metric_name=task.metric, labels=output_labels(bundle), depth=report.depth, total_layers=report.total_layers,
+        model_type=analysis.model_type, heal=report.heal, max_length=validation.max_length,
+        pair_input=task.text_pair_field is not None, resample_seed=opts.resample_seed, optimize=opts.optimize,
+        quantize="int8" if quantized else None, quantization_config=quantized, int8_cpu=cpu if quantized else None,
+        servable=validation.passed, versions=library_versions(),
+    )
+
+
+def _write_reports(bundle: Path, run_dir: Path, validation: ValidationReport, report: DepthReport) -> None:
+    validation.save(bundle / VALIDATION_FILE)
+    report.save(bundle / DEPTH_FILE)
+    plot_depths(report, bundle / DEPTH_PLOT)
+    shutil.copy(Path(run_dir) / ANALYSIS_FILE, bundle / ANALYSIS_FILE)
+    if (Path(run_dir) / CKA_PLOT).is_file():
+        shutil.copy(Path(run_dir) / CKA_PLOT, bundle / CKA_PLOT)
+
+
+def _nothing_dropped(depths: Depths, total: int, opts: ExportOptions) -> str:
+    """Why auto kept every layer, in one line: how close the deepest cut looked at came, and what it needed."""
+    line = f"nothing can be dropped within tolerance {opts.tolerance:g}: keeping all {total} layers"
+    cut = max((d for d in depths.scores if d < total), default=None)
+    if cut is None:
+        return line
+    guess = depths.scores[cut].forecast
+    if guess.disagreement is None:
+        return f"{line}; depth {cut} came to {100 * guess.lower_bound:+.2f} points at the forecast's lower bound"
+    needed = certifiable_disagreement(opts.tolerance, guess.alpha, depths.texts.calibration.n, depths.n_holdout)
+    return (f"{line}; depth {cut} (heal {depths.mode}) disagreed with the original on {100 * guess.disagreement:.2f}% "
+            f"of {guess.n_agreement} texts (forecast lower bound {100 * guess.lower_bound:+.2f} points); a cut "
+            f"this forecast certifies needs about {100 * needed:.1f}% or less, with no loss of {depths.task.metric}")
 
 
 def _next_candidate(depth: int, total: int, quantized: str | None,
@@ -197,181 +218,59 @@ def _max_length(model, tokenizer, asked: int | None) -> int:
     return asked or limit
 
 
-def _heal_texts(task: TaskConfig, glue_dir: Path | None, opts: ExportOptions) -> tuple[Examples | None, Examples | None, bool]:
-    """(heal texts, agreement texts, labelled): from --heal-data (unlabeled) or the task's train split.
+def _heal_texts(task: TaskConfig, glue_dir: Path | None, opts: ExportOptions) -> _HealTexts:
+    """The texts heals learn from: --heal-data (unlabeled) or the task's train split, the first
+    --heal-examples of them (default: all, --heal-data's agreement texts excepted).
 
     Agreement texts are the --heal-data texts after the heal texts, never train texts: the original model was
     most likely fine-tuned on those, is surer of them, and a pruned model disagrees with it less there than on
-    new texts, which would make the agreement bound optimistic. Measured (MiniLM, rt-polarity, the demo's
-    int8 bundle): 0.40% disagreement on 4,000 train sentences, 1.04% on the validation split."""
+    new texts, which would make the agreement bound optimistic (docs/export.md)."""
     if opts.heal_data is not None:
         pool = read_texts(opts.heal_data, opts.heal_text_field or task.text_field, task.text_pair_field)
-        heal = pool.head(opts.heal_examples)
+        heal = pool.head(opts.heal_examples or len(pool) - min(opts.agreement_examples, len(pool) // 2))
         rest = pool.select(np.arange(len(heal), min(len(pool), len(heal) + opts.agreement_examples)))
-        return heal, (rest if len(rest) else None), False
-    if task.train_split:
-        return load_examples(task, task.train_split, glue_dir=glue_dir).head(opts.heal_examples), None, True
-    return None, None, False
+        labels = None
+    elif task.train_split:
+        heal = load_examples(task, task.train_split, glue_dir=glue_dir)
+        heal, rest = heal.head(opts.heal_examples or len(heal)), None
+        labels = heal.labels
+    else:
+        return _HealTexts(None, None, None)
+    return _HealTexts(heal, labels, rest if rest is not None and len(rest) else None)
 
 
-def _heal_mode(asked: HealMode | None, model, texts: Examples | None, labelled: bool) -> HealMode:
+def _augmented(texts: _HealTexts, task: TaskConfig, opts: ExportOptions) -> _HealTexts:
+    """The heal texts followed by --augment new texts per text (heal/augment.py), which carry no label."""
+    new = augment_texts(texts.examples, opts.augment, seed=opts.whole.seed)
+    labels = texts.labels
+    if labels is not None:
+        missing = np.full(len(new), np.nan if task.is_regression else -1)
+        labels = np.concatenate([labels.astype(missing.dtype), missing])
+    return _HealTexts(texts.examples.concat(new), labels, texts.agreement)
+
+
+def _heal_mode(asked: HealMode | None, model, texts: _HealTexts) -> HealMode:
+    """The heal asked for, checked against the model and the texts; by default the whole-model heal where
+    the layers can be trained alone, else the head (labels needed), else none."""
     arch = architecture(model.config)
     layers_alone = not (arch.shared_weights or getattr(model.config, "conv_kernel_size", 0))
+    labelled = texts.labels is not None
     if asked is None:
-        if texts is None:
+        if texts.examples is None:
             return "none"
-        return "distill" if layers_alone else ("head" if labelled else "none")
-    if asked != "none" and texts is None:
+        return "whole" if layers_alone else ("head" if labelled else "none")
+    if asked != "none" and texts.examples is None:
         raise LayerpruneError(f"--heal {asked} needs texts: the task has no train split; give --heal-data FILE")
     if asked == "head" and not labelled:
-        raise LayerpruneError("--heal head needs labelled texts; --heal-data texts carry none: use --heal distill")
-    if asked == "distill" and not layers_alone:
-        raise LayerpruneError(f"--heal distill cannot re-tune {model.config.model_type} layers alone (shared "
+        raise LayerpruneError("--heal head needs labelled texts; --heal-data texts carry none: use --heal whole")
+    if asked in ("distill", "whole") and not layers_alone:
+        raise LayerpruneError(f"--heal {asked} cannot train {model.config.model_type} layers alone (shared "
                               "weights or a convolution); use --heal head")
     return asked
 
 
-class _Depths:
-    """Each depth looked at: healed as asked, scored on calibration, and its gate forecast."""
-
-    def __init__(self, model, task: TaskConfig, texts: _Texts, heal: HealMode, opts: ExportOptions, n_holdout: int):
-        self.model, self.task, self.texts, self.heal, self.opts = model, task, texts, heal, opts
-        self.n_holdout = n_holdout
-        self.total = num_layers(model.config)
-        self.raw = [self._metric(logits) for logits in depth_logits(model, texts.calibration.first)]
-        self.full = self._metric(texts.calibration.logits)
-        self.heals: dict[int, HeadFit | Distilled] = {}
-        self.scores: dict[int, DepthScore] = {}
-        self.heal_runs: list[HealStats] = []
-        self.probed: list[int] = []
-
-    def passes(self, depth: int, alpha: float) -> bool:
-        """Whether the gate is forecast to pass the model truncated at `depth` (healed as asked), at error
-        rate `alpha`; each depth is forecast once."""
-        if depth not in self.probed:
-            self.probed.append(depth)
-        if depth not in self.scores:
-            self.scores[depth] = self._score(depth, alpha)
-        return self.scores[depth].forecast.passes
-
-    def _score(self, depth: int, alpha: float) -> DepthScore:
-        logits = (lambda texts: texts.logits) if depth == self.total else (lambda texts: self._logits(depth, texts))
-        calibration = logits(self.texts.calibration)
-        agreement = None if self.texts.agreement is None else logits(self.texts.agreement)
-        score = DepthScore(depth=depth, metric=self.raw[depth], forecast=self._forecast(calibration, agreement, alpha))
-        if self.heal == "head" and depth < self.total:
-            score.metric_healed = self._metric(calibration)
-        if self.heal == "distill" and depth < self.total:
-            score.metric_distilled = self._metric(calibration)
-        return score
-
-    def _forecast(self, calibration: np.ndarray, agreement: np.ndarray | None, alpha: float) -> GateForecast:
-        unlabeled = None if agreement is None else (self.texts.agreement.logits, agreement)
-        return forecast(self.task, self.texts.calibration_labels, self.texts.calibration.logits, calibration,
-                        self.opts.tolerance, self.n_holdout, unlabeled, alpha)
-
-    def _logits(self, depth: int, texts: TextStates) -> np.ndarray:
-        """The model truncated at `depth`, healed as asked, on `texts`."""
-        if self.heal == "none":
-            return depth_logits(self.model, texts.first[depth : depth + 1])[0]
-        fit = self._heal(depth)
-        if isinstance(fit, Distilled):
-            return fit.logits(texts, self.model)
-        return _with_head(self.model, fit, lambda: depth_logits(self.model, texts.first[depth : depth + 1])[0])
-
-    def _heal(self, depth: int) -> HeadFit | Distilled:
-        if depth in self.heals:
-            return self.heals[depth]
-        heal, labels, started = self.texts.heal, self.texts.heal_labels, time.perf_counter()
-        if self.heal == "distill":
-            layers = min(self.opts.heal_layers, depth)  # at depth 1 only layer 1 can be re-tuned
-            fit = distill(self.model, depth, heal, labels, regression=self.task.is_regression,
-                          opts=dataclasses.replace(self.opts.distill, heal_layers=layers))
-            stats = HealStats(depth=depth, mode="distill", n_train=fit.n_train, n_held_out=fit.n_held_out,
-                              epochs=fit.epochs, epochs_run=fit.epochs_run, seconds=round(fit.seconds, 1))
-        else:
-            fit = fit_head(self.model, heal.first[depth], labels, regression=self.task.is_regression)
-            held = heal.n // 10 if heal.n >= 100 else 0
-            stats = HealStats(depth=depth, mode="head", n_train=heal.n - held, n_held_out=held,
-                              seconds=round(time.perf_counter() - started, 1))
-        self.heals[depth] = fit
-        self.heal_runs.append(stats)
-        return fit
-
-    def install(self, truncated, depth: int) -> None:
-        """Put the heal of `depth` into the model truncated there."""
-        fit = self.heals.get(depth)
-        if isinstance(fit, Distilled):
-            fit.install(truncated)
-        elif fit is not None:
-            load_head(truncated, fit.state)
-
-    def _metric(self, logits: np.ndarray) -> float:
-        return compute_metric(self.task.metric, self.texts.calibration_labels, logits, regression=self.task.is_regression)
-
-    def report(self, boundary: int, depth: int, probed: list[int], parts: EvalParts,
-               candidates: list[ExportCandidate], note: str | None, opts: ExportOptions) -> DepthReport:
-        scores = [self.scores.get(d) or DepthScore(depth=d, metric=self.raw[d]) for d in range(1, self.total + 1)]
-        heal, agreement = self.texts.heal, self.texts.agreement
-        return DepthReport(
-            mode="auto" if opts.keep_layers == "auto" else "fixed", heal=self.heal, heal_layers=opts.heal_layers,
-            boundary=boundary, total_layers=self.total, depth=depth, tolerance=opts.tolerance, full_metric=self.full,
-            metric_name=self.task.metric, calibration=parts.calibration_name, n_calibration=len(parts.calibration),
-            n_heal=heal.n if heal else 0, heal_labelled=self.texts.heal_labels is not None,
-            n_agreement=agreement.n if agreement else 0, probed=probed, scores=scores,
-            heal_runs=self.heal_runs, candidates=candidates, note=note,
-        )
-
-
-def _with_head(model, fit: HeadFit, compute: Callable[[], np.ndarray]) -> np.ndarray:
-    """Run `compute` with a re-fitted head installed, then put the fine-tuned head back."""
-    fine_tuned = head_state(model)
-    load_head(model, fit.state)
-    try:
-        return compute()
-    finally:
-        load_head(model, fine_tuned)
-
-
-@dataclass(frozen=True)
-class _ErrorBudget:
-    depth: float  # for the depth walk
-    per_variant: float  # for each int8 variant
-    variants: int
-
-
-def _error_budget(opts: ExportOptions, variants: int = 2) -> _ErrorBudget:
-    """Split the export's error rate over its forecasts (Bonferroni): export keeps the first int8 variant that
-    passes, so each variant is another chance to ship a bundle the gate refuses. With --quantize int8, half
-    of alpha goes to the depth walk and half is shared by the int8 variants; without, all of it to the depth."""
-    if not opts.quantize:
-        return _ErrorBudget(depth=opts.alpha, per_variant=0.0, variants=0)
-    return _ErrorBudget(depth=opts.alpha / 2, per_variant=opts.alpha / 2 / variants, variants=variants)
-
-
-def _choose_depth(passes: Callable[[int, float], bool], boundary: int, total: int, keep: int | Literal["auto"],
-                  alpha: float) -> int:
-    """Fixed N, or auto: from the CKA boundary, down while the forecast passes (a fixed-sequence test: each
-    step at `alpha`), else up until it does. Going up, every depth tried is another chance for a wrong yes,
-    so those share `alpha` (Bonferroni over the depths between the boundary and the full model, which
-    always passes)."""
-    if keep != "auto":
-        passes(keep, alpha)
-        return keep
-    depth = min(max(boundary, 1), total)
-    if passes(depth, alpha):
-        while depth > 1 and passes(depth - 1, alpha):
-            depth -= 1
-        return depth
-    step = alpha / max(total - depth - 1, 1)
-    while depth < total and not passes(depth, step):
-        depth += 1
-    passes(depth, step)  # scored for the report, the full model included
-    return depth
-
-
-def _pick_export(bundle: Path, task: TaskConfig, texts: _Texts, parts: EvalParts, max_length: int,
-                 opts: ExportOptions, budget: _ErrorBudget, cpu: str) -> list[ExportCandidate]:
+def _pick_export(bundle: Path, task: TaskConfig, texts: ExportTexts, parts: EvalParts, max_length: int,
+                 opts: ExportOptions, budget: ErrorBudget, cpu: str) -> list[ExportCandidate]:
     """Score the export candidates fastest first (int8; int8 with the feed-forward outputs and head in fp32; the
     fp32 model as exported), keep the first whose forecast passes in `bundle`, and report them all. The
     int8 variants share their part of the error budget; fp32 is the depth the walk already chose."""
@@ -388,11 +287,11 @@ def _pick_export(bundle: Path, task: TaskConfig, texts: _Texts, parts: EvalParts
         chosen, folder = next(((c, f) for c, f in scored if c.forecast.passes), scored[-1])
         chosen.chosen = True
         if folder is not None:
-            shutil.copy(folder / onnx_export.ONNX_FILE, bundle / onnx_export.ONNX_FILE)
+            shutil.copy(folder / MODEL_FILE, bundle / MODEL_FILE)
     return [c for c, _ in scored]
 
 
-def _score_candidate(name: str, folder: Path, task: TaskConfig, texts: _Texts, parts: EvalParts, max_length: int,
+def _score_candidate(name: str, folder: Path, task: TaskConfig, texts: ExportTexts, parts: EvalParts, max_length: int,
                      opts: ExportOptions, alpha: float) -> ExportCandidate:
     runner = OnnxClassifier(folder, max_length=max_length)
     started = time.perf_counter()

@@ -22,13 +22,13 @@ from transformers import (
 from .artifacts import MetricValue, TrainingReport, atomic_dir, library_versions
 from .data import Examples, load_examples
 from .errors import TaskError
+from .files import TRAINING_REPORT_FILE
 from .hidden import predict_logits, tokenize
 from .models import load_classifier
 from .options import FinetuneOptions  # options are declared once, with their CLI flags
 from .scoring import compute_metric
 from .tasks import TaskConfig
 
-REPORT_FILE = "training_report.json"
 
 
 def finetune(base_model: str, task: TaskConfig, out: Path, opts: FinetuneOptions = FinetuneOptions()) -> TrainingReport:
@@ -80,10 +80,10 @@ def finetune(base_model: str, task: TaskConfig, out: Path, opts: FinetuneOptions
         device=str(model.device),
         versions=library_versions(),
     )
-    with atomic_dir(out, REPORT_FILE) as tmp:
+    with atomic_dir(out, TRAINING_REPORT_FILE) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        report.save(tmp / REPORT_FILE)
+        report.save(tmp / TRAINING_REPORT_FILE)
     return report
 
 

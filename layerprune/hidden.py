@@ -43,7 +43,7 @@ def make_batches(
     sort_by_length: bool = True,
 ) -> list[Batch]:
     """Batches with dynamic padding; sorted by length, similar-length rows share a batch and waste
-    less padding (1.6x fewer FLOPs on real sentences), while `indices` keeps the original order."""
+    less padding (docs/results.md, analyzer cost), while `indices` keeps the original order."""
     encoded = tokenize(tokenizer, examples, max_length)
     lengths = np.array([len(ids) for ids in encoded["input_ids"]])
     order = np.argsort(lengths, kind="stable") if sort_by_length else np.arange(len(lengths))

@@ -22,9 +22,10 @@ from transformers import (
 )
 
 # The table's names are re-exported: callers that hold a model ask this module for everything about it.
-from .architectures import ARCHITECTURES, Architecture, Head, architecture, num_layers  # noqa: F401
+from .architectures import ARCHITECTURES, Architecture, Head, architecture, total_layers  # noqa: F401
 from .assets import OFFLINE_COPIES
 from .errors import ModelError, first_line
+from .files import CONFIG_FILE
 
 
 def layer_list(model: PreTrainedModel) -> nn.ModuleList:
@@ -82,7 +83,7 @@ def resolve_checkpoint(name_or_path: str | Path) -> str:
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
+        if not path.is_dir() or not (path / CONFIG_FILE).is_file():
             raise ModelError(f"'{name}' is not a Hugging Face checkpoint directory (no config.json)")
         return str(path.resolve())
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix

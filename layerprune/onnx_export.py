@@ -25,7 +25,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .bundle import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
+from .files import (
+    CONFIG_FILE, MODEL_DATA_FILE, MODEL_FILE, OPTIMIZED_MODEL_FILE, QUANTIZED_TYPED_MODEL_FILE, TOKENIZER_FILE,
+    TYPED_MODEL_DATA_FILE, TYPED_MODEL_FILE,
+)
 from .cpu import cpu_kind
 from .errors import LayerpruneError, ModelError, first_line
 from .models import has_classification_head, load_config
@@ -33,7 +36,6 @@ from .models import has_classification_head, load_config
 if TYPE_CHECKING:
     from optimum.onnxruntime.configuration import QuantizationConfig
 
-ONNX_FILE = MODEL_FILE  # the bundle's file names live in bundle.py
 OptimizationLevel = Literal["O1", "O2", "O3"]
 
 # optimum maps all eight of models.ARCHITECTURES to onnxruntime's "bert" fusions (ORTConfigManager).
@@ -52,7 +54,7 @@ def export_onnx(checkpoint_dir: Path, out_dir: Path) -> Path:
     than optimum's random inputs and does not run the model twice more.
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    if not (checkpoint_dir / "config.json").is_file():
+    if not (checkpoint_dir / CONFIG_FILE).is_file():
         raise ModelError(f"{checkpoint_dir} is not a checkpoint directory (no config.json)")
     _, config = load_config(checkpoint_dir)  # refuses model types outside models.ARCHITECTURES
     if not has_classification_head(config):
@@ -68,14 +70,14 @@ def export_onnx(checkpoint_dir: Path, out_dir: Path) -> Path:
             )
         except Exception as exc:  # optimum raises ValueError, KeyError, RuntimeError, torch errors ...
             raise ModelError(f"ONNX export of {checkpoint_dir} failed: {first_line(exc)}") from exc
-        for name in (ONNX_FILE, CONFIG_FILE, TOKENIZER_FILE):
+        for name in (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE):
             if not (tmp / name).is_file():
                 why = " (the runtime needs a fast tokenizer)" if name == TOKENIZER_FILE else ""
                 raise ModelError(f"ONNX export of {checkpoint_dir} wrote no {name}{why}")
-        if not (tmp / f"{ONNX_FILE}_data").exists():  # weights inside model.onnx: drop an older export's
-            (out_dir / f"{ONNX_FILE}_data").unlink(missing_ok=True)
+        if not (tmp / MODEL_DATA_FILE).exists():  # weights inside model.onnx: drop an older export's
+            (out_dir / MODEL_DATA_FILE).unlink(missing_ok=True)
         _move_files(tmp, out_dir)
-    return out_dir / ONNX_FILE
+    return out_dir / MODEL_FILE
 
 
 def optimize_onnx(onnx_dir: Path, level: OptimizationLevel) -> None:
@@ -96,10 +98,10 @@ def optimize_onnx(onnx_dir: Path, level: OptimizationLevel) -> None:
             raise LayerpruneError(f"onnxruntime has no graph optimization for model type '{model_type}'")
         try:
             config = AutoOptimizationConfig.with_optimization_level(level)
-            ORTOptimizer.from_pretrained(onnx_dir, file_names=[ONNX_FILE]).optimize(config, tmp)
+            ORTOptimizer.from_pretrained(onnx_dir, file_names=[MODEL_FILE]).optimize(config, tmp)
         except Exception as exc:
             raise LayerpruneError(f"onnxruntime {level} optimization failed: {first_line(exc)}") from exc
-        _replace_model(tmp / "model_optimized.onnx", onnx_dir)
+        _replace_model(tmp / OPTIMIZED_MODEL_FILE, onnx_dir)
 
 
 def quantization_config(cpu: str | None = None) -> tuple[str, QuantizationConfig]:
@@ -107,22 +109,20 @@ def quantization_config(cpu: str | None = None) -> tuple[str, QuantizationConfig
     with a short name for the manifest. Quantization targets the exporting machine's CPU family.
 
     All dynamic (activations quantized per batch as they come, no calibration data) with per-channel
-    weights. Measured on an AVX-512 server: optimum's `avx512` per-channel preset 3.5x the fp32
-    throughput at -0.8 accuracy points; the per-tensor `avx512_vnni` preset lost 2.9 points.
+    weights: per-tensor weights round too coarsely (docs/results.md, "int8 on two CPU kinds").
     - AVX-512 with VNNI: optimum's `avx512` preset, u8 activations x s8 weights, 8-bit. VPDPBUSD sums the
       products into int32: nothing saturates.
     - AVX2, or AVX-512 without VNNI: u8 x s8 with 7-bit weights (reduce_range). Without VNNI onnxruntime's
       u8 x s8 kernel (VPMADDUBSW) sums pairs of products into saturating int16; 7-bit weights keep every
       pair sum in range (255 * 64 * 2 < 32767), which is onnxruntime's own advice for CPUs without VNNI.
       optimum's `avx2` preset avoids the saturation with u8 weights instead, whose kernel widens to int16
-      first and is slower (speed over fp32 on 2 AVX2 cores: 1.3-1.5x for u8/s8, 1.2x for u8/u8).
-      7-bit weights compute the same on every x86 kernel; 8-bit ones only on VNNI (see `cpu.serves_int8_of`).
+      first and is slower. 7-bit weights compute the same on every x86 kernel; 8-bit ones only on VNNI
+      (see `cpu.serves_int8_of`).
     - aarch64 / arm64: optimum's `arm64` preset (u8 x s8; ARM's dot-product kernels do not saturate).
     - ppc64le: optimum's `ppc64le` preset.
 
-    benchmarks/int8_cpus.py (VNNI emulated exactly), 2,112 rt-polarity sentences, vs fp32, with the
-    feed-forward outputs and head in fp32: MiniLM 7-bit -0.24 points, 8-bit (VNNI) -0.24; MPNet 9 layers
-    7-bit +0.00, 8-bit (VNNI) +0.09. 8-bit weights on an AVX2 kernel: MPNet falls to chance.
+    What each configuration costs against fp32, and what 8-bit weights do on a kernel without VNNI
+    (benchmarks/int8_cpus.py, VNNI emulated exactly): docs/results.md, "int8 on two CPU kinds".
     """
     from optimum.onnxruntime import AutoQuantizationConfig
 
@@ -149,12 +149,12 @@ def sensitive_nodes(onnx_dir: Path) -> list[str]:
     """The matrix products where int8 rounding moves predictions most: each layer's feed-forward output
     projection (its input, after GELU, has the outliers that a per-tensor activation scale rounds away;
     Bondarenko et al., 2021) and the head's (pooler and classifier: every product outside the layers).
-    MiniLM-L6 5 layers, rt-polarity, 5,112 sentences, AVX2: int8 disagreed with fp32 on 1.25% of them, 0.68%
-    with these in fp32, 1.23% with the last layer and head in fp32 instead. The exporter names nodes after
+    Keeping these in fp32 roughly halves int8's disagreement with fp32, more than keeping the last layer and
+    head instead (docs/results.md, "int8 variants on MiniLM"). The exporter names nodes after
     the PyTorch modules ('/bert/encoder/layer.4/output/dense/MatMul'), which is what this reads."""
     import onnx
 
-    model = onnx.load(str(Path(onnx_dir) / ONNX_FILE), load_external_data=False)
+    model = onnx.load(str(Path(onnx_dir) / MODEL_FILE), load_external_data=False)
     products = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "FusedMatMul")]
     kept = [n for n in products if FFN_OUTPUT.search(n.name) or not IN_A_LAYER.search(n.name)]
     # The quantizer rewrites a Gemm as a MatMul named "<gemm>_MatMul" + Add before it looks at exclusions.
@@ -180,15 +180,15 @@ def quantize_onnx(onnx_dir: Path, keep_fp32: list[str] | None = None, cpu: str |
             # onnx's shape inference cannot type the outputs of onnxruntime's fused ops (Attention,
             # SkipLayerNormalization after O2/O3), and the quantizer then refuses the MatMuls behind them;
             # onnxruntime's symbolic shape inference knows those ops and records every tensor's type.
-            typed = tmp / "typed.onnx"
-            external = _uses_external_data(onnx.load(str(onnx_dir / ONNX_FILE), load_external_data=False))
-            quant_pre_process(onnx_dir / ONNX_FILE, typed, skip_optimization=True, auto_merge=True,
+            typed = tmp / TYPED_MODEL_FILE
+            external = _uses_external_data(onnx.load(str(onnx_dir / MODEL_FILE), load_external_data=False))
+            quant_pre_process(onnx_dir / MODEL_FILE, typed, skip_optimization=True, auto_merge=True,
                               save_as_external_data=external, all_tensors_to_one_file=True,
-                              external_data_location="typed.onnx_data")
+                              external_data_location=TYPED_MODEL_DATA_FILE)
             ORTQuantizer(typed, config=AutoConfig.from_pretrained(onnx_dir)).quantize(config, tmp)
         except Exception as exc:
             raise LayerpruneError(f"int8 quantization ({name}) failed: {first_line(exc)}") from exc
-        _replace_model(tmp / "typed_quantized.onnx", onnx_dir)
+        _replace_model(tmp / QUANTIZED_TYPED_MODEL_FILE, onnx_dir)
     return name
 
 
@@ -204,13 +204,13 @@ def max_logit_difference(torch_logits: np.ndarray, onnx_logits: np.ndarray) -> f
 
 
 def _require_model(onnx_dir: Path) -> None:
-    for name in (ONNX_FILE, CONFIG_FILE):
+    for name in (MODEL_FILE, CONFIG_FILE):
         if not (onnx_dir / name).is_file():
             raise LayerpruneError(f"{onnx_dir} holds no {name}; export it with export_onnx first")
 
 
 def _model_type(onnx_dir: Path) -> str:
-    return str(json.loads((onnx_dir / "config.json").read_text()).get("model_type", "unknown"))
+    return str(json.loads((onnx_dir / CONFIG_FILE).read_text()).get("model_type", "unknown"))
 
 
 @contextlib.contextmanager
@@ -243,17 +243,17 @@ def _replace_model(new_model: Path, onnx_dir: Path) -> None:
     import onnx
 
     header = onnx.load(str(new_model), load_external_data=False)
-    old_data = onnx_dir / f"{ONNX_FILE}_data"
+    old_data = onnx_dir / MODEL_DATA_FILE
     if not _uses_external_data(header):
-        os.replace(new_model, onnx_dir / ONNX_FILE)
+        os.replace(new_model, onnx_dir / MODEL_FILE)
         old_data.unlink(missing_ok=True)
         return
     model = onnx.load(str(new_model))  # with its weights, from beside new_model
-    staged = new_model.with_name(ONNX_FILE)
+    staged = new_model.with_name(MODEL_FILE)
     onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{ONNX_FILE}_data")
-    os.replace(staged.with_name(f"{ONNX_FILE}_data"), old_data)
-    os.replace(staged, onnx_dir / ONNX_FILE)
+                    location=MODEL_DATA_FILE)
+    os.replace(staged.with_name(MODEL_DATA_FILE), old_data)
+    os.replace(staged, onnx_dir / MODEL_FILE)
 
 
 def _uses_external_data(model) -> bool:

@@ -150,22 +150,42 @@ class DistillOptions:
 
 
 @dataclass(frozen=True)
+class WholeOptions:
+    epochs: int = 3
+    minutes: float | None = None  # a cap on one heal's training (fewer steps, same schedule); None: all epochs
+    lr: float = 1e-4
+    warmup: float = 0.06  # share of the steps over which the learning rate warms up (then decays to zero)
+    temperature: float = 1.0
+    label_weight: float = 0.1  # weight of the label cross-entropy: agreement with the original is the aim
+    first_weight: float = 1.0  # weight of each kept layer's first-token state matching the original's
+    token_weight: float = 1.0  # weight of each kept layer's token states matching the original's (0: off)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ExportOptions:
     # the user's request ("auto" or N); the outcome, the layers kept, is `depth` in depth.json and the manifest
     keep_layers: int | Literal["auto"] = field(default="auto", metadata=cli(
         "auto (the smallest depth whose gate forecast passes, searched from the CKA boundary) or N",
         parse=keep_layers))
-    # default: distill where there are heal texts (head for ALBERT), else none
+    # default: whole where there are heal texts (head for ALBERT and DeBERTa-v2's convolution), else none
     heal: HealMode | None = field(default=None, metadata=cli(
-        "distill: re-tune the top --heal-layers kept layers and the head to match the original's logits (default "
-        "where there are heal texts); head: re-fit only the head (labels needed); none: the paper's setting"))
-    heal_layers: int = field(default=1, metadata=cli("top kept layers re-tuned by distill (with the head)",
+        "whole: train every kept layer and the head from the original (default where there are heal texts); "
+        "distill: re-tune only the top --heal-layers kept layers and the head; head: re-fit only the head "
+        "(labels needed); none: the paper's setting"))
+    heal_layers: int = field(default=1, metadata=cli("top kept layers re-tuned by --heal distill (with the head)",
                                                      parse=positive))
     heal_data: Path | None = field(default=None, metadata=cli(
         "in-domain texts to heal with, labels not needed (CSV/TSV/JSONL; default: the train split)"))
     heal_text_field: str | None = field(default=None, metadata=cli(
         "column of --heal-data with the text (default: the task's text field)"))
-    heal_examples: int = field(default=4000, metadata=cli("texts to heal with", parse=positive))
+    heal_examples: int | None = field(default=None, metadata=cli(
+        "heal with the first N texts (default: all of the train split, or --heal-data but its agreement texts)",
+        parse=positive))
+    heal_minutes: float | None = field(default=15.0, metadata=cli(
+        "cap on each whole-model heal's training, in minutes (fewer steps, the same schedule)", parse=float))
+    augment: int = field(default=2, metadata=cli(
+        "new texts per heal text (crops, word swaps, splices), labelled by the original (0: none)", parse=int))
     agreement_examples: int = field(default=4000, metadata=cli(
         "further --heal-data texts on which agreement with the original is measured (never train texts: the "
         "original was fine-tuned on them)", parse=int))
@@ -189,3 +209,4 @@ class ExportOptions:
     trust_remote_code: bool = False
     resample_seed: int | None = None  # re-cut calibration/holdout (benchmarks)
     distill: DistillOptions = field(default_factory=DistillOptions)
+    whole: WholeOptions = field(default_factory=WholeOptions)

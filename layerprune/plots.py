@@ -41,8 +41,8 @@ def plot_cka(matrix: np.ndarray, report: AnalysisReport, path: Path) -> None:
     name = Path(report.model).name or report.model
     ax.set_title(
         f"{name} on {report.task} ({report.split}, n={report.n_examples}, {report.representation})\n"
-        f"late block starts at layer {report.boundary}: keep {report.recommended_keep_layers} of "
-        f"{report.num_layers} · full-model {report.metric.name} {report.metric.value:.4f}",
+        f"late block starts at layer {report.boundary}: keep {report.boundary} of "
+        f"{report.total_layers} · full-model {report.metric.name} {report.metric.value:.4f}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -51,16 +51,15 @@ def plot_cka(matrix: np.ndarray, report: AnalysisReport, path: Path) -> None:
 
 
 def plot_depths(report: DepthReport, path: Path) -> None:
-    """Calibration metric versus kept depth: no further tuning, head re-fitted and distilled where computed,
-    and the depth chosen."""
+    """Calibration metric versus kept depth: no further tuning, healed where computed, and the depth chosen."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     depths = [s.depth for s in report.scores]
     ax.plot(depths, [s.metric for s in report.scores], "o-", label="fine-tuned head (no further tuning)")
-    for field, style, label in (("metric_healed", "s-", "head re-fitted"),
-                                ("metric_distilled", "^-", f"top {report.heal_layers} layer(s) + head distilled")):
-        points = [(s.depth, getattr(s, field)) for s in report.scores if getattr(s, field) is not None]
-        if points:
-            ax.plot(*zip(*sorted(points)), style, label=label)
+    healed = {"head": "head re-fitted", "distill": f"top {report.heal_layers} layer(s) + head distilled",
+              "whole": "every kept layer + head distilled"}
+    points = [(s.depth, s.metric_healed) for s in report.scores if s.metric_healed is not None]
+    if points:
+        ax.plot(*zip(*sorted(points)), "s-", label=healed.get(report.heal, report.heal))
     ax.axhline(report.full_metric, color="grey", linewidth=1, label=f"full model ({report.total_layers} layers)")
     ax.axhspan(report.full_metric - report.tolerance, report.full_metric, color="grey", alpha=0.15,
                label=f"tolerance {report.tolerance:g}")

@@ -19,8 +19,8 @@ import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from .architectures import position_offset
-from .bundle import CONFIG_FILE, MODEL_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from .errors import LayerpruneError, first_line
+from .files import CONFIG_FILE, MODEL_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 if TYPE_CHECKING:
     from .artifacts import BundleParts

@@ -133,6 +133,16 @@ def forecast(
     )
 
 
+def certifiable_disagreement(tolerance: float, alpha: float, n_calibration: int, n_holdout: int) -> float:
+    """The share of calibration texts a candidate may disagree with the original on and still pass the
+    labelled forecast, when its calibration delta is zero: only disagreements move the delta, so its standard
+    error is about sqrt(d / n_c), and delta - z * se * sqrt(1 + n_c / n_h) >= -tolerance gives
+    d <= n_c * (tolerance / (z * sqrt(1 + n_c / n_h)))^2."""
+    if tolerance <= 0:
+        return 0.0
+    return float(n_calibration * (tolerance / (z_for(alpha) * np.sqrt(1 + n_calibration / max(n_holdout, 1)))) ** 2)
+
+
 def _wilson_upper(k: int, n: int, z: float) -> float:
     """One-sided upper bound of a binomial proportion k/n (Wilson score interval)."""
     if n == 0:

@@ -138,7 +138,7 @@ async def models(svc: Service = Depends(service)) -> Response:
 
 @api.get("/metrics", summary="Prometheus metrics", response_class=Response, responses=error_examples())
 async def metrics(svc: Service = Depends(service)) -> Response:
-    svc.metrics.queue_depth.set(svc.batcher.depth)
+    svc.metrics.queued_inputs.set(svc.batcher.queued_inputs)
     return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -213,12 +213,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
     metrics = Metrics()
     clf = model.classifier
-    batcher = MicroBatcher(
-        clf, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000.0,
-        max_queue=settings.max_queue, metrics=metrics, max_length=clf.max_length,
-        max_batch_tokens=settings.max_batch_tokens, max_queue_tokens=settings.max_queue_tokens,
-        run_overhead_tokens=settings.run_overhead_tokens if settings.run_overhead_tokens is not None else 32.0,
-    )
+    batcher = MicroBatcher(clf, settings, metrics, max_length=clf.max_length)
     app = _fastapi(
         title="layerprune serve", version=version(), lifespan=lifespan,
         description=f"Text classification with the pruned ONNX bundle of {model.source_name} ({model.manifest.depth}"

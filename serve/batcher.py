@@ -18,8 +18,11 @@ import numpy as np
 from layerprune.errors import LayerpruneError
 
 from .metrics import Metrics
+from .settings import ServeSettings
 
 log = logging.getLogger("layerprune.serve")
+# A run's fixed cost in padded tokens until measured (or when the measurement is noise): a modest guess.
+DEFAULT_RUN_OVERHEAD_TOKENS = 32.0
 
 
 class Row(Protocol):
@@ -70,7 +73,7 @@ class _Request:
     future: asyncio.Future = field(repr=False)
     submitted: float = field(default_factory=time.perf_counter)
     gone: bool = False  # the caller stopped waiting: its rows are not run (read by the worker thread)
-    counted: bool = True  # still counted in the queue's depth
+    counted: bool = True  # still counted in the queue's length (queued_inputs, queued_tokens)
 
 
 def estimate_tokens(texts: list[str], pairs: list[str] | None, max_length: int, truncate: bool = True) -> int:
@@ -86,8 +89,8 @@ def plan_runs(lengths: Sequence[int], max_rows: int, max_tokens: int, overhead: 
     cost sum(overhead + rows x longest) of running them, each run at most max_rows rows and, unless a single
     row, at most max_tokens padded tokens (TEI's max_batch_tokens). overhead: a run's fixed cost in padded
     tokens. Dynamic programming over the cut points, O(len x max_rows).
-    Why: a micro-batch of random sentences padded to its longest wastes ~1.8x; one run per distinct length
-    pays the fixed cost of a run too often (measured earlier: runs of ~6 rows halved throughput)."""
+    Why: a micro-batch of random sentences padded to its longest wastes much of a run on padding; one run per
+    distinct length pays the fixed cost of a run too often (figures: see docs/results.md)."""
     n = len(lengths)
     best = [0.0] + [math.inf] * n
     cut = [0] * (n + 1)
@@ -121,31 +124,33 @@ def measure_run_overhead(model: BatchModel, repeats: int = 3) -> float:
     tokens, seconds = np.array(points, dtype=np.float64).T
     slope, intercept = np.polyfit(tokens, seconds, 1)
     if slope <= 0:
-        return 32.0  # noise beat the signal: a modest default
+        return DEFAULT_RUN_OVERHEAD_TOKENS  # noise beat the signal
     # At least 16: a noisy fit near 0 would run every distinct length alone (per-run bookkeeping is not free).
     return float(min(1024.0, max(16.0, intercept / slope)))
 
 
 class MicroBatcher:
-    """Requests queue up as text. The worker thread tokenizes a micro-batch (up to max_batch_size inputs or
-    max_wait_s after its first), sorts all rows by length, cuts them with `plan_runs`, pads each run once
-    (model.pad) and runs it (model.run); each request is answered when its last run is done. Rows of requests
-    whose caller is gone are skipped."""
+    """Requests queue up as text. The worker thread tokenizes a micro-batch (up to max_batch_inputs inputs or
+    max_wait_s after its first), sorts all rows by length, cuts them with `plan_runs` into runs of at most
+    max_run_rows rows and max_run_tokens padded tokens, pads each run once (model.pad) and runs it (model.run);
+    each request is answered when its last run is done. Rows of requests whose caller is gone are skipped.
 
-    def __init__(self, model: BatchModel, *, max_batch_size: int, max_wait_s: float, max_queue: int,
-                 metrics: Metrics, max_length: int = 512, max_batch_tokens: int = 4096,
-                 max_queue_tokens: int = 65_536, run_overhead_tokens: float = 32.0) -> None:
+    The limits are the settings' (ServeSettings, the one place they are declared); max_length is the model's."""
+
+    def __init__(self, model: BatchModel, settings: ServeSettings, metrics: Metrics, *, max_length: int) -> None:
         self.model = model
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
-        self.max_queue = max_queue
+        self.max_batch_inputs = settings.max_batch_size  # a micro-batch takes requests until it holds this many
+        self.max_run_rows = settings.max_batch_size  # one onnxruntime run takes at most this many rows
+        self.max_run_tokens = settings.max_batch_tokens  # ... and, unless a single row, this many padded tokens
+        self.max_wait_s = settings.max_wait_ms / 1000.0
+        self.max_queue_inputs = settings.max_queue
+        self.max_queue_tokens = settings.max_queue_tokens
         self.max_length = max_length
-        self.max_batch_tokens = max_batch_tokens
-        self.max_queue_tokens = max_queue_tokens
-        self.run_overhead_tokens = run_overhead_tokens
+        self.run_overhead_tokens = (DEFAULT_RUN_OVERHEAD_TOKENS if settings.run_overhead_tokens is None
+                                    else settings.run_overhead_tokens)  # measured at warm-up when None
         self._metrics = metrics
         self._queue: asyncio.Queue[_Request] | None = None
-        self._queued = 0  # inputs waiting
+        self._queued_inputs = 0  # inputs waiting
         self._queued_tokens = 0  # their estimated tokens
         self._tokens_per_s: float | None = None  # measured drain rate, for Retry-After
         self._task: asyncio.Task | None = None
@@ -172,8 +177,8 @@ class MicroBatcher:
             self._executor.shutdown(wait=True)
 
     @property
-    def depth(self) -> int:
-        return self._queued
+    def queued_inputs(self) -> int:
+        return self._queued_inputs
 
     @property
     def queued_tokens(self) -> int:
@@ -192,17 +197,18 @@ class MicroBatcher:
         if self._queue is None or self._task is None or self._task.done():
             raise RuntimeError("the batcher is not running")
         tokens = estimate_tokens(texts, pairs, self.max_length, truncate)
-        if self._queued + len(texts) > self.max_queue:
-            raise Overloaded(f"{self._queued} inputs are queued (max {self.max_queue}); retry later", self.retry_after())
+        if self._queued_inputs + len(texts) > self.max_queue_inputs:
+            raise Overloaded(f"{self._queued_inputs} inputs are queued (max {self.max_queue_inputs}); retry later",
+                             self.retry_after())
         # Bounded by work, not count; a request is always taken when nothing waits, so none starves.
         if self._queued_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
             raise Overloaded(f"about {self._queued_tokens} tokens are queued (max {self.max_queue_tokens}); retry later",
                              self.retry_after())
         req = _Request(texts, pairs, truncate, tokens, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(req)
-        self._queued += len(texts)
+        self._queued_inputs += len(texts)
         self._queued_tokens += tokens
-        self._metrics.queue_depth.set(self._queued)
+        self._metrics.queued_inputs.set(self._queued_inputs)
         try:
             return await req.future
         except asyncio.CancelledError:
@@ -214,9 +220,9 @@ class MicroBatcher:
     def _uncount(self, req: _Request) -> None:
         if req.counted:
             req.counted = False
-            self._queued -= len(req.texts)
+            self._queued_inputs -= len(req.texts)
             self._queued_tokens -= req.tokens
-            self._metrics.queue_depth.set(self._queued)
+            self._metrics.queued_inputs.set(self._queued_inputs)
 
     async def _next(self, timeout: float | None) -> _Request | None:
         """The next request still wanted, or None when none came within `timeout` (None: wait)."""
@@ -240,13 +246,13 @@ class MicroBatcher:
                 return req
 
     async def _collect(self) -> list[_Request]:
-        """A micro-batch: the first request, then what comes within max_wait_s, up to max_batch_size inputs."""
+        """A micro-batch: the first request, then what comes within max_wait_s, up to max_batch_inputs inputs."""
         loop = asyncio.get_running_loop()
         first = await self._next(None)
         assert first is not None
         batch, size = [first], len(first.texts)
         deadline = loop.time() + self.max_wait_s
-        while size < self.max_batch_size:
+        while size < self.max_batch_inputs:
             req = await self._next(max(0.0, deadline - loop.time()))
             if req is None:
                 break
@@ -303,7 +309,7 @@ class MicroBatcher:
         left = {k: int(np.count_nonzero(owner == k)) for k in tok_s}  # rows still to run, by request
         out: np.ndarray | None = None
         inference = dict.fromkeys(tok_s, 0.0)
-        for lo, hi in plan_runs(lengths[order], self.max_batch_size, self.max_batch_tokens, self.run_overhead_tokens):
+        for lo, hi in plan_runs(lengths[order], self.max_run_rows, self.max_run_tokens, self.run_overhead_tokens):
             run = order[lo:hi]
             mine = set(owner[lo:hi].tolist())
             if all(batch[k].gone for k in mine):
@@ -333,8 +339,8 @@ class MicroBatcher:
 
     def _observe(self, rows: int, lengths: np.ndarray) -> None:
         m = self._metrics
-        m.batch_size.observe(rows)
-        m.batch_tokens.observe(int(lengths.max()))
+        m.run_rows.observe(rows)
+        m.run_padded_length.observe(int(lengths.max()))
         m.inputs.inc(rows)
         m.tokens.labels("real").inc(int(lengths.sum()))
         m.tokens.labels("padding").inc(int(lengths.max()) * rows - int(lengths.sum()))

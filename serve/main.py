@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 from layerprune.errors import LayerpruneError
+from layerprune.files import DEFAULT_BUNDLE
 from layerprune.options import add_options, cli_fields
 
 from .settings import ServeSettings, load_settings
 
-DEFAULT_BUNDLE = Path("lp-run/bundle")
 log = logging.getLogger("layerprune.serve")
 
 

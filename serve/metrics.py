@@ -20,15 +20,17 @@ class Metrics:
             "layerprune_request_seconds", "request latency by route", ["route"], registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
-        self.batch_size = Histogram(
+        # The series keep their published names (dashboards and alerts read them); in code they are named
+        # after what they count: rows and padded length of one onnxruntime run, inputs waiting in the queue.
+        self.run_rows = Histogram(
             "layerprune_batch_size", "inputs per onnxruntime run", registry=self.registry,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
-        self.batch_tokens = Histogram(
+        self.run_padded_length = Histogram(
             "layerprune_batch_padded_length", "padded token length per onnxruntime run", registry=self.registry,
             buckets=(8, 16, 32, 64, 128, 256, 512),
         )
-        self.queue_depth = Gauge("layerprune_queue_depth", "inputs waiting for the model", registry=self.registry)
+        self.queued_inputs = Gauge("layerprune_queue_depth", "inputs waiting for the model", registry=self.registry)
         self.inputs = Counter("layerprune_inputs", "inputs classified", registry=self.registry)
         # real vs padding tokens run: how much of the model's work the length-aware runs still waste
         self.tokens = Counter("layerprune_tokens", "tokens run through the model", ["kind"], registry=self.registry)

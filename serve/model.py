@@ -108,8 +108,7 @@ def load_model(bundle: Path, *, allow_unvalidated: bool = False, threads: int | 
         raise LayerpruneError(f"bundle {bundle} is not a directory")
     # No busy-waiting ORT threads: the event loop and tokenization need the same cores. The max length is the
     # one the bundle was validated at: what was validated is what is served. No memory arena by default: an
-    # arena keeps the peak of the largest run ever made and never gives it back (measured: 607 MB held after
-    # long inputs, vs 232 MB without; see README "Reliability").
+    # arena keeps the peak of the largest run ever made and never gives it back (figures: see docs/results.md).
     opened = open_bundle(bundle, allow_unvalidated=allow_unvalidated, providers=providers, threads=threads,
                          spinning=False, memory_arena=memory_arena)
     return ServedModel(bundle, opened.manifest, opened.validation, opened.classifier, opened.manifest.pair_input,

@@ -12,10 +12,10 @@ from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from layerprune.errors import LayerpruneError
+from layerprune.files import SERVE_CONFIG
 from layerprune.options import cli
 
 ENV_PREFIX = "LAYERPRUNE_SERVE_"
-DEFAULT_CONFIG = Path("configs/serve.yaml")
 _config_file: ContextVar[Path | None] = ContextVar("serve_config_file", default=None)
 
 
@@ -27,7 +27,9 @@ class ServeSettings(BaseSettings):
 
     host: Annotated[str, cli()] = Field("127.0.0.1", description="interface to bind; loopback unless asked")
     port: Annotated[int, cli()] = Field(8080, ge=0, le=65535, description="port to listen on")
-    max_batch_size: Annotated[int, cli()] = Field(32, ge=1, le=4096, description="inputs per onnxruntime run")
+    max_batch_size: Annotated[int, cli()] = Field(
+        32, ge=1, le=4096, description="inputs a micro-batch collects (its last request may go past it), and the "
+        "most rows of one onnxruntime run")
     max_wait_ms: Annotated[float, cli()] = Field(5.0, ge=0, le=10_000,
                                                  description="wait for more inputs once the queue is empty")
     max_inputs_per_request: Annotated[int, cli()] = Field(64, ge=1, description="inputs in one request; more: 422")
@@ -97,7 +99,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> ServeSettings
     the environment, and `overrides` (None values are left out). A LayerpruneError on bad values."""
     if config is None:
         env = os.environ.get(ENV_PREFIX + "CONFIG")
-        config = Path(env) if env else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+        config = Path(env) if env else (SERVE_CONFIG if SERVE_CONFIG.is_file() else None)
     if config is not None and not Path(config).is_file():
         raise LayerpruneError(f"serve config {config} not found")
     if config is not None:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from layerprune.bundle import open_bundle
 from layerprune.errors import LayerpruneError
+from layerprune.files import TRITON_CONFIG_FILE, TRITON_LABELS_FILE, TRITON_MODEL_FILE
 
 from .model import public_source
 
 _TRITON_TYPES = {"tensor(int64)": "TYPE_INT64", "tensor(int32)": "TYPE_INT32", "tensor(float)": "TYPE_FP32",
                  "tensor(float16)": "TYPE_FP16"}
-LABELS_FILE = "labels.txt"
 
 
 def write_triton_repository(
@@ -61,8 +61,8 @@ def write_triton_repository(
         raise LayerpruneError(f"refusing to overwrite {model_dir}")
     try:  # OUT under a file, in /proc, read-only: one line, not a traceback
         (model_dir / str(version)).mkdir(parents=True)
-        shutil.copyfile(onnx_file, model_dir / str(version) / "model.onnx")  # the name Triton looks for
-        (model_dir / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
+        shutil.copyfile(onnx_file, model_dir / str(version) / TRITON_MODEL_FILE)
+        (model_dir / TRITON_LABELS_FILE).write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
     except OSError as exc:
         raise LayerpruneError(f"cannot write the model repository {out_dir}: {exc.strerror or exc}") from None
 
@@ -74,7 +74,7 @@ def write_triton_repository(
         ",\n".join(f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {d} ]\n  }}' for n, t, d in inputs),
         "]",
         "output [",
-        ",\n".join(f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {d} ]\n    label_filename: "{LABELS_FILE}"\n  }}'
+        ",\n".join(f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {d} ]\n    label_filename: "{TRITON_LABELS_FILE}"\n  }}'
                    for n, t, d in outputs),
         "]",
         "dynamic_batching {",
@@ -92,7 +92,7 @@ def write_triton_repository(
         f'  value: {{ string_value: "{manifest.max_length}" }}',
         "}",
     ]
-    (model_dir / "config.pbtxt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (model_dir / TRITON_CONFIG_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return model_dir
 
 

@@ -1,4 +1,5 @@
-"""The bundle contract (issue 9, item 2): the manifest carries what consumers need, and they read only it."""
+"""The bundle contract (issue 9, item 2): the manifest carries what consumers need, and they read only it.
+The bundle is conftest's (shared with the serving tests); answers are checked against conftest.Reference."""
 
 from __future__ import annotations
 
@@ -13,18 +14,12 @@ import numpy as np
 import pytest
 
 from layerprune.artifacts import MANIFEST_SCHEMA, Manifest, load_artifact
-from layerprune.bundle import BundleError, open_bundle, sha256_file, verify_bundle
+from layerprune.bundle import BundleError, open_bundle, verify_bundle
 from layerprune.errors import LayerpruneError
 from layerprune.runtime import OnnxClassifier
 from serve.model import load_model
 from serve.triton import write_triton_repository
-from conftest import ROOT, ServerProcess
-from test_serve import _bundle, _serving
-
-
-@pytest.fixture(scope="module")
-def bundle(minilm_dir, tmp_path_factory) -> Path:
-    return _bundle(tmp_path_factory.mktemp("contract"), minilm_dir, pair=False)
+from conftest import ROOT, ServerProcess, by_label, serving, sha256
 
 
 def _edited(bundle: Path, out: Path, **changes) -> Path:
@@ -47,8 +42,9 @@ def test_manifest_names_labels_and_parts(bundle: Path) -> None:
     assert all(name in manifest.files and (bundle / name).is_file() for name in named), named
 
 
-def test_server_and_triton_answer_with_the_manifests_labels(bundle: Path, tmp_path: Path) -> None:
-    """config.json says negative/positive; a manifest that says otherwise is what every consumer uses."""
+def test_server_and_triton_answer_with_the_manifests_labels(bundle: Path, reference, tmp_path: Path) -> None:
+    """config.json says negative/positive; a manifest that says otherwise is what every consumer uses, for the
+    same outputs in the same order (bad = output 0, good = output 1)."""
     renamed = _edited(bundle, tmp_path / "renamed", labels=["bad", "good"])
     assert load_model(renamed).info()["labels"] == ["bad", "good"]
     assert open_bundle(renamed).classifier.labels == ["bad", "good"]
@@ -57,10 +53,12 @@ def test_server_and_triton_answer_with_the_manifests_labels(bundle: Path, tmp_pa
     server = ServerProcess(renamed)
     try:
         url = server.wait_ready().url
-        answer = httpx.post(f"{url}/predict", json={"inputs": ["a fine movie"]}, timeout=60).json()
+        texts = ["a fine movie", "a dull, lifeless remake"]
+        answer = httpx.post(f"{url}/predict", json={"inputs": texts, "raw_scores": True}, timeout=60).json()
     finally:
         server.stop()
-    assert sorted(d["label"] for d in answer[0]) == ["bad", "good"]
+    assert [sorted(d["label"] for d in row) for row in answer] == [["bad", "good"]] * 2
+    np.testing.assert_allclose(by_label(answer, ["bad", "good"]), reference.logits(texts), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -145,7 +143,7 @@ def _renamed_parts(bundle: Path, out: Path, names: dict[str, str]) -> Path:
     return out
 
 
-def test_parts_with_other_names_are_opened_and_served(bundle: Path, tmp_path: Path) -> None:
+def test_parts_with_other_names_are_opened_and_served(bundle: Path, reference, tmp_path: Path) -> None:
     """The runtime opens the files the manifest names, not the default names (issue 9: one bundle contract)."""
     names = {"model": "graph.onnx", "config": "hf-config.json", "tokenizer": "wordpiece.json"}
     renamed = _renamed_parts(bundle, tmp_path / "renamed", names)
@@ -155,11 +153,12 @@ def test_parts_with_other_names_are_opened_and_served(bundle: Path, tmp_path: Pa
     opened = open_bundle(renamed)
     assert opened.classifier.model_path == renamed / "graph.onnx"
     texts = ["a fine movie", "a dull, lifeless remake"]
-    np.testing.assert_allclose(opened.classifier.logits(texts), open_bundle(bundle).classifier.logits(texts), atol=1e-6)
-    with _serving(renamed) as client:
-        assert client.get("/info").json()["model_sha"] == sha256_file(renamed / "graph.onnx")
-        answer = client.post("/predict", json={"inputs": texts})
+    want = reference.logits(texts)  # the original bundle's file: the same bytes as graph.onnx
+    np.testing.assert_allclose(opened.classifier.logits(texts), want, rtol=0, atol=1e-4)
+    with serving(renamed) as client:
+        assert client.get("/info").json()["model_sha"] == sha256(renamed / "graph.onnx")
+        answer = client.post("/predict", json={"inputs": texts, "raw_scores": True})
     assert answer.status_code == 200, answer.text
-    assert [sorted(d["label"] for d in row) for row in answer.json()] == [["negative", "positive"]] * 2
+    np.testing.assert_allclose(by_label(answer.json(), reference.labels), want, rtol=0, atol=1e-4)
     onnx = (write_triton_repository(renamed, tmp_path / "triton") / "1" / "model.onnx").read_bytes()
     assert onnx == (renamed / "graph.onnx").read_bytes()

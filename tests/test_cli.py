@@ -49,7 +49,7 @@ def test_analyze_local_data_end_to_end(tiny_models, sentiment_csv, tmp_path, cap
     ], capsys)
     assert code == 0, err
     report = json.loads((run / "analysis.json").read_text())
-    assert f"keep {report['recommended_keep_layers']} of {TINY_LAYERS} layers" in out
+    assert f"recommended: keep {report['boundary']} of {TINY_LAYERS} layers" in out
     assert (run / "cka.png").is_file()
 
 

@@ -35,7 +35,7 @@ def block_matrix(
 
 
 def assert_contiguous_increasing(labels: list[int | None], k: int) -> None:
-    """Valid labels are 0..k-1, non-decreasing in depth, each used exactly once as a run."""
+    """Valid labels are 0..k-1, non-decreasing in layer order, each used exactly once as a run."""
     valid = [lab for lab in labels if lab is not None]
     assert valid[0] == 0
     assert all(b - a in (0, 1) for a, b in zip(valid, valid[1:]))
@@ -167,7 +167,7 @@ def test_contiguity_tie_broken_by_affinity() -> None:
     assert _contiguous_labels(labels, 2, late).tolist() == [0, 0, 1, 1, 1, 1]
 
 
-def test_contiguity_relabels_by_depth_and_keeps_clean_runs() -> None:
+def test_contiguity_relabels_by_layer_order_and_keeps_clean_runs() -> None:
     assert _contiguous_labels(np.array([2, 2, 0, 0, 0, 1, 1]), 3).tolist() == [0, 0, 1, 1, 1, 2, 2]
     # Best split: [1,0,1,1 | 0,0,0,1] agrees with 6 of 8 labels.
     result = _contiguous_labels(np.array([1, 0, 1, 1, 0, 0, 0, 1]), 2)

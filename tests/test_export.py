@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,16 +12,17 @@ import pytest
 from conftest import SENTENCES, TINY_LAYERS
 from layerprune.analyze import AnalyzeOptions, analyze
 from layerprune.artifacts import AnalysisReport, DepthReport, Manifest, ValidationReport, load_artifact
-from layerprune.export import ExportOptions, _choose_depth, export_bundle
+from layerprune.depth_search import choose_depth, error_budget
+from layerprune.export import ExportOptions, _augmented, _heal_texts, export_bundle
 from layerprune.bundle import BundleError, servable_bundle, verify_bundle
 from layerprune.cli import main
 from layerprune.data import task_from_files
 from layerprune.errors import LayerpruneError
-from layerprune.heal import DistillOptions
+from layerprune.heal import DistillOptions, WholeOptions
 from layerprune.tasks import TaskConfig
-from layerprune.validate import calibration_and_holdout, compare, forecast, validate_bundle
+from layerprune.validate import calibration_and_holdout, certifiable_disagreement, compare, forecast, validate_bundle
 
-FAST = dict(device="cpu", batch_size=8)
+FAST = dict(device="cpu", batch_size=8, augment=0)  # augment: tests below that ask for it
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def reviews(tmp_path_factory) -> Path:
 def run_dir(tiny_models, reviews, tmp_path_factory) -> Path:
     task = task_from_files(reviews, "text", "label", train_file=reviews)
     run = tmp_path_factory.mktemp("runs") / "run"
-    analyze(str(tiny_models["bert"]), task, run, AnalyzeOptions(**FAST))
+    analyze(str(tiny_models["bert"]), task, run, AnalyzeOptions(device="cpu", batch_size=8))
     return run
 
 
@@ -183,13 +185,13 @@ def test_train_texts_heal_but_never_bound_agreement(run_dir: Path, tmp_path: Pat
 def test_distill_heal_with_unlabeled_texts(run_dir: Path, tmp_path: Path) -> None:
     texts = tmp_path / "in-domain.jsonl"
     texts.write_text("".join(f'{{"review": "{t}, {w}"}}\n' for t, _ in SENTENCES for w in ("truly", "sadly", "so")))
-    opts = ExportOptions(keep_layers=2, heal_layers=2, heal_data=texts, heal_text_field="review", heal_examples=24,
+    opts = ExportOptions(keep_layers=2, heal="distill", heal_layers=2, heal_data=texts, heal_text_field="review", heal_examples=24,
                          distill=DistillOptions(lr=1e-2), **FAST)
     result = export_bundle(run_dir, tmp_path / "d", opts)
     depth = result.depth
     assert depth.heal == "distill" and not depth.heal_labelled and depth.n_heal == 24 and depth.n_agreement == 12
     assert [run.depth for run in depth.heal_runs] == [2] and depth.heal_runs[0].n_train == 24
-    assert depth.scores[1].metric_distilled is not None and result.manifest.heal == "distill"
+    assert depth.scores[1].metric_healed is not None and result.manifest.heal == "distill"
     from layerprune.models import layer_list, load_classifier
 
     analysis = load_artifact(AnalysisReport, run_dir / "analysis.json")
@@ -202,6 +204,33 @@ def test_distill_heal_with_unlabeled_texts(run_dir: Path, tmp_path: Path) -> Non
         export_bundle(run_dir, tmp_path / "h", ExportOptions(keep_layers=2, heal="head", heal_data=texts,
                                                              heal_text_field="review", **FAST))
     assert not (tmp_path / "h").exists()
+
+
+def test_agreement_texts_never_overlap_heal_texts(run_dir: Path, tmp_path: Path) -> None:
+    """--heal-data: the heal texts and their augmented copies come from the first part of the file, the
+    agreement texts from the rest, and no agreement text is a heal text or a copy made from one; the train
+    split never bounds agreement. The whole-model heal (the default) trains on all of them."""
+    texts = tmp_path / "in-domain.jsonl"
+    rows = [f"{t}, {w}" for t, _ in SENTENCES for w in ("truly", "sadly", "so", "oddly")]
+    texts.write_text("".join(f'{{"review": "{r}"}}\n' for r in rows))
+    opts = ExportOptions(keep_layers=2, heal_data=texts, heal_text_field="review", agreement_examples=16,
+                         **{**FAST, "augment": 2})
+    task = load_artifact(AnalysisReport, run_dir / "analysis.json").task_config
+    plain = _heal_texts(task, None, opts)
+    assert plain.examples.texts == rows[:32] and plain.agreement.texts == rows[32:], "the file's order, cut once"
+    healing = _augmented(plain, task, opts)
+    assert len(healing.examples) == 3 * 32 and healing.labels is None
+    assert not set(healing.examples.texts) & set(healing.agreement.texts), "an agreement text was healed on"
+    agreement_words = {w for t in plain.agreement.texts for w in t.split()} - {w for t in rows[:32] for w in t.split()}
+    assert not any(set(t.split()) & agreement_words for t in healing.examples.texts), "augmentation saw the rest"
+    train = _heal_texts(task, None, ExportOptions(**FAST))
+    assert train.agreement is None and train.labels is not None, "train texts heal, never bound agreement"
+
+    result = export_bundle(run_dir, tmp_path / "w", dataclasses.replace(opts, whole=WholeOptions(epochs=1)))
+    depth = result.depth
+    assert depth.heal == "whole" == result.manifest.heal and not depth.heal_labelled
+    assert depth.n_heal == 96 and depth.n_agreement == 16 and depth.heal_runs[0].mode == "whole"
+    assert depth.scores[1].forecast.n_agreement == depth.n_calibration + 16
 
 
 def test_calibration_and_holdout_are_disjoint(reviews: Path) -> None:
@@ -246,7 +275,7 @@ def test_auto_search(boundary, passing, expected, probed) -> None:
         alphas.setdefault(depth, alpha)
         return depth in passing
 
-    assert _choose_depth(passes, boundary, 6, "auto", 0.04) == expected
+    assert choose_depth(passes, boundary, 6, "auto", 0.04) == expected
     assert list(dict.fromkeys(seen)) == probed
     assert alphas[boundary] == 0.04, "the boundary, and the walk down from it, at the full rate"
     above = [d for d in probed if d > boundary]
@@ -255,11 +284,9 @@ def test_auto_search(boundary, passing, expected, probed) -> None:
 
 
 def test_error_budget_splits_alpha_over_forecasts() -> None:
-    from layerprune.export import ExportOptions, _error_budget
-
-    plain = _error_budget(ExportOptions(alpha=0.05))
+    plain = error_budget(ExportOptions(alpha=0.05))
     assert (plain.depth, plain.variants) == (0.05, 0)
-    int8 = _error_budget(ExportOptions(alpha=0.05, quantize="int8"))
+    int8 = error_budget(ExportOptions(alpha=0.05, quantize="int8"))
     assert int8.depth + int8.variants * int8.per_variant == pytest.approx(0.05)
     assert int8.per_variant == pytest.approx(0.0125)
 
@@ -278,6 +305,27 @@ def test_forecast_is_stricter_at_a_smaller_error_rate() -> None:
     assert (loose.alpha, strict.alpha) == (0.2, 0.0125)
     assert strict.lower_bound < loose.lower_bound
     assert loose.passes and not strict.passes
+
+
+def test_certifiable_disagreement_by_hand_and_by_the_forecast() -> None:
+    """n_c (tol / (z sqrt(1 + n_c / n_h)))^2: 1056 (0.01 / (1.96 sqrt 2))^2 = 1.37% at alpha 2.5%, by hand. A
+    candidate with a zero calibration delta passes the labelled forecast a little below it, not a little
+    above (half its disagreements right where the original was wrong, half wrong where it was right)."""
+    assert certifiable_disagreement(0.01, 0.025, 1056, 1056) == pytest.approx(1056 * (0.01 / (1.959964 * 2 ** 0.5)) ** 2)
+    assert certifiable_disagreement(0.01, 0.025, 1056, 1056) == pytest.approx(0.01375, abs=5e-5)
+    assert certifiable_disagreement(0.0, 0.05, 1000, 1000) == 0.0
+    needed = certifiable_disagreement(0.01, 0.05, 4000, 4000)
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 4000)
+    for share, passes in ((0.8 * needed, True), (1.25 * needed, False)):
+        original = np.eye(2)[labels] * 2.0
+        candidate = original.copy()
+        flip = rng.choice(4000, 2 * int(round(share * 2000)), replace=False)
+        half = len(flip) // 2
+        candidate[flip[:half]] = np.eye(2)[1 - labels[flip[:half]]] * 2.0
+        original[flip[half:]] = np.eye(2)[1 - labels[flip[half:]]] * 2.0
+        guess = forecast(_task(), labels, original, candidate, 0.01, n_holdout=4000, alpha=0.05)
+        assert guess.delta == 0.0 and guess.passes == passes, (share, guess)
 
 
 def test_compare_pass_and_fail() -> None:

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import SENTENCES, TINY_CONFIGS
+from conftest import SENTENCES, TINY_CONFIGS, TINY_LAYERS
 from layerprune.data import Examples
 from layerprune.errors import LayerpruneError, ModelError
-from layerprune.heal import DistillOptions, distill, distillation_loss, encode_texts, token_states
+from layerprune.heal import (
+    DistillOptions, WholeOptions, augment_texts, distill, encode_texts, heal_at, heal_whole, layer_map, token_states)
+from layerprune.heal.loss import distillation_loss
 from layerprune.hidden import forward_all_layers, make_batches, predict_logits
-from layerprune.models import load_classifier, run_layers_on
+from layerprune.models import layer_list, load_classifier, run_layers_on
 from layerprune.prune import truncate
 
 LAYERED = [mt for mt in TINY_CONFIGS if mt != "albert"]  # ALBERT shares one set of weights across layers
@@ -29,7 +32,7 @@ def examples() -> Examples:
 
 
 def _texts(model, tokenizer, examples, depths=frozenset({0})):
-    return encode_texts(model, tokenizer, examples, batch_size=8, max_length=64, keep_depths=set(depths))
+    return encode_texts(model, tokenizer, examples, batch_size=8, max_length=64, keep_tokens=set(depths))
 
 
 @pytest.mark.parametrize("model_type", LAYERED)
@@ -42,7 +45,7 @@ def test_untrained_heal_is_the_truncated_model(tiny_models, examples, model_type
     healed = distill(model, depth, texts, examples.labels, opts=DistillOptions(heal_layers=heal_layers, epochs=0))
     truncated = truncate(copy.deepcopy(model), depth)
     reference = predict_logits(truncated, tokenizer, examples, batch_size=8, max_length=64)
-    np.testing.assert_allclose(healed.logits(texts, model), reference, atol=1e-4)
+    np.testing.assert_allclose(healed.logits(texts), reference, atol=1e-4)
     healed.install(truncated)
     np.testing.assert_allclose(predict_logits(truncated, tokenizer, examples, batch_size=8, max_length=64),
                                reference, atol=1e-6)
@@ -67,8 +70,8 @@ def test_distillation_brings_the_truncated_model_towards_the_original(tiny_model
     logits_only = DistillOptions(feature_weight=0.0)  # the made-up teacher has no states to match
     before = distill(model, 2, texts, None, opts=dataclasses.replace(logits_only, epochs=0))
     after = distill(model, 2, texts, None, opts=dataclasses.replace(logits_only, epochs=30, lr=3e-3, patience=30))
-    gap = lambda healed: float(np.abs(healed.logits(texts, model) - texts.logits).mean())  # noqa: E731
-    assert after.epochs > 0 and after.steps > 0
+    gap = lambda healed: float(np.abs(healed.logits(texts) - texts.logits).mean())  # noqa: E731
+    assert after.stats.epochs > 0 and after.steps > 0
     assert gap(after) < 0.5 * gap(before), "30 epochs of distillation halve the logit gap to the teacher"
     original = [p.detach().clone() for p in model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(original, model.parameters())), "the original is untouched"
@@ -105,19 +108,22 @@ def test_held_out_tenth_chooses_the_epoch(tiny_models) -> None:
                     labels=np.zeros(120, dtype=np.int64))
     texts = _texts(model, tokenizer, many)
     healed = distill(model, 2, texts, None, opts=DistillOptions(epochs=1, lr=0.0))
-    assert healed.n_held_out > 0 and healed.n_train + healed.n_held_out == 120
-    assert healed.epochs == 0, "a zero learning rate never beats epoch 0 on the held-out texts"
+    assert healed.stats.n_held_out > 0 and healed.stats.n_train + healed.stats.n_held_out == 120
+    assert healed.stats.epochs == 0, "a zero learning rate never beats epoch 0 on the held-out texts"
 
 
 def test_distillation_loss_is_zero_at_the_teacher_and_grows_away_from_it() -> None:
     teacher = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
-    opts = DistillOptions()
-    assert float(distillation_loss(teacher, teacher, None, False, opts)) == pytest.approx(0.0, abs=1e-7)
-    assert float(distillation_loss(teacher.flip(-1), teacher, None, False, opts)) > 0.1
-    with_labels = distillation_loss(teacher, teacher, torch.tensor([0, 0]), False, opts)
+    loss = functools.partial(distillation_loss, temperature=2.0, label_weight=0.5)
+    assert float(loss(teacher, teacher, None, False)) == pytest.approx(0.0, abs=1e-7)
+    assert float(loss(teacher.flip(-1), teacher, None, False)) > 0.1
+    with_labels = loss(teacher, teacher, torch.tensor([0, 0]), False)
     ce = torch.nn.functional.cross_entropy(teacher, torch.tensor([0, 0]))
     assert float(with_labels) == pytest.approx(0.5 * float(ce), rel=1e-6), "label term weighted 0.5"
-    assert float(distillation_loss(teacher[:, :1], teacher[:, :1], None, True, opts)) == 0.0
+    unlabeled = loss(teacher, teacher, torch.tensor([0, -1]), False)
+    ce_first = torch.nn.functional.cross_entropy(teacher[:1], torch.tensor([0]))
+    assert float(unlabeled) == pytest.approx(0.5 * float(ce_first), rel=1e-6), "label -1 (augmented) is skipped"
+    assert float(loss(teacher[:, :1], teacher[:, :1], None, True)) == 0.0
 
 
 def test_albert_layers_cannot_run_alone(tiny_models, examples) -> None:
@@ -127,3 +133,123 @@ def test_albert_layers_cannot_run_alone(tiny_models, examples) -> None:
             pass
     with pytest.raises(LayerpruneError, match="cannot re-tune 3 layers"):
         distill(model, 2, _texts(model, tokenizer, examples), None, opts=DistillOptions(heal_layers=3))
+
+
+# --------------------------------------------------------------------------- the whole-model heal
+
+@pytest.mark.parametrize("depth,total,expected", [(3, 12, [4, 8, 12]), (6, 12, [2, 4, 6, 8, 10, 12]),
+                                                  (4, 6, [2, 3, 5, 6]), (5, 6, [1, 2, 4, 5, 6]), (1, 4, [4])])
+def test_layer_map_spreads_the_kept_layers_evenly(depth, total, expected) -> None:
+    """j * total / depth rounded half up, by hand: the top kept layer always matches the last layer."""
+    assert layer_map(depth, total) == expected
+
+
+@pytest.mark.parametrize("model_type", ["bert", "mpnet", "distilbert"])
+def test_untrained_whole_heal_is_the_truncated_model(tiny_models, examples, model_type) -> None:
+    """Zero epochs: the student is the original truncated at the depth, as transformers computes it."""
+    model, tokenizer = load_classifier(tiny_models[model_type], num_labels=2, device="cpu")
+    texts = _texts(model, tokenizer, examples)
+    healed = heal_whole(model, 2, texts, examples.labels, opts=WholeOptions(epochs=0))
+    truncated = truncate(copy.deepcopy(model), 2)
+    reference = predict_logits(truncated, tokenizer, examples, batch_size=8, max_length=64)
+    np.testing.assert_allclose(healed.logits(texts), reference, atol=1e-5)
+    healed.install(truncated)
+    np.testing.assert_allclose(predict_logits(truncated, tokenizer, examples, batch_size=8, max_length=64),
+                               reference, atol=1e-6)
+
+
+def test_whole_heal_trains_every_kept_layer_towards_the_original(tiny_models, examples) -> None:
+    """Every kept layer changes (the lower ones are not frozen), the embeddings stay, the original is left
+    as it was, and the truncated model's logits move towards the original's (both checked against
+    transformers' own forward pass of the installed model)."""
+    model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    texts = _texts(model, tokenizer, examples)
+    # A random tiny model's depths all say about the same; a teacher that tells the sentiment apart does not.
+    texts.logits = (np.eye(2)[examples.labels] * 4 - 2).astype(np.float32)
+    opts = WholeOptions(epochs=30, lr=3e-3, warmup=0.0, label_weight=0.0, first_weight=0.0, token_weight=0.0)
+    healed = heal_whole(model, 2, texts, None, opts=opts)
+    assert all(v.equal(model.state_dict()[k]) for k, v in before_state.items()), "the original is not changed"
+    truncated = truncate(copy.deepcopy(model), 2)
+    untrained = predict_logits(truncated, tokenizer, examples, batch_size=8, max_length=64)
+    healed.install(truncated)
+    for i, (kept, original) in enumerate(zip(layer_list(truncated), layer_list(model))):
+        moved = [not a.equal(b) for a, b in zip(kept.parameters(), original.parameters())]
+        assert all(moved), f"layer {i + 1}: {moved.count(False)} of its tensors stayed frozen"
+    assert truncated.bert.embeddings.word_embeddings.weight.equal(model.bert.embeddings.word_embeddings.weight)
+    served = predict_logits(truncated, tokenizer, examples, batch_size=8, max_length=64)
+    np.testing.assert_allclose(healed.logits(texts), served, atol=1e-4)
+    gap = lambda logits: float(np.abs(logits - texts.logits).mean())  # noqa: E731
+    assert gap(served) < 0.5 * gap(untrained), (gap(untrained), gap(served))
+    assert healed.stats.mode == "whole" and healed.stats.epochs_run == 30
+
+
+def test_whole_heal_matches_token_states_when_asked(tiny_models, examples) -> None:
+    """With token_weight > 0 the original's token states at the mapped layers are computed (only those),
+    and the loss at epoch 0 grows by their gap, which a hand computation gives."""
+    model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
+    texts = _texts(model, tokenizer, examples)
+    heal_whole(model, 2, texts, None, opts=WholeOptions(epochs=0, token_weight=1.0))
+    assert set(texts.tokens) == {0, *layer_map(2, TINY_LAYERS)}, "the targets alone are cached"
+    off = _texts(model, tokenizer, examples)
+    heal_whole(model, 2, off, None, opts=WholeOptions(epochs=0, token_weight=0.0))
+    assert set(off.tokens) == {0}
+
+
+def test_whole_heal_starts_from_a_deeper_heal(tiny_models, examples) -> None:
+    model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
+    texts = _texts(model, tokenizer, examples)
+    deeper = heal_whole(model, 3, texts, None, opts=WholeOptions(epochs=5, lr=3e-3))
+    started = heal_whole(model, 2, texts, None, opts=WholeOptions(epochs=0), start=deeper)
+    for mine, theirs in zip(layer_list(started.student), layer_list(deeper.student)[:2]):
+        assert all(a.equal(b) for a, b in zip(mine.parameters(), theirs.parameters()))
+    with pytest.raises(LayerpruneError, match="cannot start"):
+        heal_whole(model, 3, texts, None, opts=WholeOptions(epochs=0), start=started)
+
+
+def test_every_heal_meets_the_interface(tiny_models, examples) -> None:
+    """none, head, distill and whole: logits at the depth equal what the installed truncated model computes."""
+    model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
+    texts = _texts(model, tokenizer, examples, depths={0, 1})
+    for mode in ("none", "head", "distill", "whole"):
+        heal = heal_at(mode, model, 2, texts, examples.labels, regression=False,
+                       distill_opts=DistillOptions(epochs=1), whole_opts=WholeOptions(epochs=1))
+        assert heal.depth == 2 and (heal.stats is None) == (mode == "none")
+        truncated = truncate(copy.deepcopy(model), 2)
+        heal.install(truncated)
+        served = predict_logits(truncated, tokenizer, examples, batch_size=8, max_length=64)
+        np.testing.assert_allclose(heal.logits(texts), served, atol=2e-3, err_msg=mode)  # fp16 cached inputs
+
+
+# --------------------------------------------------------------------------- augmentation
+
+def test_augmented_texts_are_new_in_domain_and_unlabeled(examples) -> None:
+    new = augment_texts(examples, copies=3, seed=0)
+    assert len(new) == 3 * len(examples) and (new.labels == -1).all() and new.pairs is None
+    assert augment_texts(examples, copies=3, seed=0).texts == new.texts, "seeded"
+    vocabulary = {w for t in examples.texts for w in t.split()}
+    assert all(set(t.split()) <= vocabulary for t in new.texts), "only words of the heal texts"
+    crops = new.texts[0::3][:len(examples)]  # copy 0 of text 0, 3, ...: the crops
+    for i, crop in zip(range(0, len(examples), 3), crops):
+        assert f" {crop} " in f" {examples.texts[i]} " or len(examples.texts[i].split()) < 4
+    assert sum(t not in set(examples.texts) for t in new.texts) > 0.8 * len(new), "most are new texts"
+
+
+def test_pairs_are_augmented_on_both_sides() -> None:
+    pairs = Examples(texts=["a b c d e", "f g h i"], pairs=["j k l", "m n o p"], labels=np.array([0, 1]))
+    new = augment_texts(pairs, copies=2, seed=1)
+    assert len(new.texts) == len(new.pairs) == 4
+    assert all(len(t.split()) == len(s.split()) for t, s in zip(new.texts, pairs.texts * 2))
+
+
+def test_the_minutes_cap_shortens_the_schedule_by_hand() -> None:
+    """A step costs ~3 held-out forward passes: 1 s for 10 held-out batches -> 0.3 s a step; one minute less
+    three held-out passes (3 s) leaves 57 s: 190 of the 300 planned steps."""
+    from layerprune.heal.whole import _steps_within_budget
+
+    opts = WholeOptions(epochs=3, minutes=1.0)
+    assert _steps_within_budget(opts, train=100, held=10, held_seconds=1.0) == 190
+    assert _steps_within_budget(dataclasses.replace(opts, minutes=None), 100, 10, 1.0) == 300
+    assert _steps_within_budget(dataclasses.replace(opts, minutes=60.0), 100, 10, 1.0) == 300, "never more"
+    assert _steps_within_budget(dataclasses.replace(opts, minutes=1e-4), 100, 10, 1.0) == 1, "at least one"
+    assert _steps_within_budget(opts, train=100, held=0, held_seconds=0.0) == 300, "nothing held out: no clock"

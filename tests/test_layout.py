@@ -1,4 +1,5 @@
-"""The house rules of DESIGN.md, checked on the source: what may import what, and the installed command."""
+"""The house rules of docs/design.md ("What may import what"), checked on the source: what may import what, and
+the installed command."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# docs/design.md's list, and depth_search (export's depth search: transformers, heal, prune).
 TRAINING_SIDE = {"analyze", "export", "onnx_export", "finetune", "heal", "hidden", "models", "prune", "validate",
-                 "demo", "cli", "plots"}
+                 "demo", "cli", "plots", "depth_search"}
+
+
+def test_the_rules_cited_here_exist() -> None:
+    assert "## What may import what" in (ROOT / "docs" / "design.md").read_text()
 
 
 def _imports(path: Path) -> set[str]:

@@ -12,20 +12,21 @@ from transformers import AutoConfig, AutoModel
 from conftest import TINY_CONFIGS, TINY_LAYERS
 from layerprune.architectures import position_offset
 from layerprune.errors import ModelError
+from layerprune.files import CONFIG_FILE
 from layerprune.models import (
     ARCHITECTURES,
     layer_list,
     load_classifier,
-    num_layers,
     resolve_checkpoint,
+    total_layers,
 )
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
-def test_table_finds_layers_and_depth(tiny_models: dict[str, Path], model_type: str) -> None:
+def test_table_finds_layers_and_total_layers(tiny_models: dict[str, Path], model_type: str) -> None:
     model, tokenizer = load_classifier(tiny_models[model_type], device="cpu")
     assert model.config.model_type == model_type
-    assert num_layers(model.config) == TINY_LAYERS
+    assert total_layers(model.config) == TINY_LAYERS
     layers = layer_list(model)
     assert isinstance(layers, torch.nn.ModuleList)
     # ALBERT shares one layer group across its depth; the others hold one module per layer.
@@ -38,11 +39,12 @@ def test_table_finds_layers_and_depth(tiny_models: dict[str, Path], model_type: 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
 def test_table_reads_config_json(tiny_models: dict[str, Path], model_type: str) -> None:
-    """The torch-free readers (runtime, benchmarks) get the same depth and position offset from config.json
-    as the model itself has: n_layers for DistilBERT, padding_idx + 1 where positions start after padding."""
+    """The torch-free readers (runtime, benchmarks) get the same layer count and position offset from
+    config.json as the model itself has: n_layers for DistilBERT, padding_idx + 1 where positions start
+    after padding."""
     model, _ = load_classifier(tiny_models[model_type], device="cpu")
-    config = json.loads((tiny_models[model_type] / "config.json").read_text())
-    assert num_layers(config) == num_layers(model.config) == TINY_LAYERS
+    config = json.loads((tiny_models[model_type] / CONFIG_FILE).read_text())
+    assert total_layers(config) == total_layers(model.config) == TINY_LAYERS
     embeddings = getattr(model, ARCHITECTURES[model_type].base).embeddings
     padding_idx = getattr(embeddings, "padding_idx", None)  # only the position-offset models keep it
     assert position_offset(config) == (0 if padding_idx is None else padding_idx + 1)
@@ -63,7 +65,7 @@ def test_missing_checkpoint(tmp_path: Path) -> None:
 
 
 def test_unreadable_config(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / CONFIG_FILE).write_text("{not json")
     with pytest.raises(ModelError, match="cannot read the checkpoint config"):
         load_classifier(tmp_path)
 

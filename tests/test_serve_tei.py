@@ -1,50 +1,30 @@
 """text-embeddings-inference compatibility: TEI's own client (huggingface_hub's InferenceClient) against a real
-uvicorn server, TEI's routes (POST /, GET /info, /health), batch form, status codes, error bodies and headers."""
+uvicorn server, TEI's routes (POST /, GET /info, /health), batch form, status codes, error bodies and headers.
+Scores are checked against transformers' text-classification pipeline on the same ONNX file (conftest.Reference).
+The bundle, `client` and `server` are conftest's."""
 
 from __future__ import annotations
 
-import numpy as np
+import hashlib
+import json
+
+import onnxruntime as ort
 import pytest
 
-from conftest import SENTENCES, ServerProcess
-from test_serve import _bundle, _client, _serving
+from conftest import TEXTS, make_client, serving
 
-TEXTS = [t for t, _ in SENTENCES]
 TIMING_HEADERS = ["x-compute-time", "x-tokenization-time", "x-queue-time", "x-inference-time", "x-total-time"]
 
 
-@pytest.fixture(scope="module")
-def bundle(minilm_dir, tmp_path_factory):
-    return _bundle(tmp_path_factory.mktemp("tei"), minilm_dir, pair=False)
-
-
-@pytest.fixture(scope="module")
-def client(bundle):
-    with _serving(bundle) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def offline(client) -> dict[str, np.ndarray]:
-    """Softmax probabilities per text, from the bundle's own classifier."""
-    model = client.app.state.model
-    return {t: row for t, row in zip(TEXTS, model.scores(model.classifier.logits(TEXTS), raw=False))}
-
-
-@pytest.fixture(scope="module")
-def server(bundle):
-    srv = ServerProcess(bundle, "--max-wait-ms", "2")
-    try:
-        yield srv.wait_ready().url
-    finally:
-        srv.stop()
+def _approx(ranked: list[tuple[str, float]], abs: float = 1e-5) -> list:
+    return [(label, pytest.approx(score, abs=abs)) for label, score in ranked]
 
 
 @pytest.fixture
 def hub(monkeypatch):
     """huggingface_hub allowed to reach this loopback server (the suite runs with HF_HUB_OFFLINE=1, which makes
     its HTTP session refuse every URL, a local one included); the hub itself stays unreachable."""
-    hub = pytest.importorskip("huggingface_hub", reason="install the 'test' extra (huggingface_hub)")
+    import huggingface_hub as hub  # the test extra: missing, the test fails
     from huggingface_hub import constants
     from huggingface_hub.utils import reset_sessions
 
@@ -55,26 +35,20 @@ def hub(monkeypatch):
     reset_sessions()
 
 
-def _ranked(probs: np.ndarray, labels: list[str]) -> list[tuple[str, float]]:
-    order = np.argsort(-probs, kind="stable")
-    return [(labels[j], float(probs[j])) for j in order]
-
-
 # --- TEI's client against the real server -------------------------------------------------------------------
 
 
-def test_inference_client_text_classification(hub, server, client, offline) -> None:
+def test_inference_client_text_classification(hub, server, reference) -> None:
     tei = hub.InferenceClient(model=server, timeout=30)
-    labels = client.app.state.model.labels
-    for text in TEXTS[:4]:
-        want = _ranked(offline[text], labels)
+    for text in TEXTS[:6]:
+        want = reference.ranked(text)
         every = tei.text_classification(text)
-        assert [(e.label, pytest.approx(e.score, abs=1e-5)) for e in every] == want
+        assert [(e.label, e.score) for e in every] == _approx(want)
         (top,) = tei.text_classification(text, top_k=1)
-        assert (top.label, top.score) == (want[0][0], pytest.approx(want[0][1], abs=1e-5))
-    raw = tei.text_classification(TEXTS[0], function_to_apply="none")
-    logits = client.app.state.model.classifier.logits([TEXTS[0]])[0]
-    assert {e.label: e.score for e in raw} == {labels[i]: pytest.approx(float(v), abs=1e-4) for i, v in enumerate(logits)}
+        assert [(top.label, top.score)] == _approx(want[:1])
+    for text in TEXTS[:2]:
+        raw = tei.text_classification(text, function_to_apply="none")
+        assert [(e.label, e.score) for e in raw] == _approx(reference.ranked(text, function_to_apply="none"), 1e-4)
 
 
 def test_inference_client_errors_are_tei_errors(hub, server) -> None:
@@ -85,20 +59,18 @@ def test_inference_client_errors_are_tei_errors(hub, server) -> None:
     assert exc.value.response.json()["error_type"] == "Empty"
 
 
-def test_real_server_speaks_tei(server, client, offline) -> None:
+def test_real_server_speaks_tei(server, reference) -> None:
     import httpx
 
-    labels = client.app.state.model.labels
     with httpx.Client(base_url=server, timeout=30) as http:
         assert http.get("/health").status_code == 200 and http.get("/").status_code == 200
         info = http.get("/info").json()
-        assert info["model_type"]["classifier"]["id2label"] == {str(i): x for i, x in enumerate(labels)}
-        r = http.post("/", json={"inputs": [[TEXTS[0]], [TEXTS[1]]]})
+        assert info["model_type"]["classifier"]["id2label"] == {str(i): x for i, x in enumerate(reference.labels)}
+        r = http.post("/", json={"inputs": [[t] for t in TEXTS[:6]]})
         assert r.status_code == 200
         assert all(h in r.headers and r.headers[h].isdigit() for h in TIMING_HEADERS), dict(r.headers)
         got = [[(d["label"], d["score"]) for d in row] for row in r.json()]
-        for row, text in zip(got, TEXTS[:2]):
-            assert row == [(x, pytest.approx(s, abs=1e-5)) for x, s in _ranked(offline[text], labels)]
+        assert got == [_approx(reference.ranked(text)) for text in TEXTS[:6]]
 
 
 # --- routes (TestClient) --------------------------------------------------------------------------------------
@@ -120,26 +92,34 @@ def test_batch_forms(client) -> None:
     assert top == [one[:1]]  # with parameters: the Inference API's form, a batch of one
 
 
+def _real_providers(client) -> list[str]:
+    """The providers of the onnxruntime session that runs the requests (on a GPU host, CUDA first)."""
+    return list(client.app.state.model.classifier.session.get_providers())
+
+
 def test_info(client, bundle) -> None:
     info = client.get("/info").json()
-    model = client.app.state.model
     settings = client.app.state.settings
+    manifest = json.loads((bundle / "manifest.json").read_text())
     tei_fields = {"model_id", "model_sha", "model_dtype", "served_model_name", "model_type", "max_concurrent_requests",
                   "max_input_length", "max_batch_tokens", "max_batch_requests", "max_client_batch_size",
                   "auto_truncate", "tokenization_workers", "version", "sha", "docker_label"}
     assert tei_fields <= set(info)
     assert info["model_type"] == {"classifier": {"id2label": {"0": "negative", "1": "positive"},
                                                  "label2id": {"negative": 0, "positive": 1}}}
-    assert info["max_input_length"] == model.manifest.max_length == model.classifier.max_length
-    assert info["max_client_batch_size"] == settings.max_inputs_per_request
-    assert info["model_sha"] == model.manifest.files["model.onnx"]
-    assert info["providers"] == ["CPUExecutionProvider"] and info["validated"] is True
+    assert info["max_input_length"] == manifest["max_length"] == 160  # the tiny model's positions
+    assert info["max_client_batch_size"] == settings.max_inputs_per_request == 64
+    assert info["model_sha"] == hashlib.sha256((bundle / "model.onnx").read_bytes()).hexdigest()
+    providers = _real_providers(client)
+    assert info["providers"] == providers and providers[-1] == "CPUExecutionProvider"
+    assert set(providers) <= set(ort.get_available_providers())
+    assert info["validated"] is True
     assert (info["depth"], info["pair_input"]) == (2, False)
-    assert "/" not in info["model_id"] or not info["model_id"].startswith("/")  # never a local path
+    assert info["model_id"] == "model"  # the checkpoint's folder name, never a local path
 
 
 def test_health_before_and_after_warm_up(bundle, client) -> None:
-    cold = _client(bundle)  # no lifespan: never warmed up
+    cold = make_client(bundle)  # no lifespan: never warmed up
     r = cold.get("/health")
     assert r.status_code == 503 and r.json() == {"error": "unhealthy", "error_type": "Unhealthy"}
     r = cold.post("/", json={"inputs": "hi"})
@@ -147,13 +127,15 @@ def test_health_before_and_after_warm_up(bundle, client) -> None:
     assert client.get("/health").status_code == 200
 
 
-def test_timing_headers(client) -> None:
+def test_timing_headers(client, reference) -> None:
     r = client.post("/predict", json={"inputs": TEXTS[:4]})
     h = r.headers
     assert all(h[name].isdigit() for name in TIMING_HEADERS)
     assert int(h["x-total-time"]) >= int(h["x-inference-time"])
-    assert h["x-compute-type"] == "cpu" and int(h["x-compute-characters"]) == sum(map(len, TEXTS[:4]))
-    assert int(h["x-compute-tokens"]) > len(TEXTS[:4]) * 2  # real tokens, special tokens included
+    expected_type = "gpu" if _real_providers(client)[0] == "CUDAExecutionProvider" else "cpu"
+    assert h["x-compute-type"] == expected_type and int(h["x-compute-characters"]) == sum(map(len, TEXTS[:4]))
+    # real tokens, special tokens included, no padding: what transformers' tokenizer makes of them
+    assert int(h["x-compute-tokens"]) == sum(len(ids) for ids in reference.tokenizer(TEXTS[:4])["input_ids"])
 
 
 @pytest.mark.parametrize("body, status, error_type", [
@@ -170,7 +152,7 @@ def test_tei_status_and_error_body(client, body, status, error_type) -> None:
 
 
 def test_backend_failure_is_424(bundle, monkeypatch) -> None:
-    with _serving(bundle) as c:
+    with serving(bundle) as c:
 
         def broken(encoding):
             raise RuntimeError("onnxruntime exploded")

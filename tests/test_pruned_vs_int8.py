@@ -1,0 +1,82 @@
+"""benchmarks/pruned_vs_int8.py on the tiny bundle (a 2-of-4-layer BERT): three rows on the bundle's holdout,
+checked against references the benchmark does not compute (transformers' PyTorch forward of the original, the
+int8 file's graph read with onnx, the manifest). No timing is asserted."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import load_benchmark
+from layerprune.artifacts import AnalysisReport, load_artifact
+from layerprune.cpu import cpu_model
+from layerprune.validate import calibration_and_holdout
+
+pruned_vs_int8 = load_benchmark("pruned_vs_int8")
+
+INT8_OPS = {"MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul", "QLinearConv", "QLinearAdd"}
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The markdown table's body rows by their first cell."""
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+             if line.startswith("| ") and not line.startswith("| model ")]
+    return {row[0]: row for row in cells}
+
+
+def test_bundle_against_the_full_model_in_fp32_and_plain_int8(bundle: Path, tmp_path: Path, capsys) -> None:
+    out, keep = tmp_path / "pruned_vs_int8.md", tmp_path / "keep"
+    assert pruned_vs_int8.main([str(bundle), "--n", "40", "--n-batch1", "8", "--out", str(out),
+                                "--keep", str(keep)]) == 0
+    printed = capsys.readouterr().out
+    text = out.read_text()
+    assert text in printed
+    assert cpu_model() in text and "commit " in text
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    rows = table_rows(text)
+    assert list(rows) == ["full fp32", "full int8", "bundle"]
+    assert rows["bundle"][1] == str(manifest["depth"]) == "2"
+    assert rows["full fp32"][1] == rows["full int8"][1] == str(manifest["total_layers"]) == "4"
+    assert rows["full fp32"][2] == "fp32" and "dynamic" in rows["full int8"][2]
+    assert rows["full fp32"][7] == "100.0%"  # agreement of the reference with itself
+    assert rows["full int8"][8] == "1.00x"
+
+    # The sentences are the bundle task's holdout, as validation cuts it.
+    analysis = load_artifact(AnalysisReport, bundle / "analysis.json")
+    holdout = calibration_and_holdout(analysis.task_config, None, None, manifest["resample_seed"]).holdout
+    kept = json.loads((keep / pruned_vs_int8.PREDICTIONS_FILE).read_text())
+    assert kept["texts"] == holdout.texts and kept["labels"] == holdout.labels.tolist()
+
+    # full fp32 = the original checkpoint: transformers' PyTorch forward predicts the same on every sentence.
+    source = manifest["source_checkpoint"]
+    model = AutoModelForSequenceClassification.from_pretrained(source).eval()
+    encoded = AutoTokenizer.from_pretrained(source)(holdout.texts, truncation=True, max_length=manifest["max_length"],
+                                                     padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch_preds = model(**encoded).logits.argmax(-1).numpy()
+    assert kept["predictions"]["full fp32"] == torch_preds.tolist()
+    accuracy = float(np.mean(torch_preds == holdout.labels))
+    assert rows["full fp32"][6] == f"{accuracy:.4f}"
+    agreement = np.mean(np.array(kept["predictions"]["bundle"]) == torch_preds)
+    assert rows["bundle"][7] == f"{100 * agreement:.1f}%"
+
+    # full int8 is really quantized (integer products), its fp32 source is not.
+    ops = {name: collections.Counter(n.op_type for n in onnx.load(str(keep / name / "model.onnx")).graph.node)
+           for name in ("fp32", "int8")}
+    assert INT8_OPS & set(ops["int8"]) and not INT8_OPS & set(ops["fp32"])
+    assert ops["int8"]["MatMulInteger"] > 0 and ops["int8"]["MatMul"] < ops["fp32"]["MatMul"]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
+    for bad in (tmp_path / "missing", tmp_path):  # no folder; a folder that is no bundle
+        assert pruned_vs_int8.main([str(bad), "--out", str(tmp_path / "t.md")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pruned_vs_int8: error: ") and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "t.md").exists()
