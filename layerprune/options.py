@@ -182,7 +182,7 @@ class ExportOptions:
     heal_examples: int | None = field(default=None, metadata=cli(
         "heal with the first N texts (default: all of the train split, or --heal-data but its agreement texts)",
         parse=positive))
-    heal_minutes: float | None = field(default=15.0, metadata=cli(
+    heal_minutes: float | None = field(default=10.0, metadata=cli(
         "cap on each whole-model heal's training, in minutes (fewer steps, the same schedule)", parse=float))
     augment: int = field(default=2, metadata=cli(
         "new texts per heal text (crops, word swaps, splices), labelled by the original (0: none)", parse=int))

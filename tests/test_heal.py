@@ -16,7 +16,7 @@ from layerprune.data import Examples
 from layerprune.errors import LayerpruneError, ModelError
 from layerprune.heal import (
     DistillOptions, WholeOptions, augment_texts, distill, encode_texts, heal_at, heal_whole, layer_map, token_states)
-from layerprune.heal.loss import distillation_loss
+from layerprune.heal.loss import direction_loss, distillation_loss, state_loss
 from layerprune.hidden import forward_all_layers, make_batches, predict_logits
 from layerprune.models import layer_list, load_classifier, run_layers_on
 from layerprune.prune import truncate
@@ -124,6 +124,20 @@ def test_distillation_loss_is_zero_at_the_teacher_and_grows_away_from_it() -> No
     ce_first = torch.nn.functional.cross_entropy(teacher[:1], torch.tensor([0]))
     assert float(unlabeled) == pytest.approx(0.5 * float(ce_first), rel=1e-6), "label -1 (augmented) is skipped"
     assert float(loss(teacher[:, :1], teacher[:, :1], None, True)) == 0.0
+
+
+def test_state_losses_by_hand() -> None:
+    """direction_loss = |s/|s| - t/|t||^2 = 2 - 2 cos: 0 for the same direction at any scale, 2 for
+    orthogonal rows, 4 for opposite ones; state_loss is the masked MSE over the variance."""
+    t = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    assert float(direction_loss(10 * t, t)) == pytest.approx(0.0, abs=1e-7)
+    assert float(direction_loss(t.flip(-1), t)) == pytest.approx(2.0)
+    assert float(direction_loss(-t, t)) == pytest.approx(4.0)
+    student, teacher = torch.zeros(1, 3, 2), torch.ones(1, 3, 2)
+    mask = torch.tensor([[1, 1, 0]])
+    student[0, 2] = 100.0  # a padding token: not counted
+    assert float(state_loss(student, teacher, 0.5, mask)) == pytest.approx(2.0)
+    assert float(state_loss(student[:, 0], teacher[:, 0], 4.0)) == pytest.approx(0.25)
 
 
 def test_albert_layers_cannot_run_alone(tiny_models, examples) -> None:

@@ -1,6 +1,7 @@
 """The losses every distilling heal shares: the logits' distillation loss (Hinton et al. 2015) with the
 label loss where labels exist, and the gap between a student's and the original's hidden states (the
-intermediate-layer matching of PKD and TinyBERT), in units of the original's variance."""
+intermediate-layer matching of PKD and TinyBERT): as unit vectors (PKD) or in units of the original's variance
+(TinyBERT's, normalized)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,10 @@ def state_loss(student: torch.Tensor, teacher: torch.Tensor, variance: float,
         return gap.mean() / variance
     weights = mask.to(gap.dtype).unsqueeze(-1)
     return (gap * weights).sum() / (weights.sum() * gap.shape[-1]) / variance
+
+
+def direction_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """PKD's patient loss (Sun et al. 2019): the mean squared gap between the unit vectors of states (B, D),
+    which is scale-free; 2 - 2 cos(student, teacher) per row."""
+    gap = nn.functional.normalize(student.float(), dim=-1) - nn.functional.normalize(teacher.float(), dim=-1)
+    return (gap ** 2).sum(dim=-1).mean()

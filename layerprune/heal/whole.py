@@ -6,8 +6,10 @@ from the original on the heal texts:
 - the logits: Hinton et al.'s KL at temperature T, plus the label loss where labels exist;
 - the hidden states: student layer j matches original layer map(j), map spreading the kept layers evenly
   over the original's (j * L / depth, rounded; the top kept layer matches the last layer, whose first token
-  the head reads). First tokens always (PKD's patient loss), every token too where `token_weight` > 0
-  (TinyBERT's hidden-state loss), each in units of the original's variance at that layer.
+  the head reads). First tokens always, as unit vectors (PKD's patient loss: in the lower layers the first
+  token barely varies across texts, so a gap in units of its variance there would drown every other term),
+  and every token where `token_weight` > 0 (TinyBERT's hidden-state loss), in units of the original's
+  variance over the tokens of that layer.
 Agreement with the original, not accuracy, is what certifies a cut (validate.forecast), so the label loss
 is weighted low and the original's outputs on texts it never saw (augment.py) carry most of the signal.
 The learning rate warms up over the first steps and decays linearly to zero over `epochs` passes, or over as
@@ -35,7 +37,7 @@ from ..models import head_modules, layer_list, total_layers
 from ..options import WholeOptions  # options are declared once, with their CLI flags
 from ..prune import head_state, load_head, truncate
 from .base import check_depth, held_out_split, mean_loss
-from .loss import distillation_loss, state_loss
+from .loss import direction_loss, distillation_loss, state_loss
 from .states import TextStates, token_states
 
 
@@ -149,7 +151,6 @@ class _Loss:
         self.teacher = torch.from_numpy(texts.logits)
         self.labels = None if labels is None else torch.from_numpy(np.asarray(labels))
         self.first = torch.from_numpy(texts.first)  # (L+1, n, D)
-        self.variance = [float(self.first[m].var(dim=0).mean()) or 1.0 for m in mapped]
         self.token_variance = [_token_variance(texts, m) for m in mapped] if opts.token_weight > 0 else []
 
     def __call__(self, i: int, training: bool) -> torch.Tensor:
@@ -161,9 +162,9 @@ class _Loss:
         loss = distillation_loss(out.logits.float(), self.teacher[idx].to(self.device), labels, self.regression,
                                  temperature=self.opts.temperature, label_weight=self.opts.label_weight)
         mask = batch.encoding["attention_mask"].to(self.device)
-        for j, (m, variance) in enumerate(zip(self.mapped, self.variance), start=1):
+        for j, m in enumerate(self.mapped, start=1):
             state = out.hidden_states[j]
-            loss = loss + self.opts.first_weight * state_loss(state[:, 0], self.first[m, idx].to(self.device), variance)
+            loss = loss + self.opts.first_weight * direction_loss(state[:, 0], self.first[m, idx].to(self.device))
             if self.opts.token_weight > 0:
                 target = self.texts.tokens[m][i].to(self.device)
                 loss = loss + self.opts.token_weight * state_loss(state, target, self.token_variance[j - 1], mask)
