@@ -104,7 +104,7 @@ def heal_whole(
     timed = time.perf_counter()
     best_loss, best, best_epoch = loss_of.mean(held), _snapshot(student), 0
     steps_total = _steps_within_budget(opts, len(train), len(held), time.perf_counter() - timed)
-    schedule = get_linear_schedule_with_warmup(optimizer, int(opts.warmup * steps_total), steps_total)
+    schedule = get_linear_schedule_with_warmup(optimizer, int(opts.warmup * steps_total), max(steps_total, 1))
     steps = best_steps = epochs_run = 0
     with tqdm(total=steps_total, desc=f"heal every layer, depth {depth}", unit="batch", leave=False) as bar:
         while steps < steps_total:
@@ -133,8 +133,8 @@ def _steps_within_budget(opts: WholeOptions, train: int, held: int, held_seconds
     """The training steps: `epochs` passes over the train batches, fewer where they would outrun
     `minutes`. A step (forward and backward) costs about three forward passes, which the held-out loss just
     timed; every pass ends with another held-out loss."""
-    planned = max(opts.epochs * train, 1)
-    if opts.minutes is None or held == 0:
+    planned = opts.epochs * train
+    if opts.minutes is None or held == 0 or planned == 0:
         return planned
     forward = held_seconds / held
     affordable = (60 * opts.minutes - opts.epochs * held_seconds) / (3 * forward)
