@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import albert_groups_to_keep, architecture, total_layers
@@ -86,7 +87,12 @@ def head_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
 
 def load_head(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:
     """Install head weights (`head_state`, or a re-fitted head) into the model (in place, on the model's device and dtype)."""
-    modules = head_modules(model)
+    load_head_modules(head_modules(model), state)
+
+
+def load_head_modules(modules: dict[str, nn.Module], state: dict[str, torch.Tensor]) -> None:
+    """Install head weights, keyed as the model's state dict, into the head's modules by dotted name (the
+    model's own, or copies of them)."""
     left = set(state)
     for name, module in modules.items():
         prefix = f"{name}."

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from ..artifacts import HealStats
 from ..errors import LayerpruneError, ModelError
 from ..models import apply_head, head, head_modules
-from ..prune import load_head
+from ..prune import load_head, load_head_modules
 from .base import held_out_split
 from .states import TextStates
 
@@ -51,8 +51,7 @@ def heal_head(original: PreTrainedModel, depth: int, texts: TextStates, labels: 
     started = time.perf_counter()
     fit = fit_head(original, texts.first[depth], labels, regression=regression)
     modules = {name: copy.deepcopy(m).float().cpu().eval() for name, m in head_modules(original).items()}
-    for name, module in modules.items():
-        module.load_state_dict({k[len(name) + 1:]: v for k, v in fit.state.items() if k.startswith(f"{name}.")})
+    load_head_modules(modules, fit.state)
     stats = HealStats(depth=depth, mode="head", n_train=fit.n_train, n_held_out=texts.n - fit.n_train,
                       seconds=round(time.perf_counter() - started, 1))
     return HeadHeal(depth, fit, modules, original.config, stats)
