@@ -1,0 +1,134 @@
+"""Whole-model heal variants at one depth: which kept layers the student starts from, which original layers
+it matches, the loss weights, the augmented copies and the epochs, measured on texts no heal saw.
+
+    python benchmarks/heal_variants.py NAME --depth 5 [--start 1,2,3,4,6] [--match 1,2,3,4,6] [--augment 2]
+                                            [--epochs 1] [--token-weight 1] [--first-weight 1] [--run-dir lp-run]
+    python benchmarks/heal_variants.py NAME --depth 5 --start 1,2,3,4,6 --untrained   # the start, not healed
+
+The run directory is an analysis (the demo's ./lp-run). The student is the original model's layers
+`--start` (default 1..depth, export's truncation) with the fine-tuned head, trained by `heal.heal_whole`
+with student layer j matching original layer `--match`[j] (default export's `heal.layer_map`), on the train
+split plus `--augment` copies per text, for `--epochs` passes (no time cap, so variants do equal work).
+It is scored against the original on the validation split (the calibration: delta, disagreement and the
+gate forecast's lower bound at alpha 2.5%, export's depth share with int8) and on the test split (the
+holdout). One row per run is appended to benchmarks/results/heal_variants.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import layerprune.heal.whole as whole  # noqa: E402
+from layerprune.artifacts import AnalysisReport, HealStats, load_artifact  # noqa: E402
+from layerprune.cpu import cpu_model  # noqa: E402
+from layerprune.data import load_examples  # noqa: E402
+from layerprune.files import ANALYSIS_FILE, DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
+from layerprune.heal import WholeModel, WholeOptions, augment_texts, encode_texts, heal_whole  # noqa: E402
+from layerprune.models import _encoder, architecture, load_classifier, total_layers  # noqa: E402
+from layerprune.validate import forecast  # noqa: E402
+
+RESULTS = "heal_variants.md"
+HEADER = ("| variant | depth | start layers | matched layers | augment | epochs | token / first weight | steps | "
+          "heal s | calibration delta | calibration disagreement | lower bound | test delta | test disagreement |\n"
+          "|---|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("name")
+    p.add_argument("--depth", type=int, required=True)
+    p.add_argument("--start", help="original layers the student starts from, e.g. 1,2,3,4,6 (default 1..depth)")
+    p.add_argument("--match", help="original layer each student layer matches (default heal.layer_map)")
+    p.add_argument("--augment", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--token-weight", type=float, default=WholeOptions.token_weight)
+    p.add_argument("--first-weight", type=float, default=WholeOptions.first_weight)
+    p.add_argument("--untrained", action="store_true", help="score the start as it is")
+    p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    p.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / RESULTS)
+    args = p.parse_args(argv)
+    analysis = load_artifact(AnalysisReport, args.run_dir / ANALYSIS_FILE)
+    task = analysis.task_config
+    model, tokenizer = load_classifier(analysis.model, num_labels=task.num_labels, device="cpu")
+    total = total_layers(model.config)
+    start = _layers(args.start) or list(range(1, args.depth + 1))
+    match = _layers(args.match) or whole.layer_map(args.depth, total)
+    if len(start) != args.depth or len(match) != args.depth:
+        print("heal_variants: error: --start and --match need one layer per kept layer", file=sys.stderr)
+        return 2
+
+    def encode(examples, desc):
+        return encode_texts(model, tokenizer, examples, batch_size=32, max_length=128, desc=desc)
+
+    calibration, test = (load_examples(task, split) for split in ("validation", "test"))
+    scored = [(encode(calibration, "calibration"), calibration), (encode(test, "test"), test)]
+    student = _with_layers(model, start)
+    steps, seconds = 0, 0.0
+    if args.untrained:
+        logits = WholeModel(args.depth, student, 0, 0.0, None).logits
+    else:
+        train = load_examples(task, "train")
+        texts = train.concat(augment_texts(train, args.augment, seed=0)) if args.augment else train
+        labels = np.concatenate([train.labels, np.full(len(texts) - len(train), -1)])
+        whole.layer_map = lambda depth, total: match  # the matched layers asked for
+        opts = WholeOptions(epochs=args.epochs, token_weight=args.token_weight, first_weight=args.first_weight)
+        started = time.perf_counter()
+        begin = WholeModel(args.depth, student, 0, 0.0, HealStats(depth=args.depth, mode="whole", n_train=0,
+                                                                   n_held_out=0, epochs=0, epochs_run=0, seconds=0))
+        healed = heal_whole(model, args.depth, encode(texts, "heal texts"), labels, opts=opts, start=begin)
+        logits, steps, seconds = healed.logits, healed.steps, time.perf_counter() - started
+    cells = []
+    for i, (states, examples) in enumerate(scored):
+        candidate = logits(states)
+        a, b = states.logits.argmax(1), candidate.argmax(1)
+        cells += [f"{100 * ((b == examples.labels).mean() - (a == examples.labels).mean()):+.2f}",
+                  f"{100 * (a != b).mean():.2f}%"]
+        if i == 0:
+            guess = forecast(task, examples.labels, states.logits, candidate, 0.01, len(test), alpha=0.025)
+            cells.append(f"{100 * guess.lower_bound:+.2f}")
+    row = (f"| {args.name} | {args.depth} of {total} | {_join(start)} | {'-' if args.untrained else _join(match)} | "
+           f"{args.augment} | {'-' if args.untrained else args.epochs} | {args.token_weight:g} / {args.first_weight:g} | "
+           f"{steps} | {seconds:.0f} | " + " | ".join(cells) + " |\n")
+    print(row, end="")
+    if not args.out.is_file():
+        from pruned_vs_int8 import git_commit  # benchmarks/ is this script's own folder, on sys.path
+
+        args.out.write_text(f"# Whole-model heal variants\n\n{date.today()}, {cpu_model()}, commit {git_commit()}\n\n"
+                            f"{HEADER}")
+    with args.out.open("a") as fh:
+        fh.write(row)
+    return 0
+
+
+def _layers(spec: str | None) -> list[int] | None:
+    return [int(x) for x in spec.split(",")] if spec else None
+
+
+def _join(layers: list[int]) -> str:
+    return ",".join(map(str, layers))
+
+
+def _with_layers(model, layers: list[int]) -> nn.Module:
+    """A copy of `model` whose stack is its layers `layers` (1-based), in that order, with the same head."""
+    student = copy.deepcopy(model)
+    encoder, attribute = _encoder(student)
+    setattr(encoder, attribute, nn.ModuleList([getattr(encoder, attribute)[i - 1] for i in layers]))
+    setattr(student.config, architecture(student.config).depth_field, len(layers))
+    return student
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""benchmarks/heal_variants.py's student: the original's layers picked by number, checked against
+transformers' own model of that many layers with those layers' weights loaded by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import SENTENCES, load_benchmark, make_tiny_classifier
+
+heal_variants = load_benchmark("heal_variants")
+
+
+def reference_with_layers(path: Path, layers: list[int]):
+    """A fresh transformers model of len(layers) layers whose layer k holds the checkpoint's layer layers[k]."""
+    full = AutoModelForSequenceClassification.from_pretrained(path)
+    small = AutoModelForSequenceClassification.from_pretrained(path, num_hidden_layers=len(layers))
+    state = full.state_dict()
+    renamed = {}
+    for k, source in enumerate(layers):
+        prefix = f"bert.encoder.layer.{source - 1}."
+        renamed.update({f"bert.encoder.layer.{k}." + key[len(prefix):]: v for key, v in state.items()
+                        if key.startswith(prefix)})
+    missing, unexpected = small.load_state_dict(renamed, strict=False)
+    assert not unexpected and all(".layer." not in key for key in missing)
+    return full, small.eval()
+
+
+def test_picked_layers_compute_what_a_model_of_those_layers_computes(tmp_path: Path, minilm_dir: Path) -> None:
+    # 4 layers; initializer_range 0.3 so that the layers, and so the logits, differ between texts and picks
+    path = make_tiny_classifier("bert", tmp_path / "bert", minilm_dir, seed=3, initializer_range=0.3)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    inputs = tokenizer([text for text, _ in SENTENCES], padding=True, return_tensors="pt")
+    for layers in ([1, 2], [1, 2, 4], [1, 3]):
+        full, reference = reference_with_layers(path, layers)
+        student = heal_variants._with_layers(full.eval(), layers).eval()
+        assert student.config.num_hidden_layers == len(layers)
+        with torch.inference_mode():
+            got, want = student(**inputs).logits, reference(**inputs).logits
+            unchanged = full(**inputs).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got, unchanged, atol=1e-3)  # the pick changed the model, and the copy only
+        assert full.config.num_hidden_layers == 4
