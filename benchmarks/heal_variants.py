@@ -4,6 +4,7 @@ it matches, the loss weights, the augmented copies and the epochs, measured on t
     python benchmarks/heal_variants.py NAME --depth 5 [--start 1,2,3,4,6] [--match 1,2,3,4,6] [--augment 2]
                                             [--epochs 1] [--token-weight 1] [--first-weight 1] [--run-dir lp-run]
     python benchmarks/heal_variants.py NAME --depth 5 --start 1,2,3,4,6 --untrained   # the start, not healed
+    python benchmarks/heal_variants.py NAME --depth 5 --top   # export's top-layer heal, for comparison
 
 The run directory is an analysis (the demo's ./lp-run). The student is the original model's layers
 `--start` (default 1..depth, export's truncation) with the fine-tuned head, trained by `heal.heal_whole`
@@ -36,7 +37,7 @@ from layerprune.artifacts import AnalysisReport, HealStats, load_artifact  # noq
 from layerprune.cpu import cpu_model  # noqa: E402
 from layerprune.data import load_examples  # noqa: E402
 from layerprune.files import ANALYSIS_FILE, DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
-from layerprune.heal import WholeModel, WholeOptions, augment_texts, encode_texts, heal_whole  # noqa: E402
+from layerprune.heal import DistillOptions, WholeModel, WholeOptions, augment_texts, distill, encode_texts, heal_whole  # noqa: E402
 from layerprune.models import _encoder, architecture, load_classifier, total_layers  # noqa: E402
 from layerprune.validate import forecast  # noqa: E402
 
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-weight", type=float, default=WholeOptions.token_weight)
     p.add_argument("--first-weight", type=float, default=WholeOptions.first_weight)
     p.add_argument("--untrained", action="store_true", help="score the start as it is")
+    p.add_argument("--top", action="store_true",
+                   help="export's top-layer heal (heal.distill at its defaults) instead, from the top cut")
     p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     p.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / RESULTS)
     args = p.parse_args(argv)
@@ -79,16 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     steps, seconds = 0, 0.0
     if args.untrained:
         logits = WholeModel(args.depth, student, 0, 0.0, None).logits
+    elif args.top:
+        texts, labels = _heal_texts(task, args.augment, encode)
+        started = time.perf_counter()
+        healed = distill(model, args.depth, texts, labels)
+        logits, steps, seconds = healed.logits, healed.steps, time.perf_counter() - started
     else:
-        train = load_examples(task, "train")
-        texts = train.concat(augment_texts(train, args.augment, seed=0)) if args.augment else train
-        labels = np.concatenate([train.labels, np.full(len(texts) - len(train), -1)])
+        texts, labels = _heal_texts(task, args.augment, encode)
         whole.layer_map = lambda depth, total: match  # the matched layers asked for
         opts = WholeOptions(epochs=args.epochs, token_weight=args.token_weight, first_weight=args.first_weight)
         started = time.perf_counter()
         begin = WholeModel(args.depth, student, 0, 0.0, HealStats(depth=args.depth, mode="whole", n_train=0,
                                                                    n_held_out=0, epochs=0, epochs_run=0, seconds=0))
-        healed = heal_whole(model, args.depth, encode(texts, "heal texts"), labels, opts=opts, start=begin)
+        healed = heal_whole(model, args.depth, texts, labels, opts=opts, start=begin)
         logits, steps, seconds = healed.logits, healed.steps, time.perf_counter() - started
     cells = []
     for i, (states, examples) in enumerate(scored):
@@ -99,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         if i == 0:
             guess = forecast(task, examples.labels, states.logits, candidate, 0.01, len(test), alpha=0.025)
             cells.append(f"{100 * guess.lower_bound:+.2f}")
-    row = (f"| {args.name} | {args.depth} of {total} | {_join(start)} | {'-' if args.untrained else _join(match)} | "
-           f"{args.augment} | {'-' if args.untrained else args.epochs} | {args.token_weight:g} / {args.first_weight:g} | "
-           f"{steps} | {seconds:.0f} | " + " | ".join(cells) + " |\n")
+    matched = "-" if args.untrained or args.top else _join(match)
+    epochs = "-" if args.untrained else DistillOptions.epochs if args.top else args.epochs
+    weights = "-" if args.top else f"{args.token_weight:g} / {args.first_weight:g}"
+    row = (f"| {args.name} | {args.depth} of {total} | {_join(start)} | {matched} | {args.augment} | {epochs} | "
+           f"{weights} | {steps} | {seconds:.0f} | " + " | ".join(cells) + " |\n")
     print(row, end="")
     if not args.out.is_file():
         from pruned_vs_int8 import git_commit  # benchmarks/ is this script's own folder, on sys.path
@@ -111,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     with args.out.open("a") as fh:
         fh.write(row)
     return 0
+
+
+def _heal_texts(task, augment: int, encode):
+    """The train split and `augment` copies of each text (label -1), as export heals on them, encoded."""
+    train = load_examples(task, "train")
+    texts = train.concat(augment_texts(train, augment, seed=0)) if augment else train
+    return encode(texts, "heal texts"), np.concatenate([train.labels, np.full(len(texts) - len(train), -1)])
 
 
 def _layers(spec: str | None) -> list[int] | None:

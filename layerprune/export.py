@@ -250,15 +250,16 @@ def _augmented(texts: _HealTexts, task: TaskConfig, opts: ExportOptions) -> _Hea
 
 
 def _heal_mode(asked: HealMode | None, model, texts: _HealTexts) -> HealMode:
-    """The heal asked for, checked against the model and the texts; by default the whole-model heal where
-    the layers can be trained alone, else the head (labels needed), else none."""
+    """The heal asked for, checked against the model and the texts; by default the top-layer heal where the
+    layers can be trained alone (its layers below stay the original's, and it agreed with the original best
+    where measured: docs/results.md), else the head (labels needed), else none."""
     arch = architecture(model.config)
     layers_alone = not (arch.shared_weights or getattr(model.config, "conv_kernel_size", 0))
     labelled = texts.labels is not None
     if asked is None:
         if texts.examples is None:
             return "none"
-        return "whole" if layers_alone else ("head" if labelled else "none")
+        return "distill" if layers_alone else ("head" if labelled else "none")
     if asked != "none" and texts.examples is None:
         raise LayerpruneError(f"--heal {asked} needs texts: the task has no train split; give --heal-data FILE")
     if asked == "head" and not labelled:

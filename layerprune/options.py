@@ -168,10 +168,10 @@ class ExportOptions:
     keep_layers: int | Literal["auto"] = field(default="auto", metadata=cli(
         "auto (the smallest depth whose gate forecast passes, searched from the CKA boundary) or N",
         parse=keep_layers))
-    # default: whole where there are heal texts (head for ALBERT and DeBERTa-v2's convolution), else none
+    # default: distill where there are heal texts (head for ALBERT and DeBERTa-v2's convolution), else none
     heal: HealMode | None = field(default=None, metadata=cli(
-        "whole: train every kept layer and the head from the original (default where there are heal texts); "
-        "distill: re-tune only the top --heal-layers kept layers and the head; head: re-fit only the head "
+        "distill: re-tune only the top --heal-layers kept layers and the head (default where there are heal "
+        "texts); whole: train every kept layer and the head from the original; head: re-fit only the head "
         "(labels needed); none: the paper's setting"))
     heal_layers: int = field(default=1, metadata=cli("top kept layers re-tuned by --heal distill (with the head)",
                                                      parse=positive))

@@ -226,7 +226,7 @@ def test_agreement_texts_never_overlap_heal_texts(run_dir: Path, tmp_path: Path)
     train = _heal_texts(task, None, ExportOptions(**FAST))
     assert train.agreement is None and train.labels is not None, "train texts heal, never bound agreement"
 
-    result = export_bundle(run_dir, tmp_path / "w", dataclasses.replace(opts, whole=WholeOptions(epochs=1)))
+    result = export_bundle(run_dir, tmp_path / "w", dataclasses.replace(opts, heal="whole", whole=WholeOptions(epochs=1)))
     depth = result.depth
     assert depth.heal == "whole" == result.manifest.heal and not depth.heal_labelled
     assert depth.n_heal == 96 and depth.n_agreement == 16 and depth.heal_runs[0].mode == "whole"

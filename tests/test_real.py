@@ -48,21 +48,21 @@ def test_minilm_on_rt_polarity_shows_blocks(run_dir: Path) -> None:
 
 
 def test_default_export_validates_and_serves_what_was_validated(run_dir: Path, capsys) -> None:
-    """export auto (the whole-model heal, the default) + int8 -> validate -> server: the gate passes at the default
+    """export auto (the top-layer heal, the default) + int8 -> validate -> server: the gate passes at the default
     tolerance, and the server answers, on sentences longer than 128 tokens too, with the logits of the model
     that was validated at the manifest's max length: the reference's (optimum on the same int8 ONNX file,
     transformers' tokenizer), not the server's own runtime."""
     bundle = run_dir / "bundle"
-    # The defaults, but for the heal's size: 2,000 train texts and one augmented copy each, 2 minutes a depth
-    # (all 8,456 with two copies each is export's default, and half an hour on 2 cores).
+    # The defaults, but for the heal's size: 2,000 train texts and one augmented copy each (all 8,456 with two
+    # copies each is export's default).
     code = main(["export", str(run_dir), "--quantize", "int8", "--heal-examples", "2000", "--augment", "1",
-                 "--heal-minutes", "2", "--device", "cpu"])
+                 "--device", "cpu"])
     assert code == 0, capsys.readouterr()
     depth = load_artifact(DepthReport, bundle / "depth.json")
     manifest = load_artifact(Manifest, bundle / "manifest.json")
     validation = load_artifact(ValidationReport, bundle / "validation.json")
-    assert depth.heal == "whole" and depth.heal_labelled
-    assert depth.n_heal == 4000 and depth.heal_runs and all(run.mode == "whole" for run in depth.heal_runs)
+    assert depth.heal == "distill" and depth.heal_labelled
+    assert depth.n_heal == 4000 and depth.heal_runs and all(run.mode == "distill" for run in depth.heal_runs)
     # Train texts heal but never bound agreement (the original was fine-tuned on them): calibration only.
     assert depth.n_agreement == 0 and all(c.forecast.n_agreement == depth.n_calibration for c in depth.candidates)
     assert validation.passed and validation.delta >= -0.01 and manifest.servable
