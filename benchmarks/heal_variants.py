@@ -25,7 +25,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +32,14 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import layerprune.heal.whole as whole  # noqa: E402
-from layerprune.artifacts import AnalysisReport, HealStats, load_artifact  # noqa: E402
+from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
 from layerprune.cpu import cpu_model  # noqa: E402
-from layerprune.data import load_examples  # noqa: E402
+from layerprune.export import _augmented, _heal_texts  # noqa: E402
 from layerprune.files import ANALYSIS_FILE, DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
-from layerprune.heal import DistillOptions, WholeModel, WholeOptions, augment_texts, distill, encode_texts, heal_whole  # noqa: E402
+from layerprune.heal import DistillOptions, WholeModel, WholeOptions, distill, encode_texts, heal_whole  # noqa: E402
 from layerprune.models import _encoder, architecture, load_classifier, total_layers  # noqa: E402
-from layerprune.validate import forecast  # noqa: E402
+from layerprune.options import ExportOptions  # noqa: E402
+from layerprune.validate import calibration_and_holdout, forecast  # noqa: E402
 
 RESULTS = "heal_variants.md"
 HEADER = ("| variant | depth | start layers | matched layers | augment | epochs | token / first weight | steps | "
@@ -76,24 +76,24 @@ def main(argv: list[str] | None = None) -> int:
     def encode(examples, desc):
         return encode_texts(model, tokenizer, examples, batch_size=32, max_length=128, desc=desc)
 
-    calibration, test = (load_examples(task, split) for split in ("validation", "test"))
+    parts = calibration_and_holdout(task, None, None)
+    calibration, test = parts.calibration, parts.holdout
     scored = [(encode(calibration, "calibration"), calibration), (encode(test, "test"), test)]
     student = _with_layers(model, start)
     steps, seconds = 0, 0.0
     if args.untrained:
         logits = WholeModel(args.depth, student, 0, 0.0, None).logits
     elif args.top:
-        texts, labels = _heal_texts(task, args.augment, encode)
+        texts, labels = _export_heal_texts(task, args.augment, encode)
         started = time.perf_counter()
         healed = distill(model, args.depth, texts, labels)
         logits, steps, seconds = healed.logits, healed.steps, time.perf_counter() - started
     else:
-        texts, labels = _heal_texts(task, args.augment, encode)
+        texts, labels = _export_heal_texts(task, args.augment, encode)
         whole.layer_map = lambda depth, total: match  # the matched layers asked for
         opts = WholeOptions(epochs=args.epochs, token_weight=args.token_weight, first_weight=args.first_weight)
         started = time.perf_counter()
-        begin = WholeModel(args.depth, student, 0, 0.0, HealStats(depth=args.depth, mode="whole", n_train=0,
-                                                                   n_held_out=0, epochs=0, epochs_run=0, seconds=0))
+        begin = WholeModel(args.depth, student, 0, 0.0, None)  # heal_whole reads only its depth and student
         healed = heal_whole(model, args.depth, texts, labels, opts=opts, start=begin)
         logits, steps, seconds = healed.logits, healed.steps, time.perf_counter() - started
     cells = []
@@ -121,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _heal_texts(task, augment: int, encode):
-    """The train split and `augment` copies of each text (label -1), as export heals on them, encoded."""
-    train = load_examples(task, "train")
-    texts = train.concat(augment_texts(train, augment, seed=0)) if augment else train
-    return encode(texts, "heal texts"), np.concatenate([train.labels, np.full(len(texts) - len(train), -1)])
+def _export_heal_texts(task, augment: int, encode):
+    """Export's heal texts (the train split, then `augment` copies of each text labelled -1), encoded."""
+    opts = ExportOptions(augment=augment)
+    texts = _heal_texts(task, None, opts)
+    if augment:
+        texts = _augmented(texts, task, opts)
+    return encode(texts.examples, "heal texts"), texts.labels
 
 
 def _layers(spec: str | None) -> list[int] | None:
