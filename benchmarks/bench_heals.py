@@ -31,9 +31,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
 from layerprune.cpu import cpu_kind, cpu_model  # noqa: E402
-from layerprune.data import load_examples  # noqa: E402
 from layerprune.files import ANALYSIS_FILE, DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
-from layerprune.heal import augment_texts, encode_texts, heal_at  # noqa: E402
+from layerprune.export import _augmented, _heal_texts  # noqa: E402
+from layerprune.heal import encode_texts, heal_at  # noqa: E402
 from layerprune.models import load_classifier  # noqa: E402
 from layerprune.options import ExportOptions  # noqa: E402
 from layerprune.scoring import compute_metric, predictions  # noqa: E402
@@ -60,15 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     analysis = load_artifact(AnalysisReport, args.run_dir / ANALYSIS_FILE)
     task = analysis.task_config
     glue_dir = Path(analysis.glue_dir) if analysis.glue_dir else None
-    opts = ExportOptions(heal_minutes=args.heal_minutes)
+    opts = ExportOptions(heal_minutes=args.heal_minutes, augment=args.augment, heal_examples=args.heal_examples)
     opts = dataclasses.replace(opts, whole=dataclasses.replace(opts.whole, minutes=opts.heal_minutes))
     model, tokenizer = load_classifier(analysis.model, num_labels=task.num_labels, device=None)
-    heal = load_examples(task, task.train_split, glue_dir=glue_dir)
-    heal = heal.head(args.heal_examples or len(heal))
-    labels = heal.labels
-    if args.augment:
-        new = augment_texts(heal, args.augment, seed=opts.whole.seed)
-        heal, labels = heal.concat(new), np.concatenate([labels, new.labels])
+    heal_texts = _heal_texts(task, glue_dir, opts)  # export's own: the train split, then augmented copies
+    if opts.augment:
+        heal_texts = _augmented(heal_texts, task, opts)
+    heal, labels = heal_texts.examples, heal_texts.labels
     parts = calibration_and_holdout(task, glue_dir, opts.max_examples)
     max_length = 128
 

@@ -5,6 +5,7 @@ it matches, the loss weights, the augmented copies and the epochs, measured on t
                                             [--epochs 1] [--token-weight 1] [--first-weight 1] [--run-dir lp-run]
     python benchmarks/heal_variants.py NAME --depth 5 --start 1,2,3,4,6 --untrained   # the start, not healed
     python benchmarks/heal_variants.py NAME --depth 5 --top   # export's top-layer heal, for comparison
+    python benchmarks/heal_variants.py NAME --depth 5 --top --top-start top   # its layer starts as the last
 
 The run directory is an analysis (the demo's ./lp-run). The student is the original model's layers
 `--start` (default 1..depth, export's truncation) with the fine-tuned head, trained by `heal.heal_whole`
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--untrained", action="store_true", help="score the start as it is")
     p.add_argument("--top", action="store_true",
                    help="export's top-layer heal (heal.distill at its defaults) instead, from the top cut")
+    p.add_argument("--top-start", choices=["kept", "top"], default=DistillOptions.start,
+                   help="with --top: the re-tuned layer starts as the kept one or as the original's last layer")
     p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     p.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / RESULTS)
     args = p.parse_args(argv)
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_classifier(analysis.model, num_labels=task.num_labels, device="cpu")
     total = total_layers(model.config)
     start = _layers(args.start) or list(range(1, args.depth + 1))
+    if args.top and args.top_start == "top":
+        start = [*range(1, args.depth), total]
     match = _layers(args.match) or whole.layer_map(args.depth, total)
     if len(start) != args.depth or len(match) != args.depth:
         print("heal_variants: error: --start and --match need one layer per kept layer", file=sys.stderr)
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.top:
         texts, labels = _export_heal_texts(task, args.augment, encode)
         started = time.perf_counter()
-        healed = distill(model, args.depth, texts, labels)
+        healed = distill(model, args.depth, texts, labels, opts=DistillOptions(start=args.top_start))
         logits, steps, seconds = healed.logits, healed.steps, time.perf_counter() - started
     else:
         texts, labels = _export_heal_texts(task, args.augment, encode)

@@ -146,6 +146,9 @@ class DistillOptions:
     label_weight: float = 0.5  # weight of the label cross-entropy beside the distillation loss
     feature_weight: float = 1.0  # weight of matching the original's top first-token state (what the head reads)
     patience: int = 1  # epochs without a better held-out loss before stopping
+    # where the re-tuned layers start: the kept ones (depth-heal_layers+1..depth), or the original's top
+    # heal_layers, whose outputs the fine-tuned head was trained on (docs/results.md measures both)
+    start: Literal["kept", "top"] = "kept"
     seed: int = 0
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SENTENCES, TINY_CONFIGS, TINY_LAYERS
+from conftest import SENTENCES, TINY_CONFIGS, TINY_LAYERS, make_tiny_classifier
 from layerprune.data import Examples
 from layerprune.errors import LayerpruneError, ModelError
 from layerprune.heal import (
@@ -49,6 +49,32 @@ def test_untrained_heal_is_the_truncated_model(tiny_models, examples, model_type
     healed.install(truncated)
     np.testing.assert_allclose(predict_logits(truncated, tokenizer, examples, batch_size=8, max_length=64),
                                reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("depth,heal_layers", [(2, 1), (3, 2)])
+def test_untrained_top_start_is_the_lower_layers_under_the_originals_top_ones(
+        tmp_path, minilm_dir, examples, depth, heal_layers) -> None:
+    """start="top", zero epochs: layers 1..depth-h of the original, then its top h layers, then its head, as
+    transformers computes a BERT built of exactly those layers."""
+    # initializer_range 0.3: the layers differ enough that which ones are picked shows in the logits
+    path = make_tiny_classifier("bert", tmp_path / "bert", minilm_dir, seed=3, initializer_range=0.3)
+    model, tokenizer = load_classifier(path, num_labels=2, device="cpu")
+    total = model.config.num_hidden_layers
+    texts = _texts(model, tokenizer, examples)
+    opts = DistillOptions(heal_layers=heal_layers, epochs=0, start="top")
+    healed = distill(model, depth, texts, examples.labels, opts=opts)
+    reference = copy.deepcopy(model)
+    picked = [*range(depth - heal_layers), *range(total - heal_layers, total)]
+    reference.bert.encoder.layer = torch.nn.ModuleList([model.bert.encoder.layer[i] for i in picked])
+    reference.config.num_hidden_layers = depth
+    expected = predict_logits(reference, tokenizer, examples, batch_size=8, max_length=64)
+    np.testing.assert_allclose(healed.logits(texts), expected, atol=1e-2)  # the cached inputs are float16
+    kept = predict_logits(truncate(copy.deepcopy(model), depth), tokenizer, examples, batch_size=8, max_length=64)
+    assert np.abs(expected - kept).max() > 0.2, "the top start differs from the kept layers' start"
+    truncated = truncate(copy.deepcopy(model), depth)
+    healed.install(truncated)
+    np.testing.assert_allclose(predict_logits(truncated, tokenizer, examples, batch_size=8, max_length=64),
+                               expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("model_type", ["bert", "mpnet", "distilbert"])

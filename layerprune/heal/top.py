@@ -76,14 +76,16 @@ def distill(
     regression: bool = False, opts: DistillOptions = DistillOptions(),
 ) -> TopLayers:
     """Re-tune layers depth-heal_layers+1..depth and the head of `original` truncated at `depth` to match
-    the original's logits on `texts` (plus the labels, when given). The original model is not changed."""
+    the original's logits on `texts` (plus the labels, when given), starting those layers from the kept ones or
+    (`opts.start` "top") from the original's top ones. The original model is not changed."""
     total = total_layers(original.config)
     if not 1 <= opts.heal_layers <= depth <= total:
         raise LayerpruneError(f"cannot re-tune {opts.heal_layers} layers of a model truncated at {depth} of {total}")
     started = time.perf_counter()
     inputs = token_states(original, texts, depth - opts.heal_layers)
     student = copy.deepcopy(original).float()
-    layers = nn.ModuleList(layer_list(student)[depth - opts.heal_layers : depth])
+    first = depth - opts.heal_layers if opts.start == "kept" else total - opts.heal_layers
+    layers = nn.ModuleList(layer_list(student)[first : first + opts.heal_layers])
     trained = [p for module in [layers, *head_modules(student).values()] for p in module.parameters()]
     for p in student.parameters():
         p.requires_grad_(False)
