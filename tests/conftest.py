@@ -92,6 +92,21 @@ def make_tiny_classifier(model_type: str, path: Path, minilm_dir: Path, num_labe
     return path
 
 
+def reference_with_layers(path: Path, layers: list[int]):
+    """A fresh transformers BERT of len(layers) layers whose k-th layer holds the checkpoint's layer layers[k] (1-based)."""
+    full = AutoModelForSequenceClassification.from_pretrained(path)
+    small = AutoModelForSequenceClassification.from_pretrained(path, num_hidden_layers=len(layers))
+    state = full.state_dict()
+    renamed = {}
+    for k, source in enumerate(layers):
+        prefix = f"bert.encoder.layer.{source - 1}."
+        renamed.update({f"bert.encoder.layer.{k}." + key[len(prefix):]: v for key, v in state.items()
+                        if key.startswith(prefix)})
+    missing, unexpected = small.load_state_dict(renamed, strict=False)
+    assert not unexpected and all(".layer." not in key for key in missing)
+    return full, small.eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")

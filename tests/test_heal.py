@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SENTENCES, TINY_CONFIGS, TINY_LAYERS, make_tiny_classifier
+from conftest import SENTENCES, TINY_CONFIGS, TINY_LAYERS, make_tiny_classifier, reference_with_layers
 from layerprune.data import Examples
 from layerprune.errors import LayerpruneError, ModelError
 from layerprune.heal import (
@@ -55,7 +55,7 @@ def test_untrained_heal_is_the_truncated_model(tiny_models, examples, model_type
 def test_untrained_top_start_is_the_lower_layers_under_the_originals_top_ones(
         tmp_path, minilm_dir, examples, depth, heal_layers) -> None:
     """start="top", zero epochs: layers 1..depth-h of the original, then its top h layers, then its head, as
-    transformers computes a BERT built of exactly those layers."""
+    transformers computes a fresh BERT of depth layers with exactly those layers' weights loaded."""
     # initializer_range 0.3: the layers differ enough that which ones are picked shows in the logits
     path = make_tiny_classifier("bert", tmp_path / "bert", minilm_dir, seed=3, initializer_range=0.3)
     model, tokenizer = load_classifier(path, num_labels=2, device="cpu")
@@ -63,15 +63,13 @@ def test_untrained_top_start_is_the_lower_layers_under_the_originals_top_ones(
     texts = _texts(model, tokenizer, examples)
     opts = DistillOptions(heal_layers=heal_layers, epochs=0, start="top")
     healed = distill(model, depth, texts, examples.labels, opts=opts)
-    reference = copy.deepcopy(model)
-    picked = [*range(depth - heal_layers), *range(total - heal_layers, total)]
-    reference.bert.encoder.layer = torch.nn.ModuleList([model.bert.encoder.layer[i] for i in picked])
-    reference.config.num_hidden_layers = depth
+    picked = [*range(1, depth - heal_layers + 1), *range(total - heal_layers + 1, total + 1)]
+    _, reference = reference_with_layers(path, picked)
     expected = predict_logits(reference, tokenizer, examples, batch_size=8, max_length=64)
     np.testing.assert_allclose(healed.logits(texts), expected, atol=1e-2)  # the cached inputs are float16
-    kept = predict_logits(truncate(copy.deepcopy(model), depth), tokenizer, examples, batch_size=8, max_length=64)
-    assert np.abs(expected - kept).max() > 0.2, "the top start differs from the kept layers' start"
     truncated = truncate(copy.deepcopy(model), depth)
+    kept = predict_logits(truncated, tokenizer, examples, batch_size=8, max_length=64)
+    assert np.abs(expected - kept).max() > 0.2, "the top start differs from the kept layers' start"
     healed.install(truncated)
     np.testing.assert_allclose(predict_logits(truncated, tokenizer, examples, batch_size=8, max_length=64),
                                expected, atol=1e-4)

@@ -6,26 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
-from conftest import SENTENCES, load_benchmark, make_tiny_classifier
+from conftest import SENTENCES, load_benchmark, make_tiny_classifier, reference_with_layers
 
 heal_variants = load_benchmark("heal_variants")
-
-
-def reference_with_layers(path: Path, layers: list[int]):
-    """A fresh transformers model of len(layers) layers whose layer k holds the checkpoint's layer layers[k]."""
-    full = AutoModelForSequenceClassification.from_pretrained(path)
-    small = AutoModelForSequenceClassification.from_pretrained(path, num_hidden_layers=len(layers))
-    state = full.state_dict()
-    renamed = {}
-    for k, source in enumerate(layers):
-        prefix = f"bert.encoder.layer.{source - 1}."
-        renamed.update({f"bert.encoder.layer.{k}." + key[len(prefix):]: v for key, v in state.items()
-                        if key.startswith(prefix)})
-    missing, unexpected = small.load_state_dict(renamed, strict=False)
-    assert not unexpected and all(".layer." not in key for key in missing)
-    return full, small.eval()
 
 
 def test_picked_layers_compute_what_a_model_of_those_layers_computes(tmp_path: Path, minilm_dir: Path) -> None:
