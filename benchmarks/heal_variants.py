@@ -37,7 +37,9 @@ from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
 from layerprune.cpu import cpu_model  # noqa: E402
 from layerprune.export import _augmented, _heal_texts  # noqa: E402
 from layerprune.files import ANALYSIS_FILE, DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
-from layerprune.heal import DistillOptions, WholeModel, WholeOptions, distill, encode_texts, heal_whole  # noqa: E402
+from layerprune.heal import (  # noqa: E402
+    DistillOptions, WholeModel, WholeOptions, distill, encode_texts, heal_whole, start_layers,
+)
 from layerprune.models import _encoder, architecture, load_classifier, total_layers  # noqa: E402
 from layerprune.options import ExportOptions  # noqa: E402
 from layerprune.validate import calibration_and_holdout, forecast  # noqa: E402
@@ -66,13 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     p.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / RESULTS)
     args = p.parse_args(argv)
+    if args.top and args.start:
+        print("heal_variants: error: --start is for the whole-model heal; with --top, use --top-start", file=sys.stderr)
+        return 2
     analysis = load_artifact(AnalysisReport, args.run_dir / ANALYSIS_FILE)
     task = analysis.task_config
     model, tokenizer = load_classifier(analysis.model, num_labels=task.num_labels, device="cpu")
     total = total_layers(model.config)
-    start = _layers(args.start) or list(range(1, args.depth + 1))
-    if args.top and args.top_start == "top":
-        start = [*range(1, args.depth), total]
+    top = DistillOptions(start=args.top_start)
+    start = start_layers(args.depth, total, top) if args.top else _layers(args.start) or [*range(1, args.depth + 1)]
     match = _layers(args.match) or whole.layer_map(args.depth, total)
     if len(start) != args.depth or len(match) != args.depth:
         print("heal_variants: error: --start and --match need one layer per kept layer", file=sys.stderr)
@@ -84,21 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     parts = calibration_and_holdout(task, None, None)
     calibration, test = parts.calibration, parts.holdout
     scored = [(encode(calibration, "calibration"), calibration), (encode(test, "test"), test)]
-    student = _with_layers(model, start)
     steps, seconds = 0, 0.0
     if args.untrained:
-        logits = WholeModel(args.depth, student, 0, 0.0, None).logits
+        logits = WholeModel(args.depth, _with_layers(model, start), 0, 0.0, None).logits
     elif args.top:
         texts, labels = _export_heal_texts(task, args.augment, encode)
         started = time.perf_counter()
-        healed = distill(model, args.depth, texts, labels, opts=DistillOptions(start=args.top_start))
+        healed = distill(model, args.depth, texts, labels, opts=top)
         logits, steps, seconds = healed.logits, healed.steps, time.perf_counter() - started
     else:
         texts, labels = _export_heal_texts(task, args.augment, encode)
         whole.layer_map = lambda depth, total: match  # the matched layers asked for
         opts = WholeOptions(epochs=args.epochs, token_weight=args.token_weight, first_weight=args.first_weight)
         started = time.perf_counter()
-        begin = WholeModel(args.depth, student, 0, 0.0, None)  # heal_whole reads only its depth and student
+        begin = WholeModel(args.depth, _with_layers(model, start), 0, 0.0, None)  # heal_whole reads these two
         healed = heal_whole(model, args.depth, texts, labels, opts=opts, start=begin)
         logits, steps, seconds = healed.logits, healed.steps, time.perf_counter() - started
     cells = []

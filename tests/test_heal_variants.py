@@ -28,3 +28,13 @@ def test_picked_layers_compute_what_a_model_of_those_layers_computes(tmp_path: P
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(got, unchanged, atol=1e-3)  # the pick changed the model, and the copy only
         assert full.config.num_hidden_layers == 4
+
+
+def test_start_beside_top_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    """--top's student starts as --top-start says, so a --start beside it would label a row with layers it never
+    used: one line on stderr, exit 2, before the run directory is read (it does not exist here)."""
+    code = heal_variants.main(["x", "--depth", "2", "--top", "--start", "1,2", "--run-dir", str(tmp_path / "none"),
+                               "--out", str(tmp_path / "out.md")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--top-start" in err[0]
+    assert not (tmp_path / "out.md").exists()

@@ -25,12 +25,12 @@ from .augment import augment_texts
 from .base import HOLDOUT_MIN, Heal, held_out_split
 from .head import HeadFit, HeadHeal, fit_head, heal_head
 from .states import TextStates, encode_texts, token_states
-from .top import TopLayers, distill
+from .top import TopLayers, distill, start_layers
 from .whole import WholeModel, heal_whole, layer_map
 
 __all__ = ["HOLDOUT_MIN", "augment_texts", "DistillOptions", "Heal", "HeadFit", "HeadHeal", "NoHeal", "TextStates", "TopLayers",
            "WholeModel", "WholeOptions", "distill", "encode_texts", "fit_head", "heal_at", "heal_head",
-           "heal_whole", "held_out_split", "layer_map", "token_states"]
+           "heal_whole", "held_out_split", "layer_map", "start_layers", "token_states"]
 
 
 @dataclass

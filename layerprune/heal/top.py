@@ -71,6 +71,13 @@ class TopLayers:
         load_head(truncated, head_state(self.student))
 
 
+def start_layers(depth: int, total: int, opts: DistillOptions) -> list[int]:
+    """The original's layers (1-based) the student's `depth` layers start as: the kept ones below the re-tuned
+    ones, then the re-tuned ones from the kept layers or (`opts.start` "top") from the original's top ones."""
+    first = depth - opts.heal_layers if opts.start == "kept" else total - opts.heal_layers
+    return [*range(1, depth - opts.heal_layers + 1), *range(first + 1, first + opts.heal_layers + 1)]
+
+
 def distill(
     original: PreTrainedModel, depth: int, texts: TextStates, labels: np.ndarray | None, *,
     regression: bool = False, opts: DistillOptions = DistillOptions(),
@@ -84,8 +91,8 @@ def distill(
     started = time.perf_counter()
     inputs = token_states(original, texts, depth - opts.heal_layers)
     student = copy.deepcopy(original).float()
-    first = depth - opts.heal_layers if opts.start == "kept" else total - opts.heal_layers
-    layers = nn.ModuleList(layer_list(student)[first : first + opts.heal_layers])
+    stack = layer_list(student)
+    layers = nn.ModuleList(stack[i - 1] for i in start_layers(depth, total, opts)[depth - opts.heal_layers:])
     trained = [p for module in [layers, *head_modules(student).values()] for p in module.parameters()]
     for p in student.parameters():
         p.requires_grad_(False)
