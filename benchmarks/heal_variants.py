@@ -6,12 +6,16 @@ it matches, the loss weights, the augmented copies and the epochs, measured on t
     python benchmarks/heal_variants.py NAME --depth 5 --start 1,2,3,4,6 --untrained   # the start, not healed
     python benchmarks/heal_variants.py NAME --depth 5 --top   # export's top-layer heal, for comparison
     python benchmarks/heal_variants.py NAME --depth 5 --top --top-start top   # its layer starts as the last
+    python benchmarks/heal_variants.py NAME --depth 8 --top --top-start kept,top --heal-layers 1,2 \
+                                            --label-weight 0.5,0   # a grid of top-layer heals
 
 The run directory is an analysis (the demo's ./lp-run). The student is the original model's layers
 `--start` (default 1..depth, export's truncation) with the fine-tuned head, trained by `heal.heal_whole`
 with student layer j matching original layer `--match`[j] (default export's `heal.layer_map`), on the train
 split plus `--augment` copies per text, for `--epochs` passes (no time cap, so variants do equal work).
-It is scored against the original on the validation split (the calibration: delta, disagreement and the
+`--top` runs export's top-layer heal instead, once per (`--heal-layers`, `--top-start`, `--label-weight`), all on one
+encoding of the texts (a 12-layer model's pass over the heal texts is the slow part). Each student is
+scored against the original on the validation split (the calibration: delta, disagreement and the
 gate forecast's lower bound at alpha 2.5%, export's depth share with int8) and on the test split (the
 holdout). One row per run is appended to benchmarks/results/heal_variants.md.
 """
@@ -30,6 +34,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling scripts, run as a module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import layerprune.heal.whole as whole  # noqa: E402
@@ -63,22 +68,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--untrained", action="store_true", help="score the start as it is")
     p.add_argument("--top", action="store_true",
                    help="export's top-layer heal (heal.distill at its defaults) instead, from the top cut")
-    p.add_argument("--top-start", choices=["kept", "top"], default=DistillOptions.start,
-                   help="with --top: the re-tuned layer starts as the kept one or as the original's last layer")
+    p.add_argument("--top-start", type=_starts, default=[DistillOptions.start],
+                   help="with --top: the re-tuned layers start as the kept ones (kept) or as the original's top "
+                        "ones (top), or both (kept,top)")
+    p.add_argument("--heal-layers", type=_layers, default=[DistillOptions.heal_layers],
+                   help="with --top: how many top kept layers are re-tuned, e.g. 1,2")
+    p.add_argument("--label-weight", type=_weights, default=[DistillOptions.label_weight],
+                   help="with --top: the label loss's weight beside the distillation loss, e.g. 0.5,0")
     p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     p.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / RESULTS)
     args = p.parse_args(argv)
     if args.top and args.start:
         print("heal_variants: error: --start is for the whole-model heal; with --top, use --top-start", file=sys.stderr)
         return 2
+    if args.top and not all(1 <= n <= args.depth for n in args.heal_layers):
+        print(f"heal_variants: error: --heal-layers must be between 1 and --depth {args.depth}", file=sys.stderr)
+        return 2
+    if not (args.run_dir / ANALYSIS_FILE).is_file():
+        print(f"heal_variants: error: {args.run_dir} holds no {ANALYSIS_FILE}; run `layerprune analyze` first",
+              file=sys.stderr)
+        return 2
     analysis = load_artifact(AnalysisReport, args.run_dir / ANALYSIS_FILE)
     task = analysis.task_config
     model, tokenizer = load_classifier(analysis.model, num_labels=task.num_labels, device="cpu")
     total = total_layers(model.config)
-    top = DistillOptions(start=args.top_start)
-    start = start_layers(args.depth, total, top) if args.top else _layers(args.start) or [*range(1, args.depth + 1)]
+    tops = [DistillOptions(start=start, heal_layers=n, label_weight=w)
+            for n in args.heal_layers for start in args.top_start for w in args.label_weight]
+    start = _layers(args.start) or [*range(1, args.depth + 1)]
     match = _layers(args.match) or whole.layer_map(args.depth, total)
-    if len(start) != args.depth or len(match) != args.depth:
+    if not args.top and (len(start) != args.depth or len(match) != args.depth):
         print("heal_variants: error: --start and --match need one layer per kept layer", file=sys.stderr)
         return 2
 
@@ -88,22 +106,36 @@ def main(argv: list[str] | None = None) -> int:
     parts = calibration_and_holdout(task, None, None)
     calibration, test = parts.calibration, parts.holdout
     scored = [(encode(calibration, "calibration"), calibration), (encode(test, "test"), test)]
-    steps, seconds = 0, 0.0
     if args.untrained:
         logits = WholeModel(args.depth, _with_layers(model, start), 0, 0.0, None).logits
-    elif args.top:
-        texts, labels = _export_heal_texts(task, args.augment, encode)
-        started = time.perf_counter()
-        healed = distill(model, args.depth, texts, labels, opts=top)
-        logits, steps, seconds = healed.logits, healed.steps, time.perf_counter() - started
-    else:
-        texts, labels = _export_heal_texts(task, args.augment, encode)
-        whole.layer_map = lambda depth, total: match  # the matched layers asked for
-        opts = WholeOptions(epochs=args.epochs, token_weight=args.token_weight, first_weight=args.first_weight)
-        started = time.perf_counter()
-        begin = WholeModel(args.depth, _with_layers(model, start), 0, 0.0, None)  # heal_whole reads these two
-        healed = heal_whole(model, args.depth, texts, labels, opts=opts, start=begin)
-        logits, steps, seconds = healed.logits, healed.steps, time.perf_counter() - started
+        _write(args, task, total, scored, logits, start=start, matched="-", epochs="-", weights="-", steps=0, seconds=0.0)
+        return 0
+    texts, labels = _export_heal_texts(task, args.augment, encode)
+    if args.top:
+        for top in tops:
+            started = time.perf_counter()
+            healed = distill(model, args.depth, texts, labels, opts=top)
+            name = args.name if len(tops) == 1 else (f"{args.name} ({top.heal_layers} re-tuned, start {top.start}, "
+                                                     f"label weight {top.label_weight:g})")
+            _write(args, task, total, scored, healed.logits, name=name, start=start_layers(args.depth, total, top),
+                   matched="-", epochs=str(top.epochs), weights="-", steps=healed.steps,
+                   seconds=time.perf_counter() - started)
+        return 0
+    whole.layer_map = lambda depth, total: match  # the matched layers asked for
+    opts = WholeOptions(epochs=args.epochs, token_weight=args.token_weight, first_weight=args.first_weight)
+    started = time.perf_counter()
+    begin = WholeModel(args.depth, _with_layers(model, start), 0, 0.0, None)  # heal_whole reads these two
+    healed = heal_whole(model, args.depth, texts, labels, opts=opts, start=begin)
+    _write(args, task, total, scored, healed.logits, start=start, matched=_join(match), epochs=str(args.epochs),
+           weights=f"{args.token_weight:g} / {args.first_weight:g}", steps=healed.steps,
+           seconds=time.perf_counter() - started)
+    return 0
+
+
+def _write(args, task, total: int, scored, logits, *, start: list[int], matched: str, epochs: str, weights: str,
+           steps: int, seconds: float, name: str | None = None) -> None:
+    """Score one student against the original on calibration (with the gate forecast) and test; print and
+    append its row."""
     cells = []
     for i, (states, examples) in enumerate(scored):
         candidate = logits(states)
@@ -111,22 +143,19 @@ def main(argv: list[str] | None = None) -> int:
         cells += [f"{100 * ((b == examples.labels).mean() - (a == examples.labels).mean()):+.2f}",
                   f"{100 * (a != b).mean():.2f}%"]
         if i == 0:
-            guess = forecast(task, examples.labels, states.logits, candidate, 0.01, len(test), alpha=0.025)
+            guess = forecast(task, examples.labels, states.logits, candidate, 0.01, len(scored[1][1]),
+                             alpha=0.025)
             cells.append(f"{100 * guess.lower_bound:+.2f}")
-    matched = "-" if args.untrained or args.top else _join(match)
-    epochs = "-" if args.untrained else DistillOptions.epochs if args.top else args.epochs
-    weights = "-" if args.top else f"{args.token_weight:g} / {args.first_weight:g}"
-    row = (f"| {args.name} | {args.depth} of {total} | {_join(start)} | {matched} | {args.augment} | {epochs} | "
+    row = (f"| {name or args.name} | {args.depth} of {total} | {_join(start)} | {matched} | {args.augment} | {epochs} | "
            f"{weights} | {steps} | {seconds:.0f} | " + " | ".join(cells) + " |\n")
-    print(row, end="")
+    print(row, end="", flush=True)
     if not args.out.is_file():
-        from pruned_vs_int8 import git_commit  # benchmarks/ is this script's own folder, on sys.path
+        from pruned_vs_int8 import git_commit  # only here: it imports onnxruntime
 
         args.out.write_text(f"# Whole-model heal variants\n\n{date.today()}, {cpu_model()}, commit {git_commit()}\n\n"
                             f"{HEADER}")
     with args.out.open("a") as fh:
         fh.write(row)
-    return 0
 
 
 def _export_heal_texts(task, augment: int, encode):
@@ -136,6 +165,17 @@ def _export_heal_texts(task, augment: int, encode):
     if augment:
         texts = _augmented(texts, task, opts)
     return encode(texts.examples, "heal texts"), texts.labels
+
+
+def _starts(spec: str) -> list[str]:
+    starts = spec.split(",")
+    if not set(starts) <= {"kept", "top"}:
+        raise argparse.ArgumentTypeError(f"each start is kept or top, got {spec}")
+    return starts
+
+
+def _weights(spec: str) -> list[float]:
+    return [float(x) for x in spec.split(",")]
 
 
 def _layers(spec: str | None) -> list[int] | None:

@@ -91,7 +91,7 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
     if heal in ("distill", "whole") and opts.augment:
         heal_texts = _augmented(heal_texts, task, opts)
     parts = calibration_and_holdout(task, glue_dir, opts.max_examples, opts.resample_seed)
-    texts = _encode(model, tokenizer, parts, heal_texts, heal, max_length, opts)
+    texts = _encode(model, tokenizer, parts, heal_texts, heal, max_length, opts, analysis.boundary)
     original_holdout = predict_logits(model, tokenizer, parts.holdout, max_length=max_length)
 
     # 3. the depth
@@ -132,11 +132,9 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
 
 
 def _encode(model, tokenizer, parts: EvalParts, heal_texts: _HealTexts, heal: HealMode, max_length: int,
-            opts: ExportOptions) -> ExportTexts:
+            opts: ExportOptions, boundary: int) -> ExportTexts:
     """The original model's outputs on everything export looks at but the holdout."""
-    token_indices = {0}  # hidden-state indices whose token states are kept; heals compute the rest from them
-    if heal == "distill" and opts.keep_layers != "auto":  # where the one top-layer heal starts
-        token_indices.add(max(opts.keep_layers - opts.heal_layers, 0))
+    token_indices = _kept_states(heal, opts, boundary, total_layers(model.config))
 
     def encode(examples: Examples, role: str):
         return encode_texts(model, tokenizer, examples, batch_size=opts.batch_size, max_length=max_length,
@@ -150,6 +148,20 @@ def _encode(model, tokenizer, parts: EvalParts, heal_texts: _HealTexts, heal: He
         heal_labels=heal_texts.labels if healing else None,
         agreement=encode(heal_texts.agreement, "agreement texts") if heal_texts.agreement else None,
     )
+
+
+def _kept_states(heal: HealMode, opts: ExportOptions, boundary: int, total: int) -> set[int]:
+    """The hidden-state indices whose token states the one pass of the original keeps: the embeddings (heals
+    compute any other index from the nearest kept one below) and, for the top-layer heal, the inputs of the
+    depths it trains first: the fixed depth, or auto's CKA boundary and the depth below it (where the walk
+    goes next when the boundary passes). Without them, each of those heals would run the original's lower
+    layers over every heal text a second time (minutes on a 12-layer model)."""
+    indices = {0}
+    if heal == "distill":
+        first = min(max(boundary, 2), total) if opts.keep_layers == "auto" else opts.keep_layers
+        tried = [first] if opts.keep_layers != "auto" else [first, first - 1]
+        indices |= {max(d - opts.heal_layers, 0) for d in tried if d < total}
+    return indices
 
 
 def _truncate_and_heal(model, heal: Heal, task: TaskConfig) -> None:

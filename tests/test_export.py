@@ -206,6 +206,35 @@ def test_distill_heal_with_unlabeled_texts(run_dir: Path, tmp_path: Path) -> Non
     assert not (tmp_path / "h").exists()
 
 
+def test_auto_distill_trains_the_first_depths_from_the_one_pass(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """The top-layer heals auto tries first (the CKA boundary and the depth below it) read their inputs from
+    the original's one pass over the texts, not from a second run of its lower layers; the inputs are what
+    transformers gives as the original's hidden states there."""
+    import torch
+    import layerprune.heal.top as top
+    from layerprune.models import load_classifier
+
+    calls = []  # (depth's input index, was it kept by the one pass, the texts)
+
+    def recording(model, texts, index, **kwargs):
+        calls.append((index, index in texts.tokens, texts))
+        return token_states(model, texts, index, **kwargs)
+
+    token_states = top.token_states
+    monkeypatch.setattr(top, "token_states", recording)
+    analysis = load_artifact(AnalysisReport, run_dir / "analysis.json")
+    export_bundle(run_dir, tmp_path / "a", ExportOptions(heal="distill", **FAST))
+    first = {max(analysis.boundary, 2) - 1, max(analysis.boundary, 2) - 2} - {TINY_LAYERS - 1}
+    assert first <= {index for index, *_ in calls}, "the walk healed its first depths"
+    assert all(kept for index, kept, _ in calls if index in first), "a first depth ran the lower layers again"
+    original, tokenizer = load_classifier(analysis.model, device="cpu")
+    index, _, texts = next(c for c in calls if c[0] in first)
+    batch = texts.batches[0]
+    with torch.inference_mode():
+        reference = original(**batch.encoding, output_hidden_states=True).hidden_states[index]
+    torch.testing.assert_close(texts.tokens[index][0].float(), reference, atol=2e-3, rtol=2e-3)
+
+
 def test_agreement_texts_never_overlap_heal_texts(run_dir: Path, tmp_path: Path) -> None:
     """--heal-data: the heal texts and their augmented copies come from the first part of the file, the
     agreement texts from the rest, and no agreement text is a heal text or a copy made from one; the train

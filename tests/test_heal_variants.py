@@ -38,3 +38,28 @@ def test_start_beside_top_is_refused_before_any_work(tmp_path: Path, capsys) -> 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--top-start" in err[0]
     assert not (tmp_path / "out.md").exists()
+
+
+def test_top_grid_writes_a_row_per_pair_with_the_layers_each_starts_as(tiny_models, tmp_path: Path) -> None:
+    """--top over --top-start kept,top and --heal-layers 1,2 at depth 3 of 4: four students from one encoding,
+    each row naming the original's layers it starts as (by hand: the kept ones, or the top ones on top)."""
+    from layerprune.analyze import AnalyzeOptions, analyze
+    from layerprune.data import task_from_files
+
+    reviews = tmp_path / "reviews.csv"
+    rows = [(t, l) for t, l in SENTENCES] + [(f"honestly, {t}", l) for t, l in SENTENCES]
+    reviews.write_text("text,label\n" + "\n".join(f'"{t}",{l}' for t, l in rows) + "\n")
+    task = task_from_files(reviews, "text", "label", train_file=reviews)
+    run = tmp_path / "run"
+    analyze(str(tiny_models["bert"]), task, run, AnalyzeOptions(device="cpu", batch_size=8))
+    out = tmp_path / "variants.md"
+    code = heal_variants.main(["grid", "--depth", "3", "--top", "--top-start", "kept,top", "--heal-layers", "1,2",
+                               "--augment", "0", "--run-dir", str(run), "--out", str(out)])
+    written = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| grid")]
+    assert code == 0 and [(r[0], r[2]) for r in written] == [
+        ("| grid (1 re-tuned, start kept, label weight 0.5)", "1,2,3"),
+        ("| grid (1 re-tuned, start top, label weight 0.5)", "1,2,4"),
+        ("| grid (2 re-tuned, start kept, label weight 0.5)", "1,2,3"),
+        ("| grid (2 re-tuned, start top, label weight 0.5)", "1,3,4")]
+    steps = {r[0]: int(r[7]) for r in written}
+    assert all(s > 0 for s in steps.values()), "every student was trained"
