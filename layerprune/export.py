@@ -158,8 +158,8 @@ def _kept_states(heal: HealMode, opts: ExportOptions, boundary: int, total: int)
     layers over every heal text a second time (minutes on a 12-layer model)."""
     indices = {0}
     if heal == "distill":
-        first = min(max(boundary, 2), total) if opts.keep_layers == "auto" else opts.keep_layers
-        tried = [first] if opts.keep_layers != "auto" else [first, first - 1]
+        first = min(max(boundary, 2), total)
+        tried = [first, first - 1] if opts.keep_layers == "auto" else [opts.keep_layers]
         indices |= {max(d - opts.heal_layers, 0) for d in tried if d < total}
     return indices
 
