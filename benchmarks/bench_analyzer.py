@@ -34,9 +34,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from layerprune.files import ANALYZER_RESULTS, DEMO_CHECKPOINTS, RESULTS_DIR  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 LAYERS, WIDTH, BATCH = 13, 768, 256
 MIB = 1024 * 1024
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
 
     started = time.perf_counter()
-    out = [f"## bench_analyzer ({os.cpu_count()} CPU cores, numpy {np.__version__})", ""]
+    out = [f"## bench_analyzer ({provenance()}; numpy {np.__version__})", ""]
     if not args.skip_a:
         t0 = time.perf_counter()
         text, _ = part_a(args.checkpoint, args.repeats)

@@ -21,10 +21,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from layerprune.export import ExportOptions, export_bundle  # noqa: E402
-from layerprune.cpu import cpu_model  # noqa: E402
+from provenance import provenance  # noqa: E402
 from layerprune.files import AUTO_RESULTS, BUNDLE_DIR, DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def main() -> int:
     lines = [
         f"# auto depth vs the holdout gate: {args.run_dir}, tolerance {args.tolerance}, quantize {args.quantize}",
         "",
-        f"CPU: {cpu_model()}, {os.cpu_count()} cores",
+        provenance(),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

@@ -34,6 +34,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from layerprune.architectures import total_layers  # noqa: E402
@@ -44,6 +45,7 @@ from layerprune.files import (  # noqa: E402
 )
 from layerprune.runtime import OnnxClassifier  # noqa: E402
 from layerprune.tasks import load_task  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 
 @dataclass
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     md = [f"## bench_depths: rt-polarity test (n={len(texts)}), batch 1 on the first {args.bs1_n}, "
           f"{args.repeats} timed passes (median) after a warm-up on 64 sentences",
           "",
-          f"Machine: {os.cpu_count()} CPU cores. Accuracy of truncated rows uses the fine-tuned head "
+          f"{provenance()}. Accuracy of truncated rows uses the fine-tuned head "
           "WITHOUT healing; the bundle row uses its healed head. Latencies are per call "
           "(batch 1: one sentence; batch 32: one batch incl. tokenize + pad).",
           "",

@@ -17,20 +17,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
-from layerprune.cpu import cpu_kind, cpu_model  # noqa: E402
 from layerprune.files import ANALYSIS_FILE, DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
 from layerprune.export import _augmented, _heal_texts  # noqa: E402
 from layerprune.heal import encode_texts, heal_at  # noqa: E402
@@ -38,6 +36,7 @@ from layerprune.models import load_classifier  # noqa: E402
 from layerprune.options import ExportOptions  # noqa: E402
 from layerprune.scoring import compute_metric, predictions  # noqa: E402
 from layerprune.validate import calibration_and_holdout, forecast  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 HEALS_RESULTS = "heals.md"
 
@@ -97,11 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{seconds:.0f}" if healed.stats else "-",
             ])
             print(" | ".join(rows[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     lines = [
         f"# depth x heal: {analysis.model} on {task.name}, tolerance {opts.tolerance}, alpha {opts.alpha}",
         "",
-        f"CPU: {cpu_model()} ({cpu_kind()}), {os.cpu_count()} cores; {date.today()}, commit {commit or 'unknown'}.",
+        f"{provenance()}.",
         f"Heal texts: {texts.n} ({len(heal) - int((labels < 0).sum())} train + {int((labels < 0).sum())} augmented); "
         f"calibration {parts.calibration_name} (n={len(parts.calibration)}), holdout {parts.holdout_name} "
         f"(n={len(parts.holdout)}). Deltas in points of {task.metric}.",

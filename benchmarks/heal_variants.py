@@ -27,7 +27,6 @@ import copy
 import os
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 from torch import nn
@@ -39,7 +38,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import layerprune.heal.whole as whole  # noqa: E402
 from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
-from layerprune.cpu import cpu_model  # noqa: E402
 from layerprune.export import _augmented, _heal_texts  # noqa: E402
 from layerprune.files import ANALYSIS_FILE, DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
 from layerprune.heal import (  # noqa: E402
@@ -48,6 +46,7 @@ from layerprune.heal import (  # noqa: E402
 from layerprune.models import _encoder, architecture, load_classifier, total_layers  # noqa: E402
 from layerprune.options import ExportOptions  # noqa: E402
 from layerprune.validate import calibration_and_holdout, forecast  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 RESULTS = "heal_variants.md"
 HEADER = ("| variant | depth | start layers | matched layers | augment | epochs | token / first weight | steps | "
@@ -136,23 +135,21 @@ def _write(args, task, total: int, scored, logits, *, start: list[int], matched:
            steps: int, seconds: float, name: str | None = None) -> None:
     """Score one student against the original on calibration (with the gate forecast) and test; print and
     append its row."""
+    _, test = scored[1]
     cells = []
-    for i, (states, examples) in enumerate(scored):
+    for role, (states, examples) in zip(("calibration", "test"), scored):
         candidate = logits(states)
         a, b = states.logits.argmax(1), candidate.argmax(1)
         cells += [f"{100 * ((b == examples.labels).mean() - (a == examples.labels).mean()):+.2f}",
                   f"{100 * (a != b).mean():.2f}%"]
-        if i == 0:
-            guess = forecast(task, examples.labels, states.logits, candidate, 0.01, len(scored[1][1]),
-                             alpha=0.025)
+        if role == "calibration":  # the forecast of the gate on the test split, as export makes it
+            guess = forecast(task, examples.labels, states.logits, candidate, 0.01, len(test), alpha=0.025)
             cells.append(f"{100 * guess.lower_bound:+.2f}")
     row = (f"| {name or args.name} | {args.depth} of {total} | {_join(start)} | {matched} | {args.augment} | {epochs} | "
            f"{weights} | {steps} | {seconds:.0f} | " + " | ".join(cells) + " |\n")
     print(row, end="", flush=True)
     if not args.out.is_file():
-        from pruned_vs_int8 import git_commit  # only here: it imports onnxruntime
-
-        args.out.write_text(f"# Whole-model heal variants\n\n{date.today()}, {cpu_model()}, commit {git_commit()}\n\n"
+        args.out.write_text(f"# Whole-model heal variants\n\n{provenance()}\n\n"
                             f"{HEADER}")
     with args.out.open("a") as fh:
         fh.write(row)

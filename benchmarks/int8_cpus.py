@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
@@ -42,6 +43,7 @@ from layerprune.onnx_export import (  # noqa: E402
 from layerprune.runtime import OnnxClassifier  # noqa: E402
 from layerprune.scoring import compute_metric  # noqa: E402
 from layerprune.tasks import TaskConfig  # noqa: E402
+from provenance import provenance  # noqa: E402
 from layerprune.validate import calibration_and_holdout  # noqa: E402
 
 CPUS = {"avx2": "7-bit", "avx512-vnni": "8-bit"}  # the two weight ranges quantization_config gives x86
@@ -229,7 +231,7 @@ def main() -> int:
     lines = [
         f"# dynamic int8 per CPU kind: {args.checkpoint} ({report.model_type}), {task.name}",
         "",
-        f"CPU: {cpu_model()}, {os.cpu_count()} cores; onnxruntime {onnxruntime.__version__}. "
+        f"{provenance()}; onnxruntime {onnxruntime.__version__}. "
         f"{len(examples):,} sentences (calibration + holdout), max length {max_length}. "
         f"'{EMULATED}': the same model with `emulate_vnni` (exact int32 products, what a VNNI host computes).",
         "",

@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from int8_cpus import examples_of, quantized_copy  # noqa: E402
+from provenance import provenance  # noqa: E402
 from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
-from layerprune.cpu import cpu_kind, cpu_model  # noqa: E402
+from layerprune.cpu import cpu_kind  # noqa: E402
 from layerprune.data import Examples, load_examples  # noqa: E402
 from layerprune.files import (  # noqa: E402
     ANALYSIS_FILE, AUGMENTED_MODEL_FILE, DEFAULT_RUN_DIR, INT8_STATIC_RESULTS, MODEL_FILE, QUANTIZED_TYPED_MODEL_FILE,
@@ -140,7 +141,7 @@ def main() -> int:
                 shutil.rmtree(folder)
 
     lines = [f"# static vs dynamic int8: {args.checkpoint}, task {task.name}, {len(examples)} examples, max length "
-             f"{max_length}", "", f"CPU: {cpu_model()}, {os.cpu_count()} cores; weights: "
+             f"{max_length}", "", f"{provenance()}; weights: "
              f"{quantization_config(cpu)[0]}; static ranges from {len(calibration_texts)} train texts", "",
              f"| configuration | {task.metric} | delta vs fp32 (points) | disagreement with fp32 | sentences/s "
              "| speed vs fp32 | model MB |", "|---|---|---|---|---|---|---|"]

@@ -28,30 +28,30 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from layerprune.architectures import total_layers  # noqa: E402
 from layerprune.artifacts import AnalysisReport, Manifest, load_artifact  # noqa: E402
 from layerprune.bundle import open_bundle  # noqa: E402
-from layerprune.cpu import cpu_kind, cpu_model  # noqa: E402
+from layerprune.cpu import cpu_kind  # noqa: E402
 from layerprune.data import Examples  # noqa: E402
 from layerprune.errors import LayerpruneError, first_line  # noqa: E402
 from layerprune.files import CONFIG_FILE, MODEL_FILE, RESULTS_DIR  # noqa: E402
 from layerprune.runtime import OnnxClassifier  # noqa: E402
 from layerprune.scoring import compute_metric, predictions  # noqa: E402
 from layerprune.validate import calibration_and_holdout  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 PRUNED_VS_INT8_RESULTS = "pruned_vs_int8.md"  # under files.RESULTS_DIR
 PREDICTIONS_FILE = "predictions.json"  # in --keep DIR, beside the full model's exports
@@ -171,18 +171,6 @@ def benchmark(bundle: Path, n: int, n_batch1: int, keep: Path | None = None) -> 
                   int8_name, rows)
 
 
-def git_commit() -> str:
-    """HEAD's short hash, '+ uncommitted changes' when the tracked files differ from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{head} + uncommitted changes" if dirty else head
-
-
 def table(result: Result, bundle: Path, n: int, n_batch1: int) -> str:
     import onnxruntime
 
@@ -194,9 +182,8 @@ def table(result: Result, bundle: Path, n: int, n_batch1: int) -> str:
         f"# pruned vs plain int8: {bundle} ({m.model_type}, {m.depth} of {m.total_layers} layers, heal={m.heal}), "
         f"task {result.task_name}",
         "",
-        f"CPU: {cpu_model()}, int8 kind {cpu_kind()}; onnxruntime {onnxruntime.__version__}, CPU provider, "
-        f"{result.threads} intra-op threads, every row. Date {datetime.now(timezone.utc).date().isoformat()}, "
-        f"commit {git_commit()}.",
+        f"{provenance()}; onnxruntime {onnxruntime.__version__}, CPU provider, {result.threads} intra-op threads, "
+        "every row.",
         f"Source checkpoint: {m.source_checkpoint}; full int8: {result.int8_name} (optimum's dynamic int8 for this "
         f"CPU, no node kept in fp32). Bundle validation: {gate}.",
         f"Sentences: {result.holdout_name}, {len(result.holdout)} sentences ({result.metric} and agreement, batch "

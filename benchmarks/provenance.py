@@ -1,0 +1,34 @@
+"""Where and when a benchmark's table was measured, one line for every results file: a figure is only
+meaningful beside its date, its CPU (int8 speed and rounding differ between AVX2 and AVX-512 VNNI) and the
+commit that produced it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from layerprune.cpu import cpu_kind, cpu_model  # noqa: E402
+
+
+def git_commit() -> str:
+    """HEAD's short hash, '+ uncommitted changes' when the tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head} + uncommitted changes" if dirty else head
+
+
+def provenance() -> str:
+    """'DATE; CPU: MODEL (int8 kind KIND), N cores; commit HASH'."""
+    return (f"{date.today().isoformat()}; CPU: {cpu_model()} (int8 kind {cpu_kind()}), {os.cpu_count()} cores; "
+            f"commit {git_commit()}")
