@@ -8,16 +8,20 @@ it matches, the loss weights, the augmented copies and the epochs, measured on t
     python benchmarks/heal_variants.py NAME --depth 5 --top --top-start top   # its layer starts as the last
     python benchmarks/heal_variants.py NAME --depth 8 --top --top-start kept,top --heal-layers 1,2 \
                                             --label-weight 0.5,0   # a grid of top-layer heals
+    python benchmarks/heal_variants.py NAME --depth 8 --top --warmup none,0.06 --dropout on,off --lr 5e-5,1e-4
 
 The run directory is an analysis (the demo's ./lp-run). The student is the original model's layers
 `--start` (default 1..depth, export's truncation) with the fine-tuned head, trained by `heal.heal_whole`
 with student layer j matching original layer `--match`[j] (default export's `heal.layer_map`), on the train
 split plus `--augment` copies per text, for `--epochs` passes (no time cap, so variants do equal work).
-`--top` runs export's top-layer heal instead, once per (`--heal-layers`, `--top-start`, `--label-weight`), all on one
-encoding of the texts (a 12-layer model's pass over the heal texts is the slow part). Each student is
-scored against the original on the validation split (the calibration: delta, disagreement and the
-gate forecast's lower bound at alpha 2.5%, export's depth share with int8) and on the test split (the
-holdout). One row per run is appended to benchmarks/results/heal_variants.md.
+`--top` runs export's top-layer heal instead, once per combination of `--heal-layers`, `--top-start`,
+`--label-weight`, `--lr`, `--warmup` and `--dropout`, all on one encoding of the texts (a 12-layer model's
+pass over the heal texts is the slow part). Each student is scored against the original on the validation
+split (the calibration: delta, disagreement and the gate forecast's lower bound at alpha 2.5%, export's
+depth share with int8) and on the test split (the holdout). A top-layer heal is also scored on its own heal
+texts, the part it trained on and the tenth it held out: a student that disagrees on the texts it trained on
+does not fit, one that agrees there but not on the held-out tenth does not generalize. One row per run is
+appended to benchmarks/results/heal_variants.md, under a header that names the date, CPU and commit.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +49,7 @@ from layerprune.files import ANALYSIS_FILE, DEFAULT_RUN_DIR, RESULTS_DIR  # noqa
 from layerprune.heal import (  # noqa: E402
     DistillOptions, WholeModel, WholeOptions, distill, encode_texts, heal_whole, start_layers,
 )
+from layerprune.heal.base import held_out_split  # noqa: E402
 from layerprune.models import _encoder, architecture, load_classifier, total_layers  # noqa: E402
 from layerprune.options import ExportOptions  # noqa: E402
 from layerprune.validate import calibration_and_holdout, forecast  # noqa: E402
@@ -50,8 +57,10 @@ from provenance import provenance  # noqa: E402
 
 RESULTS = "heal_variants.md"
 HEADER = ("| variant | depth | start layers | matched layers | augment | epochs | token / first weight | steps | "
-          "heal s | calibration delta | calibration disagreement | lower bound | test delta | test disagreement |\n"
-          "|---|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n")
+          "heal s | calibration delta | calibration disagreement | lower bound | test delta | test disagreement | "
+          "heal-text disagreement, trained on / held out |\n"
+          "|---|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+WHOLE_EPOCHS = 1  # the whole-model heal's passes here unless --epochs says otherwise (the top heal: its default)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", help="original layers the student starts from, e.g. 1,2,3,4,6 (default 1..depth)")
     p.add_argument("--match", help="original layer each student layer matches (default heal.layer_map)")
     p.add_argument("--augment", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, help=f"passes over the heal texts (default {WHOLE_EPOCHS}; with --top, "
+                                              f"{DistillOptions.epochs})")
     p.add_argument("--token-weight", type=float, default=WholeOptions.token_weight)
     p.add_argument("--first-weight", type=float, default=WholeOptions.first_weight)
     p.add_argument("--untrained", action="store_true", help="score the start as it is")
@@ -74,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --top: how many top kept layers are re-tuned, e.g. 1,2")
     p.add_argument("--label-weight", type=_weights, default=[DistillOptions.label_weight],
                    help="with --top: the label loss's weight beside the distillation loss, e.g. 0.5,0")
+    p.add_argument("--lr", type=_weights, default=[DistillOptions.lr], help="with --top: learning rates, e.g. 5e-5,1e-4")
+    p.add_argument("--warmup", type=_warmups, default=[DistillOptions.warmup],
+                   help="with --top: none (a constant learning rate) or the share of steps warmed up over before a "
+                        "linear decay to zero, e.g. none,0.06")
+    p.add_argument("--dropout", type=_switches, default=[DistillOptions.dropout],
+                   help="with --top: dropout on or off while training, e.g. on,off")
     p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     p.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / RESULTS)
     args = p.parse_args(argv)
@@ -91,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     task = analysis.task_config
     model, tokenizer = load_classifier(analysis.model, num_labels=task.num_labels, device="cpu")
     total = total_layers(model.config)
-    tops = [DistillOptions(start=start, heal_layers=n, label_weight=w)
-            for n in args.heal_layers for start in args.top_start for w in args.label_weight]
+    epochs = args.epochs if args.epochs is not None else (DistillOptions.epochs if args.top else WHOLE_EPOCHS)
+    tops = [DistillOptions(start=start, heal_layers=n, label_weight=w, lr=lr, warmup=warmup, dropout=dropout,
+                           epochs=epochs)
+            for n in args.heal_layers for start in args.top_start for w in args.label_weight
+            for lr in args.lr for warmup in args.warmup for dropout in args.dropout]
     start = _layers(args.start) or [*range(1, args.depth + 1)]
     match = _layers(args.match) or whole.layer_map(args.depth, total)
     if not args.top and (len(start) != args.depth or len(match) != args.depth):
@@ -114,27 +133,26 @@ def main(argv: list[str] | None = None) -> int:
         for top in tops:
             started = time.perf_counter()
             healed = distill(model, args.depth, texts, labels, opts=top)
-            name = args.name if len(tops) == 1 else (f"{args.name} ({top.heal_layers} re-tuned, start {top.start}, "
-                                                     f"label weight {top.label_weight:g})")
-            _write(args, task, total, scored, healed.logits, name=name, start=start_layers(args.depth, total, top),
-                   matched="-", epochs=str(top.epochs), weights="-", steps=healed.steps,
-                   seconds=time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            _write(args, task, total, scored, healed.logits, name=_top_name(args.name, top, len(tops) > 1),
+                   start=start_layers(args.depth, total, top), matched="-", epochs=str(top.epochs), weights="-",
+                   steps=healed.steps, seconds=seconds, fit=_fit(texts, healed.logits(texts), top.seed))
         return 0
     whole.layer_map = lambda depth, total: match  # the matched layers asked for
     opts = WholeOptions(epochs=args.epochs, token_weight=args.token_weight, first_weight=args.first_weight)
     started = time.perf_counter()
     begin = WholeModel(args.depth, _with_layers(model, start), 0, 0.0, None)  # heal_whole reads these two
     healed = heal_whole(model, args.depth, texts, labels, opts=opts, start=begin)
-    _write(args, task, total, scored, healed.logits, start=start, matched=_join(match), epochs=str(args.epochs),
+    _write(args, task, total, scored, healed.logits, start=start, matched=_join(match), epochs=str(epochs),
            weights=f"{args.token_weight:g} / {args.first_weight:g}", steps=healed.steps,
            seconds=time.perf_counter() - started)
     return 0
 
 
 def _write(args, task, total: int, scored, logits, *, start: list[int], matched: str, epochs: str, weights: str,
-           steps: int, seconds: float, name: str | None = None) -> None:
+           steps: int, seconds: float, name: str | None = None, fit: str = "-") -> None:
     """Score one student against the original on calibration (with the gate forecast) and test; print and
-    append its row."""
+    append its row, under a new header where the file's last one is not this run's."""
     _, test = scored[1]
     cells = []
     for role, (states, examples) in zip(("calibration", "test"), scored):
@@ -146,13 +164,35 @@ def _write(args, task, total: int, scored, logits, *, start: list[int], matched:
             guess = forecast(task, examples.labels, states.logits, candidate, 0.01, len(test), alpha=0.025)
             cells.append(f"{100 * guess.lower_bound:+.2f}")
     row = (f"| {name or args.name} | {args.depth} of {total} | {_join(start)} | {matched} | {args.augment} | {epochs} | "
-           f"{weights} | {steps} | {seconds:.0f} | " + " | ".join(cells) + " |\n")
+           f"{weights} | {steps} | {seconds:.0f} | " + " | ".join(cells) + f" | {fit} |\n")
     print(row, end="", flush=True)
     if not args.out.is_file():
-        args.out.write_text(f"# Whole-model heal variants\n\n{provenance()}\n\n"
-                            f"{HEADER}")
+        args.out.write_text("# Whole-model heal variants\n")
+    written = args.out.read_text()
+    last = written.rfind(HEADER)
     with args.out.open("a") as fh:
+        if last < 0 or not written[:last].endswith(f"{provenance()}\n\n"):
+            fh.write(f"\n{provenance()}\n\n{HEADER}")
         fh.write(row)
+
+
+def _top_name(name: str, top: DistillOptions, grid: bool) -> str:
+    """A top-layer heal's row name: the grid's point where there is a grid, and every setting off the default."""
+    settings = [f"{top.heal_layers} re-tuned, start {top.start}, label weight {top.label_weight:g}"] if grid else []
+    settings += [f"lr {top.lr:g}"] if top.lr != DistillOptions.lr else []
+    settings += [f"warmup {top.warmup:g}, linear decay"] if top.warmup is not None else []
+    settings += ["no dropout"] if not top.dropout else []
+    return f"{name} ({', '.join(settings)})" if settings else name
+
+
+def _fit(texts, logits, seed: int) -> str:
+    """Disagreement with the original on the heal texts the student trained on / on the tenth it held out (the
+    split `heal.distill` draws first from its seed)."""
+    held, train = held_out_split(len(texts.batches), texts.n, torch.Generator().manual_seed(seed))
+    agree = texts.logits.argmax(1) == logits.argmax(1)
+    rates = [100 * (1 - agree[np.concatenate([texts.batches[i].indices for i in part])].mean()) if part else None
+             for part in (train, held)]
+    return " / ".join("-" if r is None else f"{r:.2f}%" for r in rates)
 
 
 def _export_heal_texts(task, augment: int, encode):
@@ -173,6 +213,17 @@ def _starts(spec: str) -> list[str]:
 
 def _weights(spec: str) -> list[float]:
     return [float(x) for x in spec.split(",")]
+
+
+def _warmups(spec: str) -> list[float | None]:
+    return [None if x == "none" else float(x) for x in spec.split(",")]
+
+
+def _switches(spec: str) -> list[bool]:
+    switches = spec.split(",")
+    if not set(switches) <= {"on", "off"}:
+        raise argparse.ArgumentTypeError(f"each is on or off, got {spec}")
+    return [x == "on" for x in switches]
 
 
 def _layers(spec: str | None) -> list[int] | None:

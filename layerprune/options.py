@@ -149,6 +149,10 @@ class DistillOptions:
     # where the re-tuned layers start: the kept ones (depth-heal_layers+1..depth), or the original's top
     # heal_layers, whose outputs the fine-tuned head was trained on (docs/results.md measures both)
     start: Literal["kept", "top"] = "kept"
+    # None: a constant learning rate; a share of the steps: warm up over it, then decay linearly to zero by the
+    # last epoch (TinyBERT's schedule). Which agrees better is measured in docs/results.md.
+    warmup: float | None = None
+    dropout: bool = True  # dropout on while training (as fine-tuning does); off: the student sees no noise
     seed: int = 0
 
 

@@ -125,6 +125,39 @@ def test_feature_loss_brings_the_top_state_towards_the_originals_last_layer(tiny
     assert matched < 0.5 * before, "30 epochs with the feature term halve the squared gap"
 
 
+def test_warmup_ramps_the_learning_rate_from_zero(tiny_models, examples) -> None:
+    """A linear schedule on one batch (one step an epoch), by hand. Warmed up over its only step, the learning
+    rate is 0 (and AdamW's decoupled weight decay with it): the layers stay as they were. Warmed up over the
+    first of two steps, the second runs at the full rate after a first gradient equal to its own (no dropout,
+    unchanged weights), so Adam's bias-corrected moments are those of one step: the student of one
+    constant-rate step."""
+    model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
+    texts = encode_texts(model, tokenizer, examples, batch_size=64, max_length=64)
+    assert len(texts.batches) == 1 and texts.n < 100  # and no held-out tenth, so the last epoch is kept
+    run = lambda **kw: distill(model, 2, texts, examples.labels,  # noqa: E731
+                               opts=DistillOptions(lr=1e-2, dropout=False, **kw)).logits(texts)
+    untrained, one_step = run(epochs=0), run(epochs=1)
+    np.testing.assert_allclose(run(epochs=1, warmup=1.0), untrained, atol=1e-6)
+    np.testing.assert_allclose(run(epochs=2, warmup=0.5), one_step, atol=1e-6)
+    assert np.abs(one_step - untrained).max() > 1e-3
+
+
+def test_dropout_off_trains_without_noise(tiny_models, examples) -> None:
+    """Dropout draws from torch's global generator (the shuffle from the heal's own seed): with it off, two runs
+    under different global seeds train the same student; with it on (the config's 0.1), they do not."""
+    model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
+    assert model.config.hidden_dropout_prob > 0
+    texts = _texts(model, tokenizer, examples)
+
+    def trained(global_seed: int, dropout: bool) -> np.ndarray:
+        torch.manual_seed(global_seed)
+        opts = DistillOptions(epochs=2, lr=1e-3, dropout=dropout)
+        return distill(model, 2, texts, examples.labels, opts=opts).logits(texts)
+
+    assert np.array_equal(trained(1, dropout=False), trained(2, dropout=False))
+    assert np.abs(trained(1, dropout=True) - trained(2, dropout=True)).max() > 1e-5  # the tiny logits are ~1e-2
+
+
 def test_held_out_tenth_chooses_the_epoch(tiny_models) -> None:
     """With 100+ texts a tenth of the batches is held out; zero useful epochs keep the weights as they were."""
     model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")

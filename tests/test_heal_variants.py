@@ -63,3 +63,35 @@ def test_top_grid_writes_a_row_per_pair_with_the_layers_each_starts_as(tiny_mode
         ("| grid (2 re-tuned, start top, label weight 0.5)", "1,3,4")]
     steps = {r[0]: int(r[7]) for r in written}
     assert all(s > 0 for s in steps.values()), "every student was trained"
+
+
+def test_fit_column_is_the_truncated_models_disagreement_on_the_heal_texts(tmp_path: Path, minilm_dir: Path) -> None:
+    """--top --epochs 0 over a --warmup x --dropout grid: one row per point, named by its settings, under a
+    header that names the run; each untrained student disagrees with the original on the train texts (fewer
+    than 100: none held out) as often as transformers' own 2-layer model of layers 1-2 does."""
+    from layerprune.analyze import AnalyzeOptions, analyze
+    from layerprune.data import task_from_files
+
+    path = make_tiny_classifier("bert", tmp_path / "bert", minilm_dir, seed=3, initializer_range=0.3)
+    reviews = tmp_path / "reviews.csv"
+    rows = [(t, l) for t, l in SENTENCES] + [(f"honestly, {t}", l) for t, l in SENTENCES]
+    reviews.write_text("text,label\n" + "\n".join(f'"{t}",{l}' for t, l in rows) + "\n")
+    task = task_from_files(reviews, "text", "label", train_file=reviews)
+    run = tmp_path / "run"
+    analyze(str(path), task, run, AnalyzeOptions(device="cpu", batch_size=8))
+    out = tmp_path / "variants.md"
+    code = heal_variants.main(["fit", "--depth", "2", "--top", "--epochs", "0", "--warmup", "none,0.5", "--dropout",
+                               "off", "--augment", "0", "--run-dir", str(run), "--out", str(out)])
+    full, reference = reference_with_layers(path, [1, 2])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    inputs = tokenizer([t for t, _ in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.inference_mode():
+        flips = (full.eval()(**inputs).logits.argmax(1) != reference(**inputs).logits.argmax(1)).float().mean()
+    assert 0 < float(flips) < 1, "the cut changes some predictions, so the column can be wrong"
+    text = out.read_text()
+    written = [line.split(" | ") for line in text.splitlines() if line.startswith("| fit")]
+    assert code == 0 and [r[0] for r in written] == [
+        "| fit (1 re-tuned, start kept, label weight 0.5, no dropout)",
+        "| fit (1 re-tuned, start kept, label weight 0.5, warmup 0.5, linear decay, no dropout)"]
+    assert all(r[-1] == f"{100 * float(flips):.2f}% / - |" for r in written)
+    assert text.count("| variant |") == 1 and "commit" in text.split("| variant |")[0]

@@ -8,8 +8,10 @@ rather than a fine-tune. Loss: Hinton et al.'s distillation, KL(teacher || stude
 temperature T (scaled by T^2), plus a weighted label cross-entropy where labels exist, plus the squared gap
 between the student's top first-token state and the original's last-layer one (what the head reads; in units
 of its variance): a 2-class teacher's logits say little per text, its last-layer state says much more.
-Training stops early on a held-out tenth of the heal texts; the epoch with the lowest held-out loss wins
-(epoch 0, the weights as they were, included). Figures: docs/results.md.
+AdamW at a constant learning rate by default (`DistillOptions.warmup` gives TinyBERT's linear warmup and
+decay), dropout on as in fine-tuning (`dropout` turns it off). Training stops early on a held-out tenth of
+the heal texts; the epoch with the lowest held-out loss wins (epoch 0, the weights as they were, included).
+Figures: docs/results.md.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from ..artifacts import HealStats
 from ..errors import LayerpruneError
@@ -104,6 +106,8 @@ def distill(
     targets = None if labels is None else torch.from_numpy(np.asarray(labels))
     loss_of = _Loss(student, layers, texts, inputs, teacher, targets, regression, opts)
     optimizer = torch.optim.AdamW(trained, lr=opts.lr, weight_decay=0.01)
+    schedule = None if opts.warmup is None else get_linear_schedule_with_warmup(
+        optimizer, int(opts.warmup * opts.epochs * len(train)), max(opts.epochs * len(train), 1))
     best_loss, best, best_epoch = loss_of.mean(held), _snapshot(layers, student), 0
     steps = best_steps = epochs_run = 0
     for epoch in range(1, opts.epochs + 1):
@@ -113,6 +117,8 @@ def distill(
             optimizer.zero_grad()
             loss_of(i, training=True).backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
             steps += 1
         held_loss = loss_of.mean(held)
         if held_loss is None or held_loss < best_loss:
@@ -141,9 +147,10 @@ class _Loss:
 
     def __call__(self, i: int, training: bool) -> torch.Tensor:
         batch = self.texts.batches[i]
-        self.layers.train(training)
+        noisy = training and self.opts.dropout
+        self.layers.train(noisy)
         for module in head_modules(self.student).values():
-            module.train(training)
+            module.train(noisy)
         features = self.opts.feature_weight > 0
         with run_layers_on(self.student, self.layers) as feed:
             feed(self.inputs[i].to(self.device, torch.float32))
