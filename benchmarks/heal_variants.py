@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     p.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / RESULTS)
     args = p.parse_args(argv)
+    args.provenance = provenance()  # once: every row of this run under one header, with the commit it started at
     if args.top and args.start:
         print("heal_variants: error: --start is for the whole-model heal; with --top, use --top-start", file=sys.stderr)
         return 2
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                    steps=healed.steps, seconds=seconds, fit=_fit(texts, healed.logits(texts), top.seed))
         return 0
     whole.layer_map = lambda depth, total: match  # the matched layers asked for
-    opts = WholeOptions(epochs=args.epochs, token_weight=args.token_weight, first_weight=args.first_weight)
+    opts = WholeOptions(epochs=epochs, token_weight=args.token_weight, first_weight=args.first_weight)
     started = time.perf_counter()
     begin = WholeModel(args.depth, _with_layers(model, start), 0, 0.0, None)  # heal_whole reads these two
     healed = heal_whole(model, args.depth, texts, labels, opts=opts, start=begin)
@@ -171,8 +172,8 @@ def _write(args, task, total: int, scored, logits, *, start: list[int], matched:
     written = args.out.read_text()
     last = written.rfind(HEADER)
     with args.out.open("a") as fh:
-        if last < 0 or not written[:last].endswith(f"{provenance()}\n\n"):
-            fh.write(f"\n{provenance()}\n\n{HEADER}")
+        if last < 0 or not written[:last].endswith(f"{args.provenance}\n\n"):
+            fh.write(f"\n{args.provenance}\n\n{HEADER}")
         fh.write(row)
 
 

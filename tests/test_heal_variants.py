@@ -43,15 +43,7 @@ def test_start_beside_top_is_refused_before_any_work(tmp_path: Path, capsys) -> 
 def test_top_grid_writes_a_row_per_pair_with_the_layers_each_starts_as(tiny_models, tmp_path: Path) -> None:
     """--top over --top-start kept,top and --heal-layers 1,2 at depth 3 of 4: four students from one encoding,
     each row naming the original's layers it starts as (by hand: the kept ones, or the top ones on top)."""
-    from layerprune.analyze import AnalyzeOptions, analyze
-    from layerprune.data import task_from_files
-
-    reviews = tmp_path / "reviews.csv"
-    rows = [(t, l) for t, l in SENTENCES] + [(f"honestly, {t}", l) for t, l in SENTENCES]
-    reviews.write_text("text,label\n" + "\n".join(f'"{t}",{l}' for t, l in rows) + "\n")
-    task = task_from_files(reviews, "text", "label", train_file=reviews)
-    run = tmp_path / "run"
-    analyze(str(tiny_models["bert"]), task, run, AnalyzeOptions(device="cpu", batch_size=8))
+    run, _ = _analyzed(tiny_models["bert"], tmp_path)
     out = tmp_path / "variants.md"
     code = heal_variants.main(["grid", "--depth", "3", "--top", "--top-start", "kept,top", "--heal-layers", "1,2",
                                "--augment", "0", "--run-dir", str(run), "--out", str(out)])
@@ -69,16 +61,8 @@ def test_fit_column_is_the_truncated_models_disagreement_on_the_heal_texts(tmp_p
     """--top --epochs 0 over a --warmup x --dropout grid: one row per point, named by its settings, under a
     header that names the run; each untrained student disagrees with the original on the train texts (fewer
     than 100: none held out) as often as transformers' own 2-layer model of layers 1-2 does."""
-    from layerprune.analyze import AnalyzeOptions, analyze
-    from layerprune.data import task_from_files
-
     path = make_tiny_classifier("bert", tmp_path / "bert", minilm_dir, seed=3, initializer_range=0.3)
-    reviews = tmp_path / "reviews.csv"
-    rows = [(t, l) for t, l in SENTENCES] + [(f"honestly, {t}", l) for t, l in SENTENCES]
-    reviews.write_text("text,label\n" + "\n".join(f'"{t}",{l}' for t, l in rows) + "\n")
-    task = task_from_files(reviews, "text", "label", train_file=reviews)
-    run = tmp_path / "run"
-    analyze(str(path), task, run, AnalyzeOptions(device="cpu", batch_size=8))
+    run, rows = _analyzed(path, tmp_path)
     out = tmp_path / "variants.md"
     code = heal_variants.main(["fit", "--depth", "2", "--top", "--epochs", "0", "--warmup", "none,0.5", "--dropout",
                                "off", "--augment", "0", "--run-dir", str(run), "--out", str(out)])
@@ -95,3 +79,29 @@ def test_fit_column_is_the_truncated_models_disagreement_on_the_heal_texts(tmp_p
         "| fit (1 re-tuned, start kept, label weight 0.5, warmup 0.5, linear decay, no dropout)"]
     assert all(r[-1] == f"{100 * float(flips):.2f}% / - |" for r in written)
     assert text.count("| variant |") == 1 and "commit" in text.split("| variant |")[0]
+
+
+def test_whole_heal_without_epochs_runs_one_pass(tiny_models, tmp_path: Path) -> None:
+    """No --epochs: the whole-model heal makes one pass, by hand 1 step (24 texts in one batch of 32, fewer than
+    100 so none held out)."""
+    run, rows = _analyzed(tiny_models["bert"], tmp_path)
+    out = tmp_path / "variants.md"
+    assert len(rows) == 24
+    code = heal_variants.main(["whole", "--depth", "3", "--augment", "0", "--run-dir", str(run), "--out", str(out)])
+    written = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| whole")]
+    assert code == 0 and [(r[5], r[7]) for r in written] == [("1", "1")]
+
+
+def _analyzed(model: Path, tmp_path: Path) -> tuple[Path, list[tuple[str, str]]]:
+    """A run directory analyzing `model` on the test sentences and their "honestly, " copies (24 rows, which
+    are also the train split), and those rows."""
+    from layerprune.analyze import AnalyzeOptions, analyze
+    from layerprune.data import task_from_files
+
+    reviews = tmp_path / "reviews.csv"
+    rows = [(t, l) for t, l in SENTENCES] + [(f"honestly, {t}", l) for t, l in SENTENCES]
+    reviews.write_text("text,label\n" + "\n".join(f'"{t}",{l}' for t, l in rows) + "\n")
+    task = task_from_files(reviews, "text", "label", train_file=reviews)
+    run = tmp_path / "run"
+    analyze(str(model), task, run, AnalyzeOptions(device="cpu", batch_size=8))
+    return run, rows
