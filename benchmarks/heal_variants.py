@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +48,6 @@ from layerprune.files import ANALYSIS_FILE, DEFAULT_RUN_DIR, RESULTS_DIR  # noqa
 from layerprune.heal import (  # noqa: E402
     DistillOptions, WholeModel, WholeOptions, distill, encode_texts, heal_whole, start_layers,
 )
-from layerprune.heal.base import held_out_split  # noqa: E402
 from layerprune.models import _encoder, architecture, load_classifier, total_layers  # noqa: E402
 from layerprune.options import ExportOptions  # noqa: E402
 from layerprune.validate import calibration_and_holdout, forecast  # noqa: E402
@@ -137,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - started
             _write(args, task, total, scored, healed.logits, name=_top_name(args.name, top, len(tops) > 1),
                    start=start_layers(args.depth, total, top), matched="-", epochs=str(top.epochs), weights="-",
-                   steps=healed.steps, seconds=seconds, fit=_fit(texts, healed.logits(texts), top.seed))
+                   steps=healed.steps, seconds=seconds, fit=_fit(texts, healed.logits(texts), healed.held_out))
         return 0
     whole.layer_map = lambda depth, total: match  # the matched layers asked for
     opts = WholeOptions(epochs=epochs, token_weight=args.token_weight, first_weight=args.first_weight)
@@ -186,10 +184,10 @@ def _top_name(name: str, top: DistillOptions, grid: bool) -> str:
     return f"{name} ({', '.join(settings)})" if settings else name
 
 
-def _fit(texts, logits, seed: int) -> str:
-    """Disagreement with the original on the heal texts the student trained on / on the tenth it held out (the
-    split `heal.distill` draws first from its seed)."""
-    held, train = held_out_split(len(texts.batches), texts.n, torch.Generator().manual_seed(seed))
+def _fit(texts, logits, held: list[int]) -> str:
+    """Disagreement with the original on the heal texts the student trained on / on the batches `held` it held
+    out to choose its epoch."""
+    train = sorted(set(range(len(texts.batches))) - set(held))
     agree = texts.logits.argmax(1) == logits.argmax(1)
     rates = [100 * (1 - agree[np.concatenate([texts.batches[i].indices for i in part])].mean()) if part else None
              for part in (train, held)]

@@ -159,13 +159,15 @@ def test_dropout_off_trains_without_noise(tiny_models, examples) -> None:
 
 
 def test_held_out_tenth_chooses_the_epoch(tiny_models) -> None:
-    """With 100+ texts a tenth of the batches is held out; zero useful epochs keep the weights as they were."""
+    """With 100+ texts a tenth of the batches is held out (by hand: 120 texts in 15 batches of 8, so 1 batch of 8
+    texts), and the heal names it; zero useful epochs keep the weights as they were."""
     model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
     many = Examples(texts=[f"{t} {i}" for i in range(10) for t, _ in SENTENCES], pairs=None,
                     labels=np.zeros(120, dtype=np.int64))
     texts = _texts(model, tokenizer, many)
     healed = distill(model, 2, texts, None, opts=DistillOptions(epochs=1, lr=0.0))
-    assert healed.stats.n_held_out > 0 and healed.stats.n_train + healed.stats.n_held_out == 120
+    assert healed.stats.n_held_out == 8 and healed.stats.n_train == 112
+    assert len(healed.held_out) == 1 and len(texts.batches[healed.held_out[0]].indices) == 8
     assert healed.stats.epochs == 0, "a zero learning rate never beats epoch 0 on the held-out texts"
 
 

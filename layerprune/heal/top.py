@@ -50,6 +50,7 @@ class TopLayers:
     steps: int
     held_out_loss: float
     stats: HealStats
+    held_out: list[int] = field(default_factory=list)  # the heal texts' batches held out to choose the epoch
 
     def logits(self, texts: TextStates) -> np.ndarray:
         """The healed truncated model's logits on `texts` (in example order)."""
@@ -131,7 +132,7 @@ def distill(
     stats = HealStats(depth=depth, mode="distill", n_train=n_train, n_held_out=texts.n - n_train, epochs=best_epoch,
                       epochs_run=epochs_run, seconds=round(time.perf_counter() - started, 1))
     return TopLayers(depth, opts.heal_layers, original, student, layers, best_steps,
-                     float("nan") if best_loss is None else best_loss, stats)
+                     float("nan") if best_loss is None else best_loss, stats, held)
 
 
 class _Loss:
