@@ -50,7 +50,7 @@ class TopLayers:
     steps: int
     held_out_loss: float
     stats: HealStats
-    held_out: list[int] = field(default_factory=list)  # the heal texts' batches held out to choose the epoch
+    held_out: list[int]  # the heal texts' batches held out to choose the epoch
 
     def logits(self, texts: TextStates) -> np.ndarray:
         """The healed truncated model's logits on `texts` (in example order)."""
