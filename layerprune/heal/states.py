@@ -57,17 +57,15 @@ def encode_texts(
     return TextStates(examples, batches, logits, first, tokens)
 
 
-def token_states(model: PreTrainedModel, texts: TextStates, index: int, *, cache_passed: bool = True
-                 ) -> list[torch.Tensor]:
+def token_states(model: PreTrainedModel, texts: TextStates, index: int) -> list[torch.Tensor]:
     """The original model's token states at hidden-state `index` for every batch: cached, or computed by
-    running the original layers from the nearest cached lower index (and cached, with every index passed on
-    the way unless `cache_passed` is False: a 12-layer model's states of every layer can outgrow memory)."""
+    running the original layers from the nearest cached lower index, and cached. Only `index` is kept, not the
+    indices passed on the way: those of a 12-layer model over tens of thousands of heal texts outgrow 24 GiB."""
     if index in texts.tokens:
         return texts.tokens[index]
     start = max(d for d in texts.tokens if d < index)
     layers = nn.ModuleList(layer_list(model)[start:index])
-    kept = range(start + 1, index + 1) if cache_passed else [index]
-    computed: dict[int, list[torch.Tensor]] = {d: [] for d in kept}
+    computed: list[torch.Tensor] = []
     accepted = inspect.signature(model.forward).parameters
     device = next(model.parameters()).device
     with run_layers_on(model, layers) as feed, torch.inference_mode():
@@ -75,7 +73,6 @@ def token_states(model: PreTrainedModel, texts: TextStates, index: int, *, cache
                                   desc=f"original, layers {start + 1}..{index}"):
             feed(states.to(device, torch.float32))
             out = model(**model_inputs(batch, accepted, device), output_hidden_states=True)
-            for d in computed:
-                computed[d].append(out.hidden_states[d - start].to("cpu", torch.float16))
-    texts.tokens.update(computed)
-    return texts.tokens[index]
+            computed.append(out.hidden_states[-1].to("cpu", torch.float16))
+    texts.tokens[index] = computed
+    return computed

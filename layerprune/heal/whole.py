@@ -88,7 +88,7 @@ def heal_whole(
         raise LayerpruneError(f"cannot heal a model truncated at {depth} of {total} layers")
     mapped = layer_map(depth, total)
     for index in sorted(mapped) if opts.token_weight > 0 else []:  # the targets, each from the one below
-        token_states(original, texts, index, cache_passed=False)
+        token_states(original, texts, index)
     started = time.perf_counter()
     if start is not None and start.depth < depth:
         raise LayerpruneError(f"a heal of depth {start.depth} cannot start one of depth {depth}")
