@@ -60,7 +60,7 @@ def encode_texts(
 def token_states(model: PreTrainedModel, texts: TextStates, index: int) -> list[torch.Tensor]:
     """The original model's token states at hidden-state `index` for every batch: cached, or computed by
     running the original layers from the nearest cached lower index, and cached. Only `index` is kept, not the
-    indices passed on the way: those of a 12-layer model over tens of thousands of heal texts outgrow 24 GiB."""
+    indices passed on the way, which a 12-layer model over tens of thousands of heal texts fills memory with."""
     if index in texts.tokens:
         return texts.tokens[index]
     start = max(d for d in texts.tokens if d < index)
