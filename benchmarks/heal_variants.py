@@ -13,12 +13,13 @@ it matches, the loss weights, the augmented copies and the epochs, measured on t
 The run directory is an analysis (the demo's ./lp-run). The student is the original model's layers
 `--start` (default 1..depth, export's truncation) with the fine-tuned head, trained by `heal.heal_whole`
 with student layer j matching original layer `--match`[j] (default export's `heal.layer_map`), on the train
-split plus `--augment` copies per text, for `--epochs` passes (no time cap, so variants do equal work).
+split plus `--augment` copies per text, for `--epochs` passes (no time cap, so variants do equal work, unless
+`--minutes` sets export's cap). The model runs on `--device` (CUDA when present).
 `--top` runs export's top-layer heal instead, once per combination of `--heal-layers`, `--top-start`,
 `--label-weight`, `--lr`, `--warmup` and `--dropout`, all on one encoding of the texts (a 12-layer model's
 pass over the heal texts is the slow part). Each student is scored against the original on the validation
 split (the calibration: delta, disagreement and the gate forecast's lower bound at alpha 2.5%, export's
-depth share with int8) and on the test split (the holdout). A top-layer heal is also scored on its own heal
+depth share with int8) and on the test split (the holdout). A trained student is also scored on its own heal
 texts, the part it trained on and the tenth it held out: a student that disagrees on the texts it trained on
 does not fit, one that agrees there but not on the held-out tenth does not generalize. One row per run is
 appended to benchmarks/results/heal_variants.md, under a header that names the date, CPU and commit.
@@ -41,12 +42,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling scripts, run as a module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import layerprune.heal.whole as whole  # noqa: E402
 from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
 from layerprune.export import _augmented, _heal_texts  # noqa: E402
 from layerprune.files import ANALYSIS_FILE, DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
 from layerprune.heal import (  # noqa: E402
-    DistillOptions, WholeModel, WholeOptions, distill, encode_texts, heal_whole, start_layers,
+    DistillOptions, WholeModel, WholeOptions, distill, encode_texts, heal_whole, layer_map, start_layers,
 )
 from layerprune.models import _encoder, architecture, load_classifier, total_layers  # noqa: E402
 from layerprune.options import ExportOptions  # noqa: E402
@@ -68,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", help="original layers the student starts from, e.g. 1,2,3,4,6 (default 1..depth)")
     p.add_argument("--match", help="original layer each student layer matches (default heal.layer_map)")
     p.add_argument("--augment", type=int, default=2)
+    p.add_argument("--heal-examples", type=int, help="heal with the first N train texts (default all, as export)")
     p.add_argument("--epochs", type=int, help=f"passes over the heal texts (default {WHOLE_EPOCHS}; with --top, "
                                               f"{DistillOptions.epochs})")
     p.add_argument("--token-weight", type=float, default=WholeOptions.token_weight)
     p.add_argument("--first-weight", type=float, default=WholeOptions.first_weight)
+    p.add_argument("--minutes", type=float, help="cap on the whole-model heal's training (export's --heal-minutes; "
+                                                 "default none: every epoch runs)")
     p.add_argument("--untrained", action="store_true", help="score the start as it is")
     p.add_argument("--top", action="store_true",
                    help="export's top-layer heal (heal.distill at its defaults) instead, from the top cut")
@@ -88,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                         "linear decay to zero, e.g. none,0.06")
     p.add_argument("--dropout", type=_switches, default=[DistillOptions.dropout],
                    help="with --top: dropout on or off while training, e.g. on,off")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
     p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     p.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / RESULTS)
     args = p.parse_args(argv)
-    args.provenance = provenance()  # once: every row of this run under one header, with the commit it started at
     if args.top and args.start:
         print("heal_variants: error: --start is for the whole-model heal; with --top, use --top-start", file=sys.stderr)
         return 2
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     analysis = load_artifact(AnalysisReport, args.run_dir / ANALYSIS_FILE)
     task = analysis.task_config
-    model, tokenizer = load_classifier(analysis.model, num_labels=task.num_labels, device="cpu")
+    model, tokenizer = load_classifier(analysis.model, num_labels=task.num_labels, device=args.device)
+    args.provenance = provenance(model.device)  # once: every row of this run under one header, with its commit
     total = total_layers(model.config)
     epochs = args.epochs if args.epochs is not None else (DistillOptions.epochs if args.top else WHOLE_EPOCHS)
     tops = [DistillOptions(start=start, heal_layers=n, label_weight=w, lr=lr, warmup=warmup, dropout=dropout,
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in args.heal_layers for start in args.top_start for w in args.label_weight
             for lr in args.lr for warmup in args.warmup for dropout in args.dropout]
     start = _layers(args.start) or [*range(1, args.depth + 1)]
-    match = _layers(args.match) or whole.layer_map(args.depth, total)
+    match = _layers(args.match) or layer_map(args.depth, total)
     if not args.top and (len(start) != args.depth or len(match) != args.depth):
         print("heal_variants: error: --start and --match need one layer per kept layer", file=sys.stderr)
         return 2
@@ -124,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     calibration, test = parts.calibration, parts.holdout
     scored = [(encode(calibration, "calibration"), calibration), (encode(test, "test"), test)]
     if args.untrained:
-        logits = WholeModel(args.depth, _with_layers(model, start), 0, 0.0, None).logits
+        logits = WholeModel(args.depth, _with_layers(model, start), 0, 0.0, None, []).logits
         _write(args, task, total, scored, logits, start=start, matched="-", epochs="-", weights="-", steps=0, seconds=0.0)
         return 0
-    texts, labels = _export_heal_texts(task, args.augment, encode)
+    texts, labels = _export_heal_texts(task, args.augment, args.heal_examples, encode)
     if args.top:
         for top in tops:
             started = time.perf_counter()
@@ -137,14 +141,15 @@ def main(argv: list[str] | None = None) -> int:
                    start=start_layers(args.depth, total, top), matched="-", epochs=str(top.epochs), weights="-",
                    steps=healed.steps, seconds=seconds, fit=_fit(texts, healed.logits(texts), healed.held_out))
         return 0
-    whole.layer_map = lambda depth, total: match  # the matched layers asked for
-    opts = WholeOptions(epochs=epochs, token_weight=args.token_weight, first_weight=args.first_weight)
+    opts = WholeOptions(epochs=epochs, minutes=args.minutes, token_weight=args.token_weight,
+                        first_weight=args.first_weight)
     started = time.perf_counter()
-    begin = WholeModel(args.depth, _with_layers(model, start), 0, 0.0, None)  # heal_whole reads these two
-    healed = heal_whole(model, args.depth, texts, labels, opts=opts, start=begin)
-    _write(args, task, total, scored, healed.logits, start=start, matched=_join(match), epochs=str(epochs),
+    begin = WholeModel(args.depth, _with_layers(model, start), 0, 0.0, None, [])  # heal_whole reads these two
+    healed = heal_whole(model, args.depth, texts, labels, opts=opts, start=begin, mapped=match)
+    ran = str(epochs) if args.minutes is None else f"{healed.stats.epochs_run} of {epochs} ({args.minutes:g}-min cap)"
+    _write(args, task, total, scored, healed.logits, start=start, matched=_join(match), epochs=ran,
            weights=f"{args.token_weight:g} / {args.first_weight:g}", steps=healed.steps,
-           seconds=time.perf_counter() - started)
+           seconds=time.perf_counter() - started, fit=_fit(texts, healed.logits(texts), healed.held_out))
     return 0
 
 
@@ -194,9 +199,10 @@ def _fit(texts, logits, held: list[int]) -> str:
     return " / ".join("-" if r is None else f"{r:.2f}%" for r in rates)
 
 
-def _export_heal_texts(task, augment: int, encode):
-    """Export's heal texts (the train split, then `augment` copies of each text labelled -1), encoded."""
-    opts = ExportOptions(augment=augment)
+def _export_heal_texts(task, augment: int, heal_examples: int | None, encode):
+    """Export's heal texts (the train split or its first `heal_examples`, then `augment` copies of each text
+    labelled -1), encoded."""
+    opts = ExportOptions(augment=augment, heal_examples=heal_examples)
     texts = _heal_texts(task, None, opts)
     if augment:
         texts = _augmented(texts, task, opts)

@@ -28,7 +28,13 @@ def git_commit() -> str:
     return f"{head} + uncommitted changes" if dirty else head
 
 
-def provenance() -> str:
-    """'DATE; CPU: MODEL (int8 kind KIND), N cores; commit HASH'."""
-    return (f"{date.today().isoformat()}; CPU: {cpu_model()} (int8 kind {cpu_kind()}), {os.cpu_count()} cores; "
+def provenance(device: str | None = None) -> str:
+    """'DATE; CPU: MODEL (int8 kind KIND), N cores[; GPU: NAME]; commit HASH', the GPU where `device` is a CUDA
+    device (a benchmark that trained there)."""
+    gpu = ""
+    if device is not None and str(device).startswith("cuda"):
+        import torch  # only here: the other benchmarks' provenance needs no torch
+
+        gpu = f"; GPU: {torch.cuda.get_device_name(torch.device(device))}"
+    return (f"{date.today().isoformat()}; CPU: {cpu_model()} (int8 kind {cpu_kind()}), {os.cpu_count()} cores{gpu}; "
             f"commit {git_commit()}")

@@ -66,18 +66,13 @@ def test_fit_column_is_the_truncated_models_disagreement_on_the_heal_texts(tmp_p
     out = tmp_path / "variants.md"
     code = heal_variants.main(["fit", "--depth", "2", "--top", "--epochs", "0", "--warmup", "none,0.5", "--dropout",
                                "off", "--augment", "0", "--run-dir", str(run), "--out", str(out)])
-    full, reference = reference_with_layers(path, [1, 2])
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    inputs = tokenizer([t for t, _ in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
-    with torch.inference_mode():
-        flips = (full.eval()(**inputs).logits.argmax(1) != reference(**inputs).logits.argmax(1)).float().mean()
-    assert 0 < float(flips) < 1, "the cut changes some predictions, so the column can be wrong"
+    flips = _cut_flips(path, rows)
     text = out.read_text()
     written = [line.split(" | ") for line in text.splitlines() if line.startswith("| fit")]
     assert code == 0 and [r[0] for r in written] == [
         "| fit (1 re-tuned, start kept, label weight 0.5, no dropout)",
         "| fit (1 re-tuned, start kept, label weight 0.5, warmup 0.5, linear decay, no dropout)"]
-    assert all(r[-1] == f"{100 * float(flips):.2f}% / - |" for r in written)
+    assert all(r[-1] == f"{100 * flips:.2f}% / - |" for r in written)
     assert text.count("| variant |") == 1 and "commit" in text.split("| variant |")[0]
 
 
@@ -90,6 +85,18 @@ def test_whole_heal_without_epochs_runs_one_pass(tiny_models, tmp_path: Path) ->
     code = heal_variants.main(["whole", "--depth", "3", "--augment", "0", "--run-dir", str(run), "--out", str(out)])
     written = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| whole")]
     assert code == 0 and [(r[5], r[7]) for r in written] == [("1", "1")]
+
+
+def _cut_flips(path: Path, rows: list[tuple[str, str]]) -> float:
+    """The share of `rows` whose prediction transformers' own 2-layer model of layers 1-2 of the checkpoint at
+    `path` changes, which must be neither none nor all for a fit column to be tested by it."""
+    full, reference = reference_with_layers(path, [1, 2])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    inputs = tokenizer([t for t, _ in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.inference_mode():
+        flips = float((full.eval()(**inputs).logits.argmax(1) != reference(**inputs).logits.argmax(1)).float().mean())
+    assert 0 < flips < 1, "the cut changes some predictions, so the column can be wrong"
+    return flips
 
 
 def _analyzed(model: Path, tmp_path: Path) -> tuple[Path, list[tuple[str, str]]]:
@@ -105,3 +112,29 @@ def _analyzed(model: Path, tmp_path: Path) -> tuple[Path, list[tuple[str, str]]]
     run = tmp_path / "run"
     analyze(str(model), task, run, AnalyzeOptions(device="cpu", batch_size=8))
     return run, rows
+
+
+def test_whole_heal_fit_column_is_the_truncated_models_disagreement(tmp_path: Path, minilm_dir: Path) -> None:
+    """--epochs 0: the whole-model student is the original truncated at depth 2, untrained, and its fit column is
+    its disagreement with the original on the heal texts (fewer than 100: none held out), as transformers' own
+    2-layer model of layers 1-2 computes it."""
+    path = make_tiny_classifier("bert", tmp_path / "bert", minilm_dir, seed=3, initializer_range=0.3)
+    run, rows = _analyzed(path, tmp_path)
+    out = tmp_path / "variants.md"
+    code = heal_variants.main(["whole0", "--depth", "2", "--epochs", "0", "--augment", "0", "--device", "cpu",
+                               "--run-dir", str(run), "--out", str(out)])
+    flips = _cut_flips(path, rows)
+    written = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| whole0")]
+    assert code == 0 and len(written) == 1 and written[0][-1] == f"{100 * flips:.2f}% / - |"
+
+
+def test_whole_heal_minutes_cap_runs_fewer_steps_than_planned(tiny_models, tmp_path: Path) -> None:
+    """--minutes far below one step's time: 50 epochs planned, the cap leaves time for none, and the heal runs
+    its floor of 1 step in 1 pass; the epochs cell says so. The cap is timed on held-out texts, so there must be
+    some: 24 rows and 13 copies of each make 336 texts, 11 batches of up to 32, one held out."""
+    run, _ = _analyzed(tiny_models["bert"], tmp_path)
+    out = tmp_path / "variants.md"
+    code = heal_variants.main(["capped", "--depth", "3", "--epochs", "50", "--minutes", "0.000001", "--augment", "13",
+                               "--run-dir", str(run), "--out", str(out)])
+    written = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| capped")]
+    assert code == 0 and [r[5] for r in written] == ["1 of 50 (1e-06-min cap)"]

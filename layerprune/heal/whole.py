@@ -55,7 +55,8 @@ class WholeModel:
     student: PreTrainedModel = field(repr=False)  # the original truncated at `depth`, then trained
     steps: int
     held_out_loss: float
-    stats: HealStats
+    stats: HealStats | None  # None: not trained (a start)
+    held_out: list[int]  # the heal texts' batches held out to choose the epoch
 
     def logits(self, texts: TextStates) -> np.ndarray:
         out = np.zeros_like(texts.logits)
@@ -78,15 +79,19 @@ class WholeModel:
 def heal_whole(
     original: PreTrainedModel, depth: int, texts: TextStates, labels: np.ndarray | None, *,
     regression: bool = False, opts: WholeOptions = WholeOptions(), start: WholeModel | None = None,
+    mapped: list[int] | None = None,
 ) -> WholeModel:
     """Train every kept layer and the head of `original` truncated at `depth` on `texts` (the original's
     outputs on them; `labels` where known: -1 / NaN marks a text without). The student starts as `original`
     truncated at `depth`, or as `start` (a deeper whole-model heal) truncated there: most of the work is
-    done already. The original is not changed."""
+    done already. Student layer j matches original layer `mapped`[j] (default `layer_map`). The original is not
+    changed."""
     total = total_layers(original.config)
     if not 1 <= depth <= total:
         raise LayerpruneError(f"cannot heal a model truncated at {depth} of {total} layers")
-    mapped = layer_map(depth, total)
+    mapped = mapped or layer_map(depth, total)
+    if len(mapped) != depth:
+        raise LayerpruneError(f"a heal of depth {depth} matches {depth} original layers, not {len(mapped)}")
     for index in sorted(mapped) if opts.token_weight > 0 else []:  # the targets, each from the one below
         token_states(original, texts, index)
     started = time.perf_counter()
@@ -126,7 +131,7 @@ def heal_whole(
     n_train = sum(len(texts.batches[i].indices) for i in train)
     stats = HealStats(depth=depth, mode="whole", n_train=n_train, n_held_out=texts.n - n_train, epochs=best_epoch,
                       epochs_run=epochs_run, seconds=round(time.perf_counter() - started, 1))
-    return WholeModel(depth, student, best_steps, float("nan") if best_loss is None else best_loss, stats)
+    return WholeModel(depth, student, best_steps, float("nan") if best_loss is None else best_loss, stats, held)
 
 
 def _steps_within_budget(opts: WholeOptions, train: int, held: int, held_seconds: float) -> int:
