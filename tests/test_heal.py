@@ -280,6 +280,25 @@ def test_whole_heal_starts_from_a_deeper_heal(tiny_models, examples) -> None:
         heal_whole(model, 3, texts, None, opts=WholeOptions(epochs=0), start=started)
 
 
+@pytest.mark.parametrize("mode", ["distill", "whole"])
+def test_a_heal_trains_the_same_whatever_ran_before_it(tiny_models, examples, mode) -> None:
+    """Dropout draws from torch's global generator: heals after different draws (seeds 1 and 2) give the same
+    logits, and the caller's generator goes on as torch's own sequence for seed 2 does, as if no heal had
+    drawn from it."""
+    model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
+    assert model.config.hidden_dropout_prob > 0, "without dropout there is nothing to draw"
+    texts = _texts(model, tokenizer, examples, depths={0, 1})
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        heal = heal_at(mode, model, 2, texts, examples.labels, regression=False,
+                       distill_opts=DistillOptions(epochs=2, lr=3e-3), whole_opts=WholeOptions(epochs=2, lr=3e-3))
+        runs.append((heal.logits(texts), torch.rand(4)))
+    torch.manual_seed(2)
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[1][1].equal(torch.rand(4))
+
+
 def test_every_heal_meets_the_interface(tiny_models, examples) -> None:
     """none, head, distill and whole: logits at the depth equal what the installed truncated model computes."""
     model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import numpy as np
@@ -39,6 +40,17 @@ def held_out_split(units: int, n_texts: int, generator: torch.Generator) -> tupl
     order = torch.randperm(units, generator=generator).tolist()
     held = units // 10 if n_texts >= HOLDOUT_MIN else 0
     return order[:held], order[held:]
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's global generators (CPU, and CUDA where present) seeded with `seed` for the block, then restored:
+    dropout draws from them, so a heal trains the same whatever ran before it in the process, and the caller's
+    draws are left as they were."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def check_depth(truncated: PreTrainedModel, depth: int) -> None:

@@ -33,7 +33,7 @@ from ..hidden import model_inputs
 from ..models import head_modules, layer_list, run_layers_on, total_layers
 from ..options import DistillOptions  # options are declared once, with their CLI flags
 from ..prune import head_state, load_head
-from .base import check_depth, held_out_split, mean_loss
+from .base import check_depth, held_out_split, mean_loss, seeded
 from .loss import distillation_loss, state_loss
 from .states import TextStates, token_states
 
@@ -111,21 +111,22 @@ def distill(
         optimizer, int(opts.warmup * opts.epochs * len(train)), max(opts.epochs * len(train), 1))
     best_loss, best, best_epoch = loss_of.mean(held), _snapshot(layers, student), 0
     steps = best_steps = epochs_run = 0
-    for epoch in range(1, opts.epochs + 1):
-        epochs_run = epoch
-        shuffled = [train[i] for i in torch.randperm(len(train), generator=generator).tolist()]
-        for i in tqdm(shuffled, desc=f"distill depth {depth}, epoch {epoch}", unit="batch", leave=False):
-            optimizer.zero_grad()
-            loss_of(i, training=True).backward()
-            optimizer.step()
-            if schedule is not None:
-                schedule.step()
-            steps += 1
-        held_loss = loss_of.mean(held)
-        if held_loss is None or held_loss < best_loss:
-            best_loss, best, best_epoch, best_steps = held_loss, _snapshot(layers, student), epoch, steps
-        elif epoch - best_epoch >= opts.patience:
-            break
+    with seeded(opts.seed):  # dropout's draws: the same heal whatever ran before
+        for epoch in range(1, opts.epochs + 1):
+            epochs_run = epoch
+            shuffled = [train[i] for i in torch.randperm(len(train), generator=generator).tolist()]
+            for i in tqdm(shuffled, desc=f"distill depth {depth}, epoch {epoch}", unit="batch", leave=False):
+                optimizer.zero_grad()
+                loss_of(i, training=True).backward()
+                optimizer.step()
+                if schedule is not None:
+                    schedule.step()
+                steps += 1
+            held_loss = loss_of.mean(held)
+            if held_loss is None or held_loss < best_loss:
+                best_loss, best, best_epoch, best_steps = held_loss, _snapshot(layers, student), epoch, steps
+            elif epoch - best_epoch >= opts.patience:
+                break
     _restore(layers, student, best)
     student.eval().requires_grad_(False)
     n_train = sum(len(texts.batches[i].indices) for i in train)

@@ -36,7 +36,7 @@ from ..hidden import model_inputs
 from ..models import head_modules, layer_list, total_layers
 from ..options import WholeOptions  # options are declared once, with their CLI flags
 from ..prune import head_state, load_head, truncate
-from .base import check_depth, held_out_split, mean_loss
+from .base import check_depth, held_out_split, mean_loss, seeded
 from .loss import direction_loss, distillation_loss, state_loss
 from .states import TextStates, token_states
 
@@ -111,7 +111,9 @@ def heal_whole(
     steps_total = _steps_within_budget(opts, len(train), len(held), time.perf_counter() - timed)
     schedule = get_linear_schedule_with_warmup(optimizer, int(opts.warmup * steps_total), max(steps_total, 1))
     steps = best_steps = epochs_run = 0
-    with tqdm(total=steps_total, desc=f"heal every layer, depth {depth}", unit="batch", leave=False) as bar:
+    # seeded: dropout's draws, so the heal is the same whatever ran before it
+    with seeded(opts.seed), tqdm(total=steps_total, desc=f"heal every layer, depth {depth}", unit="batch",
+                                 leave=False) as bar:
         while steps < steps_total:
             epochs_run += 1
             order = [train[j] for j in torch.randperm(len(train), generator=generator).tolist()]
