@@ -271,6 +271,17 @@ def test_whole_heal_matches_token_states_when_asked(tiny_models, examples) -> No
     assert set(off.tokens) == {0}
 
 
+def test_whole_heal_matches_the_layers_asked_for(tiny_models, examples) -> None:
+    """mapped=[1, 3]: the targets cached are the original's states at layers 1 and 3 (not layer_map's), and a
+    list of another length than the depth is refused."""
+    model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
+    texts = _texts(model, tokenizer, examples)
+    heal_whole(model, 2, texts, None, opts=WholeOptions(epochs=0, token_weight=1.0), mapped=[1, 3])
+    assert set(texts.tokens) == {0, 1, 3} != {0, *layer_map(2, TINY_LAYERS)}
+    with pytest.raises(LayerpruneError, match="matches 2 original layers, not 3"):
+        heal_whole(model, 2, texts, None, opts=WholeOptions(epochs=0), mapped=[1, 2, 3])
+
+
 def test_whole_heal_starts_from_a_deeper_heal(tiny_models, examples) -> None:
     model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
     texts = _texts(model, tokenizer, examples)
