@@ -16,7 +16,7 @@ with student layer j matching original layer `--match`[j] (default export's `hea
 split plus `--augment` copies per text, for `--epochs` passes (no time cap, so variants do equal work, unless
 `--minutes` sets export's cap). The model runs on `--device` (CUDA when present).
 `--top` runs export's top-layer heal instead, once per combination of `--heal-layers`, `--top-start`,
-`--label-weight`, `--lr`, `--warmup` and `--dropout`, all on one encoding of the texts (a 12-layer model's
+`--label-weight`, `--lr`, `--warmup`, `--dropout`, `--neighbours` and `--ema`, all on one encoding of the texts (a 12-layer model's
 pass over the heal texts is the slow part). Each student is scored against the original on the validation
 split (the calibration: delta, disagreement and the gate forecast's lower bound at alpha 2.5%, export's
 depth share with int8) and on the test split (the holdout). A trained student is also scored on its own heal
@@ -86,11 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label-weight", type=_weights, default=[DistillOptions.label_weight],
                    help="with --top: the label loss's weight beside the distillation loss, e.g. 0.5,0")
     p.add_argument("--lr", type=_weights, default=[DistillOptions.lr], help="with --top: learning rates, e.g. 5e-5,1e-4")
-    p.add_argument("--warmup", type=_warmups, default=[DistillOptions.warmup],
+    p.add_argument("--warmup", type=_optional_floats, default=[DistillOptions.warmup],
                    help="with --top: none (a constant learning rate) or the share of steps warmed up over before a "
                         "linear decay to zero, e.g. none,0.06")
     p.add_argument("--dropout", type=_switches, default=[DistillOptions.dropout],
                    help="with --top: dropout on or off while training, e.g. on,off")
+    p.add_argument("--neighbours", type=_weights, default=[DistillOptions.neighbours],
+                   help="with --top: noise scales of the input states the original relabels (0: off), e.g. 0,0.3")
+    p.add_argument("--ema", type=_optional_floats, default=[DistillOptions.ema],
+                   help="with --top: none (keep the weights as trained) or the decay of the weights' moving "
+                        "average kept instead, e.g. none,0.999")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
     p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     p.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / RESULTS)
@@ -112,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     total = total_layers(model.config)
     epochs = args.epochs if args.epochs is not None else (DistillOptions.epochs if args.top else WHOLE_EPOCHS)
     tops = [DistillOptions(start=start, heal_layers=n, label_weight=w, lr=lr, warmup=warmup, dropout=dropout,
-                           epochs=epochs)
+                           epochs=epochs, neighbours=near, ema=ema)
             for n in args.heal_layers for start in args.top_start for w in args.label_weight
-            for lr in args.lr for warmup in args.warmup for dropout in args.dropout]
+            for lr in args.lr for warmup in args.warmup for dropout in args.dropout
+            for near in args.neighbours for ema in args.ema]
     start = _layers(args.start) or [*range(1, args.depth + 1)]
     match = _layers(args.match) or layer_map(args.depth, total)
     if not args.top and (len(start) != args.depth or len(match) != args.depth):
@@ -186,6 +192,8 @@ def _top_name(name: str, top: DistillOptions, grid: bool) -> str:
     settings += [f"lr {top.lr:g}"] if top.lr != DistillOptions.lr else []
     settings += [f"warmup {top.warmup:g}, linear decay"] if top.warmup is not None else []
     settings += ["no dropout"] if not top.dropout else []
+    settings += [f"neighbours at {top.neighbours:g} spread"] if top.neighbours else []
+    settings += [f"weights' moving average, decay {top.ema:g}"] if top.ema is not None else []
     return f"{name} ({', '.join(settings)})" if settings else name
 
 
@@ -220,7 +228,7 @@ def _weights(spec: str) -> list[float]:
     return [float(x) for x in spec.split(",")]
 
 
-def _warmups(spec: str) -> list[float | None]:
+def _optional_floats(spec: str) -> list[float | None]:
     return [None if x == "none" else float(x) for x in spec.split(",")]
 
 

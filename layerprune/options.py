@@ -153,6 +153,13 @@ class DistillOptions:
     # last epoch (TinyBERT's schedule). Which agrees better is measured in docs/results.md.
     warmup: float | None = None
     dropout: bool = True  # dropout on while training (as fine-tuning does); off: the student sees no noise
+    # > 0: each training batch is also fed with its input states plus Gaussian noise of this many times their
+    # per-dimension spread, labelled by the original's own layers above the cut (logits and top state): the
+    # student learns the original's function around the heal texts, not only at them. 0: off.
+    neighbours: float = 0.0
+    # an exponential moving average of the trained weights with this decay per step is what is scored and kept
+    # (None: the weights as trained)
+    ema: float | None = None
     seed: int = 0
 
 

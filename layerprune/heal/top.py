@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
@@ -105,7 +106,10 @@ def distill(
     held, train = held_out_split(len(texts.batches), texts.n, generator)
     teacher = torch.from_numpy(texts.logits)
     targets = None if labels is None else torch.from_numpy(np.asarray(labels))
-    loss_of = _Loss(student, layers, texts, inputs, teacher, targets, regression, opts)
+    above = _Above(original, depth - opts.heal_layers, inputs, texts) if opts.neighbours > 0 else None
+    loss_of = _Loss(student, layers, texts, inputs, teacher, targets, regression, opts, above)
+    trainable = nn.ModuleList([layers, *head_modules(student).values()])
+    averaged = None if opts.ema is None else AveragedModel(trainable, multi_avg_fn=get_ema_multi_avg_fn(opts.ema))
     optimizer = torch.optim.AdamW(trained, lr=opts.lr, weight_decay=0.01)
     schedule = None if opts.warmup is None else get_linear_schedule_with_warmup(
         optimizer, int(opts.warmup * opts.epochs * len(train)), max(opts.epochs * len(train), 1))
@@ -121,10 +125,17 @@ def distill(
                 optimizer.step()
                 if schedule is not None:
                     schedule.step()
+                if averaged is not None:
+                    averaged.update_parameters(trainable)
                 steps += 1
+            live = None if averaged is None else _snapshot(layers, student)
+            if averaged is not None:  # score (and keep) the average; train on from the live weights
+                trainable.load_state_dict(averaged.module.state_dict())
             held_loss = loss_of.mean(held)
             if held_loss is None or held_loss < best_loss:
                 best_loss, best, best_epoch, best_steps = held_loss, _snapshot(layers, student), epoch, steps
+            if live is not None:
+                _restore(layers, student, live)
             elif epoch - best_epoch >= opts.patience:
                 break
     _restore(layers, student, best)
@@ -139,9 +150,10 @@ def distill(
 class _Loss:
     """The distillation loss of one batch of the heal texts, or the mean over several."""
 
-    def __init__(self, student, layers, texts, inputs, teacher, targets, regression, opts: DistillOptions):
+    def __init__(self, student, layers, texts, inputs, teacher, targets, regression, opts: DistillOptions,
+                 above: _Above | None = None):
         self.student, self.layers, self.texts, self.inputs = student, layers, texts, inputs
-        self.teacher, self.targets, self.regression, self.opts = teacher, targets, regression, opts
+        self.teacher, self.targets, self.regression, self.opts, self.above = teacher, targets, regression, opts, above
         self.accepted = inspect.signature(student.forward).parameters
         self.device = next(student.parameters()).device
         self.top_states = torch.from_numpy(texts.first[-1])  # (n, D) the original's last layer, first token
@@ -153,26 +165,56 @@ class _Loss:
         self.layers.train(noisy)
         for module in head_modules(self.student).values():
             module.train(noisy)
-        features = self.opts.feature_weight > 0
-        with run_layers_on(self.student, self.layers) as feed:
-            feed(self.inputs[i].to(self.device, torch.float32))
-            out = self.student(**model_inputs(batch, self.accepted, self.device), output_hidden_states=features)
         idx = torch.from_numpy(batch.indices)
-        teacher = self.teacher[idx].to(self.device)
+        states = self.inputs[i].to(self.device, torch.float32)
         targets = None if self.targets is None else self.targets[idx].to(self.device)
-        loss = distillation_loss(out.logits.float(), teacher, targets, self.regression,
-                                 temperature=self.opts.temperature, label_weight=self.opts.label_weight)
-        if features:
-            loss = loss + self.opts.feature_weight * self._feature_loss(out.hidden_states[-1][:, 0], idx)
+        loss = self._loss(batch, states, self.teacher[idx].to(self.device), self.top_states[idx].to(self.device),
+                          targets)
+        if training and self.above is not None:
+            states = self.above.nearby(states, self.opts.neighbours)
+            logits, top = self.above(batch, states)
+            loss = loss + self._loss(batch, states, logits, top, None)
         return loss
 
-    def _feature_loss(self, student: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """The gap between the student's top first-token state and the original's at its last layer (what
-        the head reads)."""
-        return state_loss(student, self.top_states[idx].to(self.device), self.top_variance)
+    def _loss(self, batch, states: torch.Tensor, teacher: torch.Tensor, top: torch.Tensor,
+              targets: torch.Tensor | None) -> torch.Tensor:
+        """The student fed `states` against the original's logits `teacher` and top first-token states `top`
+        there, plus the label loss where `targets` are known."""
+        features = self.opts.feature_weight > 0
+        with run_layers_on(self.student, self.layers) as feed:
+            feed(states)
+            out = self.student(**model_inputs(batch, self.accepted, self.device), output_hidden_states=features)
+        loss = distillation_loss(out.logits.float(), teacher, targets, self.regression,
+                                 temperature=self.opts.temperature, label_weight=self.opts.label_weight)
+        if features:  # the gap to the original's last-layer first-token state, what the head reads
+            loss = loss + self.opts.feature_weight * state_loss(out.hidden_states[-1][:, 0], top, self.top_variance)
+        return loss
 
     def mean(self, batches: list[int]) -> float | None:
         return mean_loss(self, self.texts, batches)
+
+
+class _Above:
+    """The original's layers above the cut and its head, run on any input states: they label states near the
+    heal texts' own (`DistillOptions.neighbours`)."""
+
+    def __init__(self, original: PreTrainedModel, cut: int, inputs: list[torch.Tensor], texts: TextStates):
+        self.model = copy.deepcopy(original).float().eval().requires_grad_(False)
+        self.layers = nn.ModuleList(layer_list(self.model)[cut:])
+        self.accepted = inspect.signature(self.model.forward).parameters
+        self.device = next(self.model.parameters()).device
+        rows = [states[b.encoding["attention_mask"].bool()] for states, b in zip(inputs[:32], texts.batches)]
+        self.spread = torch.cat(rows).float().std(dim=0).to(self.device)  # per dimension, over real tokens
+
+    def nearby(self, states: torch.Tensor, scale: float) -> torch.Tensor:
+        return states + scale * self.spread * torch.randn_like(states)
+
+    def __call__(self, batch, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The original's logits and last-layer first-token states on `states` fed above the cut."""
+        with run_layers_on(self.model, self.layers) as feed, torch.no_grad():
+            feed(states)
+            out = self.model(**model_inputs(batch, self.accepted, self.device), output_hidden_states=True)
+        return out.logits.float(), out.hidden_states[-1][:, 0].float()
 
 
 def _snapshot(layers: nn.ModuleList, student: PreTrainedModel) -> list[dict[str, torch.Tensor]]:
