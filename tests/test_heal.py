@@ -358,3 +358,75 @@ def test_the_minutes_cap_shortens_the_schedule_by_hand() -> None:
     assert _steps_within_budget(dataclasses.replace(opts, minutes=60.0), 100, 10, 1.0) == 300, "never more"
     assert _steps_within_budget(dataclasses.replace(opts, minutes=1e-4), 100, 10, 1.0) == 1, "at least one"
     assert _steps_within_budget(opts, train=100, held=0, held_seconds=0.0) == 300, "nothing held out: no clock"
+
+
+def _above_by_hand(model, cut: int, batch, states: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """A BERT's layers cut+1.. and head on `states`, called one transformers module at a time."""
+    mask = batch.encoding["attention_mask"]
+    extended = model.get_extended_attention_mask(mask, mask.shape)
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer[cut:]:
+            states = layer(states, attention_mask=extended)[0]
+        logits = model.classifier(model.bert.pooler(states))
+    return logits.numpy(), states[:, 0].numpy()
+
+
+def test_neighbours_are_labelled_by_the_originals_layers_above_the_cut(tiny_models, examples) -> None:
+    """The states near the heal texts' own get the original's outputs there: its layers above the cut and its
+    head, as transformers' modules compute them called by hand, on the texts' states and on noisy ones."""
+    from layerprune.heal.top import _Above
+
+    model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
+    texts = _texts(model, tokenizer, examples, depths={2})
+    inputs = token_states(model, texts, 2)
+    above = _Above(model, 2, inputs, texts)
+    torch.manual_seed(0)
+    for batch, states in zip(texts.batches, inputs):
+        for scale in (0.0, 0.5):
+            near = above.nearby(states.float(), scale)
+            assert (scale == 0) == bool(torch.equal(near, states.float()))
+            logits, top = above(batch, near)
+            by_hand = _above_by_hand(model, 2, batch, near)
+            np.testing.assert_allclose(logits.numpy(), by_hand[0], atol=1e-5)
+            np.testing.assert_allclose(top.numpy(), by_hand[1], atol=1e-5)
+
+
+def test_neighbours_teach_the_original_around_the_heal_texts(tmp_path, minilm_dir, examples) -> None:
+    """Trained with neighbours, the re-tuned layer agrees better with the original on noisy states it never saw
+    (the original's outputs there computed by hand) than the same heal trained on the texts' states alone."""
+    from layerprune.heal.top import _Above
+
+    # initializer_range 0.3: logits near 1 rather than 0.01, so the gaps are the logits' and not the states'
+    path = make_tiny_classifier("bert", tmp_path / "bert", minilm_dir, initializer_range=0.3)
+    model, tokenizer = load_classifier(path, num_labels=2, device="cpu")
+    texts = _texts(model, tokenizer, examples, depths={1})
+    inputs = token_states(model, texts, 1)
+    spread = _Above(model, 1, inputs, texts).spread
+    fast = DistillOptions(epochs=150, lr=3e-3, patience=150, label_weight=0.0, dropout=False)
+
+    def gap(opts: DistillOptions) -> float:
+        healed = distill(model, 2, texts, None, opts=opts)
+        generator, total = torch.Generator().manual_seed(7), 0.0
+        for batch, states in zip(texts.batches, inputs):
+            near = states.float() + 0.5 * spread * torch.randn(states.shape, generator=generator)
+            with run_layers_on(healed.student, healed.layers) as feed, torch.no_grad():
+                feed(near)
+                student = healed.student(**batch.encoding).logits.numpy()
+            total += float(((student - _above_by_hand(model, 1, batch, near)[0]) ** 2).sum())
+        return total
+
+    assert gap(dataclasses.replace(fast, neighbours=0.5)) < 0.9 * gap(fast)
+
+
+def test_ema_keeps_the_moving_average_of_the_weights(tiny_models, examples) -> None:
+    """By hand, on one batch (one step an epoch, no held-out tenth): the average starts as the weights after the
+    first step, so a decay of 1 keeps those through two epochs, and a decay of 0 is the weights as trained."""
+    model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
+    texts = encode_texts(model, tokenizer, examples, batch_size=64, max_length=64)
+    assert len(texts.batches) == 1 and texts.n < 100
+    run = lambda **kw: distill(model, 2, texts, examples.labels,  # noqa: E731
+                               opts=DistillOptions(lr=1e-2, dropout=False, **kw)).logits(texts)
+    one_step, two_steps = run(epochs=1), run(epochs=2)
+    assert np.abs(one_step - two_steps).max() > 1e-4
+    np.testing.assert_allclose(run(epochs=2, ema=1.0), one_step, atol=1e-6)
+    np.testing.assert_allclose(run(epochs=2, ema=0.0), two_steps, atol=1e-6)
