@@ -11,7 +11,9 @@ of its variance): a 2-class teacher's logits say little per text, its last-layer
 AdamW at a constant learning rate by default (`DistillOptions.warmup` gives TinyBERT's linear warmup and
 decay), dropout on as in fine-tuning (`dropout` turns it off). Training stops early on a held-out tenth of
 the heal texts; the epoch with the lowest held-out loss wins (epoch 0, the weights as they were, included).
-Figures: docs/results.md.
+Two levers for the student's behaviour between the heal texts are off by default (`neighbours`: noisy input
+states labelled by the original's layers above the cut; `ema`: a moving average of the weights), because
+neither brought it closer to the original on unseen texts where measured. Figures: docs/results.md.
 """
 
 from __future__ import annotations
