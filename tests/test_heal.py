@@ -430,3 +430,14 @@ def test_ema_keeps_the_moving_average_of_the_weights(tiny_models, examples) -> N
     assert np.abs(one_step - two_steps).max() > 1e-4
     np.testing.assert_allclose(run(epochs=2, ema=1.0), one_step, atol=1e-6)
     np.testing.assert_allclose(run(epochs=2, ema=0.0), two_steps, atol=1e-6)
+
+
+def test_a_heal_keeping_the_average_stops_when_the_held_out_loss_does(tiny_models) -> None:
+    """Patience holds with the moving average too: at a zero learning rate no epoch beats epoch 0 on the held-out
+    tenth, so a heal of 5 epochs with patience 1 runs one."""
+    model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
+    many = Examples(texts=[f"{t} {i}" for i in range(10) for t, _ in SENTENCES], pairs=None,
+                    labels=np.zeros(120, dtype=np.int64))
+    healed = distill(model, 2, _texts(model, tokenizer, many), None,
+                     opts=DistillOptions(epochs=5, lr=0.0, patience=1, ema=0.5))
+    assert healed.stats.epochs == 0 and healed.stats.epochs_run == 1

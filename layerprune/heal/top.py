@@ -21,6 +21,8 @@ from __future__ import annotations
 import copy
 import inspect
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -130,15 +132,11 @@ def distill(
                 if averaged is not None:
                     averaged.update_parameters(trainable)
                 steps += 1
-            live = None if averaged is None else _snapshot(layers, student)
-            if averaged is not None:  # score (and keep) the average; train on from the live weights
-                trainable.load_state_dict(averaged.module.state_dict())
-            held_loss = loss_of.mean(held)
-            if held_loss is None or held_loss < best_loss:
-                best_loss, best, best_epoch, best_steps = held_loss, _snapshot(layers, student), epoch, steps
-            if live is not None:
-                _restore(layers, student, live)
-            elif epoch - best_epoch >= opts.patience:
+            with _averaged(trainable, averaged):  # score and keep the average; train on from the live weights
+                held_loss = loss_of.mean(held)
+                if held_loss is None or held_loss < best_loss:
+                    best_loss, best, best_epoch, best_steps = held_loss, _snapshot(layers, student), epoch, steps
+            if epoch - best_epoch >= opts.patience:
                 break
     _restore(layers, student, best)
     student.eval().requires_grad_(False)
@@ -217,6 +215,20 @@ class _Above:
             feed(states)
             out = self.model(**model_inputs(batch, self.accepted, self.device), output_hidden_states=True)
         return out.logits.float(), out.hidden_states[-1][:, 0].float()
+
+
+@contextmanager
+def _averaged(trainable: nn.Module, averaged: AveragedModel | None) -> Iterator[None]:
+    """Within the block `trainable` holds the moving average's weights (where there is one), then its own again."""
+    if averaged is None:
+        yield
+        return
+    live = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
+    trainable.load_state_dict(averaged.module.state_dict())
+    try:
+        yield
+    finally:
+        trainable.load_state_dict(live)
 
 
 def _snapshot(layers: nn.ModuleList, student: PreTrainedModel) -> list[dict[str, torch.Tensor]]:
