@@ -53,6 +53,11 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of `module`'s weights, to go back to (the epoch a heal keeps)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
 def check_depth(truncated: PreTrainedModel, depth: int) -> None:
     """A heal of `depth` goes into a model truncated at `depth` only."""
     if total_layers(truncated.config) != depth:

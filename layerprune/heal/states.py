@@ -76,3 +76,9 @@ def token_states(model: PreTrainedModel, texts: TextStates, index: int) -> list[
             computed.append(out.hidden_states[-1].to("cpu", torch.float16))
     texts.tokens[index] = computed
     return computed
+
+
+def real_tokens(states: list[torch.Tensor], texts: TextStates, batches: int = 32) -> torch.Tensor:
+    """The rows of per-batch token states (B, T, D) at real tokens, padding dropped, over the first `batches`
+    batches, in float32 (N, D): enough for a scale, not a statistic to be exact about."""
+    return torch.cat([s[b.encoding["attention_mask"].bool()] for s, b in zip(states[:batches], texts.batches)]).float()

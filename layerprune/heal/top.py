@@ -38,9 +38,9 @@ from ..hidden import model_inputs
 from ..models import head_modules, layer_list, run_layers_on, total_layers
 from ..options import DistillOptions  # options are declared once, with their CLI flags
 from ..prune import head_state, load_head
-from .base import check_depth, held_out_split, mean_loss, seeded
+from .base import check_depth, held_out_split, mean_loss, seeded, snapshot
 from .loss import distillation_loss, state_loss
-from .states import TextStates, token_states
+from .states import TextStates, real_tokens, token_states
 
 
 @dataclass
@@ -101,23 +101,20 @@ def distill(
     student = copy.deepcopy(original).float()
     stack = layer_list(student)
     layers = nn.ModuleList(stack[i - 1] for i in start_layers(depth, total, opts)[depth - opts.heal_layers:])
-    trained = [p for module in [layers, *head_modules(student).values()] for p in module.parameters()]
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in trained:
-        p.requires_grad_(True)
+    trainable = nn.ModuleList([layers, *head_modules(student).values()])  # trained, snapshotted, averaged
+    student.requires_grad_(False)
+    trainable.requires_grad_(True)
     generator = torch.Generator().manual_seed(opts.seed)
     held, train = held_out_split(len(texts.batches), texts.n, generator)
     teacher = torch.from_numpy(texts.logits)
     targets = None if labels is None else torch.from_numpy(np.asarray(labels))
     above = _Above(original, depth - opts.heal_layers, inputs, texts) if opts.neighbours > 0 else None
     loss_of = _Loss(student, layers, texts, inputs, teacher, targets, regression, opts, above)
-    trainable = nn.ModuleList([layers, *head_modules(student).values()])
     averaged = None if opts.ema is None else AveragedModel(trainable, multi_avg_fn=get_ema_multi_avg_fn(opts.ema))
-    optimizer = torch.optim.AdamW(trained, lr=opts.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(trainable.parameters(), lr=opts.lr, weight_decay=0.01)
     schedule = None if opts.warmup is None else get_linear_schedule_with_warmup(
         optimizer, int(opts.warmup * opts.epochs * len(train)), max(opts.epochs * len(train), 1))
-    best_loss, best, best_epoch = loss_of.mean(held), _snapshot(layers, student), 0
+    best_loss, best, best_epoch = loss_of.mean(held), snapshot(trainable), 0
     steps = best_steps = epochs_run = 0
     with seeded(opts.seed):  # dropout's draws: the same heal whatever ran before
         for epoch in range(1, opts.epochs + 1):
@@ -135,10 +132,10 @@ def distill(
             with _averaged(trainable, averaged):  # score and keep the average; train on from the live weights
                 held_loss = loss_of.mean(held)
                 if held_loss is None or held_loss < best_loss:
-                    best_loss, best, best_epoch, best_steps = held_loss, _snapshot(layers, student), epoch, steps
+                    best_loss, best, best_epoch, best_steps = held_loss, snapshot(trainable), epoch, steps
             if epoch - best_epoch >= opts.patience:
                 break
-    _restore(layers, student, best)
+    trainable.load_state_dict(best)
     student.eval().requires_grad_(False)
     n_train = sum(len(texts.batches[i].indices) for i in train)
     stats = HealStats(depth=depth, mode="distill", n_train=n_train, n_held_out=texts.n - n_train, epochs=best_epoch,
@@ -203,8 +200,7 @@ class _Above:
         self.layers = nn.ModuleList(layer_list(self.model)[cut:])
         self.accepted = inspect.signature(self.model.forward).parameters
         self.device = next(self.model.parameters()).device
-        rows = [states[b.encoding["attention_mask"].bool()] for states, b in zip(inputs[:32], texts.batches)]
-        self.spread = torch.cat(rows).float().std(dim=0).to(self.device)  # per dimension, over real tokens
+        self.spread = real_tokens(inputs, texts).std(dim=0).to(self.device)  # per dimension
 
     def nearby(self, states: torch.Tensor, scale: float) -> torch.Tensor:
         return states + scale * self.spread * torch.randn_like(states)
@@ -223,19 +219,9 @@ def _averaged(trainable: nn.Module, averaged: AveragedModel | None) -> Iterator[
     if averaged is None:
         yield
         return
-    live = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
+    live = snapshot(trainable)
     trainable.load_state_dict(averaged.module.state_dict())
     try:
         yield
     finally:
         trainable.load_state_dict(live)
-
-
-def _snapshot(layers: nn.ModuleList, student: PreTrainedModel) -> list[dict[str, torch.Tensor]]:
-    modules = [layers, *head_modules(student).values()]
-    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
-
-
-def _restore(layers: nn.ModuleList, student: PreTrainedModel, snapshot: list[dict[str, torch.Tensor]]) -> None:
-    for module, state in zip([layers, *head_modules(student).values()], snapshot):
-        module.load_state_dict(state)

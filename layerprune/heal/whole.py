@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
@@ -36,9 +35,9 @@ from ..hidden import model_inputs
 from ..models import head_modules, layer_list, total_layers
 from ..options import WholeOptions  # options are declared once, with their CLI flags
 from ..prune import head_state, load_head, truncate
-from .base import check_depth, held_out_split, mean_loss, seeded
+from .base import check_depth, held_out_split, mean_loss, seeded, snapshot
 from .loss import direction_loss, distillation_loss, state_loss
-from .states import TextStates, token_states
+from .states import TextStates, real_tokens, token_states
 
 
 def layer_map(depth: int, total: int) -> list[int]:
@@ -107,7 +106,7 @@ def heal_whole(
     loss_of = _Loss(student, texts, mapped, labels, regression, opts)
     optimizer = torch.optim.AdamW(trained, lr=opts.lr, weight_decay=0.01)
     timed = time.perf_counter()
-    best_loss, best, best_epoch = loss_of.mean(held), _snapshot(student), 0
+    best_loss, best, best_epoch = loss_of.mean(held), snapshot(student), 0
     steps_total = _steps_within_budget(opts, len(train), len(held), time.perf_counter() - timed)
     schedule = get_linear_schedule_with_warmup(optimizer, int(opts.warmup * steps_total), max(steps_total, 1))
     steps = best_steps = epochs_run = 0
@@ -126,7 +125,7 @@ def heal_whole(
                 bar.update()
             held_loss = loss_of.mean(held)
             if held_loss is None or held_loss < best_loss:
-                best_loss, best, best_epoch, best_steps = held_loss, _snapshot(student), epochs_run, steps
+                best_loss, best, best_epoch, best_steps = held_loss, snapshot(student), epochs_run, steps
             bar.set_postfix(held_out_loss=f"{held_loss:.4f}" if held_loss is not None else "-")
     student.load_state_dict(best)
     student.eval().requires_grad_(False)
@@ -184,10 +183,4 @@ class _Loss:
 def _token_variance(texts: TextStates, index: int, batches: int = 32) -> float:
     """The original's mean per-dimension variance over the real tokens at hidden-state `index` (from the
     first `batches` batches: a scale, not a statistic to be exact about)."""
-    rows = [states[mask.bool()] for states, mask in zip(texts.tokens[index][:batches],
-                                                         (b.encoding["attention_mask"] for b in texts.batches))]
-    return float(torch.cat(rows).float().var(dim=0).mean()) or 1.0
-
-
-def _snapshot(student: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in student.state_dict().items()}
+    return float(real_tokens(texts.tokens[index], texts, batches).var(dim=0).mean()) or 1.0
