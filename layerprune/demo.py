@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .analyze import analyze
-from .export import ExportOptions, export_bundle
+from .export import ExportOptions, Reuse, export_bundle
 from .bundle import size_mb
 from .tables import candidates_table
 from .data import Examples, load_examples
@@ -62,13 +62,14 @@ def run_demo(model: str = "minilm", checkpoint: Path | None = None, run_dir: Pat
     analysis = analyze(str(checkpoint), task, run_dir)
     print(f"late block starts at layer {analysis.boundary} of {analysis.total_layers}; run directory {run_dir}")
     _stage(3, "export --keep-layers auto --quantize int8")
-    result = export_bundle(run_dir, None, ExportOptions(tolerance=tolerance, quantize="int8"))
+    reuse = Reuse()  # a retry heals and encodes nothing again: only the depth or int8 changes
+    result = export_bundle(run_dir, None, ExportOptions(tolerance=tolerance, quantize="int8"), reuse)
     while not result.validation.passed and result.next_candidate is not None:
         # The forecast said yes and the holdout said no: pruning was not free after all. Go deeper (or drop
         # int8) until the gate passes; the full fp32 model is the original and always does.
         print(f"the gate refused {result.depth.depth} layers (holdout delta {result.validation.delta:+.4f}); "
               f"{result.advice}")
-        result = export_bundle(run_dir, None, result.next_candidate)
+        result = export_bundle(run_dir, None, result.next_candidate, reuse)
     print(f"kept {result.depth.depth} of {result.depth.total_layers} layers (heal={result.depth.heal}); "
           f"bundle {result.bundle}")
     if result.depth.note:

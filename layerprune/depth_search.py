@@ -42,8 +42,9 @@ class Depths:
     """Each depth looked at: healed as asked (once), scored on calibration, and its gate forecast (once)."""
 
     def __init__(self, original: PreTrainedModel, task: TaskConfig, texts: ExportTexts, heal: HealMode,
-                 opts: ExportOptions, n_holdout: int):
+                 opts: ExportOptions, n_holdout: int, trained: dict[int, Heal] | None = None):
         self.original, self.task, self.texts, self.mode, self.opts = original, task, texts, heal, opts
+        self.trained = {} if trained is None else trained  # heals trained by depth, here or by an earlier export
         self.n_holdout = n_holdout
         self.total = total_layers(original.config)
         self.raw = [self._metric(logits) for logits in depth_logits(original, texts.calibration.first)]
@@ -62,18 +63,20 @@ class Depths:
         return self.scores[depth].forecast.passes
 
     def heal(self, depth: int) -> Heal:
-        """The heal of `depth`, trained the first time it is asked for."""
+        """The heal of `depth`, trained the first time any export sharing `trained` asks for it."""
         if depth not in self.heals:
             if depth == self.total or self.mode == "none":
                 self.heals[depth] = NoHeal(depth, self.original)
             else:
-                above = self.heals.get(depth + 1)
-                self.heals[depth] = heal_at(
-                    self.mode, self.original, depth, self.texts.heal, self.texts.heal_labels,
-                    regression=self.task.is_regression,
-                    whole_opts=dataclasses.replace(self.opts.whole, minutes=self.opts.heal_minutes),
-                    distill_opts=dataclasses.replace(self.opts.distill, heal_layers=self.opts.heal_layers),
-                    start=above if isinstance(above, WholeModel) else None)
+                if depth not in self.trained:
+                    above = self.heals.get(depth + 1)
+                    self.trained[depth] = heal_at(
+                        self.mode, self.original, depth, self.texts.heal, self.texts.heal_labels,
+                        regression=self.task.is_regression,
+                        whole_opts=dataclasses.replace(self.opts.whole, minutes=self.opts.heal_minutes),
+                        distill_opts=dataclasses.replace(self.opts.distill, heal_layers=self.opts.heal_layers),
+                        start=above if isinstance(above, WholeModel) else None)
+                self.heals[depth] = self.trained[depth]
         return self.heals[depth]
 
     def _score(self, depth: int, alpha: float) -> DepthScore:

@@ -14,11 +14,12 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ from .files import (
     ANALYSIS_FILE, BUNDLE_DIR, CKA_PLOT, CONFIG_FILE, DEPTH_FILE, DEPTH_PLOT, MANIFEST_FILE, MODEL_FILE, TRUNCATED_DIR,
     VALIDATION_FILE,
 )
-from .heal import Heal, augment_texts, encode_texts
+from .heal import Heal, TextStates, augment_texts, encode_texts
 from .hidden import predict_logits
 from .models import architecture, load_classifier, total_layers
 from .options import ExportOptions  # options are declared once, with their CLI flags
@@ -73,8 +74,37 @@ class _HealTexts:
     agreement: Examples | None  # unlabeled in-domain texts that bound disagreement (never heal or train texts)
 
 
-def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = ExportOptions()) -> ExportResult:
-    """Build the bundle for the analysis in `run_dir` (default output: RUN_DIR/bundle)."""
+# Options that choose and check the cut, never what a heal learns from: exports differing only in them share a Reuse.
+_NOT_HEAL_INPUTS = ("keep_layers", "optimize", "quantize", "tolerance", "alpha", "sweep", "max_examples", "resample_seed")
+_DEFAULTS = ExportOptions()
+
+
+@dataclass
+class Reuse:
+    """The work of an export that calibration, holdout and the gate leave unchanged: the original's outputs on
+    the heal and agreement texts, and the trained heals by depth (a heal never sees calibration or holdout).
+    Passed to `export_bundle` again for the same run directory, and options that differ at most in what
+    chooses and checks the cut (another resample, tolerance, int8 or not, depth), it skips that work, as
+    benchmarks/bench_auto.py does across resamples; for any other options it starts over."""
+
+    heal_inputs: tuple | None = None
+    heal: TextStates | None = None
+    agreement: TextStates | None = None
+    heals: dict[int, Heal] = field(default_factory=dict)
+
+    def matching(self, run_dir: Path, opts: ExportOptions) -> Reuse:
+        """This reuse, emptied first if it was made for other heal inputs."""
+        inputs = (Path(run_dir).resolve(), dataclasses.replace(opts, **{k: getattr(_DEFAULTS, k) for k in _NOT_HEAL_INPUTS}))
+        if inputs != self.heal_inputs:
+            self.heal_inputs, self.heal, self.agreement, self.heals = inputs, None, None, {}
+        return self
+
+
+def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = ExportOptions(),
+                  reuse: Reuse | None = None) -> ExportResult:
+    """Build the bundle for the analysis in `run_dir` (default output: RUN_DIR/bundle), reusing `reuse`'s
+    work where it was made for the same heal inputs and leaving this export's there."""
+    reuse = (reuse or Reuse()).matching(run_dir, opts)
     analysis = _load_analysis(run_dir)
     task, glue_dir = analysis.task_config, Path(analysis.glue_dir) if analysis.glue_dir else None
     model, tokenizer = load_classifier(
@@ -91,26 +121,26 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
     if heal in ("distill", "whole") and opts.augment:
         heal_texts = _augmented(heal_texts, task, opts)
     parts = calibration_and_holdout(task, glue_dir, opts.max_examples, opts.resample_seed)
-    texts = _encode(model, tokenizer, parts, heal_texts, heal, max_length, opts, analysis.boundary)
+    texts = _encode(model, tokenizer, parts, heal_texts, heal, max_length, opts, analysis.boundary, reuse)
     original_holdout = predict_logits(model, tokenizer, parts.holdout, max_length=max_length)
 
     # 3. the depth
     budget = error_budget(opts)
-    depths = Depths(model, task, texts, heal, opts, n_holdout=len(parts.holdout))
+    depths = Depths(model, task, texts, heal, opts, n_holdout=len(parts.holdout), trained=reuse.heals)
     depth = choose_depth(depths.passes, analysis.boundary, total, opts.keep_layers, budget.depth)
     probed = list(depths.probed)  # what auto looked at; --sweep scores the rest for the report only
     if opts.sweep:
         for d in range(1, total + 1):
             depths.passes(d, budget.depth)
     note = _nothing_dropped(depths, total, opts) if opts.keep_layers == "auto" and depth == total else None
-    _truncate_and_heal(model, depths.heal(depth), task)
+    bundled = _truncated_and_healed(model, depths.heal(depth), task)
 
     # 4-5. the bundle: ONNX, the export candidates, validation on the holdout, the artifacts
     target = Path(out) if out is not None else Path(run_dir) / BUNDLE_DIR
     with tempfile.TemporaryDirectory(prefix="layerprune-truncated-") as scratch, atomic_dir(target, MANIFEST_FILE) as tmp:
-        _save_checkpoint(model, tokenizer, Path(scratch))
+        _save_checkpoint(bundled, tokenizer, Path(scratch))
         onnx_export.export_onnx(Path(scratch), tmp)
-        truncated = predict_logits(model, tokenizer, parts.holdout, max_length=max_length)
+        truncated = predict_logits(bundled, tokenizer, parts.holdout, max_length=max_length)
         parity = onnx_export.max_logit_difference(truncated, _onnx_logits(tmp, parts.holdout, max_length))
         if opts.optimize:
             onnx_export.optimize_onnx(tmp, opts.optimize)
@@ -126,14 +156,15 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
         manifest.save(tmp / MANIFEST_FILE)
     # The truncated PyTorch checkpoint, for users who fine-tune or serve it further; not part of the bundle.
     with atomic_dir(Path(run_dir) / TRUNCATED_DIR, CONFIG_FILE) as tmp:
-        _save_checkpoint(model, tokenizer, tmp)
+        _save_checkpoint(bundled, tokenizer, tmp)
     advice, retry = (None, None) if validation.passed else _next_candidate(depth, total, quantized, opts)
     return ExportResult(target, manifest, validation, report, Path(run_dir) / TRUNCATED_DIR, advice, retry)
 
 
 def _encode(model, tokenizer, parts: EvalParts, heal_texts: _HealTexts, heal: HealMode, max_length: int,
-            opts: ExportOptions, boundary: int) -> ExportTexts:
-    """The original model's outputs on everything export looks at but the holdout."""
+            opts: ExportOptions, boundary: int, reuse: Reuse) -> ExportTexts:
+    """The original model's outputs on everything export looks at but the holdout (on the heal and agreement
+    texts: `reuse`'s, else computed and left there)."""
     token_indices = _kept_states(heal, opts, boundary, total_layers(model.config))
 
     def encode(examples: Examples, role: str):
@@ -141,12 +172,16 @@ def _encode(model, tokenizer, parts: EvalParts, heal_texts: _HealTexts, heal: He
                             keep_tokens=token_indices, desc=f"original, {role}")
 
     healing = heal != "none"
+    if healing and reuse.heal is None:
+        reuse.heal = encode(heal_texts.examples, "heal texts")
+    if heal_texts.agreement and reuse.agreement is None:
+        reuse.agreement = encode(heal_texts.agreement, "agreement texts")
     return ExportTexts(
         calibration=encode(parts.calibration, "calibration"),
         calibration_labels=parts.calibration.labels,
-        heal=encode(heal_texts.examples, "heal texts") if healing else None,
+        heal=reuse.heal if healing else None,
         heal_labels=heal_texts.labels if healing else None,
-        agreement=encode(heal_texts.agreement, "agreement texts") if heal_texts.agreement else None,
+        agreement=reuse.agreement,
     )
 
 
@@ -164,14 +199,16 @@ def _kept_states(heal: HealMode, opts: ExportOptions, boundary: int, total: int)
     return indices
 
 
-def _truncate_and_heal(model, heal: Heal, task: TaskConfig) -> None:
-    """The bundle's model, in place: the original truncated at the heal's depth with the heal installed,
-    its config naming the task's labels whatever the checkpoint said."""
-    truncate(model, heal.depth)
+def _truncated_and_healed(original, heal: Heal, task: TaskConfig):
+    """The bundle's model: a copy of the original truncated at the heal's depth with the heal installed, its
+    config naming the task's labels whatever the checkpoint said. A copy: heals run the original's lower
+    layers, and a reused heal may be asked for a depth above this one."""
+    model = truncate(copy.deepcopy(original), heal.depth)
     heal.install(model)
     if task.label_names:
         model.config.id2label = dict(enumerate(task.label_names))
         model.config.label2id = {name: i for i, name in enumerate(task.label_names)}
+    return model
 
 
 def _manifest(bundle: Path, analysis: AnalysisReport, task: TaskConfig, report: DepthReport,

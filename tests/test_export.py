@@ -13,7 +13,7 @@ from conftest import SENTENCES, TINY_LAYERS
 from layerprune.analyze import AnalyzeOptions, analyze
 from layerprune.artifacts import AnalysisReport, DepthReport, Manifest, ValidationReport, load_artifact
 from layerprune.depth_search import choose_depth, error_budget
-from layerprune.export import ExportOptions, _augmented, _heal_texts, export_bundle
+from layerprune.export import ExportOptions, Reuse, _augmented, _heal_texts, export_bundle
 from layerprune.bundle import BundleError, servable_bundle, verify_bundle
 from layerprune.cli import main
 from layerprune.data import task_from_files
@@ -260,6 +260,52 @@ def test_agreement_texts_never_overlap_heal_texts(run_dir: Path, tmp_path: Path)
     assert depth.heal == "whole" == result.manifest.heal and not depth.heal_labelled
     assert depth.n_heal == 96 and depth.n_agreement == 16 and depth.heal_runs[0].mode == "whole"
     assert depth.scores[1].forecast.n_agreement == depth.n_calibration + 16
+
+
+def test_an_export_reusing_another_is_the_export_of_its_own_resample(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Exports sharing a Reuse across resamples of calibration and holdout (bench_auto): the later one trains
+    no heal and encodes no heal text, and its depths, forecasts and validation are those of a fresh export of
+    that resample. The original stays whole, so a reused heal can still run its lower layers."""
+    import layerprune.depth_search as search
+    import layerprune.export as export
+    from layerprune.models import layer_list
+
+    opts = ExportOptions(heal="distill", distill=DistillOptions(lr=1e-2), **FAST)
+    reuse = Reuse()
+    export_bundle(run_dir, tmp_path / "first", opts, reuse)
+    assert reuse.heals and all(len(layer_list(h.original)) == TINY_LAYERS for h in reuse.heals.values())
+
+    trained, encoded = [], []
+    heal_at, encode_texts = search.heal_at, export.encode_texts
+    monkeypatch.setattr(search, "heal_at", lambda *a, **k: trained.append(a[2]) or heal_at(*a, **k))
+    monkeypatch.setattr(export, "encode_texts", lambda *a, **k: encoded.append(k["desc"]) or encode_texts(*a, **k))
+    resampled = dataclasses.replace(opts, resample_seed=1)
+    reused = export_bundle(run_dir, tmp_path / "reused", resampled, reuse)
+    assert trained == [] and encoded == ["original, calibration"], "the second export healed or encoded again"
+    fresh = export_bundle(run_dir, tmp_path / "fresh", resampled)
+    assert trained and "original, heal texts" in encoded, "a fresh export heals and encodes"
+
+    assert reused.depth.depth == fresh.depth.depth and reused.depth.probed == fresh.depth.probed
+    for a, b in zip(reused.depth.scores, fresh.depth.scores):
+        assert (a.forecast is None) == (b.forecast is None) and a.metric_healed == pytest.approx(b.metric_healed)
+        if a.forecast is not None:
+            assert a.forecast.lower_bound == pytest.approx(b.forecast.lower_bound, abs=1e-6)
+    keys = ("n_examples", "original", "bundle", "delta", "agreement", "passed")
+    assert [getattr(reused.validation, k) for k in keys] == pytest.approx([getattr(fresh.validation, k) for k in keys])
+
+
+def test_a_reuse_starts_over_for_other_heal_inputs(run_dir: Path, tmp_path: Path) -> None:
+    """What chooses and checks the cut (resample, tolerance, int8, depth) keeps a Reuse's work; anything a heal
+    learns from (its options, the texts, another analysis) empties it."""
+    opts = ExportOptions(heal="distill", **FAST)
+    reuse = Reuse().matching(run_dir, opts)
+    reuse.heals[2] = "a heal"
+    for same in (dict(resample_seed=3), dict(tolerance=0.02, quantize="int8"), dict(keep_layers=2, sweep=True)):
+        assert reuse.matching(run_dir, dataclasses.replace(opts, **same)).heals == {2: "a heal"}, same
+    assert reuse.matching(tmp_path, opts).heals == {}, "another run directory"
+    for other in (dict(distill=DistillOptions(lr=1e-2)), dict(augment=1), dict(heal_layers=2), dict(max_length=16)):
+        reuse.matching(run_dir, opts).heals[2] = "a heal"
+        assert reuse.matching(run_dir, dataclasses.replace(opts, **other)).heals == {}, other
 
 
 def test_calibration_and_holdout_are_disjoint(reviews: Path) -> None:
