@@ -1,0 +1,106 @@
+"""Would a fallback to the full model buy agreement? The pruned model answers; where it is unsure, the original.
+
+    python benchmarks/fallback.py [--run-dir lp-run] [--pruned DIR] [--shares 0,2,5,10,15,20]
+                                  [--out benchmarks/results/fallback.md]
+
+A question for the roadmap, not a feature: a healed cut disagrees with the original on 1.5-2% of unseen texts
+(docs/results.md), and the gate can certify a cut only near 1%. If those disagreements sit where the pruned
+model is unsure, sending its least sure texts on through the original's layers above the cut (early exit
+read backwards, as in DeeBERT) would agree better for a few more layers per text.
+
+The run directory is an analysis that export has run on: the pruned model is --pruned, by default its
+`truncated/` checkpoint (the last export's pruned and healed PyTorch model; with the top-layer heal the layers
+below the re-tuned one are the original's), the original is the analysis' checkpoint. Both run over the task's calibration and holdout (validation and test splits). For each
+share s, the threshold is the pruned model's top-class probability below which s of the calibration texts
+fall; on the holdout, those texts take the original's answer. Columns: the share sent on, disagreement with
+the original, accuracy delta, and layers run per text (the cut, plus the original's layers from the re-tuned
+one up for the texts sent on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.special import softmax
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
+from layerprune.files import ANALYSIS_FILE, DEFAULT_RUN_DIR, RESULTS_DIR, TRUNCATED_DIR  # noqa: E402
+from layerprune.hidden import predict_logits  # noqa: E402
+from layerprune.models import load_classifier, total_layers  # noqa: E402
+from layerprune.runtime import model_max_length  # noqa: E402
+from layerprune.scoring import compute_metric  # noqa: E402
+from layerprune.validate import calibration_and_holdout  # noqa: E402
+from provenance import provenance  # noqa: E402
+
+FALLBACK_RESULTS = "fallback.md"  # under files.RESULTS_DIR
+
+
+@dataclass(frozen=True)
+class Fallback:
+    served: np.ndarray  # the logits served: the original's for the texts sent on, else the pruned model's
+    sent_on: float  # the share of texts sent on
+    disagreement: float  # the share whose served prediction differs from the original's
+
+
+def fallback(calibration: np.ndarray, pruned: np.ndarray, original: np.ndarray, share: float) -> Fallback:
+    """The pruned model's logits `pruned`, with the original's (`original`, same texts) where the pruned model's
+    top-class probability is below the `share`-quantile of its probabilities on `calibration` (share 0: none)."""
+    threshold = np.quantile(softmax(calibration, axis=-1).max(axis=-1), share) if share else -np.inf
+    unsure = softmax(pruned, axis=-1).max(axis=-1) < threshold
+    served = np.where(unsure[:, None], original, pruned)
+    return Fallback(served, float(unsure.mean()), float(np.mean(served.argmax(-1) != original.argmax(-1))))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, default=ROOT / DEFAULT_RUN_DIR)
+    parser.add_argument("--pruned", type=Path, help="a pruned checkpoint (default: RUN_DIR/truncated)")
+    parser.add_argument("--shares", default="0,2,5,10,15,20", help="percent of texts sent on to the original")
+    parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / FALLBACK_RESULTS)
+    args = parser.parse_args()
+
+    analysis = load_artifact(AnalysisReport, args.run_dir / ANALYSIS_FILE)
+    task = analysis.task_config
+    parts = calibration_and_holdout(task, Path(analysis.glue_dir) if analysis.glue_dir else None, None)
+    logits = {}
+    for role, path in (("original", analysis.model), ("pruned", args.pruned or args.run_dir / TRUNCATED_DIR)):
+        model, tokenizer = load_classifier(path, num_labels=task.num_labels, device="cpu")
+        limit = model_max_length(model.config.to_dict(), {"model_max_length": tokenizer.model_max_length})
+        logits[role] = [predict_logits(model, tokenizer, part, max_length=limit) for part in (parts.calibration, parts.holdout)]
+        logits[f"{role} layers"] = total_layers(model.config)
+    depth, total = logits["pruned layers"], logits["original layers"]
+    (_, hold_orig), (cal_pruned, hold_pruned) = logits["original"], logits["pruned"]
+    labels = parts.holdout.labels
+
+    rows = []
+    for share in [float(s) for s in args.shares.split(",")]:
+        row = fallback(cal_pruned, hold_pruned, hold_orig, share / 100)
+        delta = compute_metric(task.metric, labels, row.served) - compute_metric(task.metric, labels, hold_orig)
+        layers = depth + row.sent_on * (total - depth + 1)  # the re-tuned layer's input, on through the original
+        rows.append([f"{share:g}%", f"{row.sent_on:.1%}", f"{row.disagreement:.2%}", f"{100 * delta:+.2f}",
+                     f"{layers:.2f} of {total}"])
+    header = ["sent on (calibration)", "sent on (holdout)", "disagreement", "accuracy delta, points", "layers per text"]
+    lines = [
+        f"# A fallback to the original: {args.pruned or args.run_dir} (pruned to {depth} of {total}), holdout {parts.holdout_name} "
+        f"(n={len(labels)})", "", provenance(), "",
+        "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows),
+    ]
+    table = "\n".join(lines)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
