@@ -61,6 +61,13 @@ def fallback(calibration: np.ndarray, pruned: np.ndarray, original: np.ndarray, 
     return Fallback(served, float(unsure.mean()), float(np.mean(served.argmax(-1) != original.argmax(-1))))
 
 
+def _logits(checkpoint, task, parts: list) -> tuple[int, list[np.ndarray]]:
+    """A checkpoint's layer count, and its logits on each of `parts` at its own max length."""
+    model, tokenizer = load_classifier(checkpoint, num_labels=task.num_labels, device="cpu")
+    limit = model_max_length(model.config.to_dict(), {"model_max_length": tokenizer.model_max_length})
+    return total_layers(model.config), [predict_logits(model, tokenizer, part, max_length=limit) for part in parts]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=ROOT / DEFAULT_RUN_DIR)
@@ -72,14 +79,9 @@ def main() -> int:
     analysis = load_artifact(AnalysisReport, args.run_dir / ANALYSIS_FILE)
     task = analysis.task_config
     parts = calibration_and_holdout(task, Path(analysis.glue_dir) if analysis.glue_dir else None, None)
-    logits = {}
-    for role, path in (("original", analysis.model), ("pruned", args.pruned or args.run_dir / TRUNCATED_DIR)):
-        model, tokenizer = load_classifier(path, num_labels=task.num_labels, device="cpu")
-        limit = model_max_length(model.config.to_dict(), {"model_max_length": tokenizer.model_max_length})
-        logits[role] = [predict_logits(model, tokenizer, part, max_length=limit) for part in (parts.calibration, parts.holdout)]
-        logits[f"{role} layers"] = total_layers(model.config)
-    depth, total = logits["pruned layers"], logits["original layers"]
-    (_, hold_orig), (cal_pruned, hold_pruned) = logits["original"], logits["pruned"]
+    total, (hold_orig,) = _logits(analysis.model, task, [parts.holdout])  # calibration's threshold is the pruned model's
+    depth, (cal_pruned, hold_pruned) = _logits(args.pruned or args.run_dir / TRUNCATED_DIR, task,
+                                               [parts.calibration, parts.holdout])
     labels = parts.holdout.labels
 
     rows = []
