@@ -1,16 +1,16 @@
 """Does the gate agree with auto? `layerprune export --keep-layers auto` repeated over calibration resamples.
 
     python benchmarks/bench_auto.py [--run-dir lp-run] [--seeds 0,1,2,3,4] [--quantize int8|none|none,int8]
-        [--tolerance 0.01]
+        [--tolerance 0.01] [--fallback 0.2]
 
 The run directory is an analysis (`layerprune analyze`, e.g. the demo's ./lp-run). For each seed the
 task's labelled evaluation examples (rt-polarity: validation + test, 2,112 sentences) are pooled and cut
 into new calibration and holdout halves (`ExportOptions.resample_seed`); the export runs with the given
-options (default: the demo's, auto depth, distill heal, int8 candidates, tolerance 0.01) into a temporary
-bundle. A heal never sees calibration or holdout, so the runs share one `Reuse`: the original's outputs on the
+options (default: the demo's, auto depth, distill heal, int8 candidates, tolerance 0.01; `--fallback S` sends
+the share S of texts the cut is least sure of on to the original) into a temporary bundle. A heal never sees calibration or holdout, so the runs share one `Reuse`: the original's outputs on the
 heal texts and each depth's heal are computed by the first run that needs them, and a later run's time is
 the rest of its export. One row per run: depth chosen, heal, export kept, calibration delta and the
-forecast's lower bound, the holdout delta, pass/fail, time. The table goes to stdout and to benchmarks/results/auto.md.
+forecast's lower bound, the holdout delta, pass/fail, time, and the share of the holdout sent on. The table goes to stdout and to benchmarks/results/auto.md.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--quantize", default="int8", help="int8, none, or both in turn (none,int8)")
     parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--fallback", type=float, default=0.0, help="export --fallback (0: none)")
     parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / AUTO_RESULTS)
     args = parser.parse_args()
     quantize = args.quantize.split(",")
@@ -47,7 +48,8 @@ def main() -> int:
     rows, reuse = [], Reuse()
     for q in quantize:  # every seed of one setting, then the next: a partial run still has whole tables
         for seed in [int(s) for s in args.seeds.split(",")]:
-            opts = ExportOptions(quantize=None if q == "none" else "int8", tolerance=args.tolerance, resample_seed=seed)
+            opts = ExportOptions(quantize=None if q == "none" else "int8", tolerance=args.tolerance, resample_seed=seed,
+                                 fallback=args.fallback)
             rows.append([q, *_run(args.run_dir, opts, reuse)])
             print(" | ".join(rows[-1]), flush=True)
             _write(args, rows)
@@ -69,16 +71,17 @@ def _run(run_dir: Path, opts: ExportOptions, reuse: Reuse) -> list[str]:
         str(opts.resample_seed), f"{report.depth} of {report.total_layers}", report.heal,
         result.manifest.quantization_config or "fp32", f"{chosen.delta:+.4f}", f"{chosen.lower_bound:+.4f}",
         f"{v.delta:+.4f}", f"[{v.delta_ci95[0]:+.4f}, {v.delta_ci95[1]:+.4f}]", f"{v.agreement:.1%}",
-        "yes" if v.passed else "NO", f"{seconds:.0f}",
+        "yes" if v.passed else "NO", f"{seconds:.0f}", "-" if v.sent_on is None else f"{v.sent_on:.1%}",
     ]
 
 
 def _write(args: argparse.Namespace, rows: list[list[str]]) -> None:
     header = ["quantize", "seed", "depth", "heal", "export", "calibration delta", "forecast lower bound",
-              "holdout delta", "holdout 95% CI", "agreement", "passed", "time s"]
+              "holdout delta", "holdout 95% CI", "agreement", "passed", "time s", "sent on"]
     passed = sum(r[10] == "yes" for r in rows)
     lines = [
-        f"# auto depth vs the holdout gate: {args.run_dir}, tolerance {args.tolerance}, quantize {args.quantize}",
+        f"# auto depth vs the holdout gate: {args.run_dir}, tolerance {args.tolerance}, quantize {args.quantize}, "
+        f"fallback {args.fallback:g}",
         "",
         provenance(),
         "",

@@ -1,20 +1,21 @@
-"""Would a fallback to the full model buy agreement? The pruned model answers; where it is unsure, the original.
+"""How much agreement does each fallback share buy? The pruned model answers; where it is unsure, the original.
 
     python benchmarks/fallback.py [--run-dir lp-run] [--pruned DIR] [--shares 0,2,5,10,15,20]
                                   [--out benchmarks/results/fallback.md]
 
-A question for the roadmap, not a feature: a healed cut disagrees with the original on 1.5-2% of unseen texts
-(docs/results.md), and the gate can certify a cut only near 1%. If those disagreements sit where the pruned
-model is unsure, sending its least sure texts on through the original's layers above the cut (early exit
-read backwards, as in DeeBERT) would agree better for a few more layers per text.
+Which share to pass to `export --fallback`: a healed cut disagrees with the original on 1.5-2% of unseen texts
+(docs/results.md), and the gate can certify a cut only near 1%. Those disagreements sit where the pruned model
+is unsure, so sending its least sure texts on to the original (early exit read backwards, as in DeeBERT) agrees
+better for a few more layers per text. This scores several shares on one pruned checkpoint in one run; export
+serves one, validated as served.
 
 The run directory is an analysis that export has run on: the pruned model is --pruned, by default its
 `truncated/` checkpoint (the last export's pruned and healed PyTorch model; with the top-layer heal the layers
 below the re-tuned one are the original's), the original is the analysis' checkpoint. Both run over the task's calibration and holdout (validation and test splits). For each
 share s, the threshold is the pruned model's top-class probability below which s of the calibration texts
 fall; on the holdout, those texts take the original's answer. Columns: the share sent on, disagreement with
-the original, accuracy delta, and layers run per text (the cut, plus the original's layers from the re-tuned
-one up for the texts sent on).
+the original, accuracy delta, and layers run per text (the cut, plus the original's layers for the texts sent on:
+the served fallback runs the whole original over them).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.special import softmax
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a mo
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
+from layerprune.fallback import cascade, threshold, unsure  # noqa: E402
 from layerprune.files import ANALYSIS_FILE, DEFAULT_RUN_DIR, RESULTS_DIR, TRUNCATED_DIR  # noqa: E402
 from layerprune.hidden import predict_logits  # noqa: E402
 from layerprune.models import load_classifier, total_layers  # noqa: E402
@@ -54,11 +55,11 @@ class Fallback:
 
 def fallback(calibration: np.ndarray, pruned: np.ndarray, original: np.ndarray, share: float) -> Fallback:
     """The pruned model's logits `pruned`, with the original's (`original`, same texts) where the pruned model's
-    top-class probability is below the `share`-quantile of its probabilities on `calibration` (share 0: none)."""
-    threshold = np.quantile(softmax(calibration, axis=-1).max(axis=-1), share) if share else -np.inf
-    unsure = softmax(pruned, axis=-1).max(axis=-1) < threshold
-    served = np.where(unsure[:, None], original, pruned)
-    return Fallback(served, float(unsure.mean()), float(np.mean(served.argmax(-1) != original.argmax(-1))))
+    top-class probability is below the `share`-quantile of its probabilities on `calibration` (share 0: none),
+    as `export --fallback` serves them (layerprune.fallback)."""
+    below = threshold(calibration, share) if share else -np.inf
+    served = cascade(pruned, original, below)
+    return Fallback(served, float(unsure(pruned, below).mean()), float(np.mean(served.argmax(-1) != original.argmax(-1))))
 
 
 def _logits(checkpoint, task, parts: list) -> tuple[int, list[np.ndarray]]:
@@ -88,7 +89,7 @@ def main() -> int:
     for share in [float(s) for s in args.shares.split(",")]:
         row = fallback(cal_pruned, hold_pruned, hold_orig, share / 100)
         delta = compute_metric(task.metric, labels, row.served) - compute_metric(task.metric, labels, hold_orig)
-        layers = depth + row.sent_on * (total - depth + 1)  # the re-tuned layer's input, on through the original
+        layers = depth + row.sent_on * total  # the texts sent on run through the whole original, as served
         rows.append([f"{share:g}%", f"{row.sent_on:.1%}", f"{row.disagreement:.2%}", f"{100 * delta:+.2f}",
                      f"{layers:.2f} of {total}"])
     header = ["sent on (calibration)", "sent on (holdout)", "disagreement", "accuracy delta, points", "layers per text"]

@@ -8,8 +8,9 @@ One run, one CPU, the same sentences for three rows:
   (`onnx_export.export_onnx`);
 - full int8: that export quantized as `optimum-cli onnxruntime quantize` would for this CPU: optimum's dynamic
   int8 for `cpu.cpu_kind()` (`onnx_export.quantize_onnx`, no node kept in fp32);
-- the bundle: what `layerprune export` chose (pruned, maybe optimized and int8), opened through the bundle's
-  own gate (hashes, int8 CPU kind; a bundle that failed validation is measured too, and the header says so).
+- the bundle: what `layerprune export` chose (pruned, maybe optimized and int8, maybe with a fallback to the
+  original), opened through the bundle's own gate (hashes, int8 CPU kind; a bundle that failed validation is
+  measured too, and the header says so), served as the server serves it.
 
 Every row runs on onnxruntime with the same session options (`runtime.OnnxClassifier`: CPU provider, intra-op
 threads = this machine's cores, ORT_ENABLE_ALL) at the bundle's max length, tokenization included.
@@ -152,12 +153,15 @@ def benchmark(bundle: Path, n: int, n_batch1: int, keep: Path | None = None) -> 
             if name == BUNDLE:
                 model, model_file, config_file = opened.classifier, manifest.parts.model, manifest.parts.config
                 quantization = ", ".join(filter(None, [manifest.optimize, manifest.quantization_config])) or "fp32"
+                if manifest.fallback is not None:  # both graphs are served, and both counted below
+                    quantization += f"; its least sure {manifest.fallback.share:.0%} on to the full fp32 model"
             else:
                 model = OnnxClassifier(folder, max_length=manifest.max_length, labels=manifest.labels, **session)
                 model_file, config_file = MODEL_FILE, CONFIG_FILE
             logits, per_s_1, per_s_32 = measure(model, holdout, n, n_batch1)
-            rows.append(Row(name, layers_of(folder / config_file), quantization, model_mb(folder, model_file),
-                            logits, per_s_1, per_s_32))
+            size = model_mb(folder, model_file) + (model_mb(folder, manifest.parts.original)
+                                                   if name == BUNDLE and manifest.parts.original else 0.0)
+            rows.append(Row(name, layers_of(folder / config_file), quantization, size, logits, per_s_1, per_s_32))
             print(f"  {name}: {per_s_1:.1f}/s at batch 1, {per_s_32:.1f}/s at batch {BATCH}", file=sys.stderr,
                   flush=True)
             del model

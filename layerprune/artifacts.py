@@ -208,7 +208,7 @@ class DepthScore(BaseModel):
 
     depth: int
     metric: float = Field(description="head as fine-tuned (the paper's setting: no further tuning)")
-    metric_healed: float | None = Field(default=None, description="healed as the report's `heal` says (None: not healed)")
+    metric_healed: float | None = Field(default=None, description="healed as the report's `heal` says, with its fallback (None: not healed)")
     forecast: GateForecast | None = Field(default=None, description="the gate forecast of the heal mode used")
 
 
@@ -230,7 +230,8 @@ class ExportCandidate(BaseModel):
     name: str
     metric: float = Field(description="on the calibration examples")
     forecast: GateForecast
-    sentences_per_s: float = Field(description="onnxruntime on the calibration examples, batch 32, this CPU")
+    sentences_per_s: float = Field(description="onnxruntime on the calibration examples, batch 32, this CPU (the "
+                                               "pruned graph alone)")
     chosen: bool = False
 
 
@@ -238,11 +239,13 @@ class DepthReport(Artifact):
     """depth.json: how the depth (the number of encoder layers kept) and the export were chosen.
     Schema history: CHANGELOG.md."""
 
-    schema_version: int = 4
+    schema_version: int = 5
     written_by: ClassVar[str] = "layerprune export"
     mode: Literal["auto", "fixed"]
     heal: HealMode
     heal_layers: int = Field(description="layers re-tuned by distillation (with the head)")
+    fallback: float = Field(description="share of texts sent on to the original (0: none); every forecast is the "
+                                        "pruned model's with this fallback")
     boundary: int = Field(description="the analysis' CKA boundary, where auto starts")
     total_layers: int
     depth: int = Field(description="encoder layers kept (1..total_layers): what the bundle was exported at")
@@ -264,7 +267,7 @@ class DepthReport(Artifact):
 class ValidationReport(Artifact):
     """validation.json: the exported bundle against the original checkpoint on held-out examples."""
 
-    schema_version: int = 2
+    schema_version: int = 3
     written_by: ClassVar[str] = "layerprune export"
     metric_name: str
     holdout: str = Field(description="which examples validated the bundle (disjoint from calibration)")
@@ -280,6 +283,8 @@ class ValidationReport(Artifact):
         default=None, description="truncated PyTorch model vs the fp32 ONNX export, same examples"
     )
     max_length: int = Field(description="tokens per input, for the original and the bundle alike")
+    sent_on: float | None = Field(default=None, description="share of the examples the bundle's fallback sent on "
+                                                            "to the original (None: no fallback)")
 
 
 class BundleParts(BaseModel):
@@ -294,9 +299,18 @@ class BundleParts(BaseModel):
     analysis: str
     depth_plot: str | None = None
     cka_plot: str | None = None
+    original: str | None = Field(default=None, description="the original model's ONNX graph: the fallback")
 
 
-MANIFEST_SCHEMA = 4
+class FallbackRule(BaseModel):
+    """Which texts the original answers instead of the pruned model (layerprune.fallback)."""
+
+    model_config = ConfigDict(extra="forbid")
+    share: float = Field(description="the share of calibration texts below the threshold (--fallback)")
+    threshold: float = Field(description="the pruned model's top-class probability below which a text is sent on")
+
+
+MANIFEST_SCHEMA = 5
 
 
 class Manifest(Artifact):
@@ -326,6 +340,7 @@ class Manifest(Artifact):
     int8_cpu: str | None = Field(default=None, description=(
         "CPU kind the int8 weights were quantized and validated for (layerprune.cpu.cpu_kind); 8-bit "
         "'avx512-vnni' weights compute differently elsewhere, so only VNNI hosts serve them"))
+    fallback: FallbackRule | None = Field(default=None, description="None: the pruned model answers every text")
     servable: bool
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     versions: dict[str, str]

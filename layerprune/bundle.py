@@ -23,6 +23,7 @@ from .files import (
     DEPTH_PLOT,
     MANIFEST_FILE,
     MODEL_FILE,
+    ORIGINAL_MODEL_FILE,
     TOKENIZER_FILE,
     VALIDATION_FILE,
 )
@@ -63,6 +64,7 @@ def bundle_parts(root: Path) -> BundleParts:
         depth=DEPTH_FILE, analysis=ANALYSIS_FILE,
         depth_plot=DEPTH_PLOT if (root / DEPTH_PLOT).is_file() else None,
         cka_plot=CKA_PLOT if (root / CKA_PLOT).is_file() else None,
+        original=ORIGINAL_MODEL_FILE if (root / ORIGINAL_MODEL_FILE).is_file() else None,
     )
 
 
@@ -127,6 +129,15 @@ def servable_bundle(root: Path, allow_unvalidated: bool = False) -> tuple[Manife
     return manifest, report
 
 
+def fallback_of(root: Path, manifest: Manifest) -> dict[str, Any]:
+    """OnnxClassifier's fallback options for the bundle in `root`: its original graph and threshold, if any."""
+    if manifest.fallback is None:
+        return {}
+    if manifest.parts.original is None:
+        raise BundleError(f"{Path(root) / MANIFEST_FILE} sets a fallback threshold but names no original graph")
+    return {"original": Path(root) / manifest.parts.original, "below": manifest.fallback.threshold}
+
+
 @dataclass
 class OpenBundle:
     """A bundle past the gate, its model loaded exactly as the manifest says (max length, labels)."""
@@ -143,5 +154,5 @@ def open_bundle(root: Path, *, allow_unvalidated: bool = False, **runtime: Any) 
     root = Path(root)
     manifest, validation = servable_bundle(root, allow_unvalidated=allow_unvalidated)
     classifier = OnnxClassifier(root, max_length=manifest.max_length, labels=manifest.labels, parts=manifest.parts,
-                                **runtime)
+                                **fallback_of(root, manifest), **runtime)
     return OpenBundle(root, manifest, validation, classifier)

@@ -1,6 +1,7 @@
 """The depth search: which depth export keeps, each depth healed as asked and forecast on calibration.
 
-Fixed N, or auto: from the CKA boundary, down while the gate forecast passes (a fixed-sequence test: each
+With --fallback, each depth is scored as it would be served: the original answers the share of texts the cut
+is least sure of (layerprune.fallback). Fixed N, or auto: from the CKA boundary, down while the gate forecast passes (a fixed-sequence test: each
 step at the walk's alpha), else up until it does (those share alpha: Bonferroni). Walking down reuses work:
 a whole-model heal at depth d starts from the heal of depth d + 1 with its top layer dropped, which is
 already close to the original, rather than from the truncated original. The error budget splits export's
@@ -18,6 +19,7 @@ import numpy as np
 from transformers import PreTrainedModel
 
 from .artifacts import DepthReport, DepthScore, ExportCandidate, GateForecast, HealMode, HealStats
+from .fallback import cascade, threshold
 from .heal import Heal, NoHeal, TextStates, WholeModel, heal_at
 from .models import total_layers
 from .options import ExportOptions
@@ -83,6 +85,11 @@ class Depths:
         heal = self.heal(depth)
         calibration = heal.logits(self.texts.calibration)
         agreement = None if self.texts.agreement is None else heal.logits(self.texts.agreement)
+        if self.opts.fallback:  # what would be served: the original answers where the cut is least sure
+            below = threshold(calibration, self.opts.fallback)
+            calibration = cascade(calibration, self.texts.calibration.logits, below)
+            if agreement is not None:
+                agreement = cascade(agreement, self.texts.agreement.logits, below)
         healed = None if heal.stats is None else self._metric(calibration)
         return DepthScore(depth=depth, metric=self.raw[depth], metric_healed=healed,
                           forecast=self._forecast(calibration, agreement, alpha))
@@ -106,7 +113,7 @@ class Depths:
         heal, agreement = self.texts.heal, self.texts.agreement
         return DepthReport(
             mode="auto" if self.opts.keep_layers == "auto" else "fixed", heal=self.mode,
-            heal_layers=self.opts.heal_layers, boundary=boundary, total_layers=self.total, depth=depth,
+            heal_layers=self.opts.heal_layers, fallback=self.opts.fallback, boundary=boundary, total_layers=self.total, depth=depth,
             tolerance=self.opts.tolerance, full_metric=self.full, metric_name=self.task.metric,
             calibration=calibration_name, n_calibration=self.texts.calibration.n, n_heal=heal.n if heal else 0,
             heal_labelled=self.texts.heal_labels is not None, n_agreement=agreement.n if agreement else 0,
@@ -132,7 +139,8 @@ def error_budget(opts: ExportOptions, variants: int = 2) -> ErrorBudget:
 
 def choose_depth(passes: Callable[[int, float], bool], boundary: int, total: int,
                  keep_layers: int | Literal["auto"], alpha: float) -> int:
-    """Fixed N, or auto: from the CKA boundary, down while the forecast passes (a fixed-sequence test: each
+    """With --fallback, each depth is scored as it would be served: the original answers the share of texts the cut
+is least sure of (layerprune.fallback). Fixed N, or auto: from the CKA boundary, down while the forecast passes (a fixed-sequence test: each
     step at `alpha`), else up until it does. Going up, every depth tried is another chance for a wrong yes,
     so those share `alpha` (Bonferroni over the depths between the boundary and the full model, which
     always passes)."""

@@ -8,6 +8,8 @@
 4. Build: truncate, install the heal, ONNX through optimum, optimize; with int8 the candidates are scored
    fastest first (int8; int8 with the feed-forward outputs and head in fp32; fp32) and the first whose
    forecast passes is kept.
+   With --fallback, the original's graph joins the bundle, and every forecast and the validation are of the
+   two served together (layerprune.fallback).
 5. Validate the bundle against the original on the disjoint holdout, at the bundle's one max length. The
    bundle is built in a temporary folder and renamed into place.
 """
@@ -29,6 +31,7 @@ from .artifacts import (
     AnalysisReport,
     DepthReport,
     ExportCandidate,
+    FallbackRule,
     HealMode,
     Manifest,
     ValidationReport,
@@ -41,9 +44,10 @@ from .cpu import cpu_kind
 from .data import Examples, load_examples, read_texts
 from .depth_search import Depths, ErrorBudget, ExportTexts, choose_depth, error_budget
 from .errors import LayerpruneError
+from .fallback import cascade, threshold
 from .files import (
-    ANALYSIS_FILE, BUNDLE_DIR, CKA_PLOT, CONFIG_FILE, DEPTH_FILE, DEPTH_PLOT, MANIFEST_FILE, MODEL_FILE, TRUNCATED_DIR,
-    VALIDATION_FILE,
+    ANALYSIS_FILE, BUNDLE_DIR, CKA_PLOT, CONFIG_FILE, DEPTH_FILE, DEPTH_PLOT, MANIFEST_FILE, MODEL_DATA_FILE, MODEL_FILE,
+    ORIGINAL_MODEL_FILE, TRUNCATED_DIR, VALIDATION_FILE,
 )
 from .heal import Heal, TextStates, augment_texts, encode_texts
 from .hidden import predict_logits
@@ -75,7 +79,8 @@ class _HealTexts:
 
 
 # Options that choose and check the cut, never what a heal learns from: exports differing only in them share a Reuse.
-_NOT_HEAL_INPUTS = ("keep_layers", "optimize", "quantize", "tolerance", "alpha", "sweep", "max_examples", "resample_seed")
+_NOT_HEAL_INPUTS = ("keep_layers", "optimize", "quantize", "tolerance", "alpha", "sweep", "max_examples", "resample_seed",
+                    "fallback")
 _DEFAULTS = ExportOptions()
 
 
@@ -113,6 +118,9 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
     total = total_layers(model.config)
     if opts.keep_layers != "auto" and not 1 <= opts.keep_layers <= total:
         raise LayerpruneError(f"--keep-layers must be between 1 and {total} for this model, got {opts.keep_layers}")
+    if opts.fallback and task.is_regression:
+        raise LayerpruneError(f"--fallback needs a classification task: {task.name}'s regression output has no "
+                              "top-class probability to be unsure of")
     max_length = _max_length(model, tokenizer, opts.max_length)
 
     # 1-2. the texts, and the original's outputs on them
@@ -147,12 +155,14 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
         cpu = cpu_kind()  # the int8 weights are quantized for this CPU, and the manifest says which
         candidates = _pick_export(tmp, task, texts, parts, max_length, opts, budget, cpu) if opts.quantize else []
         quantized = next((c.name for c in candidates if c.chosen and c.name != "fp32"), None)
-        served = _onnx_logits(tmp, parts.holdout, max_length)
+        rule = _add_original(model, tokenizer, tmp, parts, max_length, opts) if opts.fallback else None
+        runner = _runner(tmp, max_length, rule)
+        served = runner.logits(parts.holdout.texts, parts.holdout.pairs)
         validation = compare(task, parts.holdout, parts.holdout_name, original_holdout, served, opts.tolerance,
-                             max_length, parity)
+                             max_length, parity, runner.sent_on / len(parts.holdout) if rule else None)
         report = depths.report(analysis.boundary, depth, probed, parts.calibration_name, candidates, note)
         _write_reports(tmp, run_dir, validation, report)
-        manifest = _manifest(tmp, analysis, task, report, validation, quantized, cpu, opts)
+        manifest = _manifest(tmp, analysis, task, report, validation, quantized, cpu, opts, rule)
         manifest.save(tmp / MANIFEST_FILE)
     # The truncated PyTorch checkpoint, for users who fine-tune or serve it further; not part of the bundle.
     with atomic_dir(Path(run_dir) / TRUNCATED_DIR, CONFIG_FILE) as tmp:
@@ -211,8 +221,34 @@ def _truncated_and_healed(original, heal: Heal, task: TaskConfig):
     return model
 
 
+def _add_original(original, tokenizer, bundle: Path, parts: EvalParts, max_length: int,
+                  opts: ExportOptions) -> FallbackRule:
+    """The fallback: the original's ONNX graph (optimized as the bundle's) beside the bundle's, and the threshold
+    below which the bundle's graph, as exported, sends a text on: the --fallback quantile of its top-class
+    probabilities on the calibration texts."""
+    below = threshold(_onnx_logits(bundle, parts.calibration, max_length), opts.fallback)
+    with tempfile.TemporaryDirectory(prefix="layerprune-original-") as scratch:
+        checkpoint, onnx_dir = Path(scratch) / "checkpoint", Path(scratch) / "onnx"
+        _save_checkpoint(original, tokenizer, checkpoint)
+        onnx_export.export_onnx(checkpoint, onnx_dir)
+        if opts.optimize:
+            onnx_export.optimize_onnx(onnx_dir, opts.optimize)
+        if (onnx_dir / MODEL_DATA_FILE).exists():
+            raise LayerpruneError("--fallback needs the original's graph in one file (under 2 GB); this one is larger")
+        shutil.move(onnx_dir / MODEL_FILE, bundle / ORIGINAL_MODEL_FILE)
+    return FallbackRule(share=opts.fallback, threshold=below)
+
+
+def _runner(bundle: Path, max_length: int, rule: FallbackRule | None) -> OnnxClassifier:
+    """The bundle's model as it is served: its graph, and the original's for the texts its fallback sends on."""
+    if rule is None:
+        return OnnxClassifier(bundle, max_length=max_length)
+    return OnnxClassifier(bundle, max_length=max_length, original=bundle / ORIGINAL_MODEL_FILE, below=rule.threshold)
+
+
 def _manifest(bundle: Path, analysis: AnalysisReport, task: TaskConfig, report: DepthReport,
-              validation: ValidationReport, quantized: str | None, cpu: str, opts: ExportOptions) -> Manifest:
+              validation: ValidationReport, quantized: str | None, cpu: str, opts: ExportOptions,
+              rule: FallbackRule | None) -> Manifest:
     """The bundle's one contract: its files and their hashes, and everything its consumers need."""
     return Manifest(
         files=hash_files(bundle), parts=bundle_parts(bundle), source_checkpoint=analysis.model, task=task.name,
@@ -220,7 +256,7 @@ def _manifest(bundle: Path, analysis: AnalysisReport, task: TaskConfig, report: 
         model_type=analysis.model_type, heal=report.heal, max_length=validation.max_length,
         pair_input=task.text_pair_field is not None, resample_seed=opts.resample_seed, optimize=opts.optimize,
         quantize="int8" if quantized else None, quantization_config=quantized, int8_cpu=cpu if quantized else None,
-        servable=validation.passed, versions=library_versions(),
+        fallback=rule, servable=validation.passed, versions=library_versions(),
     )
 
 
@@ -347,10 +383,15 @@ def _score_candidate(name: str, folder: Path, task: TaskConfig, texts: ExportTex
     started = time.perf_counter()
     calibration = runner.logits(parts.calibration.texts, parts.calibration.pairs, batch_size=opts.batch_size)
     rate = len(parts.calibration) / (time.perf_counter() - started)
-    unlabeled = None
+    agreement = None
     if texts.agreement is not None:
         examples = texts.agreement.examples
-        unlabeled = (texts.agreement.logits, runner.logits(examples.texts, examples.pairs, batch_size=opts.batch_size))
+        agreement = runner.logits(examples.texts, examples.pairs, batch_size=opts.batch_size)
+    if opts.fallback:  # scored as served: the original answers the texts this candidate is least sure of
+        below = threshold(calibration, opts.fallback)
+        calibration = cascade(calibration, texts.calibration.logits, below)
+        agreement = None if agreement is None else cascade(agreement, texts.agreement.logits, below)
+    unlabeled = None if agreement is None else (texts.agreement.logits, agreement)
     prediction = forecast(task, parts.calibration.labels, texts.calibration.logits, calibration, opts.tolerance,
                           len(parts.holdout), unlabeled, alpha)
     metric = compute_metric(task.metric, parts.calibration.labels, calibration, regression=task.is_regression)

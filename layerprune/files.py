@@ -23,6 +23,7 @@ VALIDATION_FILE = "validation.json"
 DEPTH_FILE = "depth.json"
 DEPTH_PLOT = "depth.png"
 MODEL_FILE = "model.onnx"
+ORIGINAL_MODEL_FILE = "original.onnx"  # the original model's graph, with --fallback: it answers the unsure texts
 MODEL_DATA_FILE = f"{MODEL_FILE}_data"  # the weights beside the graph when they are too large to sit inside it
 CONFIG_FILE = "config.json"  # a Hugging Face checkpoint's config, kept in the bundle
 TOKENIZER_FILE = "tokenizer.json"

@@ -36,6 +36,13 @@ def fraction(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a share of texts in [0, 1), e.g. 0.1; got {text}")
+    return value
+
+
 def error_rate(text: str) -> float:
     value = float(text)
     if not 0 < value < 0.5:
@@ -203,6 +210,9 @@ class ExportOptions:
     agreement_examples: int = field(default=4000, metadata=cli(
         "further --heal-data texts on which agreement with the original is measured (never train texts: the "
         "original was fine-tuned on them)", parse=int))
+    fallback: float = field(default=0.0, metadata=cli(
+        "share of texts the original answers instead of the pruned model: those the pruned model is least sure of "
+        "(the bundle then holds both graphs; 0: none)", parse=share, show_default=False))
     optimize: Literal["O1", "O2", "O3"] | None = field(default=None, metadata=cli(
         "onnxruntime graph optimization level"))
     quantize: Literal["int8"] | None = field(default=None, metadata=cli(

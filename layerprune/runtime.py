@@ -20,6 +20,7 @@ from tokenizers import Encoding, Tokenizer
 
 from .architectures import position_offset
 from .errors import LayerpruneError, first_line
+from .fallback import unsure
 from .files import CONFIG_FILE, MODEL_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 if TYPE_CHECKING:
@@ -39,15 +40,18 @@ class OnnxClassifier:
     def __init__(
         self, model_dir: Path, *, max_length: int | None = None, providers: list[str] | None = None,
         threads: int | None = None, spinning: bool = True, memory_arena: bool = True,
-        labels: list[str] | None = None, parts: BundleParts | None = None,
+        labels: list[str] | None = None, parts: BundleParts | None = None, original: Path | None = None,
+        below: float | None = None,
     ) -> None:
         """max_length: tokens per input (a bundle's manifest says which it was validated at); default the
         model's own limit. providers: default CUDA when this onnxruntime build offers it, else CPU (CPU always
         last, as the fallback for ops CUDA lacks, e.g. int8 MatMulInteger). threads: intra-op threads.
+        spinning: idle intra-op threads busy-wait for the next run (never beside a fallback's second session).
         memory_arena: False frees each run's memory after it (a server's peak stays that of one run).
         labels: one name per output (a bundle's manifest resolved them at export); default from config.json.
         parts: a bundle manifest's file names for the graph, config and tokenizer; default the names export
-        writes (a bare ONNX folder)."""
+        writes (a bare ONNX folder). original, below: the fallback (layerprune.fallback): the original model's
+        ONNX graph, which answers the rows whose top-class probability under this graph is below `below`."""
         self.model_dir = Path(model_dir)
         names = (parts.model, parts.config, parts.tokenizer) if parts else (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE)
         self.model_path, config_path, self.tokenizer_path = (self.model_dir / name for name in names)
@@ -56,7 +60,16 @@ class OnnxClassifier:
                 raise LayerpruneError(f"{self.model_dir} has no {path.name}; is it an exported bundle?")
         self.config = _read_json(config_path)
         tokenizer_config = _read_json(self.model_dir / TOKENIZER_CONFIG_FILE, missing_ok=True)
+        if (original is None) != (below is None):
+            raise LayerpruneError("a fallback needs both the original's graph and the threshold below which it answers")
+        # Two sessions take turns on the same cores: one's threads spinning after its run slow the other's (the
+        # cascade ran at 0.6x on 2 cores with spinning, docs/results.md, "The fallback, served").
+        spinning = spinning and original is None
         self.session = _session(self.model_path, providers, threads, spinning, memory_arena)
+        self.below = below
+        self.sent_on = 0  # rows the original answered, since this runner was made (served texts: /metrics)
+        self.original = None if original is None else _session(Path(original), providers, threads, spinning,
+                                                                memory_arena)
         self.input_names: list[str] = [i.name for i in self.session.get_inputs()]
         self.output_name: str = self.session.get_outputs()[0].name
         self.id2label: dict[int, str] = _id2label(self.config, self.session, labels)
@@ -122,7 +135,14 @@ class OnnxClassifier:
         if missing:
             raise LayerpruneError(f"the model needs inputs {missing}, the encoding has {sorted(encoding)}")
         feeds = {name: np.asarray(encoding[name], dtype=np.int64) for name in self.input_names}
-        return np.asarray(self.session.run([self.output_name], feeds)[0], dtype=np.float32)
+        logits = np.asarray(self.session.run([self.output_name], feeds)[0], dtype=np.float32)
+        if self.original is not None:
+            rows = unsure(logits, self.below)
+            if rows.any():
+                logits[rows] = self.original.run(None, _rows(feeds, rows))[0]
+                with self._lock:
+                    self.sent_on += int(rows.sum())
+        return logits
 
     def tokenize(
         self, texts: list[str], pairs: list[str] | None = None, *, max_length: int | None = None,
@@ -233,6 +253,12 @@ def _pad(rows: Sequence[Encoding], pad_id: int, input_names: list[str], token_ty
             types[i, :n] = row.type_ids
     arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
     return {name: arrays[name] for name in input_names if name in arrays}
+
+
+def _rows(feeds: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The inputs of the `rows` only, cut to their longest (right padding: the columns past it are all padding)."""
+    width = int(feeds["attention_mask"][rows].sum(axis=1).max())
+    return {name: value[rows, :width] for name, value in feeds.items()}
 
 
 def _strings(values: list[str], what: str) -> list[str]:

@@ -18,6 +18,14 @@ def candidates_table(depth: DepthReport) -> str:
     return "\n".join(lines)
 
 
+def _fallback_rows(report: ValidationReport, manifest: Manifest) -> list[tuple[str, str, str]]:
+    rule = manifest.fallback
+    if rule is None or report.sent_on is None:
+        return []
+    when = f"top-class probability < {rule.threshold:.4f} (--fallback {rule.share:g})"
+    return [("sent on to the original", when, f"{report.sent_on:.1%}")]
+
+
 def validation_table(report: ValidationReport, manifest: Manifest) -> str:
     """The validation result as a markdown table (pasteable into a README or an issue)."""
     variant = ", ".join(filter(None, [manifest.optimize, manifest.quantize])) or "fp32"
@@ -30,6 +38,7 @@ def validation_table(report: ValidationReport, manifest: Manifest) -> str:
          f"{report.bundle:.4f}"),
         ("delta", f"95% CI [{low:+.4f}, {high:+.4f}] (paired bootstrap)", f"{report.delta:+.4f}"),
         ("prediction agreement", "", agreement),
+        *_fallback_rows(report, manifest),
         ("max abs logit diff", "truncated PyTorch vs fp32 ONNX", parity),
         ("passed", f"delta >= -{report.tolerance:g}", "yes" if report.passed else "NO"),
     ]

@@ -155,9 +155,10 @@ def _wilson_upper(k: int, n: int, z: float) -> float:
 
 def compare(
     task: TaskConfig, holdout: Examples, holdout_name: str, original: np.ndarray, bundle: np.ndarray,
-    tolerance: float, max_length: int, parity: float | None = None,
+    tolerance: float, max_length: int, parity: float | None = None, sent_on: float | None = None,
 ) -> ValidationReport:
-    """The validation report for two sets of logits on the same holdout examples."""
+    """The validation report for two sets of logits on the same holdout examples; `sent_on`: the share of them
+    the bundle's fallback sent on to the original (None: the bundle has none)."""
     regression = task.is_regression
     before = compute_metric(task.metric, holdout.labels, original, regression)
     after = compute_metric(task.metric, holdout.labels, bundle, regression)
@@ -166,7 +167,7 @@ def compare(
     return ValidationReport(
         metric_name=task.metric, holdout=holdout_name, n_examples=len(holdout), original=before, bundle=after,
         delta=after - before, delta_ci95=(low, high), agreement=agreement, tolerance=tolerance,
-        passed=after - before >= -tolerance, max_abs_logit_diff_fp32=parity, max_length=max_length,
+        passed=after - before >= -tolerance, max_abs_logit_diff_fp32=parity, max_length=max_length, sent_on=sent_on,
     )
 
 
@@ -188,5 +189,6 @@ def validate_bundle(bundle_dir: Path, tolerance: float | None = None, device: st
     original = predict_logits(model, tokenizer, parts.holdout, max_length=manifest.max_length)
     bundle = runner.logits(parts.holdout.texts, parts.holdout.pairs)
     tol = stored.tolerance if tolerance is None else tolerance
+    sent_on = runner.sent_on / len(parts.holdout) if runner.original is not None else None
     return compare(task, parts.holdout, parts.holdout_name, original, bundle, tol, manifest.max_length,
-                   stored.max_abs_logit_diff_fp32)
+                   stored.max_abs_logit_diff_fp32, sent_on)

@@ -40,6 +40,8 @@ class BatchModel(Protocol):
 
     def run(self, encoding: dict[str, np.ndarray]) -> np.ndarray: ...
 
+    sent_on: int  # rows its fallback sent on to the original model so far (0 without one)
+
 
 class Overloaded(Exception):
     """The queue is full (inputs or estimated tokens); retry_after: seconds until it has likely drained."""
@@ -314,9 +316,10 @@ class MicroBatcher:
             mine = set(owner[lo:hi].tolist())
             if all(batch[k].gone for k in mine):
                 continue
-            t0 = time.perf_counter()
+            t0, sent = time.perf_counter(), self.model.sent_on
             logits = self.model.run(self.model.pad([rows[i] for i in run]))
             took = time.perf_counter() - t0
+            self._metrics.fallback_inputs.inc(self.model.sent_on - sent)  # this worker is the model's only caller
             if out is None:
                 out = np.zeros((len(rows), logits.shape[-1]), dtype=np.float32)
             out[run] = logits

@@ -32,6 +32,9 @@ class Metrics:
         )
         self.queued_inputs = Gauge("layerprune_queue_depth", "inputs waiting for the model", registry=self.registry)
         self.inputs = Counter("layerprune_inputs", "inputs classified", registry=self.registry)
+        self.fallback_inputs = Counter("layerprune_fallback_inputs", "inputs the original model answered because "
+                                       "the pruned one was unsure (a bundle exported with --fallback)",
+                                       registry=self.registry)
         # real vs padding tokens run: how much of the model's work the length-aware runs still waste
         self.tokens = Counter("layerprune_tokens", "tokens run through the model", ["kind"], registry=self.registry)
         self.phase = Histogram(
@@ -48,3 +51,4 @@ class Metrics:
     def method_label(method: str) -> str:
         """Any token is a valid HTTP method: label only the standard ones, or the series never stop growing."""
         return method if method in METHODS else "other"
+

@@ -79,6 +79,7 @@ class ServedModel:
             "heal": m.heal,
             "optimize": m.optimize,
             "quantize": m.quantize,
+            "fallback": None if m.fallback is None else m.fallback.model_dump(),
             "created": m.created,
             "validated": self.validated,
             "validation": None if v is None else {

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
+from layerprune.artifacts import FallbackRule
+
 if TYPE_CHECKING:
     from .model import ServedModel
     from .settings import ServeSettings
@@ -272,6 +274,8 @@ class Info(BaseModel):
     pair_input: bool
     depth: int = Field(description="encoder layers kept, of total_layers")
     total_layers: int
+    fallback: FallbackRule | None = Field(description="texts the pruned model is least sure of go to the original "
+                                                      "model: the share of calibration texts and the threshold")
     validated: bool
     providers: list[str] = Field(description="onnxruntime execution providers, the one that runs first")
     max_chars_per_input: int
@@ -289,7 +293,7 @@ class Info(BaseModel):
             max_batch_tokens=settings.max_batch_tokens, max_batch_requests=settings.max_batch_size,
             max_client_batch_size=settings.max_inputs_per_request, auto_truncate=settings.auto_truncate,
             tokenization_workers=1, version=version(), pair_input=model.pair_input, depth=m.depth,
-            total_layers=m.total_layers, validated=model.validated, providers=providers,
+            total_layers=m.total_layers, fallback=m.fallback, validated=model.validated, providers=providers,
             max_chars_per_input=settings.max_chars_per_input, run_overhead_tokens=round(overhead, 1),
         )
 

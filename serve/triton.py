@@ -39,6 +39,9 @@ def write_triton_repository(
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     opened = open_bundle(bundle_dir, allow_unvalidated=allow_unvalidated, providers=["CPUExecutionProvider"])
     manifest, session = opened.manifest, opened.classifier.session
+    if manifest.fallback is not None:  # what was validated is what is served: the two graphs together
+        raise LayerpruneError(f"{bundle_dir} sends its unsure texts on to the original (--fallback): a Triton model "
+                              "serves one graph; serve it with `layerprune serve`, or export it without --fallback")
     if not model_name or not all(c.isalnum() or c in "-_." for c in model_name) or model_name.startswith("."):
         raise LayerpruneError(f"model name {model_name!r}: use letters, digits, '-', '_' and '.'")
     if max_batch_size < 1:

@@ -610,3 +610,95 @@ def test_validate_checks_the_bundles_own_files_before_the_original(bundle: Path,
     assert main(["validate", str(copy), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("layerprune: error: cannot read") and "tokenizer.json" in err and "\n" not in err
+
+
+def test_a_fallback_bundle_serves_the_original_for_its_least_sure_texts(run_dir: Path, tmp_path: Path) -> None:
+    """--fallback 0.5 (on a head heal: its cut disagrees with the original): the bundle holds the original's graph, hashed; the threshold is the median top-class
+    probability of the pruned graph on calibration; the forecast and the validation are of the cascade. All
+    checked against a cascade made here from transformers' logits of the original and the truncated model."""
+    import torch
+    from scipy.special import softmax
+    from sklearn.metrics import accuracy_score
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from layerprune.runtime import OnnxClassifier
+
+    out = tmp_path / "fb"
+    result = export_bundle(run_dir, out, ExportOptions(keep_layers=2, heal="head", fallback=0.5, **FAST))
+    manifest = verify_bundle(out)
+    assert manifest.parts.original == "original.onnx" and "original.onnx" in manifest.files
+    assert manifest.fallback.share == 0.5 and result.depth.fallback == 0.5
+
+    analysis = load_artifact(AnalysisReport, run_dir / "analysis.json")
+    parts = calibration_and_holdout(analysis.task_config, None, 2000)
+    tokenizer = AutoTokenizer.from_pretrained(analysis.model)
+
+    def logits(checkpoint, texts):
+        model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+        with torch.no_grad():
+            return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.numpy()
+
+    def top(x):
+        return softmax(x, axis=-1).max(axis=-1)
+
+    below = np.quantile(top(logits(result.truncated_checkpoint, parts.calibration.texts)), 0.5)
+    assert manifest.fallback.threshold == pytest.approx(below, abs=1e-5)
+
+    def served(part):
+        pruned, original = logits(result.truncated_checkpoint, part.texts), logits(analysis.model, part.texts)
+        sent = top(pruned) < below
+        return np.where(sent[:, None], original, pruned), original, sent
+
+    calibration, original, _ = served(parts.calibration)
+    forecast_ = result.depth.scores[1].forecast
+    assert forecast_.disagreement == pytest.approx(np.mean(calibration.argmax(-1) != original.argmax(-1)))
+    holdout, original, sent = served(parts.holdout)
+    v = result.validation
+    assert v.sent_on == pytest.approx(sent.mean()) and 0 < v.sent_on < 1
+    assert v.bundle == pytest.approx(accuracy_score(parts.holdout.labels, holdout.argmax(-1)))
+    assert v.agreement == pytest.approx(np.mean(holdout.argmax(-1) == original.argmax(-1)))
+    assert validate_bundle(out, device="cpu").bundle == pytest.approx(v.bundle), "validate re-checks the cascade"
+
+    # The runtime alone: threshold 0 sends nothing on, above 1 everything (each row cut to its own length).
+    alone = OnnxClassifier(out, max_length=manifest.max_length, original=out / "original.onnx", below=0.0)
+    everything = OnnxClassifier(out, max_length=manifest.max_length, original=out / "original.onnx", below=1.01)
+    np.testing.assert_allclose(everything.logits(parts.holdout.texts, batch_size=5), original, atol=1e-4)
+    assert everything.sent_on == len(parts.holdout)
+    pruned = logits(result.truncated_checkpoint, parts.holdout.texts)
+    np.testing.assert_allclose(alone.logits(parts.holdout.texts), pruned, atol=1e-5)
+    assert alone.sent_on == 0
+
+    (out / "original.onnx").write_bytes(b"not a graph")
+    with pytest.raises(BundleError, match="original.onnx does not match"):
+        servable_bundle(out)
+
+
+def test_int8_candidates_are_forecast_with_the_fallback(run_dir: Path, tmp_path: Path) -> None:
+    """--quantize int8 --fallback 0.5: each candidate's threshold is its own graph's median top-class probability on
+    calibration, and its forecast is of that graph with the fallback, as served; checked against optimum's run of
+    the int8 graph the bundle kept and transformers' run of the original."""
+    import torch
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from scipy.special import softmax
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "q"
+    # One batch of all 12 calibration texts, as below: int8's dynamic scales depend on a run's rows.
+    result = export_bundle(run_dir, out, ExportOptions(keep_layers=2, heal="head", quantize="int8", fallback=0.5,
+                                                       tolerance=1.0, **{**FAST, "batch_size": 32}))
+    chosen = result.depth.candidates[0]
+    assert chosen.chosen and result.manifest.quantize == "int8"
+    analysis = load_artifact(AnalysisReport, run_dir / "analysis.json")
+    texts = calibration_and_holdout(analysis.task_config, None, 2000).calibration.texts
+    tokenizer = AutoTokenizer.from_pretrained(analysis.model)
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        original = AutoModelForSequenceClassification.from_pretrained(analysis.model).eval()(**encoded).logits.numpy()
+    int8 = ORTModelForSequenceClassification.from_pretrained(out, file_name="model.onnx", provider="CPUExecutionProvider")
+    pruned = np.asarray(int8(**tokenizer(texts, padding=True, return_tensors="np")).logits)
+    top = softmax(pruned, axis=-1).max(axis=-1)
+    below = np.quantile(top, 0.5)
+    assert result.manifest.fallback.threshold == pytest.approx(below, abs=1e-5)
+    served = np.where((top < below)[:, None], original, pruned)
+    assert chosen.forecast.disagreement == pytest.approx(np.mean(served.argmax(-1) != original.argmax(-1)))
+    assert chosen.forecast.disagreement != pytest.approx(np.mean(pruned.argmax(-1) != original.argmax(-1)))

@@ -4,6 +4,7 @@ logits made by hand (which texts are sent on, what is served, how often it diffe
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from conftest import load_benchmark
 
@@ -35,3 +36,20 @@ def test_the_least_sure_texts_take_the_originals_answer() -> None:
     most = fallback.fallback(calibration, pruned, original, 0.75)
     assert most.sent_on == 3 / 5 and most.disagreement == 0
     np.testing.assert_array_equal(most.served, np.stack([original[0], original[1], pruned[2], original[3], pruned[4]]))
+
+
+def test_the_library_rule_by_hand() -> None:
+    """layerprune.fallback, which export and the runtime serve by: the threshold is numpy's linear quantile of
+    the top-class probabilities (computed here without scipy), the unsure rows are those strictly below it."""
+    from layerprune.fallback import cascade, confidence, threshold, unsure
+
+    calibration = two_class([0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99])
+    assert threshold(calibration, 0.2) == pytest.approx(0.64)  # 0.6 + 0.8 x 0.05
+    three = np.log(np.array([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]]))
+    np.testing.assert_allclose(confidence(three), [0.5, 0.6])
+    pruned, original = two_class([0.3, 0.62, 0.64, 0.9]), two_class([0.9, 0.9, 0.9, 0.9])
+    np.testing.assert_array_equal(unsure(pruned, 0.64), [False, True, False, False])  # 0.3 is 0.7 sure of class 0
+    np.testing.assert_array_equal(cascade(pruned, original, 0.64), np.stack([pruned[0], original[1], pruned[2], pruned[3]]))
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="share"):
+            threshold(calibration, bad)

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import (LONG, SERVE_KEEP_LAYERS, TEXTS, TINY_LAYERS, by_label, free_port, make_client, serving,
+from conftest import (LONG, SERVE_KEEP_LAYERS, TEXTS, TINY_LAYERS, Reference, by_label, free_port, make_client, serving,
                       truncated_checkpoint)
 from layerprune.bundle import BundleError
 from layerprune.errors import LayerpruneError
@@ -568,3 +568,38 @@ def test_ray_a_stop_during_deployment_shuts_ray_down_after_it(bundle) -> None:
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert "2 replica(s)" in done.stderr
     assert done.stdout.split() == ["serve.shutdown", "ray.shutdown"]
+
+
+def test_a_fallback_bundle_is_served_as_it_was_validated(bundle, tmp_path) -> None:
+    """A bundle exported with --fallback 0.5: the server answers with the pruned graph where it is sure and with
+    the original where it is not, as a cascade made here from optimum's run of the pruned graph (Reference) and
+    transformers' run of the original predicts; /info names the rule, /metrics counts the texts sent on."""
+    import torch
+    from scipy.special import softmax
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from layerprune.export import export_bundle
+
+    result = export_bundle(bundle.parent / "run", tmp_path / "fb", ExportOptions(
+        keep_layers=SERVE_KEEP_LAYERS, heal="none", fallback=0.5, device="cpu", batch_size=8))
+    assert 0 < result.validation.sent_on < 1  # (on 12 texts the toy original is no better: served unvalidated)
+    pruned = Reference(tmp_path / "fb").logits(TEXTS)
+    checkpoint = bundle.parent / "model"
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    with torch.no_grad():
+        original = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()(
+            **tokenizer(TEXTS, padding=True, return_tensors="pt")).logits.numpy()
+    sent = softmax(pruned, axis=-1).max(axis=-1) < result.manifest.fallback.threshold
+    assert 0 < sent.sum() < len(TEXTS), "some texts go on, some do not"
+    with serving(tmp_path / "fb", allow_unvalidated=True) as c:
+        before = _sent_on(c)  # the warm-up's text counts too
+        raw = c.post("/predict", json={"inputs": TEXTS, "raw_scores": True}).json()
+        np.testing.assert_allclose(by_label(raw, result.manifest.labels), np.where(sent[:, None], original, pruned),
+                                   rtol=0, atol=1e-4)
+        assert _sent_on(c) - before == sent.sum()
+        assert c.get("/info").json()["fallback"] == result.manifest.fallback.model_dump()
+
+
+def _sent_on(client) -> float:
+    line = next(x for x in client.get("/metrics").text.splitlines() if x.startswith("layerprune_fallback_inputs_total"))
+    return float(line.split()[-1])

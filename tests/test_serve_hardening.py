@@ -216,6 +216,7 @@ class _FakeModel:
 
     def __init__(self, run) -> None:
         self.run = run
+        self.sent_on = 0
 
     def tokenize(self, texts, pairs=None, *, truncation=True):
         return [_Row(4) for _ in texts]
