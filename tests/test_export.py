@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SENTENCES, TINY_LAYERS
+from conftest import SENTENCES, TINY_LAYERS, make_tiny_classifier
 from layerprune.analyze import AnalyzeOptions, analyze
 from layerprune.artifacts import AnalysisReport, DepthReport, Manifest, ValidationReport, load_artifact
 from layerprune.depth_search import choose_depth, error_budget
@@ -436,6 +436,7 @@ def test_cli_export_and_validate(run_dir: Path, tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize("args,message", [
     (["--keep-layers", "0"], "positive integer"),
     (["--keep-layers", "9"], "between 1 and 4"),
+    (["--fallback", "1"], "a share of texts in [0, 1)"),
 ])
 def test_cli_export_bad_depth(run_dir: Path, tmp_path: Path, capsys, args, message) -> None:
     try:
@@ -702,3 +703,15 @@ def test_int8_candidates_are_forecast_with_the_fallback(run_dir: Path, tmp_path:
     served = np.where((top < below)[:, None], original, pruned)
     assert chosen.forecast.disagreement == pytest.approx(np.mean(served.argmax(-1) != original.argmax(-1)))
     assert chosen.forecast.disagreement != pytest.approx(np.mean(pruned.argmax(-1) != original.argmax(-1)))
+
+
+def test_a_fallback_needs_a_classification_task(minilm_dir, tmp_path: Path) -> None:
+    """A regression output has no top-class probability: one clear error, and nothing written."""
+    model = make_tiny_classifier("bert", tmp_path / "model", minilm_dir, num_labels=1, problem_type="regression")
+    data = tmp_path / "scores.csv"
+    data.write_text("text,score\n" + "\n".join(f'"{t}",{i / 23:.3f}' for i, (t, _) in enumerate(SENTENCES * 2)) + "\n")
+    task = task_from_files(data, "text", "score", regression=True)
+    analyze(str(model), task, tmp_path / "run", AnalyzeOptions(device="cpu", batch_size=8))
+    with pytest.raises(LayerpruneError, match="--fallback needs a classification task"):
+        export_bundle(tmp_path / "run", tmp_path / "b", ExportOptions(keep_layers=2, heal="none", fallback=0.1, **FAST))
+    assert not (tmp_path / "b").exists()

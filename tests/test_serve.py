@@ -579,6 +579,7 @@ def test_a_fallback_bundle_is_served_as_it_was_validated(bundle, tmp_path) -> No
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from layerprune.export import export_bundle
+    from serve.triton import write_triton_repository
 
     result = export_bundle(bundle.parent / "run", tmp_path / "fb", ExportOptions(
         keep_layers=SERVE_KEEP_LAYERS, heal="none", fallback=0.5, device="cpu", batch_size=8))
@@ -598,6 +599,8 @@ def test_a_fallback_bundle_is_served_as_it_was_validated(bundle, tmp_path) -> No
                                    rtol=0, atol=1e-4)
         assert _sent_on(c) - before == sent.sum()
         assert c.get("/info").json()["fallback"] == result.manifest.fallback.model_dump()
+    with pytest.raises(LayerpruneError, match="a Triton model serves one graph"):
+        write_triton_repository(tmp_path / "fb", tmp_path / "repo", allow_unvalidated=True)
 
 
 def _sent_on(client) -> float:
