@@ -155,7 +155,8 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
         cpu = cpu_kind()  # the int8 weights are quantized for this CPU, and the manifest says which
         candidates = _pick_export(tmp, task, texts, parts, max_length, opts, budget, cpu) if opts.quantize else []
         quantized = next((c.name for c in candidates if c.chosen and c.name != "fp32"), None)
-        rule = _add_original(model, tokenizer, tmp, parts, max_length, opts) if opts.fallback else None
+        # (at full depth the two graphs are the same model: nothing to fall back to)
+        rule = _add_original(model, tokenizer, tmp, parts, max_length, opts) if opts.fallback and depth < total else None
         runner = _runner(tmp, max_length, rule)
         served = runner.logits(parts.holdout.texts, parts.holdout.pairs)
         validation = compare(task, parts.holdout, parts.holdout_name, original_holdout, served, opts.tolerance,

@@ -103,10 +103,13 @@ def test_fp32_parity_and_validation(bundle: Path) -> None:
 
 
 def test_full_depth_bundle_equals_original(run_dir: Path, tmp_path: Path) -> None:
-    result = export_bundle(run_dir, tmp_path / "full", ExportOptions(keep_layers=TINY_LAYERS, heal="none", **FAST))
+    result = export_bundle(run_dir, tmp_path / "full", ExportOptions(keep_layers=TINY_LAYERS, heal="none", fallback=0.1,
+                                                                    **FAST))
     v = result.validation
     assert v.delta == 0.0 and v.agreement == 1.0 and v.passed
     assert validate_bundle(tmp_path / "full", device="cpu").passed
+    assert result.manifest.fallback is None and not (tmp_path / "full" / "original.onnx").exists(), (
+        "at full depth there is nothing to fall back to")
 
 
 def test_validate_recomputes_the_same_numbers(bundle: Path) -> None:
