@@ -208,7 +208,8 @@ class DepthScore(BaseModel):
 
     depth: int
     metric: float = Field(description="head as fine-tuned (the paper's setting: no further tuning)")
-    metric_healed: float | None = Field(default=None, description="healed as the report's `heal` says, with its fallback (None: not healed)")
+    metric_healed: float | None = Field(default=None, description=(
+        "healed as the report's `heal` says, with its fallback (None: not healed)"))
     forecast: GateForecast | None = Field(default=None, description="the gate forecast of the heal mode used")
 
 

@@ -1,10 +1,11 @@
 """The depth search: which depth export keeps, each depth healed as asked and forecast on calibration.
 
-With --fallback, each depth is scored as it would be served: the original answers the share of texts the cut
-is least sure of (layerprune.fallback). Fixed N, or auto: from the CKA boundary, down while the gate forecast passes (a fixed-sequence test: each
-step at the walk's alpha), else up until it does (those share alpha: Bonferroni). Walking down reuses work:
-a whole-model heal at depth d starts from the heal of depth d + 1 with its top layer dropped, which is
-already close to the original, rather than from the truncated original. The error budget splits export's
+Fixed N, or auto: from the CKA boundary, down while the gate forecast passes (a fixed-sequence test: each
+step at the walk's alpha), else up until it does (those share alpha: Bonferroni). With --fallback, each depth
+is scored as it would be served: the original answers the share of texts the cut is least sure of
+(layerprune.fallback). Walking down reuses work: a whole-model heal at depth d starts from the heal of depth
+d + 1 with its top layer dropped, which is already close to the original, rather than from the truncated
+original. The error budget splits export's
 alpha between the depth walk and the int8 variants (docs/export.md).
 """
 
@@ -113,7 +114,8 @@ class Depths:
         heal, agreement = self.texts.heal, self.texts.agreement
         return DepthReport(
             mode="auto" if self.opts.keep_layers == "auto" else "fixed", heal=self.mode,
-            heal_layers=self.opts.heal_layers, fallback=self.opts.fallback, boundary=boundary, total_layers=self.total, depth=depth,
+            heal_layers=self.opts.heal_layers, fallback=self.opts.fallback, boundary=boundary,
+            total_layers=self.total, depth=depth,
             tolerance=self.opts.tolerance, full_metric=self.full, metric_name=self.task.metric,
             calibration=calibration_name, n_calibration=self.texts.calibration.n, n_heal=heal.n if heal else 0,
             heal_labelled=self.texts.heal_labels is not None, n_agreement=agreement.n if agreement else 0,
@@ -139,8 +141,7 @@ def error_budget(opts: ExportOptions, variants: int = 2) -> ErrorBudget:
 
 def choose_depth(passes: Callable[[int, float], bool], boundary: int, total: int,
                  keep_layers: int | Literal["auto"], alpha: float) -> int:
-    """With --fallback, each depth is scored as it would be served: the original answers the share of texts the cut
-is least sure of (layerprune.fallback). Fixed N, or auto: from the CKA boundary, down while the forecast passes (a fixed-sequence test: each
+    """Fixed N, or auto: from the CKA boundary, down while the forecast passes (a fixed-sequence test: each
     step at `alpha`), else up until it does. Going up, every depth tried is another chance for a wrong yes,
     so those share `alpha` (Bonferroni over the depths between the boundary and the full model, which
     always passes)."""

@@ -319,7 +319,7 @@ class MicroBatcher:
             t0, sent = time.perf_counter(), self.model.sent_on
             logits = self.model.run(self.model.pad([rows[i] for i in run]))
             took = time.perf_counter() - t0
-            self._metrics.fallback_inputs.inc(self.model.sent_on - sent)  # this worker is the model's only caller
+            self._metrics.fallback_inputs.inc(self.model.sent_on - sent)  # runs are serial here (warm-up timing aside)
             if out is None:
                 out = np.zeros((len(rows), logits.shape[-1]), dtype=np.float32)
             out[run] = logits
