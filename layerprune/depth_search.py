@@ -40,6 +40,14 @@ class ExportTexts:
     heal_labels: np.ndarray | None  # None: unlabeled heal texts; -1 (NaN for regression): a text without one
     agreement: TextStates | None
 
+    def served(self, calibration: np.ndarray, agreement: np.ndarray | None,
+               share: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """A cut's logits on the calibration and agreement texts as served with --fallback `share`: the original's
+        where the cut is below its `share`-quantile of calibration confidence (layerprune.fallback)."""
+        below = threshold(calibration, share)
+        return (cascade(calibration, self.calibration.logits, below),
+                None if agreement is None else cascade(agreement, self.agreement.logits, below))
+
 
 class Depths:
     """Each depth looked at: healed as asked (once), scored on calibration, and its gate forecast (once)."""
@@ -86,11 +94,8 @@ class Depths:
         heal = self.heal(depth)
         calibration = heal.logits(self.texts.calibration)
         agreement = None if self.texts.agreement is None else heal.logits(self.texts.agreement)
-        if self.opts.fallback:  # what would be served: the original answers where the cut is least sure
-            below = threshold(calibration, self.opts.fallback)
-            calibration = cascade(calibration, self.texts.calibration.logits, below)
-            if agreement is not None:
-                agreement = cascade(agreement, self.texts.agreement.logits, below)
+        if self.opts.fallback:
+            calibration, agreement = self.texts.served(calibration, agreement, self.opts.fallback)
         healed = None if heal.stats is None else self._metric(calibration)
         return DepthScore(depth=depth, metric=self.raw[depth], metric_healed=healed,
                           forecast=self._forecast(calibration, agreement, alpha))

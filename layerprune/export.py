@@ -44,7 +44,7 @@ from .cpu import cpu_kind
 from .data import Examples, load_examples, read_texts
 from .depth_search import Depths, ErrorBudget, ExportTexts, choose_depth, error_budget
 from .errors import LayerpruneError
-from .fallback import cascade, threshold
+from .fallback import threshold
 from .files import (
     ANALYSIS_FILE, BUNDLE_DIR, CKA_PLOT, CONFIG_FILE, DEPTH_FILE, DEPTH_PLOT, MANIFEST_FILE, MODEL_DATA_FILE, MODEL_FILE,
     ORIGINAL_MODEL_FILE, TRUNCATED_DIR, VALIDATION_FILE,
@@ -389,9 +389,7 @@ def _score_candidate(name: str, folder: Path, task: TaskConfig, texts: ExportTex
         examples = texts.agreement.examples
         agreement = runner.logits(examples.texts, examples.pairs, batch_size=opts.batch_size)
     if opts.fallback:  # scored as served: the original answers the texts this candidate is least sure of
-        below = threshold(calibration, opts.fallback)
-        calibration = cascade(calibration, texts.calibration.logits, below)
-        agreement = None if agreement is None else cascade(agreement, texts.agreement.logits, below)
+        calibration, agreement = texts.served(calibration, agreement, opts.fallback)
     unlabeled = None if agreement is None else (texts.agreement.logits, agreement)
     prediction = forecast(task, parts.calibration.labels, texts.calibration.logits, calibration, opts.tolerance,
                           len(parts.holdout), unlabeled, alpha)
