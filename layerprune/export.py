@@ -176,11 +176,11 @@ def _encode(model, tokenizer, parts: EvalParts, heal_texts: _HealTexts, heal: He
             opts: ExportOptions, boundary: int, reuse: Reuse) -> ExportTexts:
     """The original model's outputs on everything export looks at but the holdout (on the heal and agreement
     texts: `reuse`'s, else computed and left there)."""
-    token_indices = _kept_states(heal, opts, boundary, total_layers(model.config))
+    kept, spare = _kept_states(heal, opts, boundary, total_layers(model.config))
 
     def encode(examples: Examples, role: str):
         return encode_texts(model, tokenizer, examples, batch_size=opts.batch_size, max_length=max_length,
-                            keep_tokens=token_indices, desc=f"original, {role}")
+                            keep_tokens=kept, spare_tokens=spare, desc=f"original, {role}")
 
     healing = heal != "none"
     if healing and reuse.heal is None:
@@ -196,18 +196,21 @@ def _encode(model, tokenizer, parts: EvalParts, heal_texts: _HealTexts, heal: He
     )
 
 
-def _kept_states(heal: HealMode, opts: ExportOptions, boundary: int, total: int) -> set[int]:
-    """The hidden-state indices whose token states the one pass of the original keeps: the embeddings (heals
-    compute any other index from the nearest kept one below) and, for the top-layer heal, the inputs of the
-    depths it trains first: the fixed depth, or auto's CKA boundary and the depth below it (where the walk
-    goes next when the boundary passes). Without them, each of those heals would run the original's lower
-    layers over every heal text a second time (minutes on a 12-layer model)."""
-    indices = {0}
+def _kept_states(heal: HealMode, opts: ExportOptions, boundary: int, total: int) -> tuple[set[int], list[int]]:
+    """The hidden-state indices whose token states the one pass of the original keeps, and those it keeps too
+    where memory allows (heals compute any other index from the nearest kept one below, running the original's
+    lower layers over every heal text again: minutes on a 12-layer model). Always the embeddings; for the
+    top-layer heal, the inputs of the depths it trains first (the fixed depth, or auto's CKA boundary and the
+    depth below it, where the walk goes next when the boundary passes), then those of the depths further down
+    the walk, nearest first."""
+    indices, spare = {0}, []
     if heal == "distill":
         first = min(max(boundary, 2), total)
         tried = [first, first - 1] if opts.keep_layers == "auto" else [opts.keep_layers]
         indices |= {max(d - opts.heal_layers, 0) for d in tried if d < total}
-    return indices
+        if opts.keep_layers == "auto":
+            spare = [d - opts.heal_layers for d in range(first - 2, opts.heal_layers, -1)]
+    return indices, spare
 
 
 def _truncated_and_healed(original, heal: Heal, task: TaskConfig):

@@ -209,14 +209,20 @@ def test_distill_heal_with_unlabeled_texts(run_dir: Path, tmp_path: Path) -> Non
     assert not (tmp_path / "h").exists()
 
 
-def test_auto_distill_trains_the_first_depths_from_the_one_pass(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    """The top-layer heals auto tries first (the CKA boundary and the depth below it) read their inputs from
-    the original's one pass over the texts, not from a second run of its lower layers; the inputs are what
-    transformers gives as the original's hidden states there."""
+def test_auto_distill_trains_every_depth_from_the_one_pass(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """The top-layer heals of the auto walk read their inputs from the original's one pass over the texts, not
+    from a second run of its lower layers: the first depths always, those further down where memory allows
+    (here it does). With the boundary at the full depth, the walk heals depths 3, 2, 1 of 4, whose inputs
+    are the original's hidden states 2, 1, 0, as transformers gives them."""
+    import shutil
+
     import torch
     import layerprune.heal.top as top
     from layerprune.models import load_classifier
 
+    run = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("truncated", "bundle"))
+    analysis = load_artifact(AnalysisReport, run / "analysis.json")
+    analysis.model_copy(update={"boundary": TINY_LAYERS}).save(run / "analysis.json")
     calls = []  # (depth's input index, was it kept by the one pass, the texts)
 
     def recording(model, texts, index, **kwargs):
@@ -225,17 +231,16 @@ def test_auto_distill_trains_the_first_depths_from_the_one_pass(run_dir: Path, t
 
     token_states = top.token_states
     monkeypatch.setattr(top, "token_states", recording)
-    analysis = load_artifact(AnalysisReport, run_dir / "analysis.json")
-    export_bundle(run_dir, tmp_path / "a", ExportOptions(heal="distill", **FAST))
-    first = {max(analysis.boundary, 2) - 1, max(analysis.boundary, 2) - 2} - {TINY_LAYERS - 1}
-    assert first <= {index for index, *_ in calls}, "the walk healed its first depths"
-    assert all(kept for index, kept, _ in calls if index in first), "a first depth ran the lower layers again"
+    result = export_bundle(run, tmp_path / "a", ExportOptions(heal="distill", **FAST))
+    assert result.depth.probed == [4, 3, 2, 1], "the walk went down from the full depth"
+    assert {index for index, *_ in calls} == {2, 1, 0}
+    assert all(kept for _, kept, _ in calls), "a depth ran the original's lower layers again"
     original, tokenizer = load_classifier(analysis.model, device="cpu")
-    index, _, texts = next(c for c in calls if c[0] in first)
-    batch = texts.batches[0]
+    texts = calls[0][2]
     with torch.inference_mode():
-        reference = original(**batch.encoding, output_hidden_states=True).hidden_states[index]
-    torch.testing.assert_close(texts.tokens[index][0].float(), reference, atol=2e-3, rtol=2e-3)
+        reference = original(**texts.batches[0].encoding, output_hidden_states=True).hidden_states
+    for index in (2, 1):
+        torch.testing.assert_close(texts.tokens[index][0].float(), reference[index], atol=2e-3, rtol=2e-3)
 
 
 def test_agreement_texts_never_overlap_heal_texts(run_dir: Path, tmp_path: Path) -> None:

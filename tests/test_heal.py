@@ -86,6 +86,23 @@ def test_token_states_from_a_lower_depth_match_the_forward_pass(tiny_models, exa
         torch.testing.assert_close(states.float(), hidden[3], atol=2e-2, rtol=1e-2)  # float16 storage
 
 
+@pytest.mark.parametrize("memory_for,kept", [(10, {0, 1, 2, 3}), (3, {0, 3, 2}), (1, {0})])
+def test_spare_token_states_are_kept_as_memory_allows(tiny_models, examples, monkeypatch, memory_for, kept) -> None:
+    """spare_tokens: kept in the order given, as many as half the available memory holds with those asked for
+    (here: room for `memory_for` indices of float16 states), each as transformers computes it."""
+    model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
+    batches = make_batches(tokenizer, examples, batch_size=8, max_length=64)
+    size = sum(b.encoding["input_ids"].numel() for b in batches) * model.config.hidden_size * 2
+    available = type("Memory", (), {"available": 2 * size * memory_for})()
+    monkeypatch.setattr("layerprune.heal.states.psutil.virtual_memory", lambda: available)
+    texts = encode_texts(model, tokenizer, examples, batch_size=8, max_length=64, keep_tokens={0},
+                         spare_tokens=[3, 2, 1])
+    assert set(texts.tokens) == kept
+    for i, (_, _, hidden) in enumerate(forward_all_layers(model, batches)):
+        for index in kept:
+            torch.testing.assert_close(texts.tokens[index][i].float(), hidden[index], atol=2e-2, rtol=1e-2)
+
+
 def test_distillation_brings_the_truncated_model_towards_the_original(tiny_models, examples) -> None:
     model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
     texts = _texts(model, tokenizer, examples)

@@ -5,9 +5,11 @@ asked for (the inputs a heal trains from, or the targets it matches)."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -37,11 +39,17 @@ class TextStates:
 
 def encode_texts(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Examples, *, batch_size: int,
-    max_length: int, keep_tokens: set[int] = frozenset({0}), desc: str = "original model",
+    max_length: int, keep_tokens: set[int] = frozenset({0}), spare_tokens: Sequence[int] = (),
+    desc: str = "original model",
 ) -> TextStates:
     """One forward pass of the original model over `examples`, keeping the token states of the hidden-state
-    indices `keep_tokens` (float16: they are training inputs or targets, and half the memory)."""
+    indices `keep_tokens` (float16: they are training inputs or targets, and half the memory), and of as many
+    of `spare_tokens`, in that order, as fit in half of the memory available: those a heal would otherwise
+    compute again later by running the original's lower layers over every text."""
     batches = make_batches(tokenizer, examples, batch_size=batch_size, max_length=max_length)
+    size = sum(b.encoding["input_ids"].numel() for b in batches) * model.config.hidden_size * 2  # one index, float16
+    spare = [d for d in spare_tokens if d not in keep_tokens]
+    keep_tokens = {*keep_tokens, *spare[:max(int(psutil.virtual_memory().available / 2 / size) - len(keep_tokens), 0)]}
     logits = first = None
     tokens: dict[int, list[torch.Tensor]] = {d: [] for d in keep_tokens}
     for batch, batch_logits, hidden in forward_all_layers(model, batches, desc=desc):
