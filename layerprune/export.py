@@ -149,14 +149,19 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
         _save_checkpoint(bundled, tokenizer, Path(scratch))
         onnx_export.export_onnx(Path(scratch), tmp)
         truncated = predict_logits(bundled, tokenizer, parts.holdout, max_length=max_length)
-        parity = onnx_export.max_logit_difference(truncated, _onnx_logits(tmp, parts.holdout, max_length))
+        exported = _onnx_logits(tmp, parts.holdout, max_length, opts.batch_size)
+        parity = onnx_export.max_logit_difference(truncated, exported)
         if opts.optimize:
             onnx_export.optimize_onnx(tmp, opts.optimize)
         cpu = cpu_kind()  # the int8 weights are quantized for this CPU, and the manifest says which
-        candidates = _pick_export(tmp, task, texts, parts, max_length, opts, budget, cpu) if opts.quantize else []
+        candidates, calibration = (_pick_export(tmp, task, texts, parts, max_length, opts, budget, cpu)
+                                   if opts.quantize else ([], None))
         quantized = next((c.name for c in candidates if c.chosen and c.name != "fp32"), None)
-        # (at full depth the two graphs are the same model: nothing to fall back to)
-        rule = _add_original(model, tokenizer, tmp, parts, max_length, opts) if opts.fallback and depth < total else None
+        rule = None
+        if opts.fallback and depth < total:  # (at full depth the two graphs are the same model)
+            if calibration is None:
+                calibration = _onnx_logits(tmp, parts.calibration, max_length, opts.batch_size)
+            rule = _add_original(model, tokenizer, tmp, calibration, max_length, opts)
         runner = _runner(tmp, max_length, rule)
         served = runner.logits(parts.holdout.texts, parts.holdout.pairs)
         validation = compare(task, parts.holdout, parts.holdout_name, original_holdout, served, opts.tolerance,
@@ -225,12 +230,12 @@ def _truncated_and_healed(original, heal: Heal, task: TaskConfig):
     return model
 
 
-def _add_original(original, tokenizer, bundle: Path, parts: EvalParts, max_length: int,
+def _add_original(original, tokenizer, bundle: Path, calibration: np.ndarray, max_length: int,
                   opts: ExportOptions) -> FallbackRule:
     """The fallback: the original's ONNX graph (optimized as the bundle's) beside the bundle's, and the threshold
     below which the bundle's graph, as exported, sends a text on: the --fallback quantile of its top-class
-    probabilities on the calibration texts."""
-    below = threshold(_onnx_logits(bundle, parts.calibration, max_length), opts.fallback)
+    probabilities on the calibration texts (`calibration`: its logits there, those its forecast was made with)."""
+    below = threshold(calibration, opts.fallback)
     with tempfile.TemporaryDirectory(prefix="layerprune-original-") as scratch:
         checkpoint, onnx_dir = Path(scratch) / "checkpoint", Path(scratch) / "onnx"
         _save_checkpoint(original, tokenizer, checkpoint)
@@ -360,12 +365,13 @@ def _heal_mode(asked: HealMode | None, model, texts: _HealTexts) -> HealMode:
 
 
 def _pick_export(bundle: Path, task: TaskConfig, texts: ExportTexts, parts: EvalParts, max_length: int,
-                 opts: ExportOptions, budget: ErrorBudget, cpu: str) -> list[ExportCandidate]:
+                 opts: ExportOptions, budget: ErrorBudget, cpu: str) -> tuple[list[ExportCandidate], np.ndarray]:
     """Score the export candidates fastest first (int8; int8 with the feed-forward outputs and head in fp32; the
-    fp32 model as exported), keep the first whose forecast passes in `bundle`, and report them all. The
-    int8 variants share their part of the error budget; fp32 is the depth the walk already chose."""
+    fp32 model as exported), keep the first whose forecast passes in `bundle`, and report them all, with the
+    kept one's logits on the calibration texts. The int8 variants share their part of the error budget; fp32 is
+    the depth the walk already chose."""
     variants: list[tuple[str, list[str] | None]] = [("int8", None), ("int8-safe", onnx_export.sensitive_nodes(bundle))]
-    scored: list[tuple[ExportCandidate, Path | None]] = []
+    scored: list[tuple[tuple[ExportCandidate, np.ndarray], Path | None]] = []
     with tempfile.TemporaryDirectory(prefix=".candidates-", dir=bundle.parent) as staging:
         for label, keep_fp32 in variants:
             folder = Path(staging) / label
@@ -374,18 +380,19 @@ def _pick_export(bundle: Path, task: TaskConfig, texts: ExportTexts, parts: Eval
             scored.append((_score_candidate(name, folder, task, texts, parts, max_length, opts, budget.per_variant),
                            folder))
         scored.append((_score_candidate("fp32", bundle, task, texts, parts, max_length, opts, budget.depth), None))
-        chosen, folder = next(((c, f) for c, f in scored if c.forecast.passes), scored[-1])
+        (chosen, calibration), folder = next((s for s in scored if s[0][0].forecast.passes), scored[-1])
         chosen.chosen = True
         if folder is not None:
             shutil.copy(folder / MODEL_FILE, bundle / MODEL_FILE)
-    return [c for c, _ in scored]
+    return [c for (c, _), _ in scored], calibration
 
 
 def _score_candidate(name: str, folder: Path, task: TaskConfig, texts: ExportTexts, parts: EvalParts, max_length: int,
-                     opts: ExportOptions, alpha: float) -> ExportCandidate:
+                     opts: ExportOptions, alpha: float) -> tuple[ExportCandidate, np.ndarray]:
+    """A candidate graph's forecast as served, and its own logits on the calibration texts."""
     runner = OnnxClassifier(folder, max_length=max_length)
     started = time.perf_counter()
-    calibration = runner.logits(parts.calibration.texts, parts.calibration.pairs, batch_size=opts.batch_size)
+    calibration = own = runner.logits(parts.calibration.texts, parts.calibration.pairs, batch_size=opts.batch_size)
     rate = len(parts.calibration) / (time.perf_counter() - started)
     agreement = None
     if texts.agreement is not None:
@@ -397,11 +404,11 @@ def _score_candidate(name: str, folder: Path, task: TaskConfig, texts: ExportTex
     prediction = forecast(task, parts.calibration.labels, texts.calibration.logits, calibration, opts.tolerance,
                           len(parts.holdout), unlabeled, alpha)
     metric = compute_metric(task.metric, parts.calibration.labels, calibration, regression=task.is_regression)
-    return ExportCandidate(name=name, metric=metric, forecast=prediction, sentences_per_s=round(rate, 1))
+    return ExportCandidate(name=name, metric=metric, forecast=prediction, sentences_per_s=round(rate, 1)), own
 
 
-def _onnx_logits(bundle: Path, examples: Examples, max_length: int) -> np.ndarray:
-    return OnnxClassifier(bundle, max_length=max_length).logits(examples.texts, examples.pairs)
+def _onnx_logits(bundle: Path, examples: Examples, max_length: int, batch_size: int) -> np.ndarray:
+    return OnnxClassifier(bundle, max_length=max_length).logits(examples.texts, examples.pairs, batch_size=batch_size)
 
 
 def _save_checkpoint(model, tokenizer, path: Path) -> None:
