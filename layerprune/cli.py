@@ -24,7 +24,7 @@ from .files import (
     MANIFEST_FILE,
     TRAINING_REPORT_FILE,
 )
-from .options import AnalyzeOptions, ExportOptions, FinetuneOptions, add_options, fraction, positive
+from .options import AnalyzeOptions, ExportOptions, FinetuneOptions, add_options, fraction, positive, share
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--out", type=Path, default=DEFAULT_RUN_DIR, help=f"run directory (default ./{DEFAULT_RUN_DIR})")
     de.add_argument("--tolerance", type=fraction, default=ExportOptions.tolerance,
                     help=f"largest allowed accuracy drop (default {ExportOptions.tolerance:g}, as export)")
+    de.add_argument("--fallback", type=share, default=ExportOptions.fallback,
+                    help="as export: the share of texts the original answers (default 0: none)")
     de.set_defaults(run=_run_demo)
     return parser
 
@@ -280,7 +282,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.model, args.checkpoint, args.out, args.tolerance)
+    return run_demo(args.model, args.checkpoint, args.out, args.tolerance, args.fallback)
 
 
 def _run_triton(args: argparse.Namespace) -> int:

@@ -20,14 +20,13 @@ import numpy as np
 
 from .analyze import analyze
 from .export import ExportOptions, Reuse, export_bundle
-from .bundle import size_mb
+from .bundle import open_bundle, size_mb
 from .tables import candidates_table
 from .data import Examples, load_examples
 from .files import CONFIG_FILE, DEFAULT_RUN_DIR, DEMO_CHECKPOINTS
 from .finetune import FinetuneOptions, finetune
 from .hidden import predict_logits
 from .models import load_classifier
-from .runtime import OnnxClassifier
 from .tasks import load_task
 from .validate import validate_bundle
 
@@ -47,7 +46,7 @@ DEMO_MODELS = {
 
 
 def run_demo(model: str = "minilm", checkpoint: Path | None = None, run_dir: Path = DEFAULT_RUN_DIR,
-             tolerance: float = 0.01) -> int:
+             tolerance: float = 0.01, fallback: float = 0.0) -> int:
     demo = DEMO_MODELS[model]
     checkpoint = checkpoint or demo.checkpoint
     task = load_task("rt-polarity")
@@ -61,9 +60,9 @@ def run_demo(model: str = "minilm", checkpoint: Path | None = None, run_dir: Pat
     _stage(2, "analyze")
     analysis = analyze(str(checkpoint), task, run_dir)
     print(f"late block starts at layer {analysis.boundary} of {analysis.total_layers}; run directory {run_dir}")
-    _stage(3, "export --keep-layers auto --quantize int8")
+    _stage(3, "export --keep-layers auto --quantize int8" + (f" --fallback {fallback:g}" if fallback else ""))
     reuse = Reuse()  # a retry heals and encodes nothing again: only the depth or int8 changes
-    result = export_bundle(run_dir, None, ExportOptions(tolerance=tolerance, quantize="int8"), reuse)
+    result = export_bundle(run_dir, None, ExportOptions(tolerance=tolerance, quantize="int8", fallback=fallback), reuse)
     while not result.validation.passed and result.next_candidate is not None:
         # The forecast said yes and the holdout said no: pruning was not free after all. Go deeper (or drop
         # int8) until the gate passes; the full fp32 model is the original and always does.
@@ -133,11 +132,11 @@ def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 180) -> Non
 
 
 def _speedup(checkpoint: Path, bundle: Path, texts: list[str]) -> tuple[float, float]:
-    """Sentences/s of the original checkpoint (PyTorch) and of the bundle (onnxruntime), batch 32,
-    both with length-sorted batches, after one warm-up pass each."""
+    """Sentences/s of the original checkpoint (PyTorch) and of the bundle as served (onnxruntime, its fallback
+    included), batch 32, both with length-sorted batches, after one warm-up pass each."""
     examples = Examples(texts=texts, pairs=None, labels=np.zeros(len(texts), dtype=np.int64))
     model, tokenizer = load_classifier(checkpoint, device="cpu")
-    runner = OnnxClassifier(bundle)
+    runner = open_bundle(bundle).classifier
     rates = []
     for run in (lambda: predict_logits(model, tokenizer, examples, batch_size=32),
                 lambda: runner.logits(texts, batch_size=32)):
@@ -158,6 +157,8 @@ def _summary(result, validation, speedup: tuple[float, float], seconds: float) -
         (f"{validation.metric_name}, bundle", f"{validation.bundle:.4f} (delta {validation.delta:+.4f}, tolerance {validation.tolerance})"),
         ("bundle", f"{size:.1f} MB, ONNX {result.manifest.quantization_config or 'fp32'}, max length "
                    f"{result.manifest.max_length}"),
+        *([("fallback", f"the original answers the least sure {result.manifest.fallback.share:.0%} "
+                        f"({validation.sent_on:.1%} of the holdout sent on)")] if result.manifest.fallback else []),
         ("sentences/s, batch 32", f"PyTorch {torch_rate:.0f} -> bundle {onnx_rate:.0f}: {onnx_rate / torch_rate:.2f}x"),
         ("total time", f"{seconds / 60:.1f} min"),
     ]
