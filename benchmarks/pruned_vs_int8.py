@@ -10,7 +10,9 @@ One run, one CPU, the same sentences for three rows:
   int8 for `cpu.cpu_kind()` (`onnx_export.quantize_onnx`, no node kept in fp32);
 - the bundle: what `layerprune export` chose (pruned, maybe optimized and int8, maybe with a fallback to the
   original), opened through the bundle's own gate (hashes, int8 CPU kind; a bundle that failed validation is
-  measured too, and the header says so), served as the server serves it.
+  measured too, and the header says so), served as the server serves it;
+- with a fallback, a fourth row: the bundle's pruned graph alone, never served: how fast and how close to the
+  original the cut is before the original answers its unsure texts.
 
 Every row runs on onnxruntime with the same session options (`runtime.OnnxClassifier`: CPU provider, intra-op
 threads = this machine's cores, ORT_ENABLE_ALL) at the bundle's max length, tokenization included.
@@ -57,6 +59,7 @@ from provenance import provenance  # noqa: E402
 PRUNED_VS_INT8_RESULTS = "pruned_vs_int8.md"  # under files.RESULTS_DIR
 PREDICTIONS_FILE = "predictions.json"  # in --keep DIR, beside the full model's exports
 FULL_FP32, FULL_INT8, BUNDLE = "full fp32", "full int8", "bundle"
+ALONE = "its pruned graph alone"  # a fallback bundle's pruned graph without the original: what it serves is BUNDLE
 BATCH = 32
 WARMUP_BATCH1 = 8  # sentences run one by one before the batch-1 timing
 
@@ -148,12 +151,16 @@ def benchmark(bundle: Path, n: int, n_batch1: int, keep: Path | None = None) -> 
         int8_name = quantize_onnx(int8, None, cpu=cpu_kind())
 
         rows = []
-        builds = [(FULL_FP32, fp32, "fp32"), (FULL_INT8, int8, int8_name), (BUNDLE, bundle, None)]
+        builds = [(FULL_FP32, fp32, "fp32"), (FULL_INT8, int8, int8_name), (BUNDLE, bundle, None),
+                  *([(ALONE, bundle, None)] if manifest.fallback is not None else [])]
         for name, folder, quantization in builds:
-            if name == BUNDLE:
+            if name in (BUNDLE, ALONE):
                 model, model_file, config_file = opened.classifier, manifest.parts.model, manifest.parts.config
                 quantization = ", ".join(filter(None, [manifest.optimize, manifest.quantization_config])) or "fp32"
-                if manifest.fallback is not None:  # both graphs are served, and both counted below
+                if name == ALONE:
+                    model = OnnxClassifier(bundle, max_length=manifest.max_length, labels=manifest.labels,
+                                           parts=manifest.parts, **session)
+                elif manifest.fallback is not None:  # both graphs are served, and both counted below
                     quantization += f"; its least sure {manifest.fallback.share:.0%} on to the full fp32 model"
             else:
                 model = OnnxClassifier(folder, max_length=manifest.max_length, labels=manifest.labels, **session)

@@ -80,3 +80,31 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
         err = capsys.readouterr().err.strip()
         assert err.startswith("pruned_vs_int8: error: ") and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "t.md").exists()
+
+
+def test_a_fallback_bundle_is_measured_as_served_and_its_pruned_graph_alone(bundle: Path, tmp_path: Path) -> None:
+    """With a fallback, the bundle row is the cascade as served and a fourth row is the pruned graph alone: their
+    predictions are those of optimum's run of the pruned graph, with the original's (transformers) for the
+    rows below the manifest's threshold in the bundle row."""
+    from scipy.special import softmax
+
+    from conftest import SERVE_KEEP_LAYERS, Reference
+    from layerprune.export import ExportOptions, export_bundle
+
+    fb, out, keep = tmp_path / "fb", tmp_path / "t.md", tmp_path / "keep"
+    manifest = export_bundle(bundle.parent / "run", fb, ExportOptions(
+        keep_layers=SERVE_KEEP_LAYERS, heal="none", fallback=0.5, device="cpu", batch_size=8)).manifest
+    assert pruned_vs_int8.main([str(fb), "--n", "16", "--n-batch1", "4", "--out", str(out), "--keep", str(keep)]) == 0
+    rows = table_rows(out.read_text())
+    assert list(rows) == ["full fp32", "full int8", "bundle", pruned_vs_int8.ALONE]
+    assert rows[pruned_vs_int8.ALONE][1] == rows["bundle"][1] == str(SERVE_KEEP_LAYERS)
+    kept = json.loads((keep / pruned_vs_int8.PREDICTIONS_FILE).read_text())
+    pruned = Reference(fb).logits(kept["texts"])
+    source = manifest.source_checkpoint
+    encoded = AutoTokenizer.from_pretrained(source)(kept["texts"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        original = AutoModelForSequenceClassification.from_pretrained(source).eval()(**encoded).logits.numpy()
+    sent = softmax(pruned, axis=-1).max(axis=-1) < manifest.fallback.threshold
+    assert 0 < sent.sum() < len(sent)
+    assert kept["predictions"][pruned_vs_int8.ALONE] == pruned.argmax(-1).tolist()
+    assert kept["predictions"]["bundle"] == np.where(sent, original.argmax(-1), pruned.argmax(-1)).tolist()
