@@ -371,20 +371,20 @@ def _pick_export(bundle: Path, task: TaskConfig, texts: ExportTexts, parts: Eval
     kept one's logits on the calibration texts. The int8 variants share their part of the error budget; fp32 is
     the depth the walk already chose."""
     variants: list[tuple[str, list[str] | None]] = [("int8", None), ("int8-safe", onnx_export.sensitive_nodes(bundle))]
-    scored: list[tuple[tuple[ExportCandidate, np.ndarray], Path | None]] = []
+    scored: list[tuple[ExportCandidate, np.ndarray, Path | None]] = []  # with its calibration logits and folder
     with tempfile.TemporaryDirectory(prefix=".candidates-", dir=bundle.parent) as staging:
         for label, keep_fp32 in variants:
             folder = Path(staging) / label
             shutil.copytree(bundle, folder)
             name = onnx_export.quantize_onnx(folder, keep_fp32, cpu=cpu)
-            scored.append((_score_candidate(name, folder, task, texts, parts, max_length, opts, budget.per_variant),
+            scored.append((*_score_candidate(name, folder, task, texts, parts, max_length, opts, budget.per_variant),
                            folder))
-        scored.append((_score_candidate("fp32", bundle, task, texts, parts, max_length, opts, budget.depth), None))
-        (chosen, calibration), folder = next((s for s in scored if s[0][0].forecast.passes), scored[-1])
+        scored.append((*_score_candidate("fp32", bundle, task, texts, parts, max_length, opts, budget.depth), None))
+        chosen, calibration, folder = next((s for s in scored if s[0].forecast.passes), scored[-1])
         chosen.chosen = True
         if folder is not None:
             shutil.copy(folder / MODEL_FILE, bundle / MODEL_FILE)
-    return [c for (c, _), _ in scored], calibration
+    return [c for c, _, _ in scored], calibration
 
 
 def _score_candidate(name: str, folder: Path, task: TaskConfig, texts: ExportTexts, parts: EvalParts, max_length: int,

@@ -49,7 +49,8 @@ def encode_texts(
     batches = make_batches(tokenizer, examples, batch_size=batch_size, max_length=max_length)
     size = sum(b.encoding["input_ids"].numel() for b in batches) * model.config.hidden_size * 2  # one index, float16
     spare = [d for d in spare_tokens if d not in keep_tokens]
-    keep_tokens = {*keep_tokens, *spare[:max(int(psutil.virtual_memory().available / 2 / size) - len(keep_tokens), 0)]}
+    affordable = int(psutil.virtual_memory().available / 2 / max(size, 1)) - len(keep_tokens)
+    keep_tokens = {*keep_tokens, *spare[:max(affordable, 0)]}
     logits = first = None
     tokens: dict[int, list[torch.Tensor]] = {d: [] for d in keep_tokens}
     for batch, batch_logits, hidden in forward_all_layers(model, batches, desc=desc):
