@@ -155,12 +155,11 @@ def benchmark(bundle: Path, n: int, n_batch1: int, keep: Path | None = None) -> 
                   *([(ALONE, bundle, None)] if manifest.fallback is not None else [])]
         for name, folder, quantization in builds:
             if name in (BUNDLE, ALONE):
-                model, model_file, config_file = opened.classifier, manifest.parts.model, manifest.parts.config
+                model_file, config_file = manifest.parts.model, manifest.parts.config
                 quantization = ", ".join(filter(None, [manifest.optimize, manifest.quantization_config])) or "fp32"
-                if name == ALONE:
-                    model = OnnxClassifier(bundle, max_length=manifest.max_length, labels=manifest.labels,
-                                           parts=manifest.parts, **session)
-                elif manifest.fallback is not None:  # both graphs are served, and both counted below
+                model = opened.classifier if name == BUNDLE else OnnxClassifier(
+                    bundle, max_length=manifest.max_length, labels=manifest.labels, parts=manifest.parts, **session)
+                if name == BUNDLE and manifest.fallback is not None:  # both graphs are served, and both counted below
                     quantization += f"; its least sure {manifest.fallback.share:.0%} on to the full fp32 model"
             else:
                 model = OnnxClassifier(folder, max_length=manifest.max_length, labels=manifest.labels, **session)

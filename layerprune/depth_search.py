@@ -5,8 +5,8 @@ step at the walk's alpha), else up until it does (those share alpha: Bonferroni)
 is scored as it would be served: the original answers the share of texts the cut is least sure of
 (layerprune.fallback). Walking down reuses work: a whole-model heal at depth d starts from the heal of depth
 d + 1 with its top layer dropped, which is already close to the original, rather than from the truncated
-original. The error budget splits export's
-alpha between the depth walk and the int8 variants (docs/export.md).
+original. The error budget splits export's alpha between the depth walk and the int8 variants
+(docs/export.md).
 """
 
 from __future__ import annotations

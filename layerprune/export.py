@@ -234,7 +234,8 @@ def _add_original(original, tokenizer, bundle: Path, calibration: np.ndarray, ma
                   opts: ExportOptions) -> FallbackRule:
     """The fallback: the original's ONNX graph (optimized as the bundle's) beside the bundle's, and the threshold
     below which the bundle's graph, as exported, sends a text on: the --fallback quantile of its top-class
-    probabilities on the calibration texts (`calibration`: its logits there, those its forecast was made with)."""
+    probabilities on the calibration texts (`calibration`: its logits there; with int8, the very run of the kept
+    candidate its forecast scored)."""
     below = threshold(calibration, opts.fallback)
     with tempfile.TemporaryDirectory(prefix="layerprune-original-") as scratch:
         checkpoint, onnx_dir = Path(scratch) / "checkpoint", Path(scratch) / "onnx"
