@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # docs/design.md's list, and depth_search (export's depth search: transformers, heal, prune).
-TRAINING_SIDE = {"analyze", "export", "onnx_export", "finetune", "heal", "hidden", "models", "prune", "validate",
+TRAINING_SIDE = {"analyze", "export", "onnx_export", "finetune", "heal", "hidden", "linear", "models", "prune", "validate",
                  "demo", "cli", "plots", "depth_search"}
 
 

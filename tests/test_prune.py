@@ -124,7 +124,8 @@ def test_truncated_model_computes_head_of_that_depth(
         )
         assert not info["missing_keys"] and not info["unexpected_keys"]
         assert total_layers(reloaded.config) == depth
-        np.testing.assert_allclose(predict_logits(reloaded.eval(), tokenizer, EXAMPLES), logits, atol=1e-6, rtol=0)
+        # the same weights; the reloaded model's plain nn.Linear may round otherwise than oneDNN (layerprune.linear)
+        np.testing.assert_allclose(predict_logits(reloaded.eval(), tokenizer, EXAMPLES), logits, atol=1e-5, rtol=0)
 
 
 def test_keeping_every_layer_changes_nothing(tiny_models: dict[str, Path]) -> None:

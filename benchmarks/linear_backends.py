@@ -1,0 +1,104 @@
+"""torch's linear layers through its BLAS (MKL) or through oneDNN (layerprune.linear), side by side in one run.
+
+    python benchmarks/linear_backends.py [--run-dir lp-run-mpnet] [--n 2048] [--depth 6]
+                                         [--out benchmarks/results/linear_backends.md]
+
+On the run directory's checkpoint and its task's first --n train texts, batch 32, on CPU, for each path:
+- the original's pass over the texts, every hidden state out (`heal.encode_texts`, export's pass over the heal
+  texts), in sentences/s;
+- one epoch of export's top-layer heal at --depth (`heal.distill`, its defaults, one epoch), in seconds, and
+  the held-out loss it reached (the two paths must train the same model: the loss agrees to rounding).
+The BLAS row runs the model with plain nn.Linear layers; the oneDNN row with layerprune's FastLinear forced
+onto oneDNN, whatever `linear.onednn_is_faster()` says here (the header gives its answer: what export uses).
+The table is written to --out under a header naming the date, CPU and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from torch import nn  # noqa: E402
+
+from layerprune import linear  # noqa: E402
+from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
+from layerprune.data import load_examples  # noqa: E402
+from layerprune.errors import LayerpruneError, first_line  # noqa: E402
+from layerprune.files import ANALYSIS_FILE, RESULTS_DIR  # noqa: E402
+from layerprune.heal import DistillOptions, distill, encode_texts  # noqa: E402
+from layerprune.models import load_classifier  # noqa: E402
+from provenance import provenance  # noqa: E402
+
+RESULTS = "linear_backends.md"
+BATCH = 32
+PATHS = {"torch's BLAS (plain nn.Linear)": nn.Linear, "oneDNN (layerprune.linear)": linear.FastLinear}
+
+
+def measure(run_dir: Path, n: int, depth: int) -> list[tuple[str, float, float, float]]:
+    """(path, pass sentences/s, heal epoch s, held-out loss) for each path, on the same texts."""
+    analysis = load_artifact(AnalysisReport, run_dir / ANALYSIS_FILE)
+    task = analysis.task_config
+    model, tokenizer = load_classifier(analysis.model, num_labels=task.num_labels, device="cpu")
+    texts = load_examples(task, task.train_split).head(n)
+    opts = DistillOptions(epochs=1)
+    linear.onednn_is_faster = lambda: True  # the oneDNN row runs oneDNN here, whatever the probe says
+    rows = []
+    for name, kind in PATHS.items():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.__class__ = kind
+        started = time.perf_counter()
+        states = encode_texts(model, tokenizer, texts, batch_size=BATCH, max_length=tokenizer.model_max_length,
+                              keep_tokens={0, depth - opts.heal_layers}, desc=f"pass, {name}")
+        rate = len(texts) / (time.perf_counter() - started)
+        started = time.perf_counter()
+        healed = distill(model, depth, states, texts.labels, regression=task.is_regression, opts=opts)
+        rows.append((name, rate, time.perf_counter() - started, healed.held_out_loss))
+        print(f"  {name}: pass {rate:.1f}/s, heal epoch {rows[-1][2]:.1f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, default=ROOT / "lp-run-mpnet", help="an analysis run directory")
+    parser.add_argument("--n", type=int, default=2048, help="train texts (the first N)")
+    parser.add_argument("--depth", type=int, default=6, help="the depth the top-layer heal trains at")
+    parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / RESULTS)
+    args = parser.parse_args(argv)
+    if not (args.run_dir / ANALYSIS_FILE).is_file():
+        print(f"linear_backends: error: {args.run_dir} holds no {ANALYSIS_FILE}; run `layerprune analyze` first",
+              file=sys.stderr)
+        return 2
+    if args.n < 2 or args.depth < 2:
+        print("linear_backends: error: --n and --depth must be at least 2", file=sys.stderr)
+        return 2
+    probe = linear.onednn_is_faster()  # before measure() forces it
+    try:
+        rows = measure(args.run_dir, args.n, args.depth)
+    except LayerpruneError as exc:
+        print(f"linear_backends: error: {first_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    base = rows[0]
+    lines = [f"# torch's linear layers: BLAS or oneDNN ({args.run_dir.name}, {args.n} train texts, batch {BATCH}, "
+             f"heal at depth {args.depth})", "", f"{provenance()}. `linear.onednn_is_faster()` here: {probe}.", "",
+             "| path | original's pass, sentences/s | heal epoch s | held-out loss | pass speed-up | heal speed-up |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {rate:.1f} | {epoch:.1f} | {loss:.4f} | {rate / base[1]:.2f}x | {base[2] / epoch:.2f}x |"
+              for name, rate, epoch, loss in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
