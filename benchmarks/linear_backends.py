@@ -3,7 +3,8 @@
     python benchmarks/linear_backends.py [--run-dir lp-run-mpnet] [--n 2048] [--depth 6]
                                          [--out benchmarks/results/linear_backends.md]
 
-On the run directory's checkpoint and its task's first --n train texts, batch 32, on CPU, for each path:
+First one product of export's probe shape (`linear.PROBE_SHAPE`, a batch of 32 sentences through a BERT-base
+feed-forward layer), in GFLOP/s, the best of `linear.PROBE_RUNS`. Then, on the run directory's checkpoint and its task's first --n train texts, batch 32, on CPU, for each path:
 - the original's pass over the texts, every hidden state out (`heal.encode_texts`, export's pass over the heal
   texts), in sentences/s;
 - one epoch of export's top-layer heal at --depth (`heal.distill`, its defaults, one epoch), in seconds, and
@@ -66,6 +67,17 @@ def measure(run_dir: Path, n: int, depth: int) -> list[tuple[str, float, float, 
     return rows
 
 
+def product_rates() -> list[tuple[str, float]]:
+    """(path, GFLOP/s) of one product of the probe's shape, each path's best of PROBE_RUNS."""
+    import torch
+
+    rows, inputs, outputs = linear.PROBE_SHAPE
+    x, weight, bias = torch.randn(rows, inputs), torch.randn(outputs, inputs), torch.randn(outputs)
+    flops = 2 * rows * inputs * outputs
+    return [(name, flops / linear._seconds(fn, x, weight, bias) / 1e9)
+            for name, fn in zip(PATHS, (nn.functional.linear, linear.OneDnnLinear.apply))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=ROOT / "lp-run-mpnet", help="an analysis run directory")
@@ -81,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print("linear_backends: error: --n and --depth must be at least 2", file=sys.stderr)
         return 2
     probe = linear.onednn_is_faster()  # before measure() forces it
+    products = product_rates()
     try:
         rows = measure(args.run_dir, args.n, args.depth)
     except LayerpruneError as exc:
@@ -89,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[0]
     lines = [f"# torch's linear layers: BLAS or oneDNN ({args.run_dir.name}, {args.n} train texts, batch {BATCH}, "
              f"heal at depth {args.depth})", "", f"{provenance()}. `linear.onednn_is_faster()` here: {probe}.", "",
+             "| path | one product, GFLOP/s |", "|---|---:|",
+             *(f"| {name} | {rate:.0f} |" for name, rate in products), "",
              "| path | original's pass, sentences/s | heal epoch s | held-out loss | pass speed-up | heal speed-up |",
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {name} | {rate:.1f} | {epoch:.1f} | {loss:.4f} | {rate / base[1]:.2f}x | {base[2] / epoch:.2f}x |"

@@ -12,7 +12,8 @@ One run, one CPU, the same sentences for three rows:
   original), opened through the bundle's own gate (hashes, int8 CPU kind; a bundle that failed validation is
   measured too, and the header says so), served as the server serves it;
 - with a fallback, a fourth row: the bundle's pruned graph alone, never served: how fast and how close to the
-  original the cut is before the original answers its unsure texts.
+  original the cut is before the original answers its unsure texts; and a line below the table: what the
+  fallback would serve with the full int8 model in the fp32 original's place (from the rows' answers).
 
 Every row runs on onnxruntime with the same session options (`runtime.OnnxClassifier`: CPU provider, intra-op
 threads = this machine's cores, ORT_ENABLE_ALL) at the bundle's max length, tokenization included.
@@ -50,6 +51,7 @@ from layerprune.bundle import open_bundle  # noqa: E402
 from layerprune.cpu import cpu_kind  # noqa: E402
 from layerprune.data import Examples  # noqa: E402
 from layerprune.errors import LayerpruneError, first_line  # noqa: E402
+from layerprune.fallback import cascade  # noqa: E402
 from layerprune.files import CONFIG_FILE, MODEL_FILE, RESULTS_DIR  # noqa: E402
 from layerprune.runtime import OnnxClassifier  # noqa: E402
 from layerprune.scoring import compute_metric, predictions  # noqa: E402
@@ -210,7 +212,20 @@ def table(result: Result, bundle: Path, n: int, n_batch1: int) -> str:
             f"{100 * float(np.mean(predictions(r.logits, False) == reference)):.1f}%"
         lines.append(f"| {r.name} | {r.layers} | {r.quantization} | {r.size_mb:.1f} | {r.per_s_batch1:.1f} "
                      f"| {r.per_s_batch32:.1f} | {value:.4f} | {agree} | {r.per_s_batch32 / int8_speed:.2f}x |")
+    if m.fallback is not None:
+        lines += ["", _to_int8(result, reference)]
     return "\n".join(lines) + "\n"
+
+
+def _to_int8(result: Result, reference: np.ndarray) -> str:
+    """What the fallback would serve with the full int8 model in place of the fp32 original, from the rows'
+    own answers: the pruned graph's where it is sure, the full int8 model's (run on whole batches) where not."""
+    by_name = {r.name: r.logits for r in result.rows}
+    served = cascade(by_name[ALONE], by_name[FULL_INT8], result.manifest.fallback.threshold)
+    value = compute_metric(result.metric, result.holdout.labels, served, result.regression)
+    agree = float(np.mean(predictions(served, False) == reference))
+    return (f"Had the texts it is unsure of gone to the full int8 model instead (not served; the int8 row's "
+            f"answers there): {result.metric} {value:.4f}, agreement with full fp32 {100 * agree:.1f}%.")
 
 
 def main(argv: list[str] | None = None) -> int:

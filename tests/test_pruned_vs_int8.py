@@ -108,3 +108,28 @@ def test_a_fallback_bundle_is_measured_as_served_and_its_pruned_graph_alone(bund
     assert 0 < sent.sum() < len(sent)
     assert kept["predictions"][pruned_vs_int8.ALONE] == pruned.argmax(-1).tolist()
     assert kept["predictions"]["bundle"] == np.where(sent, original.argmax(-1), pruned.argmax(-1)).tolist()
+    # The line on the full int8 model in the original's place: its answers on the unsure rows, the pruned graph's
+    # on the rest, against full fp32 (transformers' answers).
+    int8 = np.array(kept["predictions"]["full int8"])
+    what_if = np.where(sent, int8, pruned.argmax(-1))
+    line = next(x for x in out.read_text().splitlines() if x.startswith("Had the texts"))
+    assert f"agreement with full fp32 {100 * np.mean(what_if == original.argmax(-1)):.1f}%" in line
+    assert f"accuracy {np.mean(what_if == np.array(kept['labels'])):.4f}" in line
+
+
+def test_the_int8_what_if_line_by_hand() -> None:
+    """Four texts, two of them below the threshold: the line serves the full int8 model's answers there and the
+    pruned graph's elsewhere, scored against full fp32 (worked out by hand; fp32's own answers would give 100%
+    agreement and accuracy 0.75)."""
+    from types import SimpleNamespace
+
+    logits = {
+        pruned_vs_int8.FULL_FP32: [[1, 0], [0, 1], [0, 1], [0, 1]],
+        pruned_vs_int8.FULL_INT8: [[0, 1], [0, 1], [1, 0], [1, 0]],
+        pruned_vs_int8.ALONE: [[2, 0], [0.1, 0], [0, 2], [0, 0.1]],  # top-class probability 0.88, 0.52, 0.88, 0.52
+    }
+    rows = [SimpleNamespace(name=name, logits=np.array(value, dtype=float)) for name, value in logits.items()]
+    result = SimpleNamespace(rows=rows, manifest=SimpleNamespace(fallback=SimpleNamespace(threshold=0.8)),
+                             metric="accuracy", regression=False, holdout=SimpleNamespace(labels=np.array([0, 1, 1, 0])))
+    line = pruned_vs_int8._to_int8(result, np.array([0, 1, 1, 1]))
+    assert "accuracy 1.0000" in line and "agreement with full fp32 75.0%" in line
