@@ -3,8 +3,9 @@
     python benchmarks/linear_backends.py [--run-dir lp-run-mpnet] [--n 2048] [--depth 6]
                                          [--out benchmarks/results/linear_backends.md]
 
-First one product of export's probe shape (`linear.PROBE_SHAPE`, a batch of 32 sentences through a BERT-base
-feed-forward layer), in GFLOP/s, the best of `linear.PROBE_RUNS`. Then, on the run directory's checkpoint and its task's first --n train texts, batch 32, on CPU, for each path:
+First one product of the probe's shape (`linear.PROBE_SHAPE`, a batch of 32 sentences through a BERT-base
+feed-forward layer), in GFLOP/s, the best of `linear.PROBE_RUNS`. Then, on the run directory's checkpoint and
+its task's first --n train texts, batch 32, on CPU, for each path:
 - the original's pass over the texts, every hidden state out (`heal.encode_texts`, export's pass over the heal
   texts), in sentences/s;
 - one epoch of export's top-layer heal at --depth (`heal.distill`, its defaults, one epoch), in seconds, and

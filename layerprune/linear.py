@@ -80,7 +80,8 @@ def onednn_is_faster() -> bool:
         return False
     rows, inputs, outputs = PROBE_SHAPE
     generator = torch.Generator().manual_seed(0)
-    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((rows, inputs), (outputs, inputs), (outputs,)))
+    shapes = ((rows, inputs), (outputs, inputs), (outputs,))
+    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in shapes)
     try:  # (first asked for inside a forward pass, often under inference_mode: the probe needs gradients)
         with torch.inference_mode(False), torch.enable_grad():
             ours, theirs = _run(OneDnnLinear.apply, x, weight, bias), _run(nn.functional.linear, x, weight, bias)
@@ -88,7 +89,8 @@ def onednn_is_faster() -> bool:
         return False
     if not all((a - b).abs().max() <= 1e-4 * b.abs().max() for a, b in zip(ours, theirs)):  # fp32 rounding only
         return False
-    return _seconds(nn.functional.linear, x, weight, bias) >= FASTER_BY * _seconds(OneDnnLinear.apply, x, weight, bias)
+    blas, onednn = (_seconds(fn, x, weight, bias) for fn in (nn.functional.linear, OneDnnLinear.apply))
+    return blas >= FASTER_BY * onednn
 
 
 def _run(linear, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -103,7 +105,7 @@ def _seconds(linear, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     """The best of PROBE_RUNS forward passes (after one to warm up), in seconds."""
     times = []
     with torch.inference_mode():
-        for run in range(PROBE_RUNS + 1):
+        for _ in range(PROBE_RUNS + 1):
             started = time.perf_counter()
             linear(x, weight, bias)
             times.append(time.perf_counter() - started)

@@ -130,6 +130,7 @@ def test_the_int8_what_if_line_by_hand() -> None:
     }
     rows = [SimpleNamespace(name=name, logits=np.array(value, dtype=float)) for name, value in logits.items()]
     result = SimpleNamespace(rows=rows, manifest=SimpleNamespace(fallback=SimpleNamespace(threshold=0.8)),
-                             metric="accuracy", regression=False, holdout=SimpleNamespace(labels=np.array([0, 1, 1, 0])))
+                             metric="accuracy", regression=False,
+                             holdout=SimpleNamespace(labels=np.array([0, 1, 1, 0])))
     line = pruned_vs_int8._to_int8(result, np.array([0, 1, 1, 1]))
     assert "accuracy 1.0000" in line and "agreement with full fp32 75.0%" in line
