@@ -31,10 +31,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from torch import nn  # noqa: E402
 
 from layerprune import linear  # noqa: E402
-from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
+from layerprune.artifacts import AnalysisReport  # noqa: E402
 from layerprune.data import load_examples  # noqa: E402
 from layerprune.errors import LayerpruneError, first_line  # noqa: E402
-from layerprune.files import ANALYSIS_FILE, RESULTS_DIR  # noqa: E402
+from layerprune.export import _load_analysis  # noqa: E402
+from layerprune.files import RESULTS_DIR  # noqa: E402
 from layerprune.heal import DistillOptions, distill, encode_texts  # noqa: E402
 from layerprune.models import load_classifier  # noqa: E402
 from provenance import provenance  # noqa: E402
@@ -44,9 +45,8 @@ BATCH = 32
 PATHS = {"torch's BLAS (plain nn.Linear)": nn.Linear, "oneDNN (layerprune.linear)": linear.FastLinear}
 
 
-def measure(run_dir: Path, n: int, depth: int) -> list[tuple[str, float, float, float]]:
+def measure(analysis: AnalysisReport, n: int, depth: int) -> list[tuple[str, float, float, float]]:
     """(path, pass sentences/s, heal epoch s, held-out loss) for each path, on the same texts."""
-    analysis = load_artifact(AnalysisReport, run_dir / ANALYSIS_FILE)
     task = analysis.task_config
     model, tokenizer = load_classifier(analysis.model, num_labels=task.num_labels, device="cpu")
     texts = load_examples(task, task.train_split).head(n)
@@ -86,17 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=6, help="the depth the top-layer heal trains at")
     parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / RESULTS)
     args = parser.parse_args(argv)
-    if not (args.run_dir / ANALYSIS_FILE).is_file():
-        print(f"linear_backends: error: {args.run_dir} holds no {ANALYSIS_FILE}; run `layerprune analyze` first",
-              file=sys.stderr)
-        return 2
     if args.n < 2 or args.depth < 2:
         print("linear_backends: error: --n and --depth must be at least 2", file=sys.stderr)
         return 2
-    probe = linear.onednn_is_faster()  # before measure() forces it
-    products = product_rates()
     try:
-        rows = measure(args.run_dir, args.n, args.depth)
+        analysis = _load_analysis(args.run_dir)  # export's own check and message, before any work
+        probe = linear.onednn_is_faster()  # before measure() forces it
+        products = product_rates()
+        rows = measure(analysis, args.n, args.depth)
     except LayerpruneError as exc:
         print(f"linear_backends: error: {first_line(exc)}", file=sys.stderr)
         return exc.exit_code

@@ -33,7 +33,6 @@ class OneDnnLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         return _onednn(x, weight, bias)
 
     @staticmethod
@@ -43,7 +42,7 @@ class OneDnnLinear(torch.autograd.Function):
         dx = _onednn(grad, weight.t().contiguous(), None) if ctx.needs_input_grad[0] else None
         dw = (_onednn(rows.t().contiguous(), x.reshape(-1, x.shape[-1]).t().contiguous(), None)
               if ctx.needs_input_grad[1] else None)
-        db = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        db = rows.sum(0) if ctx.needs_input_grad[2] else None  # (False for no bias)
         return dx, dw, db
 
 
