@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a mo
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from layerprune.export import ExportOptions, Reuse, export_bundle  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, publish  # noqa: E402
 from layerprune.files import AUTO_RESULTS, BUNDLE_DIR, DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
 
 
@@ -92,8 +92,7 @@ def _write(args: argparse.Namespace, rows: list[list[str]]) -> None:
         f"{passed} of {len(rows)} runs passed the gate. Heals and the heal texts' encoding are shared: the first "
         "run that needs each pays for it.",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    publish("\n".join(lines), args.out, show=False)
 
 
 if __name__ == "__main__":

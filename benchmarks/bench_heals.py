@@ -28,15 +28,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
-from layerprune.files import ANALYSIS_FILE, DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
-from layerprune.export import _augmented, _heal_texts  # noqa: E402
+from layerprune.errors import LayerpruneError, first_line  # noqa: E402
+from layerprune.files import DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
+from layerprune.export import _augmented, _heal_texts, load_analysis  # noqa: E402
 from layerprune.heal import encode_texts, heal_at  # noqa: E402
 from layerprune.models import load_classifier  # noqa: E402
 from layerprune.options import ExportOptions  # noqa: E402
 from layerprune.scoring import compute_metric, predictions  # noqa: E402
 from layerprune.validate import calibration_and_holdout, forecast  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, publish  # noqa: E402
 
 HEALS_RESULTS = "heals.md"
 
@@ -52,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="cap on each whole-model heal's training, as export's")
     parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / HEALS_RESULTS)
     args = parser.parse_args(argv)
-    if not (args.run_dir / ANALYSIS_FILE).is_file():
-        print(f"bench_heals: error: {args.run_dir} holds no {ANALYSIS_FILE}; run `layerprune analyze` first",
-              file=sys.stderr)
-        return 2
-    analysis = load_artifact(AnalysisReport, args.run_dir / ANALYSIS_FILE)
+    try:
+        analysis = load_analysis(args.run_dir)
+    except LayerpruneError as exc:
+        print(f"bench_heals: error: {first_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     task = analysis.task_config
     glue_dir = Path(analysis.glue_dir) if analysis.glue_dir else None
     opts = ExportOptions(heal_minutes=args.heal_minutes, augment=args.augment, heal_examples=args.heal_examples)
@@ -108,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "|" + "---|" * len(header),
         *("| " + " | ".join(r) + " |" for r in rows),
     ]
-    table = "\n".join(lines)
-    print("\n" + table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
+    publish("\n".join(lines), args.out)
     return 0
 
 

@@ -33,15 +33,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
+from layerprune.errors import LayerpruneError, first_line  # noqa: E402
+from layerprune.export import load_analysis  # noqa: E402
 from layerprune.fallback import cascade, threshold, unsure  # noqa: E402
-from layerprune.files import ANALYSIS_FILE, DEFAULT_RUN_DIR, RESULTS_DIR, TRUNCATED_DIR  # noqa: E402
+from layerprune.files import DEFAULT_RUN_DIR, RESULTS_DIR, TRUNCATED_DIR  # noqa: E402
 from layerprune.hidden import predict_logits  # noqa: E402
 from layerprune.models import load_classifier, total_layers  # noqa: E402
 from layerprune.runtime import model_max_length  # noqa: E402
 from layerprune.scoring import compute_metric  # noqa: E402
 from layerprune.validate import calibration_and_holdout  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, publish  # noqa: E402
 
 FALLBACK_RESULTS = "fallback.md"  # under files.RESULTS_DIR
 
@@ -69,15 +70,19 @@ def _logits(checkpoint, task, parts: list) -> tuple[int, list[np.ndarray]]:
     return total_layers(model.config), [predict_logits(model, tokenizer, part, max_length=limit) for part in parts]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=ROOT / DEFAULT_RUN_DIR)
     parser.add_argument("--pruned", type=Path, help="a pruned checkpoint (default: RUN_DIR/truncated)")
     parser.add_argument("--shares", default="0,2,5,10,15,20", help="percent of texts sent on to the original")
     parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / FALLBACK_RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    analysis = load_artifact(AnalysisReport, args.run_dir / ANALYSIS_FILE)
+    try:
+        analysis = load_analysis(args.run_dir)
+    except LayerpruneError as exc:
+        print(f"fallback: error: {first_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     task = analysis.task_config
     parts = calibration_and_holdout(task, Path(analysis.glue_dir) if analysis.glue_dir else None, None)
     total, (hold_orig,) = _logits(analysis.model, task, [parts.holdout])  # calibration's threshold is the pruned model's
@@ -98,10 +103,7 @@ def main() -> int:
         f"(n={len(labels)})", "", provenance(), "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows),
     ]
-    table = "\n".join(lines)
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
+    publish("\n".join(lines), args.out)
     return 0
 
 

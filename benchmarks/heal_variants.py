@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling scripts, run as a module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
-from layerprune.export import _augmented, _heal_texts  # noqa: E402
-from layerprune.files import ANALYSIS_FILE, DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
+from layerprune.errors import LayerpruneError, first_line  # noqa: E402
+from layerprune.export import _augmented, _heal_texts, load_analysis  # noqa: E402
+from layerprune.files import DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
 from layerprune.heal import (  # noqa: E402
     DistillOptions, WholeModel, WholeOptions, distill, encode_texts, heal_whole, layer_map, start_layers,
 )
@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.top and not all(1 <= n <= args.depth for n in args.heal_layers):
         print(f"heal_variants: error: --heal-layers must be between 1 and --depth {args.depth}", file=sys.stderr)
         return 2
-    if not (args.run_dir / ANALYSIS_FILE).is_file():
-        print(f"heal_variants: error: {args.run_dir} holds no {ANALYSIS_FILE}; run `layerprune analyze` first",
-              file=sys.stderr)
-        return 2
-    analysis = load_artifact(AnalysisReport, args.run_dir / ANALYSIS_FILE)
+    try:
+        analysis = load_analysis(args.run_dir)
+    except LayerpruneError as exc:
+        print(f"heal_variants: error: {first_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     task = analysis.task_config
     model, tokenizer = load_classifier(analysis.model, num_labels=task.num_labels, device=args.device)
     args.provenance = provenance(model.device)  # once: every row of this run under one header, with its commit

@@ -43,7 +43,7 @@ from layerprune.onnx_export import (  # noqa: E402
 from layerprune.runtime import OnnxClassifier  # noqa: E402
 from layerprune.scoring import compute_metric  # noqa: E402
 from layerprune.tasks import TaskConfig  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, publish  # noqa: E402
 from layerprune.validate import calibration_and_holdout  # noqa: E402
 
 CPUS = {"avx2": "7-bit", "avx512-vnni": "8-bit"}  # the two weight ranges quantization_config gives x86
@@ -239,10 +239,7 @@ def main() -> int:
         "",
         *kernel_checks(rows),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    publish("\n".join(lines), args.out)
     return 0
 
 

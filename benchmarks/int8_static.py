@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from int8_cpus import examples_of, quantized_copy  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, publish  # noqa: E402
 from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
 from layerprune.cpu import cpu_kind  # noqa: E402
 from layerprune.data import Examples, load_examples  # noqa: E402
@@ -152,10 +152,7 @@ def main() -> int:
         disagree = float((logits.argmax(1) != base_logits.argmax(1)).mean())
         lines.append(f"| {name} | {value:.4f} | {100 * (value - base):+.2f} | {100 * disagree:.2f}% | {speed:.1f} "
                      f"| {speed / base_speed:.2f}x | {size:.0f} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
+    publish("\n".join(lines), args.out)
     return 0
 
 

@@ -34,11 +34,11 @@ from layerprune import linear  # noqa: E402
 from layerprune.artifacts import AnalysisReport  # noqa: E402
 from layerprune.data import load_examples  # noqa: E402
 from layerprune.errors import LayerpruneError, first_line  # noqa: E402
-from layerprune.export import _load_analysis  # noqa: E402
+from layerprune.export import load_analysis  # noqa: E402
 from layerprune.files import RESULTS_DIR  # noqa: E402
 from layerprune.heal import DistillOptions, distill, encode_texts  # noqa: E402
 from layerprune.models import load_classifier  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, publish  # noqa: E402
 
 RESULTS = "linear_backends.md"
 BATCH = 32
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print("linear_backends: error: --n and --depth must be at least 2", file=sys.stderr)
         return 2
     try:
-        analysis = _load_analysis(args.run_dir)  # export's own check and message, before any work
+        analysis = load_analysis(args.run_dir)  # export's own check and message, before any work
         probe = linear.onednn_is_faster()  # before measure() forces it
         products = product_rates()
         rows = measure(analysis, args.n, args.depth)
@@ -106,10 +106,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {name} | {rate:.1f} | {epoch:.1f} | {loss:.4f} | {rate / base[1]:.2f}x | {base[2] / epoch:.2f}x |"
               for name, rate, epoch, loss in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    publish("\n".join(lines), args.out)
     return 0
 
 

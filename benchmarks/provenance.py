@@ -1,6 +1,6 @@
 """Where and when a benchmark's table was measured, one line for every results file: a figure is only
 meaningful beside its date, its CPU (int8 speed and rounding differ between AVX2 and AVX-512 VNNI) and the
-commit that produced it."""
+commit that produced it. And the one ending every benchmark shares: print the table, write it to `--out`."""
 
 from __future__ import annotations
 
@@ -38,3 +38,13 @@ def provenance(device: str | None = None) -> str:
         gpu = f"; GPU: {torch.cuda.get_device_name(torch.device(device))}"
     return (f"{date.today().isoformat()}; CPU: {cpu_model()} (int8 kind {cpu_kind()}), {os.cpu_count()} cores{gpu}; "
             f"commit {git_commit()}")
+
+
+def publish(text: str, out: Path, *, show: bool = True) -> None:
+    """Print a benchmark's results (unless `show` is False: a run that rewrites its file after every row) and
+    write them to `out`, its folder made."""
+    text = text.rstrip("\n") + "\n"
+    if show:
+        print("\n" + text, end="")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)

@@ -56,7 +56,7 @@ from layerprune.files import CONFIG_FILE, MODEL_FILE, RESULTS_DIR  # noqa: E402
 from layerprune.runtime import OnnxClassifier  # noqa: E402
 from layerprune.scoring import compute_metric, predictions  # noqa: E402
 from layerprune.validate import calibration_and_holdout  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, publish  # noqa: E402
 
 PRUNED_VS_INT8_RESULTS = "pruned_vs_int8.md"  # under files.RESULTS_DIR
 PREDICTIONS_FILE = "predictions.json"  # in --keep DIR, beside the full model's exports
@@ -245,10 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     except LayerpruneError as exc:
         print(f"pruned_vs_int8: error: {first_line(exc)}", file=sys.stderr)
         return exc.exit_code
-    text = table(result, args.bundle, args.n, args.n_batch1)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    publish(table(result, args.bundle, args.n, args.n_batch1), args.out)
     return 0
 
 

@@ -110,7 +110,7 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
     """Build the bundle for the analysis in `run_dir` (default output: RUN_DIR/bundle), reusing `reuse`'s
     work where it was made for the same heal inputs and leaving this export's there."""
     reuse = (reuse or Reuse()).matching(run_dir, opts)
-    analysis = _load_analysis(run_dir)
+    analysis = load_analysis(run_dir)
     task, glue_dir = analysis.task_config, Path(analysis.glue_dir) if analysis.glue_dir else None
     model, tokenizer = load_classifier(
         analysis.model, num_labels=task.num_labels, device=opts.device, trust_remote_code=opts.trust_remote_code
@@ -417,7 +417,8 @@ def _save_checkpoint(model, tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def _load_analysis(run_dir: Path) -> AnalysisReport:
+def load_analysis(run_dir: Path) -> AnalysisReport:
+    """The run directory's analysis, or a LayerpruneError that says to run `layerprune analyze` first."""
     path = Path(run_dir) / ANALYSIS_FILE
     if not path.is_file():
         raise LayerpruneError(f"{run_dir} holds no {ANALYSIS_FILE}; run `layerprune analyze` first")

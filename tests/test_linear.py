@@ -86,11 +86,3 @@ def test_without_onednn_torch_s_path_is_kept(monkeypatch: pytest.MonkeyPatch) ->
     finally:
         linear.onednn_is_faster.cache_clear()
 
-
-def test_the_benchmark_refuses_a_folder_without_analysis_before_any_work(tmp_path: Path, capsys) -> None:
-    from conftest import load_benchmark
-
-    code = load_benchmark("linear_backends").main(["--run-dir", str(tmp_path), "--out", str(tmp_path / "out.md")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "analysis.json" in err[0]
-    assert not (tmp_path / "out.md").exists()
