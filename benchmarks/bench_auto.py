@@ -10,7 +10,8 @@ options (default: the demo's, auto depth, distill heal, int8 candidates, toleran
 the share S of texts the cut is least sure of on to the original) into a temporary bundle. A heal never sees calibration or holdout, so the runs share one `Reuse`: the original's outputs on the
 heal texts and each depth's heal are computed by the first run that needs them, and a later run's time is
 the rest of its export. One row per run: depth chosen, heal, export kept, calibration delta and the
-forecast's lower bound, the holdout delta, pass/fail, time, and the share of the holdout sent on. The table goes to stdout and to benchmarks/results/auto.md.
+forecast's lower bound, the holdout delta, pass/fail, time, the share of the holdout sent on, and why not
+deeper: one layer fewer's disagreement and forecast bound. The table goes to stdout and to benchmarks/results/auto.md.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from layerprune.artifacts import DepthReport  # noqa: E402
 from layerprune.export import ExportOptions, Reuse, export_bundle  # noqa: E402
 from provenance import provenance, publish  # noqa: E402
 from layerprune.files import AUTO_RESULTS, BUNDLE_DIR, DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
@@ -72,12 +74,24 @@ def _run(run_dir: Path, opts: ExportOptions, reuse: Reuse) -> list[str]:
         result.manifest.quantization_config or "fp32", f"{chosen.delta:+.4f}", f"{chosen.lower_bound:+.4f}",
         f"{v.delta:+.4f}", f"[{v.delta_ci95[0]:+.4f}, {v.delta_ci95[1]:+.4f}]", f"{v.agreement:.1%}",
         "yes" if v.passed else "NO", f"{seconds:.0f}", "-" if v.sent_on is None else f"{v.sent_on:.1%}",
+        one_layer_fewer(report),
     ]
+
+
+def one_layer_fewer(report: DepthReport) -> str:
+    """Why auto did not cut deeper: the forecast of one layer fewer than it kept, where the walk scored it
+    ('5: 1.42%, -0.0090': its disagreement with the original as served and the forecast's lower bound)."""
+    below = next((s.forecast for s in report.scores if s.depth == report.depth - 1), None)
+    if below is None:
+        return "-"
+    share = "-" if below.disagreement is None else f"{below.disagreement:.2%}"
+    return f"{report.depth - 1}: {share}, {below.lower_bound:+.4f}"
 
 
 def _write(args: argparse.Namespace, rows: list[list[str]]) -> None:
     header = ["quantize", "seed", "depth", "heal", "export", "calibration delta", "forecast lower bound",
-              "holdout delta", "holdout 95% CI", "agreement", "passed", "time s", "sent on"]
+              "holdout delta", "holdout 95% CI", "agreement", "passed", "time s", "sent on",
+              "one layer fewer: disagreement, lower bound"]
     passed = sum(r[10] == "yes" for r in rows)
     lines = [
         f"# auto depth vs the holdout gate: {args.run_dir}, tolerance {args.tolerance}, quantize {args.quantize}, "

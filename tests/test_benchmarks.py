@@ -1,5 +1,5 @@
-"""What the benchmarks that read a run directory share: one without `analysis.json` gets export's own one-line
-error and exit 2 before any work, and no results file."""
+"""The benchmarks' own logic: those that read a run directory refuse one without `analysis.json` with export's
+one-line error and exit 2, before any work and with no results file; bench_auto's why-not-deeper column."""
 
 from __future__ import annotations
 
@@ -24,3 +24,17 @@ def test_a_folder_without_analysis_is_refused_before_any_work(tmp_path: Path, ca
     assert code == 2 and len(err) == 1
     assert err[0].startswith(f"{name}: error: {tmp_path} holds no analysis.json")
     assert not out.exists()
+
+
+def test_bench_auto_says_why_not_one_layer_deeper_by_hand() -> None:
+    """The demo's depth 5 forecast (15 of 1,056 calibration texts disagree, lower bound -0.90 points) read back for
+    a run that kept 6; a run whose walk never scored one layer fewer, or a regression task, says so."""
+    from types import SimpleNamespace as NS
+
+    one_layer_fewer = load_benchmark("bench_auto").one_layer_fewer
+    five = NS(depth=5, forecast=NS(disagreement=15 / 1056, lower_bound=-0.009014))
+    six = NS(depth=6, forecast=None)
+    assert one_layer_fewer(NS(depth=6, scores=[five, six])) == "5: 1.42%, -0.0090"
+    assert one_layer_fewer(NS(depth=5, scores=[five, six])) == "-"
+    regression = NS(depth=5, forecast=NS(disagreement=None, lower_bound=-0.02))
+    assert one_layer_fewer(NS(depth=6, scores=[regression, six])) == "5: -, -0.0200"
