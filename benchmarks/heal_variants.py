@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label-weight", type=_weights, default=[DistillOptions.label_weight],
                    help="with --top: the label loss's weight beside the distillation loss, e.g. 0.5,0")
     p.add_argument("--lr", type=_weights, default=[DistillOptions.lr], help="with --top: learning rates, e.g. 5e-5,1e-4")
+    p.add_argument("--temperature", type=_weights, default=[DistillOptions.temperature],
+                   help="with --top: the logits' distillation temperature, e.g. 1,2,4 (high: closer to matching "
+                        "the logits themselves)")
     p.add_argument("--warmup", type=_optional_floats, default=[DistillOptions.warmup],
                    help="with --top: none (a constant learning rate) or the share of steps warmed up over before a "
                         "linear decay to zero, e.g. none,0.06")
@@ -117,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     total = total_layers(model.config)
     epochs = args.epochs if args.epochs is not None else (DistillOptions.epochs if args.top else WHOLE_EPOCHS)
     tops = [DistillOptions(start=start, heal_layers=n, label_weight=w, lr=lr, warmup=warmup, dropout=dropout,
-                           epochs=epochs, neighbours=near, ema=ema)
+                           epochs=epochs, neighbours=near, ema=ema, temperature=t)
             for n in args.heal_layers for start in args.top_start for w in args.label_weight
             for lr in args.lr for warmup in args.warmup for dropout in args.dropout
-            for near in args.neighbours for ema in args.ema]
+            for near in args.neighbours for ema in args.ema for t in args.temperature]
     start = _layers(args.start) or [*range(1, args.depth + 1)]
     match = _layers(args.match) or layer_map(args.depth, total)
     if not args.top and (len(start) != args.depth or len(match) != args.depth):
@@ -190,6 +193,7 @@ def _top_name(name: str, top: DistillOptions, grid: bool) -> str:
     """A top-layer heal's row name: the grid's point where there is a grid, and every setting off the default."""
     settings = [f"{top.heal_layers} re-tuned, start {top.start}, label weight {top.label_weight:g}"] if grid else []
     settings += [f"lr {top.lr:g}"] if top.lr != DistillOptions.lr else []
+    settings += [f"temperature {top.temperature:g}"] if top.temperature != DistillOptions.temperature else []
     settings += [f"warmup {top.warmup:g}, linear decay"] if top.warmup is not None else []
     settings += ["no dropout"] if not top.dropout else []
     settings += [f"neighbours at {top.neighbours:g} spread"] if top.neighbours else []
