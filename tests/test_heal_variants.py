@@ -138,3 +138,18 @@ def test_whole_heal_minutes_cap_runs_fewer_steps_than_planned(tiny_models, tmp_p
                                "--run-dir", str(run), "--out", str(out)])
     written = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| capped")]
     assert code == 0 and [r[5] for r in written] == ["1 of 50 (1e-06-min cap)"]
+
+
+def test_top_grid_over_temperature_trains_at_each(tiny_models, tmp_path: Path, monkeypatch) -> None:
+    """--temperature 1,2: two students, each distilled at its own temperature (what heal.distill was handed), each
+    row named by the grid's point and, off the default, its temperature."""
+    run, _ = _analyzed(tiny_models["bert"], tmp_path)
+    seen, distill = [], heal_variants.distill
+    monkeypatch.setattr(heal_variants, "distill", lambda *a, **k: seen.append(k["opts"].temperature) or distill(*a, **k))
+    out = tmp_path / "variants.md"
+    code = heal_variants.main(["t", "--depth", "3", "--top", "--temperature", "1,2", "--augment", "0",
+                               "--run-dir", str(run), "--out", str(out)])
+    names = [line.split(" | ")[0] for line in out.read_text().splitlines() if line.startswith("| t")]
+    point = "1 re-tuned, start kept, label weight 0.5"
+    assert code == 0 and seen == [1.0, 2.0]
+    assert names == [f"| t ({point}, temperature 1)", f"| t ({point})"]
