@@ -70,12 +70,10 @@ def measure(analysis: AnalysisReport, n: int, depth: int) -> list[tuple[str, flo
 
 def product_rates() -> list[tuple[str, float]]:
     """(path, GFLOP/s) of one product of the probe's shape, each path's best of PROBE_RUNS."""
-    import torch
-
     rows, inputs, outputs = linear.PROBE_SHAPE
-    x, weight, bias = torch.randn(rows, inputs), torch.randn(outputs, inputs), torch.randn(outputs)
     flops = 2 * rows * inputs * outputs
-    return [(name, flops / linear._seconds(fn, x, weight, bias) / 1e9)
+    x, weight, bias = linear.probe_inputs()
+    return [(name, flops / linear.best_seconds(fn, x, weight, bias) / 1e9)
             for name, fn in zip(PATHS, (nn.functional.linear, linear.OneDnnLinear.apply))]
 
 

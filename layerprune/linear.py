@@ -77,10 +77,7 @@ def onednn_is_faster() -> bool:
     backward), and runs it at least FASTER_BY times faster than F.linear; measured once per process."""
     if not torch.backends.mkldnn.is_available():
         return False
-    rows, inputs, outputs = PROBE_SHAPE
-    generator = torch.Generator().manual_seed(0)
-    shapes = ((rows, inputs), (outputs, inputs), (outputs,))
-    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in shapes)
+    x, weight, bias = probe_inputs()
     try:  # (first asked for inside a forward pass, often under inference_mode: the probe needs gradients)
         with torch.inference_mode(False), torch.enable_grad():
             ours, theirs = _run(OneDnnLinear.apply, x, weight, bias), _run(nn.functional.linear, x, weight, bias)
@@ -88,8 +85,18 @@ def onednn_is_faster() -> bool:
         return False
     if not all((a - b).abs().max() <= 1e-4 * b.abs().max() for a, b in zip(ours, theirs)):  # fp32 rounding only
         return False
-    blas, onednn = (_seconds(fn, x, weight, bias) for fn in (nn.functional.linear, OneDnnLinear.apply))
+    blas, onednn = (best_seconds(fn, x, weight, bias) for fn in (nn.functional.linear, OneDnnLinear.apply))
     return blas >= FASTER_BY * onednn
+
+
+def probe_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The probe's input, weight and bias: PROBE_SHAPE's product, seeded, so every measurement of it is of the
+    same numbers."""
+    rows, inputs, outputs = PROBE_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    shapes = ((rows, inputs), (outputs, inputs), (outputs,))
+    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in shapes)
+    return x, weight, bias
 
 
 def _run(linear, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -100,7 +107,7 @@ def _run(linear, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> t
     return (out.detach(), *(t.grad for t in leaves))
 
 
-def _seconds(linear, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> float:
+def best_seconds(linear, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> float:
     """The best of PROBE_RUNS forward passes (after one to warm up), in seconds."""
     times = []
     with torch.inference_mode():
