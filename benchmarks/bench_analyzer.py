@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a mo
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from layerprune.files import ANALYZER_RESULTS, DEMO_CHECKPOINTS, RESULTS_DIR  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, refuses_in_one_line  # noqa: E402
 
 LAYERS, WIDTH, BATCH = 13, 768, 256
 MIB = 1024 * 1024
@@ -198,6 +198,7 @@ def part_b(sizes: list[int], exact_budget: float) -> tuple[str, dict]:
     return "\n".join(lines), {"spread": spread}
 
 
+@refuses_in_one_line
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, default=ROOT / DEMO_CHECKPOINTS["minilm"])

@@ -30,11 +30,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from layerprune.artifacts import DepthReport  # noqa: E402
 from layerprune.export import ExportOptions, Reuse, export_bundle  # noqa: E402
-from provenance import provenance, publish  # noqa: E402
+from provenance import provenance, publish, refuses_in_one_line  # noqa: E402
 from layerprune.files import AUTO_RESULTS, BUNDLE_DIR, DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
 
 
-def main() -> int:
+@refuses_in_one_line
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=ROOT / DEFAULT_RUN_DIR)
     parser.add_argument("--seeds", default="0,1,2,3,4")
@@ -42,7 +43,7 @@ def main() -> int:
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--fallback", type=float, default=0.0, help="export --fallback (0: none)")
     parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / AUTO_RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     quantize = args.quantize.split(",")
     if not set(quantize) <= {"int8", "none"}:
         parser.error(f"--quantize takes int8, none or both, got {args.quantize}")

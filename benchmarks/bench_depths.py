@@ -45,7 +45,7 @@ from layerprune.files import (  # noqa: E402
 )
 from layerprune.runtime import OnnxClassifier  # noqa: E402
 from layerprune.tasks import load_task  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, refuses_in_one_line  # noqa: E402
 
 
 @dataclass
@@ -316,6 +316,7 @@ def plots(rows: list[Row], fits: list[dict], total: int, out: Path, suffix: str 
     return written
 
 
+@refuses_in_one_line
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, default=ROOT / DEMO_CHECKPOINTS["minilm"])

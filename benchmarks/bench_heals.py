@@ -28,7 +28,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from layerprune.errors import LayerpruneError, first_line  # noqa: E402
 from layerprune.files import DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
 from layerprune.export import _augmented, _heal_texts, load_analysis  # noqa: E402
 from layerprune.heal import encode_texts, heal_at  # noqa: E402
@@ -36,11 +35,12 @@ from layerprune.models import load_classifier  # noqa: E402
 from layerprune.options import ExportOptions  # noqa: E402
 from layerprune.scoring import compute_metric, predictions  # noqa: E402
 from layerprune.validate import calibration_and_holdout, forecast  # noqa: E402
-from provenance import provenance, publish  # noqa: E402
+from provenance import provenance, publish, refuses_in_one_line  # noqa: E402
 
 HEALS_RESULTS = "heals.md"
 
 
+@refuses_in_one_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
@@ -52,11 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="cap on each whole-model heal's training, as export's")
     parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / HEALS_RESULTS)
     args = parser.parse_args(argv)
-    try:
-        analysis = load_analysis(args.run_dir)
-    except LayerpruneError as exc:
-        print(f"bench_heals: error: {first_line(exc)}", file=sys.stderr)
-        return exc.exit_code
+    analysis = load_analysis(args.run_dir)
     task = analysis.task_config
     glue_dir = Path(analysis.glue_dir) if analysis.glue_dir else None
     opts = ExportOptions(heal_minutes=args.heal_minutes, augment=args.augment, heal_examples=args.heal_examples)

@@ -33,7 +33,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from layerprune.errors import LayerpruneError, first_line  # noqa: E402
 from layerprune.export import load_analysis  # noqa: E402
 from layerprune.fallback import cascade, threshold, unsure  # noqa: E402
 from layerprune.files import DEFAULT_RUN_DIR, RESULTS_DIR, TRUNCATED_DIR  # noqa: E402
@@ -42,7 +41,7 @@ from layerprune.models import load_classifier, total_layers  # noqa: E402
 from layerprune.runtime import model_max_length  # noqa: E402
 from layerprune.scoring import compute_metric  # noqa: E402
 from layerprune.validate import calibration_and_holdout  # noqa: E402
-from provenance import provenance, publish  # noqa: E402
+from provenance import provenance, publish, refuses_in_one_line  # noqa: E402
 
 FALLBACK_RESULTS = "fallback.md"  # under files.RESULTS_DIR
 
@@ -70,6 +69,7 @@ def _logits(checkpoint, task, parts: list) -> tuple[int, list[np.ndarray]]:
     return total_layers(model.config), [predict_logits(model, tokenizer, part, max_length=limit) for part in parts]
 
 
+@refuses_in_one_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=ROOT / DEFAULT_RUN_DIR)
@@ -78,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / FALLBACK_RESULTS)
     args = parser.parse_args(argv)
 
-    try:
-        analysis = load_analysis(args.run_dir)
-    except LayerpruneError as exc:
-        print(f"fallback: error: {first_line(exc)}", file=sys.stderr)
-        return exc.exit_code
+    analysis = load_analysis(args.run_dir)
     task = analysis.task_config
     parts = calibration_and_holdout(task, Path(analysis.glue_dir) if analysis.glue_dir else None, None)
     total, (hold_orig,) = _logits(analysis.model, task, [parts.holdout])  # calibration's threshold is the pruned model's

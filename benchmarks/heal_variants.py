@@ -42,7 +42,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling scripts, run as a module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from layerprune.errors import LayerpruneError, first_line  # noqa: E402
 from layerprune.export import _augmented, _heal_texts, load_analysis  # noqa: E402
 from layerprune.files import DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
 from layerprune.heal import (  # noqa: E402
@@ -51,7 +50,7 @@ from layerprune.heal import (  # noqa: E402
 from layerprune.models import _encoder, architecture, load_classifier, total_layers  # noqa: E402
 from layerprune.options import ExportOptions  # noqa: E402
 from layerprune.validate import calibration_and_holdout, forecast  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, refuses_in_one_line  # noqa: E402
 
 RESULTS = "heal_variants.md"
 HEADER = ("| variant | depth | start layers | matched layers | augment | epochs | token / first weight | steps | "
@@ -61,6 +60,7 @@ HEADER = ("| variant | depth | start layers | matched layers | augment | epochs 
 WHOLE_EPOCHS = 1  # the whole-model heal's passes here unless --epochs says otherwise (the top heal: its default)
 
 
+@refuses_in_one_line
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("name")
@@ -109,11 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.top and not all(1 <= n <= args.depth for n in args.heal_layers):
         print(f"heal_variants: error: --heal-layers must be between 1 and --depth {args.depth}", file=sys.stderr)
         return 2
-    try:
-        analysis = load_analysis(args.run_dir)
-    except LayerpruneError as exc:
-        print(f"heal_variants: error: {first_line(exc)}", file=sys.stderr)
-        return exc.exit_code
+    analysis = load_analysis(args.run_dir)
     task = analysis.task_config
     model, tokenizer = load_classifier(analysis.model, num_labels=task.num_labels, device=args.device)
     args.provenance = provenance(model.device)  # once: every row of this run under one header, with its commit

@@ -43,7 +43,7 @@ from layerprune.onnx_export import (  # noqa: E402
 from layerprune.runtime import OnnxClassifier  # noqa: E402
 from layerprune.scoring import compute_metric  # noqa: E402
 from layerprune.tasks import TaskConfig  # noqa: E402
-from provenance import provenance, publish  # noqa: E402
+from provenance import provenance, publish, refuses_in_one_line  # noqa: E402
 from layerprune.validate import calibration_and_holdout  # noqa: E402
 
 CPUS = {"avx2": "7-bit", "avx512-vnni": "8-bit"}  # the two weight ranges quantization_config gives x86
@@ -213,13 +213,14 @@ def kernel_checks(rows: list[Row]) -> list[str]:
     return lines
 
 
-def main() -> int:
+@refuses_in_one_line
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="the (truncated) checkpoint to export")
     parser.add_argument("--run-dir", type=Path, required=True, help=f"a run folder with {ANALYSIS_FILE}")
     parser.add_argument("--max-examples", type=int, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / INT8_CPUS_RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     report = load_artifact(AnalysisReport, args.run_dir / ANALYSIS_FILE)
     task = report.task_config

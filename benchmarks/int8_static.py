@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from int8_cpus import examples_of, quantized_copy  # noqa: E402
-from provenance import provenance, publish  # noqa: E402
+from provenance import provenance, publish, refuses_in_one_line  # noqa: E402
 from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
 from layerprune.cpu import cpu_kind  # noqa: E402
 from layerprune.data import Examples, load_examples  # noqa: E402
@@ -105,14 +105,15 @@ def run(folder: Path, examples: Examples, max_length: int) -> tuple[np.ndarray, 
     return logits, len(examples) / (time.perf_counter() - started)
 
 
-def main() -> int:
+@refuses_in_one_line
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=ROOT / DEFAULT_RUN_DIR / TRUNCATED_DIR)
     parser.add_argument("--run-dir", type=Path, default=ROOT / DEFAULT_RUN_DIR)
     parser.add_argument("--max-examples", type=int)
     parser.add_argument("--calibration-texts", type=int, default=256)
     parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / INT8_STATIC_RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     task = load_artifact(AnalysisReport, args.run_dir / ANALYSIS_FILE).task_config
     examples = examples_of(task, args.max_examples)
     calibration_texts = load_examples(task, task.train_split).head(args.calibration_texts)

@@ -33,12 +33,11 @@ from torch import nn  # noqa: E402
 from layerprune import linear  # noqa: E402
 from layerprune.artifacts import AnalysisReport  # noqa: E402
 from layerprune.data import load_examples  # noqa: E402
-from layerprune.errors import LayerpruneError, first_line  # noqa: E402
 from layerprune.export import load_analysis  # noqa: E402
 from layerprune.files import RESULTS_DIR  # noqa: E402
 from layerprune.heal import DistillOptions, distill, encode_texts  # noqa: E402
 from layerprune.models import load_classifier  # noqa: E402
-from provenance import provenance, publish  # noqa: E402
+from provenance import provenance, publish, refuses_in_one_line  # noqa: E402
 
 RESULTS = "linear_backends.md"
 BATCH = 32
@@ -77,6 +76,7 @@ def product_rates() -> list[tuple[str, float]]:
             for name, fn in zip(PATHS, (nn.functional.linear, linear.OneDnnLinear.apply))]
 
 
+@refuses_in_one_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=ROOT / "lp-run-mpnet", help="an analysis run directory")
@@ -87,14 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 2 or args.depth < 2:
         print("linear_backends: error: --n and --depth must be at least 2", file=sys.stderr)
         return 2
-    try:
-        analysis = load_analysis(args.run_dir)  # export's own check and message, before any work
-        probe = linear.onednn_is_faster()  # before measure() forces it
-        products = product_rates()
-        rows = measure(analysis, args.n, args.depth)
-    except LayerpruneError as exc:
-        print(f"linear_backends: error: {first_line(exc)}", file=sys.stderr)
-        return exc.exit_code
+    analysis = load_analysis(args.run_dir)  # export's own check and message, before any work
+    probe = linear.onednn_is_faster()  # before measure() forces it
+    products = product_rates()
+    rows = measure(analysis, args.n, args.depth)
     base = rows[0]
     lines = [f"# torch's linear layers: BLAS or oneDNN ({args.run_dir.name}, {args.n} train texts, batch {BATCH}, "
              f"heal at depth {args.depth})", "", f"{provenance()}. `linear.onednn_is_faster()` here: {probe}.", "",

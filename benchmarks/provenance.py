@@ -1,19 +1,23 @@
 """Where and when a benchmark's table was measured, one line for every results file: a figure is only
 meaningful beside its date, its CPU (int8 speed and rounding differ between AVX2 and AVX-512 VNNI) and the
-commit that produced it. And the one ending every benchmark shares: print the table, write it to `--out`."""
+commit that produced it. And what every benchmark's `main` shares: its ending (print the table, write it to
+`--out`) and its refusals (one line on stderr, as layerprune's own commands)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 from datetime import date
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from layerprune.cpu import cpu_kind, cpu_model  # noqa: E402
+from layerprune.errors import LayerpruneError, first_line  # noqa: E402
 
 
 def git_commit() -> str:
@@ -48,3 +52,20 @@ def publish(text: str, out: Path, *, show: bool = True) -> None:
         print("\n" + text, end="")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
+
+
+def refuses_in_one_line(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """A benchmark's `main(argv)` that meets bad input (a run folder without its analysis, a folder that is no
+    bundle) the way layerprune's commands do: `PROG: error: LINE` on stderr and the error's exit code, not a
+    traceback. PROG is the benchmark's file name."""
+    prog = Path(main.__code__.co_filename).stem
+
+    @functools.wraps(main)
+    def wrapped(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except LayerpruneError as exc:
+            print(f"{prog}: error: {first_line(exc)}", file=sys.stderr)
+            return exc.exit_code
+
+    return wrapped

@@ -50,13 +50,13 @@ from layerprune.artifacts import AnalysisReport, Manifest, load_artifact  # noqa
 from layerprune.bundle import open_bundle  # noqa: E402
 from layerprune.cpu import cpu_kind  # noqa: E402
 from layerprune.data import Examples  # noqa: E402
-from layerprune.errors import LayerpruneError, first_line  # noqa: E402
+from layerprune.errors import LayerpruneError  # noqa: E402
 from layerprune.fallback import cascade  # noqa: E402
 from layerprune.files import CONFIG_FILE, MODEL_FILE, RESULTS_DIR  # noqa: E402
 from layerprune.runtime import OnnxClassifier  # noqa: E402
 from layerprune.scoring import compute_metric, predictions  # noqa: E402
 from layerprune.validate import calibration_and_holdout  # noqa: E402
-from provenance import provenance, publish  # noqa: E402
+from provenance import provenance, publish, refuses_in_one_line  # noqa: E402
 
 PRUNED_VS_INT8_RESULTS = "pruned_vs_int8.md"  # under files.RESULTS_DIR
 PREDICTIONS_FILE = "predictions.json"  # in --keep DIR, beside the full model's exports
@@ -228,6 +228,7 @@ def _to_int8(result: Result, reference: np.ndarray) -> str:
             f"answers there): {result.metric} {value:.4f}, agreement with full fp32 {100 * agree:.1f}%.")
 
 
+@refuses_in_one_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path, help="a bundle folder written by `layerprune export`")
@@ -240,11 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1 or args.n_batch1 < 1:
         print("pruned_vs_int8: error: --n and --n-batch1 must be at least 1", file=sys.stderr)
         return 2
-    try:
-        result = benchmark(args.bundle, args.n, args.n_batch1, args.keep)
-    except LayerpruneError as exc:
-        print(f"pruned_vs_int8: error: {first_line(exc)}", file=sys.stderr)
-        return exc.exit_code
+    result = benchmark(args.bundle, args.n, args.n_batch1, args.keep)
     publish(table(result, args.bundle, args.n, args.n_batch1), args.out)
     return 0
 
