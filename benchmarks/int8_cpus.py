@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
+from layerprune.export import load_analysis  # noqa: E402
 from layerprune.data import Examples  # noqa: E402
 from layerprune.cpu import cpu_model  # noqa: E402
 from layerprune.files import ANALYSIS_FILE, INT8_CPUS_RESULTS, MODEL_FILE, RESULTS_DIR  # noqa: E402
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / INT8_CPUS_RESULTS)
     args = parser.parse_args(argv)
 
-    report = load_artifact(AnalysisReport, args.run_dir / ANALYSIS_FILE)
+    report = load_analysis(args.run_dir)
     task = report.task_config
     examples = examples_of(task, args.max_examples)
     print(f"{len(examples)} {task.name} examples; exporting {args.checkpoint}", file=sys.stderr, flush=True)

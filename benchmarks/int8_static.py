@@ -35,11 +35,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from int8_cpus import examples_of, quantized_copy  # noqa: E402
 from provenance import provenance, publish, refuses_in_one_line  # noqa: E402
-from layerprune.artifacts import AnalysisReport, load_artifact  # noqa: E402
+from layerprune.export import load_analysis  # noqa: E402
 from layerprune.cpu import cpu_kind  # noqa: E402
 from layerprune.data import Examples, load_examples  # noqa: E402
 from layerprune.files import (  # noqa: E402
-    ANALYSIS_FILE, AUGMENTED_MODEL_FILE, DEFAULT_RUN_DIR, INT8_STATIC_RESULTS, MODEL_FILE, QUANTIZED_TYPED_MODEL_FILE,
+    AUGMENTED_MODEL_FILE, DEFAULT_RUN_DIR, INT8_STATIC_RESULTS, MODEL_FILE, QUANTIZED_TYPED_MODEL_FILE,
     RESULTS_DIR, TRUNCATED_DIR, TYPED_MODEL_FILE,
 )
 from layerprune.onnx_export import (  # noqa: E402
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-texts", type=int, default=256)
     parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / INT8_STATIC_RESULTS)
     args = parser.parse_args(argv)
-    task = load_artifact(AnalysisReport, args.run_dir / ANALYSIS_FILE).task_config
+    task = load_analysis(args.run_dir).task_config
     examples = examples_of(task, args.max_examples)
     calibration_texts = load_examples(task, task.train_split).head(args.calibration_texts)
 

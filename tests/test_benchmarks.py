@@ -17,6 +17,8 @@ from conftest import load_benchmark
     ("heal_variants", ["a variant", "--depth", "2"]),
     ("fallback", []),
     ("bench_auto", ["--seeds", "0"]),
+    ("int8_cpus", ["--checkpoint", "unused"]),
+    ("int8_static", []),
 ])
 def test_a_folder_without_analysis_is_refused_before_any_work(tmp_path: Path, capsys, name: str,
                                                                args: list[str]) -> None:
