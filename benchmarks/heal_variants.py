@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling scripts, run as a module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from layerprune.errors import LayerpruneError  # noqa: E402
 from layerprune.export import _augmented, _heal_texts, load_analysis  # noqa: E402
 from layerprune.files import DEFAULT_RUN_DIR, RESULTS_DIR  # noqa: E402
 from layerprune.heal import (  # noqa: E402
@@ -104,11 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / RESULTS)
     args = p.parse_args(argv)
     if args.top and args.start:
-        print("heal_variants: error: --start is for the whole-model heal; with --top, use --top-start", file=sys.stderr)
-        return 2
+        raise LayerpruneError("--start is for the whole-model heal; with --top, use --top-start")
     if args.top and not all(1 <= n <= args.depth for n in args.heal_layers):
-        print(f"heal_variants: error: --heal-layers must be between 1 and --depth {args.depth}", file=sys.stderr)
-        return 2
+        raise LayerpruneError(f"--heal-layers must be between 1 and --depth {args.depth}")
     analysis = load_analysis(args.run_dir)
     task = analysis.task_config
     model, tokenizer = load_classifier(analysis.model, num_labels=task.num_labels, device=args.device)
@@ -123,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     start = _layers(args.start) or [*range(1, args.depth + 1)]
     match = _layers(args.match) or layer_map(args.depth, total)
     if not args.top and (len(start) != args.depth or len(match) != args.depth):
-        print("heal_variants: error: --start and --match need one layer per kept layer", file=sys.stderr)
-        return 2
+        raise LayerpruneError("--start and --match need one layer per kept layer")
 
     def encode(examples, desc):
         return encode_texts(model, tokenizer, examples, batch_size=32, max_length=128, desc=desc)

@@ -33,6 +33,7 @@ from torch import nn  # noqa: E402
 from layerprune import linear  # noqa: E402
 from layerprune.artifacts import AnalysisReport  # noqa: E402
 from layerprune.data import load_examples  # noqa: E402
+from layerprune.errors import LayerpruneError  # noqa: E402
 from layerprune.export import load_analysis  # noqa: E402
 from layerprune.files import RESULTS_DIR  # noqa: E402
 from layerprune.heal import DistillOptions, distill, encode_texts  # noqa: E402
@@ -85,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / RESULTS)
     args = parser.parse_args(argv)
     if args.n < 2 or args.depth < 2:
-        print("linear_backends: error: --n and --depth must be at least 2", file=sys.stderr)
-        return 2
+        raise LayerpruneError("--n and --depth must be at least 2")
     analysis = load_analysis(args.run_dir)  # export's own check and message, before any work
     probe = linear.onednn_is_faster()  # before measure() forces it
     products = product_rates()

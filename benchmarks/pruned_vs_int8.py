@@ -239,8 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"and every row's holdout predictions ({PREDICTIONS_FILE}) in this folder")
     args = parser.parse_args(argv)
     if args.n < 1 or args.n_batch1 < 1:
-        print("pruned_vs_int8: error: --n and --n-batch1 must be at least 1", file=sys.stderr)
-        return 2
+        raise LayerpruneError("--n and --n-batch1 must be at least 1")
     result = benchmark(args.bundle, args.n, args.n_batch1, args.keep)
     publish(table(result, args.bundle, args.n, args.n_batch1), args.out)
     return 0
