@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from layerprune.errors import LayerpruneError
+from layerprune.runtime import TooManyTokens
 
 from .batcher import Answer, MicroBatcher, Overloaded, TokenizerError, measure_run_overhead
 from .guard import DOCS_STATIC, GuardMiddleware
@@ -267,7 +268,10 @@ async def _classify(request: Request, svc: Service, texts: list[str], pairs: lis
         return await _unless_client_leaves(request, svc.batcher.submit(texts, pairs, truncate))
     except Overloaded as exc:
         raise ApiError(429, str(exc), "Overloaded", {"Retry-After": str(exc.retry_after)}) from None
-    except LayerpruneError as exc:  # too long with truncate: false (TEI: a validation error)
+    except TooManyTokens as exc:  # too long with truncate: false (TEI: a validation error)
+        raise ApiError(422, f"input {exc.index} has {exc.tokens} tokens, the model takes at most {exc.limit}; "
+                       'send "truncate": true to cut it') from None
+    except LayerpruneError as exc:
         raise ApiError(422, str(exc), "Validation") from None
     except TokenizerError as exc:
         raise ApiError(422, f"cannot tokenize the input: {exc}", "Tokenizer") from None

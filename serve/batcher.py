@@ -26,7 +26,7 @@ DEFAULT_RUN_OVERHEAD_TOKENS = 32.0
 
 
 class Row(Protocol):
-    """A token row (tokenizers.Encoding): its ids, unpadded."""
+    """A token row (layerprune.runtime.TokenRow): its ids, unpadded."""
 
     ids: list[int]
 

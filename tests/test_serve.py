@@ -179,10 +179,14 @@ def test_truncation(client, reference) -> None:
     assert r.status_code == 200
     assert len(reference.encode([LONG])["input_ids"][0]) == 160  # cut at the manifest's max length
     np.testing.assert_allclose(by_label([r.json()], reference.labels), reference.logits([LONG]), rtol=0, atol=1e-4)
-    for body, route in [({"inputs": LONG, "truncate": False}, "/predict"),
-                        ({"texts": ["short", LONG], "truncate": False}, "/v1/classify")]:
+    tokens = len(reference.tokenizer(LONG)["input_ids"])  # uncut
+    for body, route, index in [({"inputs": LONG, "truncate": False}, "/predict", 0),
+                               ({"texts": ["short", LONG], "truncate": False}, "/v1/classify", 1)]:
         r = client.post(route, json=body)
-        assert r.status_code == 422 and "tokens" in r.json()["error"], r.text
+        assert r.status_code == 422 and r.json()["error_type"] == "Validation", r.text
+        # The API's field, not the library's argument (truncation=True).
+        assert r.json()["error"] == (f'input {index} has {tokens} tokens, the model takes at most 160; send '
+                                     '"truncate": true to cut it'), r.text
     assert client.post("/predict", json={"inputs": "short", "truncate": False}).status_code == 200
 
 
