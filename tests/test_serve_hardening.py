@@ -559,8 +559,9 @@ def test_fuzz_1000_requests(timeout_server) -> None:
             assert r.status_code < 500, (method, route, content_type, body[:300], r.text[:300])
             if r.status_code >= 400 and method != "HEAD":
                 assert len(r.content) <= MAX_ERROR_BYTES, (route, len(r.content))
-                if method not in _HTTPTOOLS_METHODS:  # httptools' parser refuses it before the app: 400, plain text
-                    assert r.status_code == 400 and r.text == "Invalid HTTP request received.", (method, r.text)
+                if method not in _HTTPTOOLS_METHODS:  # httptools' parser refuses it before the app: 400, TEI's body
+                    assert r.status_code == 400, (method, r.text)
+                    assert r.json() == {"error": "invalid HTTP request", "error_type": "Validation"}, (method, r.text)
                     return
                 assert r.json()["error"]
 
@@ -596,18 +597,24 @@ def test_triton_unwritable_place_is_one_error(bundle, tmp_path, place) -> None:
         write_triton_repository(bundle, out)
 
 
-@pytest.mark.parametrize("host, key, warned", [("0.0.0.0", None, True), ("::", None, True), ("10.1.2.3", None, True),
+@pytest.mark.parametrize("host, key, warned", [("0.0.0.0", None, True), ("::", None, True), ("", None, True),
                                                ("0.0.0.0", "k", False), ("127.0.0.1", None, False),
-                                               ("localhost", None, False), ("::1", None, False)])
+                                               ("localhost", None, False), ("::1", None, False),
+                                               ("127.1", None, False), ("0x7f.0.0.2", None, False)])
 def test_warns_when_reachable_without_a_key(bundle, monkeypatch, caplog, host, key, warned) -> None:
+    """Loopback is judged by the address bound: 127.1 and 0x7f.0.0.2 are 127.0.0.1 and 127.0.0.2 (inet_aton's
+    short forms); "" binds every interface."""
     import uvicorn
 
     from serve.main import run
 
     configs = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self: configs.append(self.config))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: configs.append((self.config, sockets)))
     with caplog.at_level("WARNING", logger="layerprune.serve"):
-        run(bundle, ServeSettings(host=host, api_key=key))
+        assert run(bundle, ServeSettings(host=host, port=0, api_key=key)) == 1  # never started: run was replaced
     assert ("WITHOUT an API key" in caplog.text) == warned, caplog.text
-    config = configs[0]  # uvicorn gets the timeouts
-    assert (config.timeout_keep_alive, config.timeout_graceful_shutdown, config.limit_concurrency) == (5, 10, 1024)
+    config, sockets = configs[0]  # uvicorn gets the timeouts; the protocol the limits
+    assert (config.timeout_keep_alive, config.timeout_graceful_shutdown, config.limit_concurrency) == (5, 10, None)
+    protocol = config.http
+    assert (protocol.head_timeout, protocol.max_head_bytes, protocol.max_connections) == (10, 65_536, 1024)
+    assert all(sock.fileno() == -1 for sock in sockets)  # closed when run returns
