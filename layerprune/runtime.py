@@ -157,8 +157,8 @@ class OnnxClassifier:
         Memory stays linear in the input: each text is encoded alone, without special tokens and without
         truncation (no overflow pieces), cut to what longest_first can keep, and only then post-processed
         with truncation on. The tokenizer's own truncation of a long pair builds every overflow piece of
-        both texts and then every combination of the two (4,159 encodings for two 10,000-character
-        texts)."""
+        both texts and then every combination of the two: thousands of encodings for two 10,000-character
+        texts."""
         texts = _strings(texts, "texts")
         if pairs is not None:
             pairs = _strings(pairs, "pairs")
@@ -166,15 +166,17 @@ class OnnxClassifier:
                 raise LayerpruneError(f"{len(texts)} texts but {len(pairs)} pairs")
         # The model cannot see more positions than it has, whatever the caller asks for.
         limit = self.max_length if max_length is None else min(max_length, self.max_length)
-        if limit < 2:
-            raise LayerpruneError(f"max_length must be at least 2, got {max_length}")
+        special = self._tokenizer.num_special_tokens_to_add(pairs is not None)
+        if limit < max(2, special):
+            raise LayerpruneError(f"max_length must be at least {max(2, special)} (the special tokens of an input), "
+                                  f"got {max_length}")
         rows: list[TokenRow] = []
         with self._lock:  # the Tokenizer's truncation setting is shared state
             for start in range(0, len(texts), _ENCODE_CHUNK):  # the uncut encodings of a few texts at a time
                 chunk = slice(start, start + _ENCODE_CHUNK)
                 rows += self._tokenize_chunk(texts[chunk], None if pairs is None else pairs[chunk], limit, truncation)
                 too_long = next((i for i in range(start, len(rows)) if len(rows[i].ids) > limit), None)
-                if too_long is not None:  # only without truncation
+                if too_long is not None and not truncation:
                     raise TooManyTokens(too_long, len(rows[too_long].ids), limit)
         return rows
 
@@ -185,7 +187,7 @@ class OnnxClassifier:
         firsts = tok.encode_batch(texts, add_special_tokens=False)
         seconds = [None] * len(firsts) if pairs is None else tok.encode_batch(pairs, add_special_tokens=False)
         if truncation:
-            budget = max(0, limit - tok.num_special_tokens_to_add(pairs is not None))
+            budget = limit - tok.num_special_tokens_to_add(pairs is not None)  # what the texts may keep
             for first, second in zip(firsts, seconds):
                 _cut_to_budget(first, second, budget, self._truncation_side)
             tok.enable_truncation(limit, strategy="longest_first", direction=self._truncation_side)

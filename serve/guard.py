@@ -134,7 +134,7 @@ class GuardMiddleware:
 def json_problem(body: bytes, max_items: int) -> str | None:
     """Why a JSON body is refused before it is parsed, or None: it is not UTF-8, or it holds more than
     `max_items` commas and opening brackets outside its strings. Those bound the objects a parser makes
-    (a 10 MB list of empty lists is 2.5 million lists, ~25 times its size in memory) and how deep it
+    (a 7 MB list of empty lists is 1.9 million lists, over 20 times its size in memory) and how deep it
     nests; strings cost about their own size. Counted with bytes methods, so a long text costs no
     Python loop: escaped backslashes and quotes are taken out first, then every string ends at its
     next quote."""
