@@ -48,7 +48,7 @@ class _Hardened(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._app = self.app
         self._head_timer: asyncio.TimerHandle | None = None
-        self._head_bytes: int | None = 0  # bytes of the head being received; None while a body or answer is
+        self._head_bytes: int | None = 0  # bytes of the head being received; None from its end to the next
         self._heads = 0  # heads begun on this connection
         self._cycles: list[RequestResponseCycle] = []  # requests of this connection not yet answered
 
@@ -67,7 +67,7 @@ class _Hardened(HttpToolsProtocol):
         in_head, heads = self._head_bytes is not None, self._heads
         super().data_received(data)
         # Counted when the whole chunk went to one head: a head that began inside this chunk is counted from
-        # the next, so a head is refused at most one read (256 KB) past the limit, and a body never counts.
+        # the next, so a head is refused at most one read past the limit, and a body never counts.
         if in_head and self._head_bytes is not None and heads == self._heads:
             self._head_bytes += len(data)
             if self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
