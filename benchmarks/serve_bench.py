@@ -12,6 +12,13 @@
 4. --profile: where the server's CPU goes at peak: per-thread CPU from /proc (event loop vs. the worker and
    onnxruntime threads, and wrk's own share of the cores), and py-spy's samples of the Python threads by stage.
 Sentences: one per line from --texts, else the rt-polarity test split via layerprune.data.
+
+    python benchmarks/serve_bench.py lp-run/bundle --memory
+
+--memory instead: the server's memory under the worst request of each kind within its limits (the longest
+inputs times the most inputs, as texts or as pairs by the bundle; the largest body a valid request can be;
+the largest body of one unknown field; a header flood; idle connections over the connection limit), each
+on a fresh server: resident memory idle, at its peak (VmHWM) and 2 s after, and what it answered.
 """
 
 from __future__ import annotations
@@ -217,11 +224,11 @@ def profile_stages(raw: Path) -> Counter:
     return stages
 
 
-def peak_rss_mb(pid: int) -> float:
-    """The process's peak resident memory so far (Linux VmHWM), in MB; nan where /proc has no such line."""
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory line of /proc/PID/status in MB (VmRSS now, VmHWM the peak so far); nan where there is none."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -244,6 +251,113 @@ def _metric(text: str, name: str) -> float:
     return total
 
 
+# --- memory: the worst request of each kind -------------------------------------------------------------------
+
+
+def _post_at_once(url: str, body: bytes, times: int) -> str:
+    """`times` POST /predict of `body` at once -> their statuses, counted."""
+    def post(_: int) -> int:
+        return httpx.post(f"{url}/predict", content=body, headers={"content-type": "application/json"},
+                          timeout=600).status_code
+
+    with ThreadPoolExecutor(times) as pool:
+        return _counted(pool.map(post, range(times)))
+
+
+def _counted(statuses) -> str:
+    return ", ".join(f"{n} x {status}" for status, n in sorted(Counter(statuses).items()))
+
+
+def _header_flood(url: str, connections: int, most: int) -> str:
+    """`connections` clients at once, each sending a header that never ends (up to `most` bytes)."""
+    import socket
+
+    host, port = url.rsplit("//", 1)[1].split(":")
+
+    def flood(_: int) -> str:
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+            sent, piece = 0, b"a" * 65536
+            try:
+                while sent < most:
+                    sock.sendall(piece)
+                    sent += len(piece)
+                reply = sock.recv(64)
+            except OSError:  # closed while sending: the answer went before the close
+                try:
+                    reply = sock.recv(64)
+                except OSError:
+                    reply = b""
+        return reply.split(b"\r\n", 1)[0].decode(errors="replace") or "closed"
+
+    with ThreadPoolExecutor(connections) as pool:
+        return _counted(pool.map(flood, range(connections)))
+
+
+def _idle_connections(url: str, count: int) -> str:
+    """`count` connections that send nothing, held while /health and /predict are asked."""
+    import socket
+
+    host, port = url.rsplit("//", 1)[1].split(":")
+    held = [socket.create_connection((host, int(port)), timeout=60) for _ in range(count)]
+    try:
+        health = httpx.get(f"{url}/health", timeout=60).status_code
+        predict = httpx.post(f"{url}/predict", json={"inputs": "a"}, timeout=60)
+        return f"GET /health {health}; POST /predict {predict.status_code} {predict.json().get('error_type', '')}"
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def memory_table(bundle: Path, args: argparse.Namespace) -> None:
+    """One fresh server per attack; its resident memory idle, at its peak and after, and its answers."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    pair = manifest["pair_input"]
+    from serve.settings import ServeSettings
+
+    settings = ServeSettings()
+    n, chars = settings.max_inputs_per_request, settings.max_chars_per_input
+    words = ("w " * chars)[:chars]  # a token every two characters
+    one = [[words, words]] * n if pair else [words] * n
+    widest = ["\U0001f600" * chars] * (2 if pair else 1)  # 12 bytes a character, escaped
+    valid = json.dumps({"inputs": [widest] * n if pair else widest * n}).encode()
+    limit = settings.max_body_bytes(pair)
+    pad = limit - 1024
+    unknown = json.dumps({"inputs": [["a", "b"]] if pair else "a", "extra": "x" * pad}).encode()
+    lists = b'{"inputs": "a", "extra": [' + b"[], " * (pad // 4) + b"[]]}"
+    kind = "pairs" if pair else "texts"
+    attacks = [
+        (f"{n} {kind} of {chars:,} characters (~{chars // 2:,} tokens each), 1 request ({len(json.dumps({'inputs': one})) / 1e6:.1f} MB)",
+         lambda url: _post_at_once(url, json.dumps({"inputs": one}).encode(), 1)),
+        (f"the same, 8 requests at once", lambda url: _post_at_once(url, json.dumps({"inputs": one}).encode(), 8)),
+        (f"the largest valid body: {n} {kind} of {chars:,} emoji, escaped ({len(valid) / 1e6:.1f} MB), 8 at once",
+         lambda url: _post_at_once(url, valid, 8)),
+        (f"one unknown field, a string as long as the body limit allows ({len(unknown) / 1e6:.1f} MB), 8 at once",
+         lambda url: _post_at_once(url, unknown, 8)),
+        (f"one unknown field, {pad // 4:,} empty lists ({len(lists) / 1e6:.1f} MB), 8 at once",
+         lambda url: _post_at_once(url, lists, 8)),
+        ("50 connections sending 20 MB of headers that never end", lambda url: _header_flood(url, 50, 20 << 20)),
+        (f"{settings.max_connections + 6:,} idle connections (max_connections {settings.max_connections:,})",
+         lambda url: _idle_connections(url, settings.max_connections + 6)),
+    ]
+    print(f"\nbundle {bundle} ({manifest.get('quantize') or 'fp32'}, {manifest['depth']} of {manifest['total_layers']} "
+          f"layers, max length {manifest['max_length']}, {kind}); limits: {n} inputs, {chars:,} characters, body "
+          f"{limit:,} bytes, head {settings.max_header_bytes:,} bytes; {os.cpu_count()} cores\n")
+    print("| attack | answers | RSS idle MB | peak MB | 2 s later MB |")
+    print("|---|---|---:|---:|---:|")
+    for name, attack in attacks:
+        server, url = start_server(bundle, args)
+        try:
+            idle = rss_mb(server.pid)
+            answers = attack(url)
+            time.sleep(2)  # the server gives freed memory back after a second without requests
+            peak, after = rss_mb(server.pid, "VmHWM"), rss_mb(server.pid)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        print(f"| {name} | {answers} | {idle:.0f} | {peak:.0f} | {after:.0f} |", flush=True)
+
+
 # --- main ------------------------------------------------------------------------------------------------------
 
 
@@ -263,7 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-unvalidated", action="store_true")
     p.add_argument("--ray", type=int, metavar="REPLICAS", help="serve with Ray Serve and this many replicas "
                    "(--profile then sees only the driver)")
+    p.add_argument("--memory", action="store_true", help="instead: the server's memory under the worst request "
+                   "of each kind within its limits")
     args = p.parse_args(argv)
+    if args.memory:
+        memory_table(args.bundle, args)
+        return 0
 
     client = args.client or ("wrk" if shutil.which("wrk") else "python")
     if client == "wrk" and not shutil.which("wrk"):
@@ -295,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         for fraction in (float(x) for x in args.loads.split(",") if x.strip()):
             result, delay = at_rate(load, fraction * peak["rps"], args.connections, args.duration)
             rows.append((fraction, result, delay))
-        peak_mb = peak_rss_mb(server.pid)
+        peak_mb = rss_mb(server.pid, "VmHWM")
         info = httpx.get(f"{url}/info", timeout=10).json()
     finally:
         server.terminate()

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from .artifacts import BundleParts
 
 _MAX_LENGTH_CAP = 512
+_ENCODE_CHUNK = 16  # texts encoded at once before they are cut: bounds the memory of their uncut encodings
 _DEFAULT_TOKENIZER_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
 
@@ -108,7 +110,7 @@ class OnnxClassifier:
         """The session's inputs for `texts` (and second texts `pairs`): int64, padded to the longest row."""
         return self.pad(self.tokenize(texts, pairs, max_length=max_length, truncation=truncation))
 
-    def pad(self, rows: Sequence[Encoding]) -> dict[str, np.ndarray]:
+    def pad(self, rows: Sequence[TokenRow]) -> dict[str, np.ndarray]:
         """Token rows from `tokenize` as the session's inputs: int64, right-padded to the longest row with the
         tokenizer's pad id. The one padding step: a server groups rows by length, then pads each group here."""
         return _pad(rows, self._pad_id, self.input_names, self._emits_token_types)
@@ -147,34 +149,93 @@ class OnnxClassifier:
     def tokenize(
         self, texts: list[str], pairs: list[str] | None = None, *, max_length: int | None = None,
         truncation: bool = True,
-    ) -> list[Encoding]:
-        """Token rows (tokenizers.Encoding: .ids, .attention_mask, .type_ids) without padding, special tokens
-        added, cut to max_length (default the model's). truncation=False: a LayerpruneError for a row too long."""
+    ) -> list[TokenRow]:
+        """Token rows (.ids, .type_ids, .attention_mask) without padding, special tokens added, cut to
+        max_length (default the model's) as transformers' fast tokenizer cuts them (longest_first, the
+        tokenizer's truncation side). truncation=False: TooManyTokens for the first row too long.
+
+        Memory stays linear in the input: each text is encoded alone, without special tokens and without
+        truncation (no overflow pieces), cut to what longest_first can keep, and only then post-processed
+        with truncation on. The tokenizer's own truncation of a long pair builds every overflow piece of
+        both texts and then every combination of the two: thousands of encodings for two 10,000-character
+        texts."""
         texts = _strings(texts, "texts")
-        inputs: list[Any] = texts
         if pairs is not None:
             pairs = _strings(pairs, "pairs")
             if len(pairs) != len(texts):
                 raise LayerpruneError(f"{len(texts)} texts but {len(pairs)} pairs")
-            inputs = list(zip(texts, pairs))
         # The model cannot see more positions than it has, whatever the caller asks for.
         limit = self.max_length if max_length is None else min(max_length, self.max_length)
-        if limit < 2:
-            raise LayerpruneError(f"max_length must be at least 2, got {max_length}")
-        with self._lock:
-            if truncation:
-                self._tokenizer.enable_truncation(limit, strategy="longest_first", direction=self._truncation_side)
-            else:
-                self._tokenizer.no_truncation()
-            rows = self._tokenizer.encode_batch(inputs, add_special_tokens=True)
-        if not truncation:
-            too_long = [i for i, row in enumerate(rows) if len(row.ids) > limit]
-            if too_long:
-                raise LayerpruneError(
-                    f"text {too_long[0]} has {len(rows[too_long[0]].ids)} tokens, the model takes at most {limit}; "
-                    "pass truncation=True"
-                )
+        special = self._tokenizer.num_special_tokens_to_add(pairs is not None)
+        if limit < max(2, special):
+            raise LayerpruneError(f"max_length must be at least {max(2, special)} (the special tokens of an input), "
+                                  f"got {max_length}")
+        rows: list[TokenRow] = []
+        with self._lock:  # the Tokenizer's truncation setting is shared state
+            for start in range(0, len(texts), _ENCODE_CHUNK):  # the uncut encodings of a few texts at a time
+                chunk = slice(start, start + _ENCODE_CHUNK)
+                rows += self._tokenize_chunk(texts[chunk], None if pairs is None else pairs[chunk], limit, truncation)
+                too_long = next((i for i in range(start, len(rows)) if len(rows[i].ids) > limit), None)
+                if too_long is not None and not truncation:
+                    raise TooManyTokens(too_long, len(rows[too_long].ids), limit)
         return rows
+
+    def _tokenize_chunk(self, texts: list[str], pairs: list[str] | None, limit: int,
+                        truncation: bool) -> list[TokenRow]:
+        tok = self._tokenizer
+        tok.no_truncation()
+        firsts = tok.encode_batch(texts, add_special_tokens=False)
+        seconds = [None] * len(firsts) if pairs is None else tok.encode_batch(pairs, add_special_tokens=False)
+        if truncation:
+            budget = limit - tok.num_special_tokens_to_add(pairs is not None)  # what the texts may keep
+            for first, second in zip(firsts, seconds):
+                _cut_to_budget(first, second, budget, self._truncation_side)
+            tok.enable_truncation(limit, strategy="longest_first", direction=self._truncation_side)
+        return [TokenRow.of(tok.post_process(first, second, add_special_tokens=True))
+                for first, second in zip(firsts, seconds)]
+
+
+class TooManyTokens(LayerpruneError):
+    """An input longer than the model takes, with truncation off."""
+
+    def __init__(self, index: int, tokens: int, limit: int) -> None:
+        super().__init__(f"text {index} has {tokens} tokens, the model takes at most {limit}; pass truncation=True")
+        self.index, self.tokens, self.limit = index, tokens, limit
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """One input's tokens as the model takes them, unpadded: ids, segment ids and mask (int64). Only these
+    are kept of a tokenizers.Encoding: its offsets, token strings and overflow pieces are dropped."""
+
+    ids: np.ndarray
+    type_ids: np.ndarray
+    attention_mask: np.ndarray
+
+    @classmethod
+    def of(cls, encoding: Encoding) -> TokenRow:
+        return cls(*(np.array(values, dtype=np.int64) for values in
+                     (encoding.ids, encoding.type_ids, encoding.attention_mask)))
+
+
+def _cut_to_budget(first: Encoding, second: Encoding | None, budget: int, direction: str) -> None:
+    """Cut uncut encodings (no special tokens) so that longest_first truncation to `budget` tokens keeps
+    exactly what it keeps of the whole texts. tokenizers' rule (utils/truncation.rs) looks only at which
+    text is longer (a tie cuts the first text to budget // 2) and at the shorter's length up to the budget,
+    so the shorter is cut to the budget and the longer to one more, which keeps the longer strictly longer.
+    A single text is cut to one more than the budget too: the tokenizer then cuts that last token itself,
+    and its one overflow piece is a single token."""
+    if second is None:
+        _cut(first, budget + 1, direction)
+        return
+    longer_first = len(first) > len(second)
+    _cut(first, budget + 1 if longer_first else budget, direction)
+    _cut(second, budget if longer_first else budget + 1, direction)
+
+
+def _cut(encoding: Encoding, length: int, direction: str) -> None:
+    if len(encoding) > length:
+        encoding.truncate(length, direction=direction)
 
 
 def default_providers() -> list[str]:
@@ -240,7 +301,7 @@ def _pad_id(tokenizer: Tokenizer, tokenizer_config: dict) -> int:
     return 0
 
 
-def _pad(rows: Sequence[Encoding], pad_id: int, input_names: list[str], token_types: bool) -> dict[str, np.ndarray]:
+def _pad(rows: Sequence[TokenRow], pad_id: int, input_names: list[str], token_types: bool) -> dict[str, np.ndarray]:
     """Right-pad token rows to the longest into int64 arrays; only the names the model takes."""
     width = max((len(row.ids) for row in rows), default=0)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)

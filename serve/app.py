@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from layerprune.errors import LayerpruneError
+from layerprune.runtime import TooManyTokens
 
 from .batcher import Answer, MicroBatcher, Overloaded, TokenizerError, measure_run_overhead
 from .guard import DOCS_STATIC, GuardMiddleware
@@ -152,6 +153,8 @@ UNHEALTHY = {503: {"model": ErrorResponse, "description": "still warming up",
 
 @probes.get("/health", summary="TEI's health: 200 once the model answers, 503 before", responses=UNHEALTHY)
 @probes.get("/", summary="TEI's health on GET /", responses=UNHEALTHY, include_in_schema=False)
+@probes.head("/health", include_in_schema=False)  # HEAD answers as GET does (TEI's router: axum's get())
+@probes.head("/", include_in_schema=False)
 async def health(svc: Service = Depends(service)) -> Response:
     if not svc.ready:
         return error_response(503, "unhealthy", "Unhealthy")
@@ -159,6 +162,7 @@ async def health(svc: Service = Depends(service)) -> Response:
 
 
 @probes.get("/healthz", summary="Alive")
+@probes.head("/healthz", include_in_schema=False)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -166,6 +170,7 @@ async def healthz() -> dict[str, str]:
 @probes.get("/readyz", summary="Model loaded and warmed up (503 until then)",
             responses={503: {"description": "warming up", "content": {"application/json": {
                 "example": {"status": "warming up"}}}}})
+@probes.head("/readyz", include_in_schema=False)
 async def readyz(svc: Service = Depends(service)) -> Response:
     if not svc.ready:
         return JSONResponse({"status": "warming up"}, status_code=503)
@@ -228,8 +233,8 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type"])
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
-    app.add_middleware(GuardMiddleware, metrics=metrics, max_body=settings.max_body_bytes,
-                       body_timeout=settings.timeout_body_s, api_key=api_key)
+    app.add_middleware(GuardMiddleware, metrics=metrics, max_body=settings.max_body_bytes(model.pair_input),
+                       max_json_items=settings.max_json_items, body_timeout=settings.timeout_body_s, api_key=api_key)
     # Documents the bearer token in OpenAPI (the "Authorize" button); the guard middleware checks it.
     auth = [Depends(HTTPBearer(auto_error=False, description="the server's --api-key"))] if api_key else []
     app.include_router(tei, dependencies=auth)
@@ -267,7 +272,10 @@ async def _classify(request: Request, svc: Service, texts: list[str], pairs: lis
         return await _unless_client_leaves(request, svc.batcher.submit(texts, pairs, truncate))
     except Overloaded as exc:
         raise ApiError(429, str(exc), "Overloaded", {"Retry-After": str(exc.retry_after)}) from None
-    except LayerpruneError as exc:  # too long with truncate: false (TEI: a validation error)
+    except TooManyTokens as exc:  # too long with truncate: false (TEI: a validation error)
+        raise ApiError(422, f"input {exc.index} has {exc.tokens} tokens, the model takes at most {exc.limit}; "
+                       'send "truncate": true to cut it') from None
+    except LayerpruneError as exc:
         raise ApiError(422, str(exc), "Validation") from None
     except TokenizerError as exc:
         raise ApiError(422, f"cannot tokenize the input: {exc}", "Tokenizer") from None

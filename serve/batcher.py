@@ -5,6 +5,7 @@ the run holding its rows is done, so the event loop never blocks on the model.""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import math
 import time
@@ -23,10 +24,30 @@ from .settings import ServeSettings
 log = logging.getLogger("layerprune.serve")
 # A run's fixed cost in padded tokens until measured (or when the measurement is noise): a modest guess.
 DEFAULT_RUN_OVERHEAD_TOKENS = 32.0
+IDLE_S = 1.0  # this long without a request after some work, the memory freed is given back to the system
+
+
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def give_back_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim). glibc keeps what a burst freed for
+    reuse: its mmap threshold rises to the largest block freed, so the tokenizer's and onnxruntime's buffers of
+    a burst of long inputs come from the heap and stay resident after it (figures: docs/serving.md, "Measured
+    memory"). Under load it is never called."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class Row(Protocol):
-    """A token row (tokenizers.Encoding): its ids, unpadded."""
+    """A token row (layerprune.runtime.TokenRow): its ids, unpadded."""
 
     ids: list[int]
 
@@ -157,6 +178,7 @@ class MicroBatcher:
         self._tokens_per_s: float | None = None  # measured drain rate, for Retry-After
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._worked = False  # a micro-batch ran since memory was last given back
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -250,7 +272,11 @@ class MicroBatcher:
     async def _collect(self) -> list[_Request]:
         """A micro-batch: the first request, then what comes within max_wait_s, up to max_batch_inputs inputs."""
         loop = asyncio.get_running_loop()
-        first = await self._next(None)
+        first = await self._next(IDLE_S if self._worked else None)
+        if first is None:  # idle a while after some work
+            self._worked = False
+            await loop.run_in_executor(self._executor, give_back_memory)
+            first = await self._next(None)
         assert first is not None
         batch, size = [first], len(first.texts)
         deadline = loop.time() + self.max_wait_s
@@ -276,6 +302,7 @@ class MicroBatcher:
                 for req in batch:
                     _settle(req.future, exc)
             self._measure(sum(r.tokens for r in batch if not r.gone), loop.time() - started)
+            self._worked = True
 
     def _measure(self, tokens: int, seconds: float) -> None:
         if tokens and seconds > 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -18,8 +19,9 @@ log = logging.getLogger("layerprune.serve")
 
 
 def run(bundle: Path, settings: ServeSettings) -> int:
-    """Gate the bundle, load it and serve until interrupted. Exit code: 0 after a clean shutdown,
-    the error's code (2) with one line on stderr when the bundle is refused, 1 when uvicorn fails."""
+    """Bind the address, gate the bundle, load it and serve until interrupted. Exit code: 0 after a clean
+    shutdown; the error's code (2) with one line on stderr when the address cannot be bound or the bundle is
+    refused; 1 when uvicorn fails."""
     if settings.ray:
         from .ray_app import run_ray
 
@@ -28,13 +30,17 @@ def run(bundle: Path, settings: ServeSettings) -> int:
 
     from .app import create_app
     from .model import load_model
-    from .protocol import protocol_with_header_timeout
+    from .protocol import hardened_protocol
 
     _configure_logging(settings.log_level)
+    sockets: list[socket.socket] = []
     try:
+        sockets = listen(settings.host, settings.port)  # first: a port in use is told before the model loads
         model = load_model(bundle, allow_unvalidated=settings.allow_unvalidated, threads=settings.threads,
                            memory_arena=settings.memory_arena)
     except LayerpruneError as exc:
+        for sock in sockets:
+            sock.close()
         print(f"layerprune serve: error: {exc}", file=sys.stderr)
         return exc.exit_code
     if not model.validated:
@@ -42,25 +48,53 @@ def run(bundle: Path, settings: ServeSettings) -> int:
     log.info(
         "serving %s (%s, %d of %d layers, %s input) on http://%s:%d, providers %s",
         bundle, model.model_id, model.manifest.depth, model.manifest.total_layers,
-        "pair" if model.pair_input else "single-text", settings.host, settings.port,
+        "pair" if model.pair_input else "single-text", settings.host, sockets[0].getsockname()[1],
         model.classifier.session.get_providers(),
     )
-    if settings.api_key is None and not _loopback(settings.host):
+    if settings.api_key is None and not all(_loopback(sock) for sock in sockets):
         log.warning("binding %s, reachable from other hosts, WITHOUT an API key: anyone who reaches it can use it "
                     "(set --api-key or LAYERPRUNE_SERVE_API_KEY)", settings.host)
     app = create_app(model, settings)
+    protocol = hardened_protocol(head_timeout=settings.timeout_header_s, max_head_bytes=settings.max_header_bytes,
+                                 max_connections=settings.max_connections)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False, lifespan="on",
-        log_config=None, http=protocol_with_header_timeout(settings.timeout_header_s),
-        timeout_keep_alive=settings.timeout_keep_alive_s, timeout_graceful_shutdown=settings.timeout_shutdown_s,
-        limit_concurrency=settings.max_connections,
+        log_config=None, http=protocol, timeout_keep_alive=settings.timeout_keep_alive_s,
+        timeout_graceful_shutdown=settings.timeout_shutdown_s,
     )
     server = uvicorn.Server(config)
     try:
-        server.run()
+        server.run(sockets=sockets)
     except KeyboardInterrupt:
         pass
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0 if server.started else 1
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address `host` resolves to (as asyncio's create_server binds them), for
+    uvicorn to listen on; a LayerpruneError in one line when one cannot be bound (a port in use, say)."""
+    where = f"{host}:{port}"
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise LayerpruneError(f"cannot listen on {where}: {getattr(exc, 'strerror', None) or exc}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(addresses):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # each family on its own socket, as asyncio does
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise LayerpruneError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    return sockets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,13 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     return run(args.bundle, settings)
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: only its resolver knows; warn
-        return False
+def _loopback(sock: socket.socket) -> bool:
+    """Whether the address a socket is bound to is loopback: the address itself, so 127.1 and localhost are."""
+    return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
 
 
 def _configure_logging(level: str) -> None:

@@ -1,93 +1,129 @@
-"""uvicorn's HTTP protocols with a deadline for a request's headers, which uvicorn lacks: a client that
-connects and sends nothing, or drips half a request line, holds a connection only that long. httptools (C
-parser) when installed: h11 (pure Python) parses a request several times slower, which a 2-core server at a
-thousand requests per second feels."""
+"""uvicorn's httptools protocol (its C parser; a project dependency) with what uvicorn leaves open to a
+hostile or careless client:
+
+- a deadline for a request's head: a client that connects and sends nothing, or drips half a request
+  line, holds a connection only that long;
+- a byte limit on a request's head: httptools keeps a header being received in memory however long it
+  grows (431, TEI's JSON body, and closed);
+- the connection limit answered with TEI's JSON body (uvicorn's is plain text), and never in the way of
+  the health probes, so idle sockets up to the limit cannot hide a healthy server from its orchestrator;
+- a client that closes its connection with pipelined requests in flight: uvicorn tells only the last
+  request it parsed, and the one running writes its answer to the closed uvloop transport (RuntimeError,
+  "Exception in ASGI application"); here every request of the connection hears that the client left;
+- a request the parser refuses gets TEI's JSON body too (uvicorn's is plain text).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from http import HTTPStatus
+from typing import Any
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from .schemas import error_response
 
-def protocol_with_header_timeout(seconds: float) -> type[asyncio.Protocol]:
-    """The httptools protocol with the header deadline when httptools is installed, else h11's."""
-    try:
-        import httptools  # noqa: F401
-    except ImportError:
-        return h11_with_header_timeout(seconds)
-    return httptools_with_header_timeout(seconds)
+# Answered even beyond the connection limit: cheap, and what an orchestrator decides a restart on.
+PROBES = {"/", "/health", "/healthz", "/readyz"}
 
 
-class _HeaderDeadline:
-    """The deadline both protocols share: armed when a request's head starts, disarmed when its headers
-    are complete or the connection goes; when it fires, the connection is closed."""
+def hardened_protocol(*, head_timeout: float, max_head_bytes: int, max_connections: int) -> type[asyncio.Protocol]:
+    """A protocol class for uvicorn.Config(http=...). Pass no limit_concurrency to uvicorn: the limit is here."""
 
-    seconds: float
-    loop: asyncio.AbstractEventLoop
-    transport: asyncio.Transport
-    _header_timer: asyncio.TimerHandle | None = None
+    class Hardened(_Hardened):
+        pass
+
+    Hardened.head_timeout, Hardened.max_head_bytes, Hardened.max_connections = (head_timeout, max_head_bytes,
+                                                                               max_connections)
+    return Hardened
+
+
+class _Hardened(HttpToolsProtocol):
+    head_timeout: float
+    max_head_bytes: int
+    max_connections: int
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._app = self.app
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes: int | None = 0  # bytes of the head being received; None from its end to the next
+        self._heads = 0  # heads begun on this connection
+        self._cycles: list[RequestResponseCycle] = []  # requests of this connection not yet answered
+
+    # --- the head: a deadline and a byte limit -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)  # type: ignore[misc]
+        super().connection_made(transport)
         self._arm()
+
+    def on_message_begin(self) -> None:  # the first byte of a request
+        self._arm()
+        self._head_bytes, self._heads = 0, self._heads + 1
+        super().on_message_begin()
+
+    def data_received(self, data: bytes) -> None:
+        in_head, heads = self._head_bytes is not None, self._heads
+        super().data_received(data)
+        # Counted when the whole chunk went to one head: a head that began inside this chunk is counted from
+        # the next, so a head is refused at most one read past the limit, and a body never counts.
+        if in_head and self._head_bytes is not None and heads == self._heads:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
+                self._refuse(431, f"the request's head is larger than {self.max_head_bytes} bytes", "Validation")
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        self._head_bytes = None
+        # The limit counts every connection, idle ones included (as uvicorn's): beyond it, only the probes.
+        busy = len(self.connections) >= self.max_connections or len(self.tasks) >= self.max_connections
+        self.app = self._over_limit if busy else self._app
+        super().on_headers_complete()
+        if self.cycle is not None and self.cycle not in self._cycles:
+            self._cycles = [c for c in self._cycles if not c.response_complete] + [self.cycle]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        super().connection_lost(exc)  # type: ignore[misc]
+        for cycle in self._cycles:  # running or pipelined: none writes to the closed transport
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self._cycles = []
+        super().connection_lost(exc)
 
     def _arm(self) -> None:
-        if self._header_timer is None:
-            self._header_timer = self.loop.call_later(self.seconds, self._too_slow)
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout, self._too_slow)
 
     def _disarm(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
 
     def _too_slow(self) -> None:
-        self._header_timer = None
-        if self._in_headers() and not self.transport.is_closing():
+        self._head_timer = None
+        if self._head_bytes is not None and not self.transport.is_closing():
             self.transport.close()
 
-    def _in_headers(self) -> bool:
-        return True
+    # --- answers made here, in TEI's JSON --------------------------------------------------------------------
 
+    async def _over_limit(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["method"] in ("GET", "HEAD") and scope["path"] in PROBES:
+            await self._app(scope, receive, send)
+            return
+        refusal = error_response(503, f"the server holds {self.max_connections} connections, its most; retry",
+                                 "Unhealthy", headers={"Retry-After": "1", "Connection": "close"})
+        await refusal(scope, receive, send)
 
-def httptools_with_header_timeout(seconds: float) -> type[asyncio.Protocol]:
-    """uvicorn's HttpToolsProtocol, its connections closed when a request's headers are not complete `seconds`
-    after the connection opened or after the request's first byte."""
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    def send_400_response(self, msg: str) -> None:  # the parser refused the request (uvicorn's msg: plain text)
+        self._refuse(400, "invalid HTTP request", "Validation")
 
-    class HeaderTimeoutHttpTools(_HeaderDeadline, HttpToolsProtocol):
-        def on_message_begin(self) -> None:  # the first byte of a request
-            self._arm()
-            super().on_message_begin()
-
-        def on_headers_complete(self) -> None:
-            self._disarm()
-            super().on_headers_complete()
-
-    HeaderTimeoutHttpTools.seconds = seconds
-    return HeaderTimeoutHttpTools
-
-
-def h11_with_header_timeout(seconds: float) -> type[H11Protocol]:
-    """An H11Protocol class for uvicorn.Config(http=...) whose connections are closed when a request's
-    headers are not complete `seconds` after the connection opened or after the request's first byte.
-    Bodies are timed by the app (408); idle keep-alive by uvicorn's timeout_keep_alive."""
-
-    class HeaderTimeoutH11(_HeaderDeadline, H11Protocol):
-        def data_received(self, data: bytes) -> None:
-            if self.conn.their_state is h11.IDLE:  # bytes of a new request's head
-                self._arm()
-            super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:  # its headers are complete
-                self._disarm()
-
-        def _in_headers(self) -> bool:
-            return self.conn.their_state is h11.IDLE
-
-    HeaderTimeoutH11.seconds = seconds
-    return HeaderTimeoutH11
+    def _refuse(self, status: int, message: str, error_type: str) -> None:
+        """Answer `status` with TEI's body and close: for what is refused before a request reaches the app."""
+        body = json.dumps({"error": message, "error_type": error_type}).encode()
+        head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
+        head += [name + b": " + value for name, value in self.server_state.default_headers]
+        head += [b"content-type: application/json", b"content-length: %d" % len(body), b"connection: close"]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.transport.close()

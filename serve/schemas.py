@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from layerprune.artifacts import FallbackRule
 
@@ -42,7 +42,7 @@ _EXAMPLES: dict[int, tuple[str, str, str]] = {
     401: ("missing or wrong API key (when the server has one)",
           "missing or wrong API key: send 'Authorization: Bearer KEY'", "Unauthorized"),
     408: ("the body did not arrive in time", "the request body did not arrive within 30 s", "Validation"),
-    413: ("payload too large", "the request body is larger than 5308416 bytes", "Validation"),
+    413: ("payload too large", "the request body is larger than 7749632 bytes", "Validation"),
     415: ("the body is not JSON", "send the body as JSON with 'Content-Type: application/json' (got text/plain)",
           "Validation"),
     422: ("validation or tokenization error", "batch size 65 > maximum allowed batch size 64", "Validation"),
@@ -118,7 +118,7 @@ class Parameters(BaseModel):
     """The Hugging Face Inference API's text-classification parameters (huggingface_hub's InferenceClient
     sends them); TEI ignores them, layerprune applies them."""
 
-    top_k: int | None = Field(None, ge=1, description="answer only the k best labels")
+    top_k: StrictInt | None = Field(None, ge=1, le=2**31 - 1, description="answer only the k best labels")
     function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
         None, description="scores as softmax, sigmoid or raw logits (default: the model's, as raw_scores=false)")
 

@@ -8,14 +8,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError,
+                               YamlConfigSettingsSource)
 
-from layerprune.errors import LayerpruneError
+from layerprune.errors import LayerpruneError, first_line
 from layerprune.files import SERVE_CONFIG
 from layerprune.options import cli
 
 ENV_PREFIX = "LAYERPRUNE_SERVE_"
+# JSON's longest spelling of one character: an astral character escaped as a surrogate pair, "\ud83d\ude00".
+ESCAPED_CHAR_BYTES = 12
+JSON_SLACK_PER_TEXT = 64  # its quotes, comma, brackets and the indentation of pretty-printed JSON
+JSON_SLACK = 65_536  # the other fields (truncate, raw_scores, parameters, ...)
 _config_file: ContextVar[Path | None] = ContextVar("serve_config_file", default=None)
 
 
@@ -55,7 +60,10 @@ class ServeSettings(BaseSettings):
     timeout_body_s: float = Field(30, gt=0, description="a request's body must arrive within this, else 408")
     timeout_keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
     timeout_shutdown_s: int = Field(10, ge=0, description="on SIGTERM, wait this long for requests in flight")
-    max_connections: int = Field(1024, ge=1, description="concurrent connections and requests; beyond: 503")
+    max_connections: int = Field(1024, ge=1, description="concurrent connections and requests; beyond: 503 (the "
+                                 "health probes are answered still)")
+    max_header_bytes: int = Field(65_536, ge=1024, description="a request's head (request line and headers) may "
+                                  "take this many bytes; beyond: 431 and closed")
     auto_truncate: bool = Field(True, description="/predict default for 'truncate' (TEI's --auto-truncate)")
     threads: Annotated[int | None, cli()] = Field(
         None, ge=1, description="onnxruntime intra-op threads (default: onnxruntime's own)")
@@ -87,11 +95,26 @@ class ServeSettings(BaseSettings):
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)
 
+    @field_validator("api_key")
+    @classmethod
+    def _usable_key(cls, key: SecretStr | None) -> SecretStr | None:
+        """An empty key would turn the check off, and one with whitespace around it can never be sent."""
+        if key is not None and (not key.get_secret_value() or key.get_secret_value() != key.get_secret_value().strip()):
+            raise ValueError("the key is empty or starts or ends with whitespace")
+        return key
+
+    def max_body_bytes(self, pair_input: bool) -> int:
+        """Request bodies beyond this are refused (413) before JSON parsing: the largest a valid request can
+        be, every input at max_chars_per_input characters each spelled as long as JSON can (12 bytes),
+        two texts an input on a pair model, plus slack for the other fields."""
+        texts = self.max_inputs_per_request * (2 if pair_input else 1)
+        return texts * (ESCAPED_CHAR_BYTES * self.max_chars_per_input + JSON_SLACK_PER_TEXT) + JSON_SLACK
+
     @property
-    def max_body_bytes(self) -> int:
-        """Request bodies beyond this are refused (413) before JSON parsing: every input at its
-        maximum length, 4 bytes a character, escaped, twice over for pairs, plus slack."""
-        return 2 * self.max_inputs_per_request * (4 * self.max_chars_per_input * 2 + 16) + 65_536
+    def max_json_items(self) -> int:
+        """Commas and opening brackets a request body may hold: a valid request needs about two per input
+        (64 pairs: 200), so the parsed body is its strings plus a bounded number of objects."""
+        return 4 * self.max_inputs_per_request + 64
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> ServeSettings:
@@ -110,7 +133,11 @@ def load_settings(config: Path | None = None, **overrides: Any) -> ServeSettings
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "settings"
-        raise LayerpruneError(f"bad serve setting {where}: {err['msg']}") from None
+        message = err["msg"].removeprefix("Value error, ")
+        raise LayerpruneError(f"bad serve setting {where}: {message}") from None
+    except SettingsError as exc:  # an environment variable of a list setting that is not JSON
+        raise LayerpruneError(f"bad serve setting: {first_line(exc)} (lists are JSON, e.g. "
+                              f'{ENV_PREFIX}CORS_ORIGINS=\'["https://app.example"]\')') from None
     finally:
         _config_file.reset(token)
 

@@ -179,10 +179,14 @@ def test_truncation(client, reference) -> None:
     assert r.status_code == 200
     assert len(reference.encode([LONG])["input_ids"][0]) == 160  # cut at the manifest's max length
     np.testing.assert_allclose(by_label([r.json()], reference.labels), reference.logits([LONG]), rtol=0, atol=1e-4)
-    for body, route in [({"inputs": LONG, "truncate": False}, "/predict"),
-                        ({"texts": ["short", LONG], "truncate": False}, "/v1/classify")]:
+    tokens = len(reference.tokenizer(LONG)["input_ids"])  # uncut
+    for body, route, index in [({"inputs": LONG, "truncate": False}, "/predict", 0),
+                               ({"texts": ["short", LONG], "truncate": False}, "/v1/classify", 1)]:
         r = client.post(route, json=body)
-        assert r.status_code == 422 and "tokens" in r.json()["error"], r.text
+        assert r.status_code == 422 and r.json()["error_type"] == "Validation", r.text
+        # The API's field, not the library's argument (truncation=True).
+        assert r.json()["error"] == (f'input {index} has {tokens} tokens, the model takes at most 160; send '
+                                     '"truncate": true to cut it'), r.text
     assert client.post("/predict", json={"inputs": "short", "truncate": False}).status_code == 200
 
 
@@ -250,8 +254,14 @@ def test_malformed_and_oversized_bodies(client) -> None:
         assert r.status_code == 415 and "application/json" in r.json()["error"], (content_type, r.text)
     r = client.post("/predict", content=b'{"inputs": "fine"}', headers={"content-type": "application/json; charset=utf-8"})
     assert r.status_code == 200
-    r = client.post("/predict", content=b"x" * (client.app.state.settings.max_body_bytes + 1),
-                    headers={"content-type": "application/json"})
+    # The limit is what a valid request can need: 64 inputs of 10,000 characters, each written as JSON's
+    # longest spelling of a character (an astral one escaped as a surrogate pair, 12 bytes), and some slack.
+    limit = client.app.state.settings.max_body_bytes(client.app.state.model.pair_input)
+    worst = json.dumps({"inputs": ["\U0001f600" * 10_000] * 64}).encode()
+    assert len(worst) == 64 * (10_000 * len(b"\\ud83d\\ude00") + 4) + 12 < limit == 64 * (12 * 10_000 + 64) + 65_536
+    r = client.post("/predict", content=worst, headers={"content-type": "application/json"})
+    assert r.status_code == 200 and len(r.json()) == 64, r.text[:300]
+    r = client.post("/predict", content=b"x" * (limit + 1), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "larger than" in r.json()["error"]
     assert client.get("/predict").status_code == 405
     assert client.get("/nowhere").status_code == 404

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -163,3 +165,100 @@ def test_left_truncation_follows_the_tokenizer(folders, tmp_path: Path) -> None:
         np.testing.assert_array_equal(array, expected[key], err_msg=key)
     right = OnnxClassifier(folders["xlmr-unigram"]).encode(TEXTS, PAIRS, max_length=10)
     assert not np.array_equal(right["input_ids"], encoding["input_ids"])  # the setting changed something
+
+
+# --- long texts and pairs: cut before the tokenizer builds overflow pieces, exactly as transformers cuts ---------
+
+WORDS = ["a", "movie", "unbelievably", "Ünïcode", "naïve", "中文", "😀", "[MASK]", "<mask>", ",", "tedious",
+         "x" * 30, "well-made"]
+
+
+@pytest.fixture(scope="module")
+def truncating(folders, minilm_dir, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """Every tokenizer of this module and the real MiniLM WordPiece (512 positions), each with right and left
+    truncation (tokenizer_config's truncation_side, which both transformers and the runtime read)."""
+    minilm = tmp_path_factory.mktemp("minilm")
+    for name in ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"]:
+        shutil.copy(minilm_dir / name, minilm / name)
+    (minilm / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 512}))
+    stub_model(minilm / "model.onnx", ["input_ids", "attention_mask", "token_type_ids"])
+    out = {}
+    for name, folder in {**folders, "minilm-wordpiece": minilm}.items():
+        out[name, "right"] = folder
+        left = shutil.copytree(folder, tmp_path_factory.mktemp(f"{name}-left"), dirs_exist_ok=True)
+        config_path = left / "tokenizer_config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "truncation_side": "left"}))
+        out[name, "left"] = left
+    return out
+
+
+def _rows_match(runner: OnnxClassifier, reference, texts: list[str], pairs: list[str] | None, max_length: int) -> None:
+    """The runtime's rows against transformers' (AutoTokenizer, truncation=True: longest_first), row by row."""
+    rows = runner.tokenize(texts, pairs, max_length=max_length)
+    for i, row in enumerate(rows):
+        want = reference(texts[i], None if pairs is None else pairs[i], truncation=True, max_length=max_length)
+        assert list(row.ids) == want["input_ids"], (i, max_length)
+        assert list(row.attention_mask) == want["attention_mask"], (i, max_length)
+        if "token_type_ids" in want:
+            assert list(row.type_ids) == want["token_type_ids"], (i, max_length)
+
+
+_side = st.lists(st.sampled_from(WORDS), max_size=120).map(" ".join)
+# transformers drops an empty second text (`if text_pair`) and encodes the first alone; the server refuses
+# empty texts (400), so pairs here have a word or more on each side.
+_pair_side = st.lists(st.sampled_from(WORDS), min_size=1, max_size=120).map(" ".join)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("name", sorted([*BUILDERS, "minilm-wordpiece"]))
+def test_truncation_matches_transformers_on_any_lengths(truncating, name: str, side: str) -> None:
+    """Generated texts and pairs of 0 to 120 words (ties included: a pair of one text twice), budgets odd and
+    even from 5 tokens up to the model's: the same ids, segment ids and mask as transformers'."""
+    from transformers import AutoTokenizer
+
+    folder = truncating[name, side]
+    runner, reference = OnnxClassifier(folder), AutoTokenizer.from_pretrained(folder)
+    assert reference.truncation_side == side
+
+    @settings(max_examples=120, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data(), max_length=st.one_of(st.integers(5, 40), st.just(runner.max_length)))
+    def check(data, max_length: int) -> None:
+        if data.draw(st.booleans()):
+            texts, pairs = data.draw(st.lists(_side, min_size=1, max_size=4)), None
+        else:
+            texts = data.draw(st.lists(_pair_side, min_size=1, max_size=4))
+            pairs = data.draw(st.one_of(st.just(texts), st.lists(_pair_side, min_size=len(texts), max_size=len(texts))))
+        _rows_match(runner, reference, texts, pairs, max_length)
+
+    check()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_long_pairs_match_transformers(truncating, side: str) -> None:
+    """Pairs of 10,000 characters against short ones, in both orders, and against each other, at the
+    real MiniLM's 512 tokens and at an odd budget: as transformers cuts them."""
+    from transformers import AutoTokenizer
+
+    folder = truncating["minilm-wordpiece", side]
+    runner, reference = OnnxClassifier(folder), AutoTokenizer.from_pretrained(folder)
+    long, other, short = ("w " * 5000)[:10000], ("moving " * 1500)[:10000], "a short premise"
+    texts, pairs = [long, short, long, long, short], [short, long, long, other, short]
+    for max_length in (512, 257):
+        _rows_match(runner, reference, texts, pairs, max_length)
+        _rows_match(runner, reference, [long, other], None, max_length)
+
+
+def test_too_long_without_truncation_is_refused(truncating) -> None:
+    from transformers import AutoTokenizer
+
+    from layerprune.runtime import TooManyTokens
+
+    folder = truncating["minilm-wordpiece", "right"]
+    runner, reference = OnnxClassifier(folder), AutoTokenizer.from_pretrained(folder)
+    texts, pairs = ["a short premise", "w " * 300], ["and its hypothesis", "w " * 300]
+    rows = runner.tokenize(texts[:1], pairs[:1], truncation=False)
+    assert list(rows[0].ids) == reference(texts[0], pairs[0])["input_ids"]
+    with pytest.raises(TooManyTokens) as refused:
+        runner.tokenize(texts, pairs, truncation=False)
+    assert (refused.value.index, refused.value.tokens) == (1, len(reference(texts[1], pairs[1])["input_ids"]))
