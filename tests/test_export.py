@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SENTENCES, TINY_LAYERS, make_tiny_classifier
+from conftest import SENTENCES, TINY_LAYERS, make_tiny_classifier, reseal
 from layerprune.analyze import AnalyzeOptions, analyze
 from layerprune.artifacts import AnalysisReport, DepthReport, Manifest, ValidationReport, load_artifact
 from layerprune.depth_search import choose_depth, error_budget
@@ -611,6 +611,7 @@ def test_validate_checks_the_bundles_own_files_before_the_original(bundle: Path,
     manifest = load_artifact(Manifest, copy / "manifest.json")
     manifest.files = hash_files(copy)
     manifest.save(copy / "manifest.json")
+    reseal(copy)
 
     def never(*args, **kwargs):
         raise AssertionError("the original model was loaded before the bundle's own files were checked")
