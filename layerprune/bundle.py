@@ -173,15 +173,19 @@ def _check_agreement(root: Path, manifest: Manifest) -> None:
     """What the manifest says of the model against the hashed files that say it too: config.json (the graph's
     layer count and labels) and analysis.json (the source's layer count, the task's pair input). The labels'
     count against the graph's outputs is the runtime's check, when it opens the graph."""
-    config = _json(root / manifest.parts.config)
-    task = load_artifact(AnalysisReport, root / manifest.parts.analysis)
-    says = [
-        ("depth", manifest.depth, f"{manifest.parts.config}'s layer count", total_layers(config)),
-        ("total_layers", manifest.total_layers, f"{manifest.parts.analysis}'s total_layers", task.total_layers),
-        ("labels", manifest.labels, f"{manifest.parts.config}'s id2label", _config_labels(config, manifest.labels)),
-        ("pair_input", manifest.pair_input, f"{manifest.parts.analysis}'s task",
-         task.task_config.text_pair_field is not None),
-    ]
+    parts = manifest.parts
+    config = _json(root / parts.config)
+    analysis = load_artifact(AnalysisReport, root / parts.analysis)
+    try:
+        says = [
+            ("depth", manifest.depth, f"{parts.config}'s layer count", total_layers(config)),
+            ("total_layers", manifest.total_layers, f"{parts.analysis}'s total_layers", analysis.total_layers),
+            ("labels", manifest.labels, f"{parts.config}'s id2label", _config_labels(config, manifest.labels)),
+            ("pair_input", manifest.pair_input, f"{parts.analysis}'s task",
+             analysis.task_config.text_pair_field is not None),
+        ]
+    except (TypeError, ValueError) as exc:  # a layer count or label id that is not a number
+        raise BundleError(f"cannot read {root / parts.config}: {first_line(exc)}") from None
     for field, said, where, found in says:
         if said != found:
             raise BundleError(f"{root / MANIFEST_FILE} says {field} {said!r} but {where} says {found!r}: the manifest "
@@ -209,7 +213,8 @@ def _json(path: Path) -> dict[str, Any]:
 
 
 def servable_bundle(root: Path, allow_unvalidated: bool = False) -> tuple[Manifest, ValidationReport | None]:
-    """Check a bundle before serving it: hashes always; a passed validation unless explicitly waived."""
+    """Check a bundle before serving it: seal, paths, hashes and agreement always (verify_bundle), the max length
+    and the int8 CPU kind; a passed validation unless explicitly waived."""
     manifest = verify_bundle(root)
     name = manifest.parts.validation
     validation_path = Path(root) / name
