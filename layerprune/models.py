@@ -161,12 +161,12 @@ def pick_device(device: torch.device | str | None = None) -> torch.device:
     not know, or a device this machine cannot run."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError("--device cuda was asked for, but no CUDA device is available")
     try:
         picked = torch.device(device)
     except RuntimeError:
         raise ModelError(f"--device {str(device)!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if picked.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for, but no CUDA device is available")
     try:
         torch.empty(0, device=picked)  # a device torch knows but this machine cannot run: mps, a GPU index too high
     except Exception as exc:  # RuntimeError, AssertionError or NotImplementedError, by backend
