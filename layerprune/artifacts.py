@@ -409,7 +409,8 @@ class Manifest(Artifact):
 
     schema_version: int = MANIFEST_SCHEMA
     written_by: ClassVar[str] = "layerprune export"
-    files: dict[BundlePath, Sha256] = Field(description="relative path -> sha256 of every file but this one and its seal")
+    files: dict[BundlePath, Sha256] = Field(description="relative path -> sha256 of every file but this one and "
+                                                        "its seal")
     parts: BundleParts
     source_checkpoint: str
     task: str

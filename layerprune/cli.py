@@ -257,7 +257,8 @@ def _run_export(args: argparse.Namespace) -> int:
     print(validation_table(result.validation, manifest))
     print(f"bundle: {result.bundle} ({size_mb(result.bundle):.1f} MB)")
     if not result.validation.passed:
-        beside = f" and written to {result.bundle}: {result.kept} keeps the servable bundle it held" if result.kept else ""
+        beside = (f" and written to {result.bundle}: {result.kept} keeps the servable bundle it held"
+                  if result.kept else "")
         advice = f"; {result.advice}" if result.advice else ""
         print(f"layerprune: error: the bundle failed validation; it is marked not servable{beside}{advice}",
               file=sys.stderr)

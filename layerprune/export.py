@@ -251,11 +251,10 @@ def _truncated_and_healed(original, heal: Heal, task: TaskConfig):
 
 def _add_original(original, tokenizer, bundle: Path, scratch: Path, calibration: np.ndarray, max_length: int,
                   opts: ExportOptions) -> FallbackRule:
-    """The fallback: the original's ONNX graph (optimized as the bundle's, exported in `scratch`) beside the
-    bundle's, and the threshold
-    below which the bundle's graph, as exported, sends a text on: the --fallback quantile of its top-class
-    probabilities on the calibration texts (`calibration`: its logits there; with int8, the very run of the kept
-    candidate its forecast scored)."""
+    """The fallback: the original's ONNX graph (exported in `scratch`, optimized as the bundle's) beside the
+    bundle's, and the threshold below which the bundle's graph, as exported, sends a text on: the --fallback
+    quantile of its top-class probabilities on the calibration texts (`calibration`: its logits there; with
+    int8, the very run of the kept candidate its forecast scored)."""
     below = threshold(calibration, opts.fallback)
     checkpoint, onnx_dir = scratch / "original", scratch / "original-onnx"
     _save_checkpoint(original, tokenizer, checkpoint)

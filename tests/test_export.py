@@ -568,7 +568,8 @@ def test_a_killed_export_leaves_its_staging_for_the_next_run_to_remove(run_dir: 
     out = shutil.copytree(bundle, tmp_path / "out" / "bundle")
     before, temp = _files(out), tmp_path / "temp"
     temp.mkdir()
-    env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": path}
     subprocess.run([sys.executable, "-c", "import layerprune.export"], env=env, check=True, timeout=600)
     libraries = sorted(temp.iterdir())  # what the libraries keep there from their import on (onnxruntime, torch)
     proc = subprocess.Popen([sys.executable, "-c", KILLED_EXPORT, str(run_dir), str(out)], env=env, cwd=tmp_path,

@@ -39,7 +39,8 @@ with staging_folder(target) as folder:
 def run_holding(target: Path, where: str = "working") -> Iterator[tuple[subprocess.Popen, Path]]:
     """A process inside a stage for `target`, and its staging folder; SIGKILLed when the block ends."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(target), where], env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(target), where], env=env, stdout=subprocess.PIPE,
+                            text=True)
     try:
         yield proc, Path(proc.stdout.readline().strip())
     finally:

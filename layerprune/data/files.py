@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from ..errors import DataError, TaskError
+from ..errors import DataError, TaskError, first_line
 from ..tasks import FileSource, Metric, TaskConfig, validation_message
 from .examples import Examples, resolve_labels, texts_of
 
@@ -61,8 +61,8 @@ def _read_json_lines(path: Path) -> Rows:
     if stripped.startswith("["):
         try:
             rows = [(f"row {i}", row) for i, row in enumerate(json.loads(stripped), start=1)]
-        except ValueError as e:
-            raise DataError(f"{path} is not valid JSON (line {getattr(e, 'lineno', '?')}): {getattr(e, 'msg', e)}") from None
+        except ValueError as e:  # a JSONDecodeError, or an integer of more digits than Python converts
+            raise DataError(f"{path} is not valid JSON (line {getattr(e, 'lineno', '?')}): {_why(e)}") from None
     else:
         rows = []
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -72,7 +72,7 @@ def _read_json_lines(path: Path) -> Rows:
                 rows.append((f"line {lineno}", json.loads(line)))
             except ValueError as e:
                 raise DataError(
-                    f"line {lineno} of {path} is not valid JSON ({getattr(e, 'msg', e)}); expected one JSON object per line"
+                    f"line {lineno} of {path} is not valid JSON ({_why(e)}); expected one JSON object per line"
                 ) from None
     columns: dict[str, None] = {}
     for where, row in rows:
@@ -82,6 +82,10 @@ def _read_json_lines(path: Path) -> Rows:
             check_field(path, where, k, v if isinstance(v, str) else json.dumps(v))
             columns.setdefault(k, None)
     return list(columns), [row for _, row in rows]
+
+
+def _why(error: ValueError) -> str:
+    return error.msg if isinstance(error, json.JSONDecodeError) else first_line(error)
 
 
 # --- one limit on a field, for every reader of data files -------------------------------------------------------
