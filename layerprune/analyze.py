@@ -62,6 +62,13 @@ def analyze(checkpoint: str, task: TaskConfig, out: Path, opts: AnalyzeOptions =
     else:
         matrix = cka_math.cka_matrix(passed.reps, opts.estimator)
     measured = time.perf_counter()
+    defined = int((~np.isnan(np.diag(matrix))).sum())  # the layers find_blocks can cluster
+    if defined == 0:
+        raise DataError(f"every layer's representation is the same for all {len(examples)} examples of the "
+                        f"'{split}' split of {task.name} (are its texts all alike?); CKA needs texts that differ")
+    if opts.clusters is not None and opts.clusters > defined:
+        raise LayerpruneError(f"--clusters {opts.clusters} asks for more blocks than the {defined} layers whose CKA "
+                              "is defined")
 
     blocks = find_blocks(matrix, n_clusters=opts.clusters, max_clusters=opts.max_clusters)
     clustered = time.perf_counter()

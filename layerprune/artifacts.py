@@ -1,24 +1,29 @@
 """Artifacts are the contracts between stages: every JSON file a stage writes is one of these models.
 
-Folders are written atomically: built in a temporary folder beside the target, then renamed into place,
-so an interrupted or failed stage never leaves a half-written run directory behind.
+Folders are written atomically: built in a staging folder beside the target, then renamed into place, so an
+interrupted or failed stage never leaves a half-written run directory behind, and the staging folder of a run
+that was killed is removed by the next run for the same target.
 """
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import ClassVar, Literal, TypeVar
+from pathlib import Path, PurePosixPath
+from typing import Annotated, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from .errors import LayerpruneError
+from .files import NEW_STAGING_INFIX, REPLACED, SCRATCH, STAGING_INFIX
 from .tasks import TaskConfig
 
 Representation = Literal["cls", "mean", "tokens"]
@@ -42,31 +47,33 @@ A = TypeVar("A", bound=Artifact)
 def load_artifact(cls: type[A], path: Path) -> A:
     """Read and validate an artifact, or a LayerpruneError naming the file."""
     try:
-        text = path.read_text()
-        version, current = _schema_version(text), cls.model_fields["schema_version"].default
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise LayerpruneError(f"{path} not found") from None
+    except OSError as exc:
+        raise LayerpruneError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return parse_artifact(cls, data, path)
+
+
+def parse_artifact(cls: type[A], text: str | bytes, path: Path) -> A:
+    """Validate an artifact's JSON text, read from `path`, or a LayerpruneError naming the file."""
+    try:
+        version, current = declared_version(text), cls.model_fields["schema_version"].default
         if version is not None and version != current:
             raise LayerpruneError(f"{path} has {cls.__name__} schema v{version}; this layerprune reads v{current}: "
                                   f"re-run `{cls.written_by}` to write it with this version")
         return cls.model_validate_json(text)
-    except FileNotFoundError:
-        raise LayerpruneError(f"{path} not found") from None
     except ValidationError as exc:  # its first line says only how many errors: name the first one
         err = exc.errors()[0]
-        where = ".".join(str(part) for part in err["loc"]) or "its content"
-        raise LayerpruneError(f"{path} is not a valid {cls.__name__}: {where}: {err['msg']}") from None
+        where = ".".join(str(part) for part in err["loc"] if part != "[key]") or "its content"
+        message = err["msg"].removeprefix("Value error, ")  # (a validator's own words)
+        raise LayerpruneError(f"{path} is not a valid {cls.__name__}: {where}: {message}") from None
     except ValueError as exc:
         raise LayerpruneError(f"{path} is not a valid {cls.__name__}: {str(exc).splitlines()[0]}") from None
 
 
-def schema_version_of(path: Path) -> int | None:
-    """The schema_version an artifact file declares; None when it cannot be read or declares none."""
-    try:
-        return _schema_version(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _schema_version(text: str) -> int | None:
+def declared_version(text: str | bytes) -> int | None:
+    """The schema_version an artifact's JSON text declares; None when it declares none or is not a JSON object."""
     try:
         version = json.loads(text).get("schema_version")
     except (ValueError, AttributeError):
@@ -158,33 +165,100 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-@contextmanager
-def atomic_dir(target: Path, marker: str) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; on success it replaces `target` in one rename.
+@dataclass
+class Stage:
+    """A stage's work in progress beside its target: `out` becomes the target (or `target` where the stage sends
+    it instead), `scratch` is room for anything else; both go when the stage ends."""
 
-    `marker` is a file every earlier output of this stage holds: an existing non-empty `target`
-    without it is not ours, and is never replaced.
-    """
-    target = Path(target)
+    out: Path
+    scratch: Path
+    target: Path
+
+
+def refuse_foreign(target: Path, marker: str) -> None:
+    """A LayerpruneError unless `target` is absent, empty, or an earlier output of the stage (it holds `marker`)."""
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / marker).exists())):
         raise LayerpruneError(f"refusing to overwrite {target}: it exists and holds no {marker}")
+
+
+@contextmanager
+def staged_dir(target: Path, marker: str) -> Iterator[Stage]:
+    """Yield a Stage in one folder beside `target`; on success its `out` replaces `stage.target` in one rename.
+
+    `marker` is a file every earlier output of this stage holds: an existing non-empty target without it is
+    not ours, and is never replaced. The folder, scratch included, is removed however the stage ends; one left
+    by a run that was killed is removed by the next run for the same target (`staging_folder`).
+    """
+    target = Path(target)
+    refuse_foreign(target, marker)
+    with staging_folder(target) as folder:
+        stage = Stage(out=folder / target.name, scratch=folder / SCRATCH, target=target)
+        stage.out.mkdir()
+        stage.scratch.mkdir()
+        yield stage
+        refuse_foreign(stage.target, marker)
+        _replace(stage.target, stage.out, folder)
+
+
+@contextmanager
+def atomic_dir(target: Path, marker: str) -> Iterator[Path]:
+    """Yield a folder that replaces `target` in one rename on success (`staged_dir`'s `out`)."""
+    with staged_dir(target, marker) as stage:
+        yield stage.out
+
+
+@contextmanager
+def staging_folder(target: Path) -> Iterator[Path]:
+    """A new folder beside `target`, `.TARGET.staging-*`, locked (flock) by this process while it lives, and
+    removed when the block ends. The kernel drops a dead process's lock, so the stagings of runs killed before
+    they could clean up are found by their name and removed here, and a live run's never are: its lock holds.
+    The folder is made and locked under another name first, so no other run ever sees it unlocked."""
+    parent, prefix, unlocked = target.parent, f".{target.name}{STAGING_INFIX}", f".{target.name}{NEW_STAGING_INFIX}"
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_stagings(parent, prefix)
+        made = Path(tempfile.mkdtemp(prefix=unlocked, dir=parent))
     except OSError as exc:
-        raise LayerpruneError(f"cannot write to {target.parent}: {exc.strerror}") from None
+        raise LayerpruneError(f"cannot write to {parent}: {exc.strerror or exc}") from None
+    lock, folder = os.open(made, os.O_RDONLY), made
     try:
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        folder = made.rename(parent / (prefix + made.name.removeprefix(unlocked)))
+        yield folder
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(lock)
+
+
+def _replace(target: Path, new: Path, folder: Path) -> None:
+    """Put `new` in `target`'s place; what was there moves into the staging `folder` first, and goes with it (a
+    run killed between the two renames leaves it there, and the next run puts it back)."""
+    if target.exists():
+        replaced = folder / REPLACED / target.name
+        replaced.parent.mkdir(exist_ok=True)
+        target.rename(replaced)
+    new.rename(target)
+
+
+def _remove_dead_stagings(parent: Path, prefix: str) -> None:
+    """Remove the staging folders named `prefix*` in `parent` whose lock nobody holds: their runs are dead."""
+    for folder in parent.glob(f"{glob.escape(prefix)}*"):
+        try:
+            lock = os.open(folder, os.O_RDONLY)
+        except OSError:
+            continue  # removed meanwhile
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock)
+            continue  # a live run's
+        try:
+            for old in (folder / REPLACED).glob("*"):
+                if not (parent / old.name).exists():
+                    old.rename(parent / old.name)
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(lock)
 
 
 HealMode = Literal["whole", "distill", "head", "none"]
@@ -288,19 +362,32 @@ class ValidationReport(Artifact):
                                                             "to the original (None: no fallback)")
 
 
+def _inside(name: str) -> str:
+    """A file name that stays inside the bundle's folder: a relative POSIX path, normalized, without '..' (a
+    link that leads out is bundle.verify_bundle's to refuse: it resolves each path on disk)."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or "\\" in name or not path.parts or path.as_posix() != name:
+        raise ValueError(f"{name!r} is not a relative path inside the bundle (no '..', not absolute, '/' only)")
+    return name
+
+
+BundlePath = Annotated[str, AfterValidator(_inside)]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
 class BundleParts(BaseModel):
     """Where a bundle's parts are, by their relative file names (bundle.py names them at export)."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(description="the ONNX graph that is served")
-    config: str
-    tokenizer: str
-    validation: str
-    depth: str
-    analysis: str
-    depth_plot: str | None = None
-    cka_plot: str | None = None
-    original: str | None = Field(default=None, description="the original model's ONNX graph: the fallback")
+    model: BundlePath = Field(description="the ONNX graph that is served")
+    config: BundlePath
+    tokenizer: BundlePath
+    validation: BundlePath
+    depth: BundlePath
+    analysis: BundlePath
+    depth_plot: BundlePath | None = None
+    cka_plot: BundlePath | None = None
+    original: BundlePath | None = Field(default=None, description="the original model's ONNX graph: the fallback")
 
 
 class FallbackRule(BaseModel):
@@ -322,7 +409,8 @@ class Manifest(Artifact):
 
     schema_version: int = MANIFEST_SCHEMA
     written_by: ClassVar[str] = "layerprune export"
-    files: dict[str, str] = Field(description="relative path -> sha256 of every file but this one")
+    files: dict[BundlePath, Sha256] = Field(description="relative path -> sha256 of every file but this one and "
+                                                        "its seal")
     parts: BundleParts
     source_checkpoint: str
     task: str

@@ -178,8 +178,8 @@ def _resolve_task(args: argparse.Namespace):
 
 
 def _preflight(args: argparse.Namespace) -> None:
-    """What can fail without any work fails first: an output place that cannot be written, and a hub
-    that does not answer (then offline at once, instead of minutes of retries)."""
+    """What can fail without any work fails first: an output place that cannot be written, a hub that does not
+    answer (then offline at once, instead of minutes of retries), and a device this machine has not."""
     from .preflight import check_output_dir, go_offline_unless_hub_answers
 
     if args.command in ("finetune", "analyze", "export", "validate"):
@@ -195,6 +195,10 @@ def _preflight(args: argparse.Namespace) -> None:
     for what, path, marker in outputs.get(args.command, list)():
         if path is not None:  # demo's checkpoint has a per-model default
             check_output_dir(path, what, marker)
+    if getattr(args, "device", "auto") != "auto":
+        from .models import pick_device  # (torch: after the hub check above)
+
+        pick_device(args.device)
 
 
 def _check_checkpoint(args: argparse.Namespace, name: str) -> None:
@@ -253,8 +257,11 @@ def _run_export(args: argparse.Namespace) -> int:
     print(validation_table(result.validation, manifest))
     print(f"bundle: {result.bundle} ({size_mb(result.bundle):.1f} MB)")
     if not result.validation.passed:
+        beside = (f" and written to {result.bundle}: {result.kept} keeps the servable bundle it held"
+                  if result.kept else "")
         advice = f"; {result.advice}" if result.advice else ""
-        print(f"layerprune: error: the bundle failed validation; it is marked not servable{advice}", file=sys.stderr)
+        print(f"layerprune: error: the bundle failed validation; it is marked not servable{beside}{advice}",
+              file=sys.stderr)
         return 1
     return 0
 

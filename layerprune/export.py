@@ -11,7 +11,8 @@
    With --fallback, the original's graph joins the bundle, and every forecast and the validation are of the
    two served together (layerprune.fallback).
 5. Validate the bundle against the original on the disjoint holdout, at the bundle's one max length. The
-   bundle is built in a temporary folder and renamed into place.
+   bundle and every scratch file are built in one staging folder beside the target, and the bundle renamed
+   into place, unless the gate refused it and the target holds a servable bundle: then it goes beside it.
 """
 
 from __future__ import annotations
@@ -38,16 +39,17 @@ from .artifacts import (
     atomic_dir,
     library_versions,
     load_artifact,
+    staged_dir,
 )
-from .bundle import bundle_parts, hash_files, output_labels
+from .bundle import bundle_parts, hash_files, output_labels, seal_manifest, servable_bundle
 from .cpu import cpu_kind
 from .data import Examples, load_examples, read_texts
 from .depth_search import Depths, ErrorBudget, ExportTexts, choose_depth, error_budget
 from .errors import LayerpruneError
 from .fallback import threshold
 from .files import (
-    ANALYSIS_FILE, BUNDLE_DIR, CKA_PLOT, CONFIG_FILE, DEPTH_FILE, DEPTH_PLOT, MANIFEST_FILE, MODEL_DATA_FILE, MODEL_FILE,
-    ORIGINAL_MODEL_FILE, TRUNCATED_DIR, VALIDATION_FILE,
+    ANALYSIS_FILE, BUNDLE_DIR, CKA_PLOT, CONFIG_FILE, DEPTH_FILE, DEPTH_PLOT, FAILED_SUFFIX, MANIFEST_FILE,
+    MODEL_DATA_FILE, MODEL_FILE, ORIGINAL_MODEL_FILE, TRUNCATED_DIR, VALIDATION_FILE,
 )
 from .heal import Heal, TextStates, augment_texts, encode_texts
 from .hidden import predict_logits
@@ -69,6 +71,7 @@ class ExportResult:
     truncated_checkpoint: Path
     advice: str | None  # what to try next when the gate refused the bundle
     next_candidate: ExportOptions | None  # the same, as options
+    kept: Path | None = None  # the servable bundle a refused one did not replace (`bundle` is then beside it)
 
 
 @dataclass(frozen=True)
@@ -145,9 +148,10 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
 
     # 4-5. the bundle: ONNX, the export candidates, validation on the holdout, the artifacts
     target = Path(out) if out is not None else Path(run_dir) / BUNDLE_DIR
-    with tempfile.TemporaryDirectory(prefix="layerprune-truncated-") as scratch, atomic_dir(target, MANIFEST_FILE) as tmp:
-        _save_checkpoint(bundled, tokenizer, Path(scratch))
-        onnx_export.export_onnx(Path(scratch), tmp)
+    with staged_dir(target, MANIFEST_FILE) as stage:
+        tmp, scratch = stage.out, stage.scratch
+        _save_checkpoint(bundled, tokenizer, scratch / TRUNCATED_DIR)
+        onnx_export.export_onnx(scratch / TRUNCATED_DIR, tmp)
         truncated = predict_logits(bundled, tokenizer, parts.holdout, max_length=max_length)
         exported = _onnx_logits(tmp, parts.holdout, max_length, opts.batch_size)
         parity = onnx_export.max_logit_difference(truncated, exported)
@@ -161,7 +165,7 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
         if opts.fallback and depth < total:  # (at full depth the two graphs are the same model)
             if calibration is None:
                 calibration = _onnx_logits(tmp, parts.calibration, max_length, opts.batch_size)
-            rule = _add_original(model, tokenizer, tmp, calibration, max_length, opts)
+            rule = _add_original(model, tokenizer, tmp, scratch, calibration, max_length, opts)
         runner = _runner(tmp, max_length, rule)
         served = runner.logits(parts.holdout.texts, parts.holdout.pairs)
         validation = compare(task, parts.holdout, parts.holdout_name, original_holdout, served, opts.tolerance,
@@ -170,11 +174,26 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
         _write_reports(tmp, run_dir, validation, report)
         manifest = _manifest(tmp, analysis, task, report, validation, quantized, cpu, opts, rule)
         manifest.save(tmp / MANIFEST_FILE)
+        seal_manifest(tmp)
+        stage.target = _destination(target, validation.passed)
     # The truncated PyTorch checkpoint, for users who fine-tune or serve it further; not part of the bundle.
     with atomic_dir(Path(run_dir) / TRUNCATED_DIR, CONFIG_FILE) as tmp:
         _save_checkpoint(bundled, tokenizer, tmp)
     advice, retry = (None, None) if validation.passed else _next_candidate(depth, total, quantized, opts)
-    return ExportResult(target, manifest, validation, report, Path(run_dir) / TRUNCATED_DIR, advice, retry)
+    kept = target if stage.target != target else None
+    return ExportResult(stage.target, manifest, validation, report, Path(run_dir) / TRUNCATED_DIR, advice, retry, kept)
+
+
+def _destination(target: Path, passed: bool) -> Path:
+    """Where the bundle goes: `target`, unless the gate refused it and `target` holds a bundle that serves. A
+    failed export never takes a servable bundle's place: it goes beside it, as TARGET.failed."""
+    if passed:
+        return target
+    try:
+        servable_bundle(target)
+    except LayerpruneError:
+        return target  # nothing there that serves: the failed bundle takes its place, marked not servable
+    return target.with_name(target.name + FAILED_SUFFIX)
 
 
 def _encode(model, tokenizer, parts: EvalParts, heal_texts: _HealTexts, heal: HealMode, max_length: int,
@@ -230,22 +249,21 @@ def _truncated_and_healed(original, heal: Heal, task: TaskConfig):
     return model
 
 
-def _add_original(original, tokenizer, bundle: Path, calibration: np.ndarray, max_length: int,
+def _add_original(original, tokenizer, bundle: Path, scratch: Path, calibration: np.ndarray, max_length: int,
                   opts: ExportOptions) -> FallbackRule:
-    """The fallback: the original's ONNX graph (optimized as the bundle's) beside the bundle's, and the threshold
-    below which the bundle's graph, as exported, sends a text on: the --fallback quantile of its top-class
-    probabilities on the calibration texts (`calibration`: its logits there; with int8, the very run of the kept
-    candidate its forecast scored)."""
+    """The fallback: the original's ONNX graph (exported in `scratch`, optimized as the bundle's) beside the
+    bundle's, and the threshold below which the bundle's graph, as exported, sends a text on: the --fallback
+    quantile of its top-class probabilities on the calibration texts (`calibration`: its logits there; with
+    int8, the very run of the kept candidate its forecast scored)."""
     below = threshold(calibration, opts.fallback)
-    with tempfile.TemporaryDirectory(prefix="layerprune-original-") as scratch:
-        checkpoint, onnx_dir = Path(scratch) / "checkpoint", Path(scratch) / "onnx"
-        _save_checkpoint(original, tokenizer, checkpoint)
-        onnx_export.export_onnx(checkpoint, onnx_dir)
-        if opts.optimize:
-            onnx_export.optimize_onnx(onnx_dir, opts.optimize)
-        if (onnx_dir / MODEL_DATA_FILE).exists():
-            raise LayerpruneError("--fallback needs the original's graph in one file (under 2 GB); this one is larger")
-        shutil.move(onnx_dir / MODEL_FILE, bundle / ORIGINAL_MODEL_FILE)
+    checkpoint, onnx_dir = scratch / "original", scratch / "original-onnx"
+    _save_checkpoint(original, tokenizer, checkpoint)
+    onnx_export.export_onnx(checkpoint, onnx_dir)
+    if opts.optimize:
+        onnx_export.optimize_onnx(onnx_dir, opts.optimize)
+    if (onnx_dir / MODEL_DATA_FILE).exists():
+        raise LayerpruneError("--fallback needs the original's graph in one file (under 2 GB); this one is larger")
+    shutil.move(onnx_dir / MODEL_FILE, bundle / ORIGINAL_MODEL_FILE)
     return FallbackRule(share=opts.fallback, threshold=below)
 
 

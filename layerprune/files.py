@@ -17,8 +17,17 @@ BUNDLE_DIR = "bundle"  # export's default bundle, inside the run directory
 TRUNCATED_DIR = "truncated"  # export's truncated PyTorch checkpoint, inside the run directory
 DEFAULT_BUNDLE = DEFAULT_RUN_DIR / BUNDLE_DIR
 
+# --- a stage's work in progress, beside its target (artifacts.staged_dir) ------------------------------------
+STAGING_INFIX = ".staging-"  # .TARGET.staging-*: a live run's (locked) or a killed one's (the next run removes it)
+NEW_STAGING_INFIX = ".new-"  # .TARGET.new-*: the same folder in the instant before its run has locked it
+SCRATCH = "scratch"  # inside a staging folder: room for the stage's other work
+REPLACED = "replaced"  # inside a staging folder: the target's earlier folder, between two renames
+FAILED_SUFFIX = ".failed"  # TARGET.failed: an export the gate refused, beside the servable bundle it did not replace
+
 # --- a bundle: the manifest and the parts it names (bundle.bundle_parts) -------------------------------------
 MANIFEST_FILE = "manifest.json"
+MANIFEST_DIGEST_FILE = f"{MANIFEST_FILE}.sha256"  # the manifest's sha256, as `sha256sum` writes it: the root of trust
+MANIFEST_SIGNATURE_FILE = f"{MANIFEST_FILE}.hmac"  # its HMAC-SHA256 under LAYERPRUNE_BUNDLE_KEY, when one was set
 VALIDATION_FILE = "validation.json"
 DEPTH_FILE = "depth.json"
 DEPTH_PLOT = "depth.png"

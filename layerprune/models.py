@@ -157,12 +157,21 @@ def load_classifier(
 
 
 def pick_device(device: torch.device | str | None = None) -> torch.device:
-    """The requested device, else CUDA when present, else CPU."""
+    """The requested device, else CUDA when present, else CPU; a ModelError in one line for a name torch does
+    not know, or a device this machine cannot run."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
+    try:
+        picked = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"--device {str(device)!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if picked.type == "cuda" and not torch.cuda.is_available():
         raise ModelError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(device)
+    try:
+        torch.empty(0, device=picked)  # a device torch knows but this machine cannot run: mps, a GPU index too high
+    except Exception as exc:  # RuntimeError, AssertionError or NotImplementedError, by backend
+        raise ModelError(f"--device {str(device)!r} cannot run here: {first_line(exc)}") from None
+    return picked
 
 
 

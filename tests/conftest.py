@@ -273,7 +273,15 @@ def failed_validation_copy(bundle: Path, out: Path) -> Path:
     manifest["files"]["validation.json"] = sha256(out / "validation.json")
     manifest["servable"] = False
     (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
+    return reseal(out)
+
+
+def reseal(bundle: Path) -> Path:
+    """Seal a bundle's edited manifest as export does, by hand: its sha256 in manifest.json.sha256, in the
+    format `sha256sum` writes and checks (what someone who edits a bundle can also do; without a key, the
+    files the manifest must agree with are what catch such an edit)."""
+    (Path(bundle) / "manifest.json.sha256").write_text(f"{sha256(Path(bundle) / 'manifest.json')}  manifest.json\n")
+    return Path(bundle)
 
 
 def tampered_copy(bundle: Path, out: Path) -> Path:

@@ -50,7 +50,7 @@ def _check_report(report: AnalysisReport, run: Path) -> None:
     on_disk = load_artifact(AnalysisReport, run / "analysis.json")
     assert on_disk == report
     assert (run / "cka.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not [p for p in run.parent.iterdir() if ".tmp-" in p.name], "no temporary folder left behind"
+    assert not [p for p in run.parent.iterdir() if p.name.startswith(".")], "no staging folder left behind"
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))

@@ -1,9 +1,13 @@
-"""The bundle contract (issue 9, item 2): the manifest carries what consumers need, and they read only it.
+"""The bundle contract (issue 9, item 2): the manifest carries what consumers need, and they read only it; it is
+sealed, names only files inside the bundle, and agrees with the hashed files that say the same things.
 The bundle is conftest's (shared with the serving tests); answers are checked against conftest.Reference."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -14,21 +18,27 @@ import numpy as np
 import pytest
 
 from layerprune.artifacts import MANIFEST_SCHEMA, Manifest, load_artifact
-from layerprune.bundle import BundleError, open_bundle, verify_bundle
+from layerprune.bundle import BundleError, open_bundle, seal_manifest, servable_bundle, verify_bundle
+from layerprune.cli import main
 from layerprune.errors import LayerpruneError
 from layerprune.runtime import OnnxClassifier
 from serve.model import load_model
 from serve.triton import write_triton_repository
-from conftest import ROOT, ServerProcess, by_label, serving, sha256
+from conftest import ROOT, ServerProcess, by_label, reseal, serving, sha256
 
 
-def _edited(bundle: Path, out: Path, **changes) -> Path:
-    """A copy of `bundle` whose manifest.json has `changes` (the hashed files untouched)."""
+def _edited(bundle: Path, out: Path, config: dict | None = None, sealed: bool = True, **changes) -> Path:
+    """A copy of `bundle` whose manifest.json has `changes`, and config.json `config` (re-hashed in the manifest);
+    the manifest re-sealed by hand unless `sealed` is False."""
     shutil.copytree(bundle, out)
     manifest = json.loads((out / "manifest.json").read_text())
+    if config:
+        path = out / manifest["parts"]["config"]
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+        manifest["files"][manifest["parts"]["config"]] = sha256(path)
     manifest.update(changes)
     (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
+    return reseal(out) if sealed else out
 
 
 def test_manifest_names_labels_and_parts(bundle: Path) -> None:
@@ -43,9 +53,10 @@ def test_manifest_names_labels_and_parts(bundle: Path) -> None:
 
 
 def test_server_and_triton_answer_with_the_manifests_labels(bundle: Path, reference, tmp_path: Path) -> None:
-    """config.json says negative/positive; a manifest that says otherwise is what every consumer uses, for the
-    same outputs in the same order (bad = output 0, good = output 1)."""
-    renamed = _edited(bundle, tmp_path / "renamed", labels=["bad", "good"])
+    """Labels named bad/good in the manifest and in config.json (the file they must agree with) are what every
+    consumer answers with, for the same outputs in the same order (bad = output 0, good = output 1)."""
+    renamed = _edited(bundle, tmp_path / "renamed", config={"id2label": {"0": "bad", "1": "good"}},
+                      labels=["bad", "good"])
     assert load_model(renamed).info()["labels"] == ["bad", "good"]
     assert open_bundle(renamed).classifier.labels == ["bad", "good"]
     model_dir = write_triton_repository(renamed, tmp_path / "triton")
@@ -64,7 +75,8 @@ def test_server_and_triton_answer_with_the_manifests_labels(bundle: Path, refere
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"labels": ["a", "b", "c"]}, "3 labels given for a model with 2 outputs"),
+        ({"labels": ["a", "b", "c"], "config": {"id2label": {"0": "a", "1": "b", "2": "c"}}},
+         "3 labels given for a model with 2 outputs"),
         ({"max_length": 64}, "validated at 160"),
         ({"parts": {"model": "other.onnx", "config": "config.json", "tokenizer": "tokenizer.json",
                     "validation": "validation.json", "depth": "depth.json", "analysis": "analysis.json"}},
@@ -140,7 +152,7 @@ def _renamed_parts(bundle: Path, out: Path, names: dict[str, str]) -> Path:
         manifest["parts"][part] = name
         manifest["files"][name] = manifest["files"].pop(old)
     (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
+    return reseal(out)
 
 
 def test_parts_with_other_names_are_opened_and_served(bundle: Path, reference, tmp_path: Path) -> None:
@@ -162,3 +174,124 @@ def test_parts_with_other_names_are_opened_and_served(bundle: Path, reference, t
     np.testing.assert_allclose(by_label(answer.json(), reference.labels), want, rtol=0, atol=1e-4)
     onnx = (write_triton_repository(renamed, tmp_path / "triton") / "1" / "model.onnx").read_bytes()
     assert onnx == (renamed / "graph.onnx").read_bytes()
+
+
+# --- one root of trust: the manifest's seal, paths inside the bundle, a manifest that agrees with its files ------
+
+
+def _validate_cli(bundle: Path, capsys) -> tuple[int, str]:
+    """`layerprune validate BUNDLE` in-process: its exit code and its stderr."""
+    code = main(["validate", str(bundle), "--device", "cpu"])
+    return code, capsys.readouterr().err
+
+
+def _refused_everywhere(bundle: Path, capsys, message: str) -> None:
+    """Refused by the gate (servable_bundle, which serve and Triton go through) and by `layerprune validate`, in
+    one line that says `message`, exit code 2."""
+    with pytest.raises(LayerpruneError, match=message):
+        servable_bundle(bundle)
+    code, err = _validate_cli(bundle, capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+MANIFEST_EDITS = {  # what an edit of the manifest alone would make the server say or do
+    "labels": {"labels": ["positive", "negative"]},  # every answer's label swapped
+    "pair_input": {"pair_input": True},  # a single-text model fed pairs
+    "depth": {"depth": -5},
+    "total_layers": {"total_layers": 12},
+}
+
+
+@pytest.mark.parametrize("edit", MANIFEST_EDITS.values(), ids=MANIFEST_EDITS.keys())
+def test_an_edited_manifest_breaks_its_seal(bundle: Path, tmp_path: Path, capsys, edit: dict) -> None:
+    edited = _edited(bundle, tmp_path / "edited", sealed=False, **edit)
+    _refused_everywhere(edited, capsys, r"manifest.json does not match manifest.json.sha256 \(altered after export\)")
+
+
+@pytest.mark.parametrize(("edit", "disagrees"), [
+    (MANIFEST_EDITS["labels"], r"says labels \['positive', 'negative'\] but config.json's id2label says "
+                               r"\['negative', 'positive'\]"),
+    (MANIFEST_EDITS["pair_input"], "says pair_input True but analysis.json's task says False"),
+    (MANIFEST_EDITS["depth"], "says depth -5 but config.json's layer count says 2"),
+    (MANIFEST_EDITS["total_layers"], "says total_layers 12 but analysis.json's total_layers says 4"),
+], ids=MANIFEST_EDITS.keys())
+def test_a_resealed_manifest_must_agree_with_its_hashed_files(bundle: Path, tmp_path: Path, capsys, edit: dict,
+                                                             disagrees: str) -> None:
+    """Whoever edits the manifest can seal it again (sha256sum), but what it says of the model is said by the hashed
+    files too: config.json (written by transformers) and analysis.json (analyze's report, copied in)."""
+    config = json.loads((bundle / "config.json").read_text())
+    assert (config["id2label"], config["num_hidden_layers"]) == ({"0": "negative", "1": "positive"}, 2)
+    edited = _edited(bundle, tmp_path / "edited", **edit)
+    _refused_everywhere(edited, capsys, disagrees + ": the manifest was edited after export")
+
+
+def _listing(bundle: Path, out: Path, name: str, target: Path, part: str | None = None) -> Path:
+    """A copy of `bundle` whose manifest lists `name` (a path that reaches `target`, outside the bundle) with the
+    true sha256 of `target`, as the bundle's `part` too when given; sealed again."""
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"][name] = sha256(target)
+    if part:
+        manifest["parts"][part] = name
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return reseal(out)
+
+
+def test_paths_that_leave_the_bundle_are_refused(bundle: Path, tmp_path: Path, capsys) -> None:
+    """A manifest entry is a relative POSIX path inside the bundle's folder: no '..', no absolute path, no link
+    that leads out. Each outside file here has its true hash, so only the path gives it away."""
+    outside = tmp_path / "outside.png"
+    outside.write_bytes((bundle / "cka.png").read_bytes())
+    climbing = "../" * len(Path(tmp_path / "x" / "bundle").resolve().parts) + str(outside.resolve())[1:]
+    assert (tmp_path / "x" / "bundle" / climbing).resolve() == outside.resolve()
+    refused = "is not a relative path inside the bundle"
+    for folder, name, part in [("dotdot", climbing, None), ("absolute", str(outside.resolve()), None),
+                               ("part", str(outside.resolve()), "cka_plot"), ("part-dotdot", climbing, "cka_plot")]:
+        _refused_everywhere(_listing(bundle, tmp_path / folder / "bundle", name, outside, part), capsys, refused)
+    linked = shutil.copytree(bundle, tmp_path / "linked")
+    (linked / "cka.png").unlink()
+    (linked / "cka.png").symlink_to(outside)  # the same bytes, outside the bundle
+    _refused_everywhere(linked, capsys, "bundle file cka.png leads outside .*linked \\(a link\\)")
+
+
+def test_a_link_inside_the_bundle_is_followed(bundle: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(bundle, tmp_path / "copy")
+    (copy / "plots").mkdir()
+    (copy / "cka.png").rename(copy / "plots" / "cka.png")
+    (copy / "cka.png").symlink_to(Path("plots") / "cka.png")
+    manifest, _ = servable_bundle(copy)
+    assert manifest.parts.cka_plot == "cka.png"
+
+
+def test_the_seal_is_sha256sum_of_the_manifest(bundle: Path, tmp_path: Path) -> None:
+    """The seal export wrote is what `sha256sum manifest.json` prints, and `sha256sum -c` accepts it."""
+    assert (bundle / "manifest.json.sha256").read_text() == f"{sha256(bundle / 'manifest.json')}  manifest.json\n"
+    done = subprocess.run(["sha256sum", "-c", "manifest.json.sha256"], cwd=bundle, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "manifest.json: OK", done
+    unsealed = shutil.copytree(bundle, tmp_path / "unsealed")
+    (unsealed / "manifest.json.sha256").unlink()
+    with pytest.raises(BundleError, match="has no manifest.json.sha256, the seal of its manifest: re-run `layerprune "
+                                          "export`"):
+        servable_bundle(unsealed)
+
+
+def test_a_key_signs_the_manifest_and_only_signed_bundles_serve(bundle: Path, tmp_path: Path, monkeypatch,
+                                                                 capsys) -> None:
+    """With LAYERPRUNE_BUNDLE_KEY set, export signs the manifest (HMAC-SHA256, checked here with Python's hmac),
+    and serve and validate take only bundles whose signature that key made: a manifest edited and re-sealed
+    without the key is refused, even where its files would not catch the edit."""
+    key = "a secret the user holds"
+    monkeypatch.setenv("LAYERPRUNE_BUNDLE_KEY", key)
+    signed = shutil.copytree(bundle, tmp_path / "signed")
+    seal_manifest(signed)  # export's last step
+    want = hmac.new(key.encode(), (signed / "manifest.json").read_bytes(), hashlib.sha256).hexdigest()
+    assert (signed / "manifest.json.hmac").read_text().strip() == want
+    assert servable_bundle(signed)[0].labels == ["negative", "positive"]
+    _refused_everywhere(bundle, capsys, "is not signed, and LAYERPRUNE_BUNDLE_KEY is set")
+    resealed = _edited(signed, tmp_path / "resealed", max_length=64)  # what only the validation report contradicts
+    _refused_everywhere(resealed, capsys, "manifest.json.hmac is not the manifest's signature under the key")
+    monkeypatch.setenv("LAYERPRUNE_BUNDLE_KEY", "another key")
+    _refused_everywhere(signed, capsys, "manifest.json.hmac is not the manifest's signature under the key")
+    monkeypatch.delenv("LAYERPRUNE_BUNDLE_KEY")
+    assert servable_bundle(signed)[0].labels == ["negative", "positive"], "without a key the seal is checked"

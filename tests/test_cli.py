@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -25,9 +26,12 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return code, out, err
 
 
+PROGRESS_BAR = re.compile(r"\|\s*\d+/\d+ \[")  # tqdm's "| 1/2 [00:01<00:01, 1.28batch/s]", at any rate
+
+
 def assert_one_line_error(code: int, err: str, pattern: str) -> None:
     assert code != 0
-    lines = [line for line in err.splitlines() if line.strip() and "batch/s" not in line]
+    lines = [line for line in err.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
     assert len(lines) == 1, err
     assert "Traceback" not in err
     assert pattern in lines[0], lines[0]
@@ -411,3 +415,73 @@ def test_serve_flags_are_the_settings_fields(monkeypatch, capsys) -> None:
     assert bundle == Path("b") and (settings.port, settings.ray, settings.log_level) == (9, True, "debug")
     assert settings.api_key.get_secret_value() == "k" and settings.max_wait_ms == 1.5
     assert settings.max_queue == 77 and settings.allow_unvalidated is False and settings.host == "127.0.0.1"
+
+
+# --- one line and exit 2 where a traceback was: a device, texts CKA cannot compare, a field too long ------------
+
+
+@pytest.fixture(scope="module")
+def small_run(tiny_models, tmp_path_factory):
+    """A run directory and its bundle (depth 3 of 4, no heal), for export's and validate's flags."""
+    from conftest import SENTENCES
+    from layerprune.analyze import AnalyzeOptions, analyze
+    from layerprune.data import task_from_files
+    from layerprune.export import ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp("small-run")
+    data = root / "data.csv"
+    data.write_text("text,label\n" + "".join(f'"{t}",{lab}\n' for t, lab in SENTENCES * 2))
+    analyze(str(tiny_models["bert"]), task_from_files(data, "text", "label"), root / "run",
+            AnalyzeOptions(device="cpu", batch_size=8))
+    export_bundle(root / "run", None, ExportOptions(keep_layers=3, heal="none", device="cpu", batch_size=8, augment=0))
+    return root / "run"
+
+
+@pytest.mark.parametrize("command", ["analyze", "export", "validate"])
+@pytest.mark.parametrize("device", ["bogus", "cuda:x", "gpu0"])
+def test_a_device_that_is_none_is_one_line(command, device, analyze_args, small_run, tmp_path, capsys) -> None:
+    args = {"analyze": analyze_args(), "export": ["export", small_run, "--out", tmp_path / "bundle"],
+            "validate": ["validate", small_run / "bundle"]}[command]
+    code, _, err = run_cli([*args, "--device", device], capsys)
+    assert code == 2
+    assert_one_line_error(code, err, f"--device {device!r}")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "bundle").exists()
+
+
+def test_a_device_this_machine_lacks_is_one_line(analyze_args, monkeypatch, capsys) -> None:
+    """A device torch knows but cannot run here (mps on Linux; a GPU missing): torch says why, in one line."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, says in [("cuda:1", "no CUDA device is available"), ("mps", "--device 'mps' cannot run here")]:
+        code, _, err = run_cli(analyze_args("--device", device), capsys)
+        assert code == 2
+        assert_one_line_error(code, err, says)
+
+
+def test_texts_all_alike_are_one_line(tiny_models, tmp_path, capsys) -> None:
+    """Every text the same: every layer's representation is constant, and CKA (0/0) is undefined for all."""
+    same = tmp_path / "same.csv"
+    same.write_text("text,label\n" + "".join(f"the same words,{'pos' if i % 2 else 'neg'}\n" for i in range(8)))
+    code, _, err = run_cli(["analyze", tiny_models["bert"], "--data", same, "--text-field", "text",
+                            "--label-field", "label", "--out", tmp_path / "run", "--device", "cpu"], capsys)
+    assert code == 2
+    assert_one_line_error(code, err, "every layer's representation is the same for all 8 examples")
+    assert not (tmp_path / "run").exists()
+
+
+def test_more_clusters_than_layers_is_one_line(analyze_args, tmp_path, capsys) -> None:
+    code, _, err = run_cli(analyze_args("--clusters", TINY_LAYERS + 1, "--device", "cpu"), capsys)
+    assert code == 2
+    assert_one_line_error(code, err, f"--clusters {TINY_LAYERS + 1} asks for more blocks than the")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_field_too_long_is_one_line(tiny_models, tmp_path, capsys) -> None:
+    data = tmp_path / "long.jsonl"
+    rows = [{"text": "fine", "label": "pos"}, {"text": "w " * 100_000, "label": "neg"}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code, _, err = run_cli(["analyze", tiny_models["bert"], "--data", data, "--text-field", "text",
+                            "--label-field", "label", "--out", tmp_path / "run"], capsys)
+    assert code == 2
+    assert_one_line_error(code, err, f"line 2 of {data}: field 'text' holds 200,000 characters, more than the 131,072")

@@ -445,6 +445,55 @@ def test_local_bad_files(tmp_path: Path) -> None:
         task_from_files(latin, "text", "label")
 
 
+LIMIT = 128 * 1024  # characters in one field: csv's own default limit (131,072)
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.csv", "d.tsv", "glue"])
+def test_one_field_limit_for_every_reader(tmp_path: Path, glue_dir: Path, name: str) -> None:
+    """A field of 131,072 characters is read, one more is refused in one line naming the file, the line (the row
+    of a JSON array) and the field, by every reader of data files, before any text is tokenized."""
+    def write(text: str) -> Path:
+        rows = [("fine", "pos"), (text, "neg"), ("also fine", "pos")]
+        if name == "glue":
+            path = glue_dir / "SST-2" / "dev.tsv"
+            path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, (t, _) in enumerate(rows)))
+        elif name.endswith(".jsonl"):
+            path = _jsonl(tmp_path / name, [{"label": lab, "text": t} for t, lab in rows])
+        elif name.endswith(".json"):
+            path = tmp_path / name
+            path.write_text(json.dumps([{"label": lab, "text": t} for t, lab in rows], indent=1))
+        else:
+            sep = "," if name.endswith(".csv") else "\t"
+            path = tmp_path / name
+            path.write_text(f"label{sep}text\n" + "".join(f"{lab}{sep}{t}\n" for t, lab in rows))
+        return path
+
+    def read(path: Path):
+        if name == "glue":
+            return load_examples(load_task("sst2"), "validation", glue_dir=glue_dir)
+        return load_examples(task_from_files(path, "text", "label"), "validation")
+
+    assert len(read(write("y" * LIMIT)).texts[1]) == LIMIT
+    path = write("y" * (LIMIT + 1))
+    field = "sentence" if name == "glue" else "text"
+    where = {"d.json": "row 2", "d.jsonl": "line 2"}.get(name, "line 3")  # (CSV and TSV start with a header)
+    with pytest.raises(DataError) as refused:
+        read(path)
+    assert str(refused.value) == (f"{where} of {path}: field {field!r} holds 131,073 characters, more than the "
+                                  "131,072 a field may hold; is it the right file?")
+
+
+def test_a_quoted_csv_field_over_the_limit_is_named(tmp_path: Path) -> None:
+    """A quoted field that spans lines, and one in the middle of a row: the field csv stopped in is named."""
+    f = tmp_path / "d.csv"
+    f.write_text('text,label,note\nok,pos,-\n"two\nlines ' + "y" * LIMIT + '",neg,-\n')
+    with pytest.raises(DataError, match=r"line 4 of .*d\.csv: field 'text' holds 131,0\d\d characters"):
+        task_from_files(f, "text", "label")
+    f.write_text("text,label,note\nok,pos,-\nfine,neg," + "z" * (LIMIT + 5) + "\n")
+    with pytest.raises(DataError, match=r"line 3 of .*d\.csv: field 'note' holds 131,077 characters"):
+        task_from_files(f, "text", "label")
+
+
 def test_task_from_files_metric_checks(tmp_path: Path) -> None:
     f = tmp_path / "dev.csv"
     f.write_text("text,label\na,0\nb,1\n")

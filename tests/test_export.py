@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SENTENCES, TINY_LAYERS, make_tiny_classifier
+from conftest import SENTENCES, TINY_LAYERS, make_tiny_classifier, reseal
 from layerprune.analyze import AnalyzeOptions, analyze
 from layerprune.artifacts import AnalysisReport, DepthReport, Manifest, ValidationReport, load_artifact
 from layerprune.depth_search import choose_depth, error_budget
@@ -482,6 +482,113 @@ def test_failed_export_leaves_nothing(run_dir: Path, tmp_path: Path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_export_never_takes_a_servable_bundles_place(run_dir: Path, tmp_path: Path) -> None:
+    """A refused export goes beside a servable bundle (TARGET.failed, ExportResult.bundle; `kept` names the good
+    one), which stays byte for byte; where nothing servable is, it takes the place as before. Then the demo's
+    next candidate, passing, replaces the servable bundle."""
+    out = tmp_path / "bundle"
+    good = export_bundle(run_dir, out, ExportOptions(keep_layers=TINY_LAYERS, heal="none", **FAST))
+    assert good.validation.passed and good.bundle == out and good.kept is None
+    before = _files(out)
+    refused = ExportOptions(keep_layers=2, heal="none", tolerance=-0.5, **FAST)  # asks for a gain: always refused
+    failed = export_bundle(run_dir, out, refused)
+    assert not failed.validation.passed and failed.advice == "next candidate: --keep-layers 3"
+    assert failed.bundle == tmp_path / "bundle.failed" and failed.kept == out
+    assert _files(out) == before
+    assert servable_bundle(out)[0].depth == TINY_LAYERS
+    assert verify_bundle(failed.bundle).depth == 2 and not failed.manifest.servable
+    with pytest.raises(BundleError, match="failed validation"):
+        servable_bundle(failed.bundle)
+    again = export_bundle(run_dir, out, dataclasses.replace(refused, keep_layers=3))
+    assert again.bundle == failed.bundle and verify_bundle(failed.bundle).depth == 3, "the failed one is replaced"
+    assert _files(out) == before
+    passed = export_bundle(run_dir, out, dataclasses.replace(refused, keep_layers=3, tolerance=0.01))
+    assert passed.validation.passed and passed.bundle == out and passed.kept is None
+    assert servable_bundle(out)[0].depth == 3
+    fresh = export_bundle(run_dir, tmp_path / "empty", refused)
+    assert fresh.bundle == tmp_path / "empty" and fresh.kept is None, "nothing servable there: it takes the place"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "bundle.failed", "empty"], "no staging left"
+
+
+def test_cli_export_says_where_a_refused_bundle_went(run_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    from layerprune import validate
+
+    out = tmp_path / "bundle"
+    export_bundle(run_dir, out, ExportOptions(keep_layers=TINY_LAYERS, heal="none", **FAST))
+    before = _files(out)
+    # The gate at tolerance -0.5 (a gain no cut gives), which the flag cannot ask for.
+    refusing = lambda *args, **kwargs: validate.compare(*args[:5], -0.5, *args[6:], **kwargs)  # noqa: E731
+    monkeypatch.setattr("layerprune.export.compare", refusing)
+    code = main(["export", str(run_dir), "--keep-layers", "1", "--heal", "none", "--out", str(out), "--device", "cpu"])
+    printed, err = capsys.readouterr()
+    assert code == 1
+    assert f"bundle: {tmp_path / 'bundle.failed'} (" in printed
+    assert [line for line in err.splitlines() if "batch/s" not in line and line.strip()] == [
+        f"layerprune: error: the bundle failed validation; it is marked not servable and written to "
+        f"{tmp_path / 'bundle.failed'}: {out} keeps the servable bundle it held; next candidate: --keep-layers 2"]
+    assert _files(out) == before and servable_bundle(out)[0].depth == TINY_LAYERS
+
+
+KILLED_EXPORT = """
+import sys, time
+from pathlib import Path
+
+from layerprune import onnx_export
+from layerprune.export import ExportOptions, export_bundle
+
+
+def stalled(checkpoint, out):  # killed here: the truncated checkpoint is saved, the bundle half made
+    (Path(out) / "model.onnx").write_bytes(b"half")
+    print("exporting", flush=True)
+    time.sleep(600)
+
+
+onnx_export.export_onnx = stalled
+export_bundle(Path(sys.argv[1]), Path(sys.argv[2]), ExportOptions(keep_layers=2, heal="none", device="cpu",
+                                                                  batch_size=8, augment=0))
+"""
+
+
+def test_a_killed_export_leaves_its_staging_for_the_next_run_to_remove(run_dir: Path, bundle: Path,
+                                                                         tmp_path: Path) -> None:
+    """SIGKILL mid-export: the bundle in place is untouched; what the run wrote, scratch included, is in one
+    staging folder beside it (nothing in the temporary directory); the next export removes it."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = shutil.copytree(bundle, tmp_path / "out" / "bundle")
+    before, temp = _files(out), tmp_path / "temp"
+    temp.mkdir()
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": path}
+    subprocess.run([sys.executable, "-c", "import layerprune.export"], env=env, check=True, timeout=600)
+    libraries = sorted(temp.iterdir())  # what the libraries keep there from their import on (onnxruntime, torch)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_EXPORT, str(run_dir), str(out)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "exporting"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    (staging,) = [p for p in out.parent.iterdir() if p != out]
+    assert staging.name.startswith(".bundle.staging-")
+    assert (staging / "bundle" / "model.onnx").read_bytes() == b"half"
+    assert (staging / "scratch" / "truncated" / "config.json").is_file(), "scratch lives in the staging folder"
+    assert sorted(temp.iterdir()) == libraries
+    assert _files(out) == before
+    result = export_bundle(run_dir, out, ExportOptions(keep_layers=TINY_LAYERS, heal="none", **FAST))
+    assert result.bundle == out and sorted(out.parent.iterdir()) == [out]
+
+
 def test_demo_serves_a_bundle_on_loopback(run_dir: Path, tmp_path: Path, capsys) -> None:
     """The demo's last stage: the bundled server in a subprocess, asked over HTTP, stopped cleanly."""
     from layerprune.demo import _ask_server
@@ -611,6 +718,7 @@ def test_validate_checks_the_bundles_own_files_before_the_original(bundle: Path,
     manifest = load_artifact(Manifest, copy / "manifest.json")
     manifest.files = hash_files(copy)
     manifest.save(copy / "manifest.json")
+    reseal(copy)
 
     def never(*args, **kwargs):
         raise AssertionError("the original model was loaded before the bundle's own files were checked")

@@ -4,15 +4,18 @@ array of objects), all UTF-8; and the task config for files given on the command
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
-from ..errors import DataError, TaskError
+from ..errors import DataError, TaskError, first_line
 from ..tasks import FileSource, Metric, TaskConfig, validation_message
 from .examples import Examples, resolve_labels, texts_of
 
@@ -31,44 +34,121 @@ def _open_text(path: Path):
 
 
 def _read_delimited(path: Path, delimiter: str) -> Rows:
+    # TSV files quote nothing: a stray quote is part of the text
+    form = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if delimiter == "\t" else {}
     with _open_text(path) as f:
-        if delimiter == "\t":  # TSV files quote nothing: a stray quote is part of the text
-            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        else:
-            reader = csv.DictReader(f)
-        rows = [row for row in reader if any(v not in (None, "") for k, v in row.items() if k is not None)]
-        columns = list(reader.fieldnames or [])
-    return columns, rows
+        lines = RecordLines(f)
+        reader = csv.DictReader(lines, **form)
+        header, rows = None, []
+        with field_limit():
+            try:
+                header = list(reader.fieldnames or [])
+                lines.record.clear()
+                for row in reader:
+                    if any(v not in (None, "") for k, v in row.items() if k is not None):
+                        rows.append(row)
+                    lines.record.clear()
+            except csv.Error as e:
+                raise csv_error(path, e, lines, form, header) from None
+    return header, rows
 
 
 def _read_json_lines(path: Path) -> Rows:
     with _open_text(path) as f:
         text = f.read()
     stripped = text.lstrip()
-    rows: list[Any]
+    rows: list[tuple[str, Any]]  # (where, row)
     if stripped.startswith("["):
         try:
-            rows = json.loads(stripped)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} is not valid JSON (line {e.lineno}): {e.msg}") from None
+            rows = [(f"row {i}", row) for i, row in enumerate(json.loads(stripped), start=1)]
+        except ValueError as e:  # a JSONDecodeError, or an integer of more digits than Python converts
+            raise DataError(f"{path} is not valid JSON (line {getattr(e, 'lineno', '?')}): {_why(e)}") from None
     else:
         rows = []
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
+                rows.append((f"line {lineno}", json.loads(line)))
+            except ValueError as e:
                 raise DataError(
-                    f"line {lineno} of {path} is not valid JSON ({e.msg}); expected one JSON object per line"
+                    f"line {lineno} of {path} is not valid JSON ({_why(e)}); expected one JSON object per line"
                 ) from None
     columns: dict[str, None] = {}
-    for i, row in enumerate(rows):
+    for where, row in rows:
         if not isinstance(row, dict):
-            raise DataError(f"row {i + 1} of {path} is not a JSON object; expected one object per line")
-        for k in row:
+            raise DataError(f"{where} of {path} is not a JSON object; expected one object per line")
+        for k, v in row.items():
+            check_field(path, where, k, v if isinstance(v, str) else json.dumps(v))
             columns.setdefault(k, None)
-    return list(columns), rows
+    return list(columns), [row for _, row in rows]
+
+
+def _why(error: ValueError) -> str:
+    return error.msg if isinstance(error, json.JSONDecodeError) else first_line(error)
+
+
+# --- one limit on a field, for every reader of data files -------------------------------------------------------
+
+MAX_FIELD_CHARS = 128 * 1024  # csv's own default; a classifier reads at most 512 tokens, a few thousand characters
+
+
+def check_field(path: Path, where: str, field: Any, value: str) -> None:
+    """Refuse a field longer than MAX_FIELD_CHARS, naming the file, line and field: tokenizing one such text
+    takes minutes and gigabytes, for the few hundred tokens the model reads."""
+    if len(value) > MAX_FIELD_CHARS:
+        raise _too_long(path, where, field, len(value))
+
+
+def _too_long(path: Path, where: str, field: Any, length: int) -> DataError:
+    return DataError(f"{where} of {path}: field {field!r} holds {length:,} characters, more than the "
+                     f"{MAX_FIELD_CHARS:,} a field may hold; is it the right file?")
+
+
+@contextmanager
+def field_limit() -> Iterator[None]:
+    """csv's limit on a field (process-wide) at MAX_FIELD_CHARS while a file is read, then back as it was."""
+    before = csv.field_size_limit(MAX_FIELD_CHARS)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(before)
+
+
+class RecordLines:
+    """A text file's lines for csv, counted, keeping those of the record being read (`record`; the reader's
+    caller clears it after each record): csv says that a field is too long, not which."""
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        self.lines, self.record, self.count = lines, [], 0
+
+    def __iter__(self) -> RecordLines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.lines)
+        self.record.append(line)
+        self.count += 1
+        return line
+
+
+def csv_error(path: Path, error: csv.Error, lines: RecordLines, form: dict[str, Any],
+              header: list[str] | None) -> DataError:
+    """The DataError for a csv.Error (inside field_limit) on the last line read: for a field over the limit,
+    the one that names the field, found by parsing the record's lines again without the limit."""
+    line = lines.count
+    if "field limit" not in str(error):
+        return DataError(f"cannot parse {path} (line {line}): {error}")
+    text = "".join(lines.record)
+    csv.field_size_limit(len(text) + 1)  # (field_limit puts it back)
+    try:
+        values = next((row for row in csv.reader(io.StringIO(text), **form) if row), [text])
+    except csv.Error:  # a quoted field still open where the reader stopped: the rest of the record is that field
+        values = [text]
+    longest = max(range(len(values)), key=lambda i: len(values[i]))
+    names = header or []
+    field = names[longest] if longest < len(names) else f"column {longest + 1}"
+    return _too_long(path, f"line {line}", field, len(values[longest]))
 
 
 def _read_table(path: Path) -> Rows:
@@ -82,8 +162,6 @@ def _read_table(path: Path) -> Rows:
             return _read_json_lines(path)
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    except csv.Error as e:
-        raise DataError(f"cannot parse {path}: {e}") from None
     raise DataError(f"unsupported data file extension {suffix or '(none)'!r} of {path}; use .csv, .tsv, .jsonl or .json")
 
 

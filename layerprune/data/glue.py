@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import DataError
 from ..tasks import HubSource, TaskConfig
 from .examples import Examples, as_int, task_fields, to_examples
+from .files import RecordLines, csv_error, field_limit
 
 GLUE_DIR_ENV = "GLUE_DIR"
 
@@ -56,17 +57,24 @@ def read_glue_file(task: TaskConfig, source: HubSource, path: Path, glue_dir: Pa
         )
     fields = task_fields(task)
     mapping = {f: source.glue_columns.get(f, f) for f in fields}
+    form: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+    header = None
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            index = _column_index(reader, source, mapping, path)
+        with open(path, encoding="utf-8-sig", newline="") as f, field_limit():
+            lines = RecordLines(f)
+            reader = csv.reader(lines, **form)
+            index, header = _column_index(reader, source, mapping, path)
+            lines.record.clear()
             need = max(index.values()) + 1
             out: dict[str, list[Any]] = {f: [] for f in fields}
             for row in reader:
+                lines.record.clear()
                 if len(row) < need:
                     continue  # blank or corrupted row: skipped, as the Hugging Face glue loader does
                 for field, i in index.items():
                     out[field].append(row[i])
+    except csv.Error as e:
+        raise csv_error(path, e, lines, form, header) from None
     except UnicodeDecodeError as e:
         raise DataError(f"GLUE file {path} is not UTF-8 (byte {e.start}); re-download the GLUE data") from None
     except OSError as e:
@@ -76,17 +84,18 @@ def read_glue_file(task: TaskConfig, source: HubSource, path: Path, glue_dir: Pa
     return out
 
 
-def _column_index(reader: Any, source: HubSource, mapping: dict[str, Any], path: Path) -> dict[str, int]:
-    """Task field -> column position: from the header row (read here), or the config's indices."""
+def _column_index(reader: Any, source: HubSource, mapping: dict[str, Any],
+                  path: Path) -> tuple[dict[str, int], list[str] | None]:
+    """Task field -> column position: from the header row (read here), or the config's indices; and the header."""
     if not source.glue_header:
-        return {field: int(col) for field, col in mapping.items()}
+        return {field: int(col) for field, col in mapping.items()}, None
     header = next(reader, None)
     if header is None:
         raise DataError(f"GLUE file {path} is empty; re-download the GLUE data")
     for col in mapping.values():
         if col not in header:
             raise DataError(f"column {col!r} not found in GLUE file {path}; columns found: {', '.join(header)}")
-    return {field: header.index(col) for field, col in mapping.items()}
+    return {field: header.index(col) for field, col in mapping.items()}, header
 
 
 def read_hub(task: TaskConfig, source: HubSource, split: str) -> dict[str, list[Any]]:
