@@ -9,7 +9,7 @@ import textwrap
 from layerprune.errors import LayerpruneError, first_line
 
 from . import harness
-from .registry import NEEDS, REGISTRY, Entry, lookup, matching
+from .registry import NEEDS, Entry, lookup, matching
 
 USAGE = """usage: python -m benchmarks [list [WORD...] | NAME [FLAGS] | all [WORD...]]
 

@@ -128,6 +128,9 @@ def run(args: argparse.Namespace, out: Results) -> int:
     if not all(1 <= d <= total for d in args.depths):
         raise LayerpruneError(f"--depths must be between 1 and {total}, got {','.join(map(str, args.depths))}")
     texts = heal_texts(task, run_dir.glue_dir, opts)  # export's own: the train split, then augmented copies
+    if texts.examples is None:
+        raise LayerpruneError(f"{task.name} has no train split to heal with")
+    train = len(texts.examples)
     if opts.augment:
         texts = with_augmented(texts, task, opts)
     parts = run_dir.parts(opts.max_examples)
@@ -138,8 +141,7 @@ def run(args: argparse.Namespace, out: Results) -> int:
 
     heal, calibration, holdout = (encode(texts.examples, "heal texts"), encode(parts.calibration, "calibration"),
                                   encode(parts.holdout, "holdout"))
-    augmented = int((texts.labels < 0).sum()) if texts.labels is not None else 0
-    intro = (f"Heal texts: {heal.n} ({heal.n - augmented} train + {augmented} augmented); calibration "
+    intro = (f"Heal texts: {heal.n} ({train} train + {heal.n - train} augmented); calibration "
              f"{parts.calibration_name} (n={len(parts.calibration)}), holdout {parts.holdout_name} "
              f"(n={len(parts.holdout)}). Deltas in points of {task.metric}; options: the grid's, else export's.")
     rows = []
