@@ -216,7 +216,8 @@ def test_auto_rows_are_the_exports_of_each_resample(bundle: Path, tmp_path: Path
     exit code whether it passed."""
     from layerprune.export import ExportOptions, export_bundle
 
-    run_dir, out = bundle.parent / "run", tmp_path / "auto.md"
+    # a copy: export writes RUN/truncated, which the other tests read as the shared bundle's cut
+    run_dir, out = shutil.copytree(bundle.parent / "run", tmp_path / "run"), tmp_path / "auto.md"
     code = run("auto", "--run-dir", run_dir, "--seeds", "1", "--quantize", "none", "--out", out)
     (row,) = table_rows(out.read_text())
     result = export_bundle(run_dir, tmp_path / "bundle", ExportOptions(resample_seed=1))
