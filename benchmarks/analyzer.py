@@ -30,7 +30,7 @@ import numpy as np
 
 from layerprune.files import DEMO_CHECKPOINTS
 
-from .common import listed
+from .common import listed, markdown_table
 from .harness import Results
 
 LAYERS, WIDTH, BATCH = 13, 768, 256
@@ -69,14 +69,13 @@ def part_a(checkpoint: Path, repeats: int) -> tuple[str, dict]:
         f"{report.representation}, CKA {report.cka_estimator}, {report.total_layers} layers), "
         f"median of {repeats} runs after a warm-up",
         "",
-        "| stage | seconds | share of total |",
-        "|---|---|---|",
-        f"| load (data, model, tokenize) | {load:.3f} | {load / tot:.1%} |",
-        f"| forward (all hidden states) | {fwd:.3f} | {fwd / tot:.1%} |",
-        f"| CKA (exact linear, 7x7) | {cka:.4f} | {cka / tot:.2%} |",
-        f"| clustering (eigengap) | {clu:.4f} | {clu / tot:.2%} |",
-        f"| metric + report + write (rest) | {other:.3f} | {other / tot:.1%} |",
-        f"| **total (report.timings.total_s)** | **{tot:.3f}** | 100% |",
+        markdown_table(["stage", "seconds", "share of total"], [
+            ["load (data, model, tokenize)", f"{load:.3f}", f"{load / tot:.1%}"],
+            ["forward (all hidden states)", f"{fwd:.3f}", f"{fwd / tot:.1%}"],
+            ["CKA (exact linear)", f"{cka:.4f}", f"{cka / tot:.2%}"],
+            ["clustering (eigengap)", f"{clu:.4f}", f"{clu / tot:.2%}"],
+            ["metric + report + write (rest)", f"{other:.3f}", f"{other / tot:.1%}"],
+            ["**total (report.timings.total_s)**", f"**{tot:.3f}**", "100%"]], "lrr"),
         "",
         f"- wall time of the `analyze()` call: {wall:.2f}s (median); boundary {report.boundary}, "
         f"accuracy {report.metric.value:.4f}",
@@ -166,21 +165,18 @@ def part_b(sizes: list[int], exact_budget: float) -> tuple[str, dict]:
         print(f"  minibatch n={n}: {mb['secs']:.1f}s", file=sys.stderr)
         flat.append(mb["peak"])
         input_mib = LAYERS * n * WIDTH * 4 / MIB
-        rows.append(
-            f"| {n:,} | {input_mib:,.0f} | "
-            + (f"{ex['secs']:.2f} | {ex['peak'] / MIB:,.0f} | {ex['cka_1_12']:.4f}" if ex else f"{ex_note} | - | -")
-            + f" | {mb['secs']:.2f} (+{mb['gen']:.1f} gen) | {mb['peak'] / MIB:.1f} | {mb['batches']} "
-            f"| {mb['cka_1_12']:.4f} |"
-        )
+        exact = [f"{ex['secs']:.2f}", f"{ex['peak'] / MIB:,.0f}", f"{ex['cka_1_12']:.4f}"] if ex else [ex_note, "-", "-"]
+        rows.append([f"{n:,}", f"{input_mib:,.0f}", *exact, f"{mb['secs']:.2f} (+{mb['gen']:.1f} gen)",
+                     f"{mb['peak'] / MIB:.1f}", mb["batches"], f"{mb['cka_1_12']:.4f}"])
     spread = (max(flat) - min(flat)) / min(flat)
     lines = [
         f"### (b) CKA estimators on synthetic data: {LAYERS} layers x width {WIDTH}, float32 inputs",
         "",
-        "| n | full input (MiB, fp32) | exact `cka_matrix` linear: s | exact: traced peak MiB (excl. input) "
-        "| exact CKA(1,12) | minibatch (256/batch): update s (+ batch generation s) | minibatch: traced peak MiB "
-        "(incl. one batch's input) | batches | minibatch CKA(1,12) |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *rows,
+        markdown_table(["n", "full input (MiB, fp32)", "exact `cka_matrix` linear: s",
+                        "exact: traced peak MiB (excl. input)", "exact CKA(1,12)",
+                        "minibatch (256/batch): update s (+ batch generation s)",
+                        "minibatch: traced peak MiB (incl. one batch's input)", "batches", "minibatch CKA(1,12)"],
+                       rows, "rrrrrrrrr"),
         "",
         f"- minibatch peak memory across n: {min(flat) / MIB:.1f}-{max(flat) / MIB:.1f} MiB "
         f"(spread {spread:.1%}) -> goal 'flat in n': **{'MET' if spread <= 0.10 else 'MISSED'}** "

@@ -36,7 +36,7 @@ from layerprune.files import CONFIG_FILE, DEFAULT_BUNDLE, DEMO_CHECKPOINTS, MANI
 from layerprune.runtime import OnnxClassifier
 from layerprune.tasks import load_task
 
-from .common import timed_rounds
+from .common import markdown_table, timed_rounds
 from .harness import Results
 
 
@@ -208,18 +208,11 @@ def fmt(x: float, d: int = 1) -> str:
 
 
 def table(rows: list[Row], pipe32: float) -> str:
-    lines = [
-        "| model | depth | batch 1 sent/s | b1 p50 ms | b1 p99 ms | batch 32 sent/s | b32 p50 ms | b32 p99 ms "
-        "| x pipeline (b32) | accuracy | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.name} | {r.depth} | {fmt(r.bs1_sps)} | {fmt(r.bs1_p50, 2)} | {fmt(r.bs1_p99, 2)} "
-            f"| {fmt(r.bs32_sps)} | {fmt(r.bs32_p50)} | {fmt(r.bs32_p99)} | {fmt(r.bs32_sps / pipe32, 2)} "
-            f"| {fmt(r.accuracy, 4)} | {r.note} |"
-        )
-    return "\n".join(lines)
+    header = ["model", "depth", "batch 1 sent/s", "b1 p50 ms", "b1 p99 ms", "batch 32 sent/s", "b32 p50 ms",
+              "b32 p99 ms", "x pipeline (b32)", "accuracy", "note"]
+    return markdown_table(header, [
+        [r.name, r.depth, fmt(r.bs1_sps), fmt(r.bs1_p50, 2), fmt(r.bs1_p99, 2), fmt(r.bs32_sps), fmt(r.bs32_p50),
+         fmt(r.bs32_p99), fmt(r.bs32_sps / pipe32, 2), fmt(r.accuracy, 4), r.note] for r in rows], "lrrrrrrrrrl")
 
 
 def depth_fit(rows: list[Row], kind: str, total: int, attr: str) -> dict:
@@ -374,15 +367,14 @@ def run(args: argparse.Namespace, out: Results) -> int:
     fits = [f for f in (depth_fit(rows, kind, total, attr) for kind in ("fp32", "O2", "int8")
                         for attr in ("bs32", "bs1")) if f]
     if fits:
+        header = ["model", "batch", "a (embeddings + head + overhead)", "a / latency(L)", "b per layer",
+                  "max dev. from k/L + a/lat(L)", "within 5%?", "max dev. from fitted line"]
+        cells = [[f"truncated {f['kind']}", "32" if f["attr"] == "bs32" else "1",
+                  f"{f['a']:.2f} {'ms/pass of 1,056' if f['attr'] == 'bs32' else 'ms/sentence'}", f"{f['a_frac']:.1%}",
+                  f"{f['b']:.2f}", f"{f['dev_brief']:.1%}", "yes" if f["dev_brief"] <= 0.05 else "no",
+                  f"{f['dev_fit']:.1%}"] for f in fits]
         md += ["### latency(k) = a + b k (least squares over the kept depths)", "",
-               "| model | batch | a (embeddings + head + overhead) | a / latency(L) | b per layer "
-               "| max dev. from k/L + a/lat(L) | within 5%? | max dev. from fitted line |",
-               "|---|---|---|---|---|---|---|---|"]
-        for f in fits:
-            unit = "ms/pass of 1,056" if f["attr"] == "bs32" else "ms/sentence"
-            md.append(f"| truncated {f['kind']} | {'32' if f['attr'] == 'bs32' else '1'} | {f['a']:.2f} {unit} "
-                      f"| {f['a_frac']:.1%} | {f['b']:.2f} | {f['dev_brief']:.1%} "
-                      f"| {'yes' if f['dev_brief'] <= 0.05 else 'no'} | {f['dev_fit']:.1%} |")
+               markdown_table(header, cells, "llrrrrlr")]
         md.append("")
 
     # Speedups and the target.
