@@ -4,7 +4,7 @@ arguments that produce it and about how long it takes.
 An entry runs the benchmark module `benchmarks.NAME` (its `add_arguments(parser)` and `run(args, results)`)
 with `args`, and writes benchmarks/results/NAME[-VARIANT].md. The run directories the entries read are the
 demos' (`make demo`: lp-run, runs/minilm-rt; `make demo-12`: lp-run-mpnet); `minutes` is a rough duration on
-2 AMD EPYC cores with AVX-512 VNNI, from the runs in docs/results.md where there was one.
+2 AMD EPYC cores with AVX-512 VNNI: the entry's run in docs/results.md where there was one, else an estimate.
 """
 
 from __future__ import annotations
