@@ -165,7 +165,8 @@ def part_b(sizes: list[int], exact_budget: float) -> tuple[str, dict]:
         print(f"  minibatch n={n}: {mb['secs']:.1f}s", file=sys.stderr)
         flat.append(mb["peak"])
         input_mib = LAYERS * n * WIDTH * 4 / MIB
-        exact = [f"{ex['secs']:.2f}", f"{ex['peak'] / MIB:,.0f}", f"{ex['cka_1_12']:.4f}"] if ex else [ex_note, "-", "-"]
+        exact = ([f"{ex['secs']:.2f}", f"{ex['peak'] / MIB:,.0f}", f"{ex['cka_1_12']:.4f}"] if ex
+                 else [ex_note, "-", "-"])
         rows.append([f"{n:,}", f"{input_mib:,.0f}", *exact, f"{mb['secs']:.2f} (+{mb['gen']:.1f} gen)",
                      f"{mb['peak'] / MIB:.1f}", mb["batches"], f"{mb['cka_1_12']:.4f}"])
     spread = (max(flat) - min(flat)) / min(flat)

@@ -493,8 +493,9 @@ def test_int8_cpus_scores_fp32_as_transformers_does_and_every_configuration_both
 
 def test_linear_backends_both_paths_train_the_same_model_and_leave_the_library_as_found(tiny_models,
                                                                                        tmp_path: Path) -> None:
-    """On 320 train texts (10 batches of 32, so one is held out), the BLAS and the oneDNN rows reach the same held-out loss to
-    rounding: nn.Linear is the reference for the oneDNN path. Afterwards the library's probe is its own again."""
+    """On 320 train texts (10 batches of 32, so one is held out), the BLAS and the oneDNN rows reach the same
+    held-out loss to rounding: nn.Linear is the reference for the oneDNN path. Afterwards the library's probe is its
+    own again."""
     from layerprune import linear
     from layerprune.analyze import AnalyzeOptions, analyze
     from layerprune.data import task_from_files
