@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 LP := $(VENV)/bin/layerprune
 CHECKPOINT ?= runs/minilm-rt
 
-.PHONY: setup demo demo-12 test test-fast clean
+.PHONY: setup demo demo-12 test test-fast results clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,15 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
+
+# Every kept benchmark table, measured again into benchmarks/results/ (each with its provenance JSON), one entry
+# after the other: hours on 2 cores, most of them the MPNet entries'. `python -m benchmarks list` gives each entry's
+# rough duration. The MiniLM entries read what `make demo` leaves (lp-run, runs/minilm-rt), the MPNet ones what
+# `make demo-12` leaves (lp-run-mpnet). A subset: ONLY=minilm, ONLY=mpnet, ONLY=auto (every auto entry),
+# ONLY="heals fallback-mpnet".
+ONLY ?=
+results: setup
+	$(PY) -m benchmarks all $(ONLY)
 
 clean:
 	rm -rf lp-run lp-run-mpnet .pytest_cache

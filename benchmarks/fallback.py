@@ -1,8 +1,5 @@
 """How much agreement does each fallback share buy? The pruned model answers; where it is unsure, the original.
 
-    python benchmarks/fallback.py [--run-dir lp-run] [--pruned DIR] [--shares 0,2,5,10,15,20]
-                                  [--out benchmarks/results/fallback.md]
-
 Which share to pass to `export --fallback`: a healed cut disagrees with the original on 1.5-2% of unseen texts
 (docs/results.md), and the gate can certify a cut only near 1%. Those disagreements sit where the pruned model
 is unsure, so sending its least sure texts on to the original (early exit read backwards, as in DeeBERT) agrees
@@ -11,39 +8,33 @@ serves one, validated as served.
 
 The run directory is an analysis that export has run on: the pruned model is --pruned, by default its
 `truncated/` checkpoint (the last export's pruned and healed PyTorch model; with the top-layer heal the layers
-below the re-tuned one are the original's), the original is the analysis' checkpoint. Both run over the task's calibration and holdout (validation and test splits). For each
-share s, the threshold is the pruned model's top-class probability below which s of the calibration texts
-fall; on the holdout, those texts take the original's answer. Columns: the share sent on, disagreement with
-the original, accuracy delta, and layers run per text (the cut, plus the original's layers for the texts sent on:
-the served fallback runs the whole original over them).
+below the re-tuned one are the original's), the original is the analysis' checkpoint. Both run over the task's
+calibration and holdout (validation and test splits). For each share s, the threshold is the pruned model's
+top-class probability below which s of the calibration texts fall; on the holdout, those texts take the
+original's answer (layerprune.fallback, as served). Columns: the share sent on, disagreement with the original,
+the metric's delta, and layers run per text (the cut, plus the original's layers for the texts sent on: the
+served fallback runs the whole original over them).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from layerprune.fallback import cascade, threshold, unsure
+from layerprune.files import DEFAULT_RUN_DIR, TRUNCATED_DIR
+from layerprune.hidden import predict_logits
+from layerprune.models import load_classifier, total_layers
+from layerprune.runtime import model_max_length
+from layerprune.scoring import compute_metric
 
-from layerprune.export import load_analysis  # noqa: E402
-from layerprune.fallback import cascade, threshold, unsure  # noqa: E402
-from layerprune.files import DEFAULT_RUN_DIR, RESULTS_DIR, TRUNCATED_DIR  # noqa: E402
-from layerprune.hidden import predict_logits  # noqa: E402
-from layerprune.models import load_classifier, total_layers  # noqa: E402
-from layerprune.runtime import model_max_length  # noqa: E402
-from layerprune.scoring import compute_metric  # noqa: E402
-from layerprune.validate import calibration_and_holdout  # noqa: E402
-from provenance import provenance, publish, refuses_in_one_line  # noqa: E402
+from .common import disagreement, listed, markdown_table, read_run
+from .harness import Results
 
-FALLBACK_RESULTS = "fallback.md"  # under files.RESULTS_DIR
+HEADER = ["sent on (calibration)", "sent on (holdout)", "disagreement", "delta, points", "layers per text"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +50,34 @@ def fallback(calibration: np.ndarray, pruned: np.ndarray, original: np.ndarray, 
     as `export --fallback` serves them (layerprune.fallback)."""
     below = threshold(calibration, share) if share else -np.inf
     served = cascade(pruned, original, below)
-    return Fallback(served, float(unsure(pruned, below).mean()), float(np.mean(served.argmax(-1) != original.argmax(-1))))
+    return Fallback(served, float(unsure(pruned, below).mean()), disagreement(original, served))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    parser.add_argument("--pruned", type=Path, help="a pruned checkpoint (default: RUN_DIR/truncated)")
+    parser.add_argument("--shares", type=listed(float), default=[0, 2, 5, 10, 15, 20, 30],
+                        help="percent of texts sent on to the original")
+
+
+def run(args: argparse.Namespace, out: Results) -> int:
+    run_dir = read_run(args.run_dir)
+    task, parts = run_dir.task, run_dir.parts()
+    pruned = args.pruned or args.run_dir / TRUNCATED_DIR
+    total, (hold_orig,) = _logits(run_dir.analysis.model, task, [parts.holdout])  # the threshold is the pruned's
+    depth, (cal_pruned, hold_pruned) = _logits(pruned, task, [parts.calibration, parts.holdout])
+    labels = parts.holdout.labels
+    rows = []
+    for share in args.shares:
+        row = fallback(cal_pruned, hold_pruned, hold_orig, share / 100)
+        delta = compute_metric(task.metric, labels, row.served) - compute_metric(task.metric, labels, hold_orig)
+        layers = depth + row.sent_on * total  # the texts sent on run through the whole original, as served
+        rows.append([f"{share:g}%", f"{row.sent_on:.1%}", f"{row.disagreement:.2%}", f"{100 * delta:+.2f}",
+                     f"{layers:.2f} of {total}"])
+    out.write(f"A fallback to the original: {pruned} (pruned to {depth} of {total}), holdout {parts.holdout_name} "
+              f"(n={len(labels)})", f"Delta: {task.metric}, served against the original's.\n\n"
+                                    f"{markdown_table(HEADER, rows, 'rrrrr')}")
+    return 0
 
 
 def _logits(checkpoint, task, parts: list) -> tuple[int, list[np.ndarray]]:
@@ -67,41 +85,3 @@ def _logits(checkpoint, task, parts: list) -> tuple[int, list[np.ndarray]]:
     model, tokenizer = load_classifier(checkpoint, num_labels=task.num_labels, device="cpu")
     limit = model_max_length(model.config.to_dict(), {"model_max_length": tokenizer.model_max_length})
     return total_layers(model.config), [predict_logits(model, tokenizer, part, max_length=limit) for part in parts]
-
-
-@refuses_in_one_line
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", type=Path, default=ROOT / DEFAULT_RUN_DIR)
-    parser.add_argument("--pruned", type=Path, help="a pruned checkpoint (default: RUN_DIR/truncated)")
-    parser.add_argument("--shares", default="0,2,5,10,15,20", help="percent of texts sent on to the original")
-    parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / FALLBACK_RESULTS)
-    args = parser.parse_args(argv)
-
-    analysis = load_analysis(args.run_dir)
-    task = analysis.task_config
-    parts = calibration_and_holdout(task, Path(analysis.glue_dir) if analysis.glue_dir else None, None)
-    total, (hold_orig,) = _logits(analysis.model, task, [parts.holdout])  # calibration's threshold is the pruned model's
-    depth, (cal_pruned, hold_pruned) = _logits(args.pruned or args.run_dir / TRUNCATED_DIR, task,
-                                               [parts.calibration, parts.holdout])
-    labels = parts.holdout.labels
-
-    rows = []
-    for share in [float(s) for s in args.shares.split(",")]:
-        row = fallback(cal_pruned, hold_pruned, hold_orig, share / 100)
-        delta = compute_metric(task.metric, labels, row.served) - compute_metric(task.metric, labels, hold_orig)
-        layers = depth + row.sent_on * total  # the texts sent on run through the whole original, as served
-        rows.append([f"{share:g}%", f"{row.sent_on:.1%}", f"{row.disagreement:.2%}", f"{100 * delta:+.2f}",
-                     f"{layers:.2f} of {total}"])
-    header = ["sent on (calibration)", "sent on (holdout)", "disagreement", "accuracy delta, points", "layers per text"]
-    lines = [
-        f"# A fallback to the original: {args.pruned or args.run_dir} (pruned to {depth} of {total}), holdout {parts.holdout_name} "
-        f"(n={len(labels)})", "", provenance(), "",
-        "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows),
-    ]
-    publish("\n".join(lines), args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

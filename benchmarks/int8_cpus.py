@@ -1,23 +1,22 @@
 """Dynamic int8 per x86 CPU kind: 7-bit weights (AVX2, AVX-512 without VNNI) vs 8-bit (AVX-512 VNNI).
 
-    python benchmarks/int8_cpus.py --checkpoint lp-run/truncated --run-dir lp-run [--max-examples N]
-                                   [--out benchmarks/results/int8_cpus.md]
-
-The 8-bit configuration is only served on VNNI hosts (`cpu.serves_int8_of`), whose accuracy an
-AVX2 host cannot measure natively: its u8 x s8 kernel saturates the int16 pair sums that 8-bit weights
-overflow. `emulate_vnni` rewrites the graph's integer products into exact float64 ones, which is what a
-VNNI kernel computes, so both configurations are scored here as their target CPUs would run them.
+The 8-bit configuration is only served on VNNI hosts (`cpu.serves_int8_of`), whose accuracy an AVX2 host cannot
+measure natively: its u8 x s8 kernel saturates the int16 pair sums that 8-bit weights overflow. `emulate_vnni`
+rewrites the graph's integer products into exact float64 ones, which is what a VNNI kernel computes, so both
+configurations are scored here as their target CPUs would run them.
 
 Examples: the run's task (`analysis.json`), calibration + holdout parts concatenated (rt-polarity: 2,112
 sentences), or the first --max-examples of them. The checkpoint is exported to fp32 ONNX once; each
 configuration (all int8; int8-safe: `sensitive_nodes` kept fp32) is quantized from it and scored twice:
 natively on this host's onnxruntime and with `emulate_vnni`. All rows use the model's max length.
+
+Static int8 (activation ranges calibrated beforehand, QDQ) is not measured here: it disagreed with fp32 two to
+five times as often as dynamic int8 and ran slower (docs/results.md), so export does not try it.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -28,23 +27,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from layerprune.cpu import cpu_model
+from layerprune.data import Examples
+from layerprune.files import ANALYSIS_FILE, MODEL_FILE
+from layerprune.onnx_export import export_onnx, max_logit_difference, quantize_onnx, sensitive_nodes
+from layerprune.runtime import OnnxClassifier
+from layerprune.scoring import compute_metric
 
-from layerprune.export import load_analysis  # noqa: E402
-from layerprune.data import Examples  # noqa: E402
-from layerprune.cpu import cpu_model  # noqa: E402
-from layerprune.files import ANALYSIS_FILE, INT8_CPUS_RESULTS, MODEL_FILE, RESULTS_DIR  # noqa: E402
-from layerprune.onnx_export import (  # noqa: E402
-    export_onnx, max_logit_difference, quantize_onnx, sensitive_nodes,
-)
-from layerprune.runtime import OnnxClassifier  # noqa: E402
-from layerprune.scoring import compute_metric  # noqa: E402
-from layerprune.tasks import TaskConfig  # noqa: E402
-from provenance import provenance, publish, refuses_in_one_line  # noqa: E402
-from layerprune.validate import calibration_and_holdout  # noqa: E402
+from .common import Run, markdown_table, read_run
+from .harness import Results
 
 CPUS = {"avx2": "7-bit", "avx512-vnni": "8-bit"}  # the two weight ranges quantization_config gives x86
 VARIANTS = ("all int8", "int8-safe")
@@ -136,9 +127,9 @@ class Row:
     logits: np.ndarray
 
 
-def examples_of(task: TaskConfig, max_examples: int | None) -> Examples:
+def examples_of(run: Run, max_examples: int | None) -> Examples:
     """The task's calibration and holdout examples, concatenated (what export sees), or the first N."""
-    parts = calibration_and_holdout(task, None, None)
+    parts = run.parts()
     both = parts.calibration.concat(parts.holdout)
     return both if max_examples is None else both.head(max_examples)
 
@@ -187,18 +178,19 @@ def _progress(row: Row, examples: Examples, metric: str) -> None:
     print(f"  {row.configuration} / {row.kernel}: {metric} {value:.4f}", file=sys.stderr, flush=True)
 
 
-def table(rows: list[Row], labels: np.ndarray, metric: str) -> list[str]:
+def table(rows: list[Row], labels: np.ndarray, metric: str) -> str:
     """The markdown table: every row against the first (fp32)."""
     reference = rows[0].logits
     base = compute_metric(metric, labels, reference)
-    lines = [f"| configuration | kernel | {metric} | delta vs fp32 (points) | disagreement with fp32 "
-             "| max abs logit diff vs fp32 |", "|---|---|---|---|---|---|"]
+    header = ["configuration", "kernel", metric, "delta vs fp32 (points)", "disagreement with fp32",
+              "max abs logit diff vs fp32"]
+    cells = []
     for row in rows:
         value = compute_metric(metric, labels, row.logits)
         disagree = float((row.logits.argmax(1) != reference.argmax(1)).mean())
-        lines.append(f"| {row.configuration} | {row.kernel} | {value:.4f} | {100 * (value - base):+.2f} "
-                     f"| {100 * disagree:.2f}% | {max_logit_difference(reference, row.logits):.4f} |")
-    return lines
+        cells.append([row.configuration, row.kernel, f"{value:.4f}", f"{100 * (value - base):+.2f}",
+                      f"{100 * disagree:.2f}%", f"{max_logit_difference(reference, row.logits):.4f}"])
+    return markdown_table(header, cells, "llrrrr")
 
 
 def kernel_checks(rows: list[Row]) -> list[str]:
@@ -213,36 +205,21 @@ def kernel_checks(rows: list[Row]) -> list[str]:
     return lines
 
 
-@refuses_in_one_line
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="the (truncated) checkpoint to export")
     parser.add_argument("--run-dir", type=Path, required=True, help=f"a run folder with {ANALYSIS_FILE}")
     parser.add_argument("--max-examples", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / INT8_CPUS_RESULTS)
-    args = parser.parse_args(argv)
 
-    report = load_analysis(args.run_dir)
-    task = report.task_config
-    examples = examples_of(task, args.max_examples)
+
+def run(args: argparse.Namespace, out: Results) -> int:
+    run_dir = read_run(args.run_dir)
+    task = run_dir.task
+    examples = examples_of(run_dir, args.max_examples)
     print(f"{len(examples)} {task.name} examples; exporting {args.checkpoint}", file=sys.stderr, flush=True)
     rows, max_length = score(examples, args.checkpoint, task.metric)
-    import onnxruntime
-
-    lines = [
-        f"# dynamic int8 per CPU kind: {args.checkpoint} ({report.model_type}), {task.name}",
-        "",
-        f"{provenance()}; onnxruntime {onnxruntime.__version__}. "
-        f"{len(examples):,} sentences (calibration + holdout), max length {max_length}. "
-        f"'{EMULATED}': the same model with `emulate_vnni` (exact int32 products, what a VNNI host computes).",
-        "",
-        *table(rows, examples.labels, task.metric),
-        "",
-        *kernel_checks(rows),
-    ]
-    publish("\n".join(lines), args.out)
+    body = [f"{len(examples):,} sentences (calibration + holdout), max length {max_length}. '{EMULATED}': the same "
+            "model with `emulate_vnni` (exact int32 products, what a VNNI host computes).", "",
+            table(rows, examples.labels, task.metric), "", *kernel_checks(rows)]
+    out.write(f"dynamic int8 per CPU kind: {args.checkpoint} ({run_dir.analysis.model_type}), {task.name}",
+              "\n".join(body))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

