@@ -97,7 +97,7 @@ def test_all_and_list_pick_entries_by_name_entry_or_model(capsys) -> None:
     from benchmarks.registry import REGISTRY, matching
 
     assert [e.key for e in matching(["auto"])] == ["auto", "auto-fallback", "auto-mpnet", "auto-mpnet-fallback"]
-    assert [e.key for e in matching(["auto-mpnet", "serving"])] == ["auto-mpnet", "serving"]
+    assert [e.key for e in matching(["auto-mpnet", "serving"])] == ["auto-mpnet", "serving", "serving-memory"]
     assert {e.model for e in matching(["mpnet"])} == {"mpnet"} and len(matching(["minilm"])) + len(
         matching(["mpnet"])) == len(REGISTRY)
     assert run("all", "nonsense") == 2 and run("list", "nonsense") == 2 and run("nonsense") == 2
