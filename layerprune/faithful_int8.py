@@ -480,11 +480,12 @@ def per_token_int8(model: onnx.ModelProto, sites: Sequence[Site], plans: Sequenc
             if plan.mode != "asym":  # the bias Add reads the MatMul's output name, now t * r
                 op("Mul", [r, t], f"{j}_scaled", node.output[0])
                 continue
-            add = _bias_add(users, inits, node)  # + [-(t z), 1] [[ws * colsum Wq], [b]] replaces the bias Add
-            v = np.stack([ws_j * wq_j.sum(axis=0), _array(inits, _bias_of(users, inits, node))])
+            add, bias = _bias_add(users, inits, node), _bias_of(users, inits, node)
+            v = np.stack([ws_j * wq_j.sum(axis=0), _array(inits, bias)])  # + [-(t z), 1] [[ws colsum Wq], [b]]
             corr = op("MatMul", [correction_in, const(f"{p}{j}_v", v)], f"{j}_corr")
             op("Add", [op("Mul", [r, t], f"{j}_scaled"), corr], f"{j}_out", add.output[0])
             g.node.remove(add)
+            g.initializer.remove(inits[bias])
         position = min(i for i, n in enumerate(g.node) if n.name in site.matmuls)
         for n in reversed(new):
             g.node.insert(position, n)
