@@ -120,3 +120,19 @@ def test_a_graph_without_weights_to_quantize_is_refused() -> None:
     graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
     with pytest.raises(LayerpruneError, match="no MatMul with a constant weight"):
         F.faithful_int8(onnx.helper.make_model(graph), [])
+
+
+def weight_range(model: onnx.ModelProto) -> int:
+    """The largest |integer| among the int8 weights of the integer products."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return max(int(np.abs(onnx.numpy_helper.to_array(inits[n.input[1]])).max())
+               for n in model.graph.node if n.op_type == "MatMulIntegerToFloat")
+
+
+def test_reduce_range_gives_7_bit_weights(quantized) -> None:
+    # onnxruntime's reduce_range for s8 weights: [-64, 64] (pair sums of u8 x s8 stay in int16 without VNNI).
+    onnx_dir, model = quantized
+    assert weight_range(model) == 127
+    narrow = F.faithful_int8(onnx.load(str(onnx_dir / "model.onnx")), calibration(onnx_dir), reduce_range=True,
+                             alphas=(None,))
+    assert weight_range(narrow) == 64
