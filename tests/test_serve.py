@@ -613,6 +613,40 @@ def test_a_fallback_bundle_is_served_as_it_was_validated(bundle, tmp_path) -> No
         write_triton_repository(tmp_path / "fb", tmp_path / "repo", allow_unvalidated=True)
 
 
+def test_a_continuation_bundle_is_served_as_it_was_validated(bundle, tmp_path) -> None:
+    """A bundle exported with the top-layer heal and --fallback 0.5: the server answers with the pruned graph where
+    it is sure, and where it is not with the original's answer, computed from the pruned graph's states at layer 1
+    on through the original's layers above; checked against transformers' runs of the truncated checkpoint and the
+    original. /info says where the fallback continues from."""
+    import torch
+    from scipy.special import softmax
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from layerprune.export import export_bundle
+
+    run = shutil.copytree(bundle.parent / "run", tmp_path / "run", ignore=shutil.ignore_patterns("truncated"))
+    result = export_bundle(run, tmp_path / "cont", ExportOptions(
+        keep_layers=SERVE_KEEP_LAYERS, heal="distill", fallback=0.5, device="cpu", batch_size=8))
+    assert result.manifest.fallback.continue_from == SERVE_KEEP_LAYERS - 1
+
+    def logits(checkpoint):
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        with torch.no_grad():
+            return AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()(
+                **tokenizer(TEXTS, padding=True, return_tensors="pt")).logits.numpy()
+
+    pruned, original = logits(result.truncated_checkpoint), logits(bundle.parent / "model")
+    sent = softmax(pruned, axis=-1).max(axis=-1) < result.manifest.fallback.threshold
+    assert 0 < sent.sum() < len(TEXTS), "some texts go on, some do not"
+    with serving(tmp_path / "cont", allow_unvalidated=True) as c:
+        before = _sent_on(c)  # the warm-up's text counts too
+        raw = c.post("/predict", json={"inputs": TEXTS, "raw_scores": True}).json()
+        np.testing.assert_allclose(by_label(raw, result.manifest.labels), np.where(sent[:, None], original, pruned),
+                                   rtol=0, atol=1e-4)
+        assert _sent_on(c) - before == sent.sum()
+        assert c.get("/info").json()["fallback"]["continue_from"] == SERVE_KEEP_LAYERS - 1
+
+
 def _sent_on(client) -> float:
     line = next(x for x in client.get("/metrics").text.splitlines() if x.startswith("layerprune_fallback_inputs_total"))
     return float(line.split()[-1])
