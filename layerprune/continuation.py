@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -197,25 +198,43 @@ def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
         node.output[:] = [new if o == old else o for o in node.output]
 
 
-# --- export: graph B as the bundle's graph is built ---------------------------------------------------------------
+# --- export: graph B made as each candidate of the bundle's graph is -----------------------------------------------
 
 
-def build_continuation(original_onnx: Path, config: dict, layer: int, work: Path, optimize: str | None,
-                       quantized: str | None, cpu: str) -> Path:
-    """Graph B for a bundle, built in the folder `work` from the original's unoptimized export `original_onnx`
-    (with its config beside it) and made as the bundle's graph was: optimized at `optimize`, and quantized under
-    the bundle's int8 configuration `quantized` (its name, as quantize_onnx returned it; None: fp32). Returns
-    the graph's path."""
-    work.mkdir(parents=True)
-    shutil.copy(original_onnx.parent / CONFIG_FILE, work / CONFIG_FILE)  # optimum's optimizer reads the model type
-    continuation_graph(original_onnx, config, layer, work / MODEL_FILE)
-    if optimize:
-        onnx_export.optimize_onnx(work, optimize)
-    if quantized:
-        onnx_export.quantize_onnx(work, _kept_in_fp32(work, quantized, cpu), cpu=cpu)
-    if (work / MODEL_DATA_FILE).exists():
-        raise LayerpruneError("--fallback needs the continuation's graph in one file (under 2 GB); this one is larger")
-    return work / MODEL_FILE
+@dataclass
+class Continuations:
+    """Graph B for a bundle whose graph continues from `layer`, made as each export candidate of the bundle's graph
+    is made: cut from the original's unoptimized export `original` (its config beside it), optimized at `optimize`,
+    and for an int8 candidate quantized under the same configuration (by its name, as quantize_onnx returned it).
+    Each is built once, in its own folder under `work`, when first asked for."""
+
+    original: Path
+    config: dict
+    layer: int
+    work: Path
+    optimize: str | None
+    cpu: str
+    _built: dict[str | None, Path] = field(default_factory=dict)
+
+    def graph(self, quantized: str | None) -> Path:
+        """Graph B's path for the candidate quantized under `quantized` (None: fp32)."""
+        if quantized not in self._built:
+            fp32 = None if quantized is None else self.graph(None)  # every int8 variant starts from it
+            folder = self.work / f"continuation-{len(self._built)}"
+            if fp32 is None:
+                folder.mkdir(parents=True)
+                shutil.copy(self.original.parent / CONFIG_FILE, folder / CONFIG_FILE)  # the optimizer reads its type
+                continuation_graph(self.original, self.config, self.layer, folder / MODEL_FILE)
+                if self.optimize:
+                    onnx_export.optimize_onnx(folder, self.optimize)
+            else:
+                shutil.copytree(fp32.parent, folder)
+                onnx_export.quantize_onnx(folder, _kept_in_fp32(folder, quantized, self.cpu), cpu=self.cpu)
+            if (folder / MODEL_DATA_FILE).exists():
+                raise LayerpruneError("--fallback needs the continuation's graph in one file (under 2 GB); this one "
+                                      "is larger")
+            self._built[quantized] = folder / MODEL_FILE
+        return self._built[quantized]
 
 
 def _kept_in_fp32(folder: Path, quantized: str, cpu: str) -> list[str] | None:

@@ -163,14 +163,16 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
         if opts.optimize:
             onnx_export.optimize_onnx(tmp, opts.optimize)
         cpu = cpu_kind()  # the int8 weights are quantized for this CPU, and the manifest says which
-        candidates, calibration = (_pick_export(tmp, task, texts, parts, max_length, opts, budget, cpu)
+        graphs = None if cut is None else continuation.Continuations(
+            _original_onnx(model, tokenizer, scratch), model.config.to_dict(), cut, scratch, opts.optimize, cpu)
+        candidates, calibration = (_pick_export(tmp, task, texts, parts, max_length, opts, budget, cpu, graphs)
                                    if opts.quantize else ([], None))
         quantized = next((c.name for c in candidates if c.chosen and c.name != "fp32"), None)
         rule = None
         if falls_back:
             if calibration is None:
                 calibration = _onnx_logits(tmp, parts.calibration, max_length, opts.batch_size)
-            rule = _add_original(model, tokenizer, tmp, scratch, calibration, opts, cut, quantized, cpu)
+            rule = _add_original(model, tokenizer, tmp, scratch, calibration, opts, graphs, quantized)
         runner = _runner(tmp, max_length, rule)
         served = runner.logits(parts.holdout.texts, parts.holdout.pairs)
         validation = compare(task, parts.holdout, parts.holdout_name, original_holdout, served, opts.tolerance,
@@ -255,28 +257,31 @@ def _truncated_and_healed(original, heal: Heal, task: TaskConfig):
 
 
 def _add_original(original, tokenizer, bundle: Path, scratch: Path, calibration: np.ndarray, opts: ExportOptions,
-                  cut: int | None, quantized: str | None, cpu: str) -> FallbackRule:
+                  graphs: continuation.Continuations | None, quantized: str | None) -> FallbackRule:
     """The fallback: the original's ONNX graph (exported in `scratch`, optimized as the bundle's) beside the
     bundle's, and the threshold below which the bundle's graph, as exported, sends a text on: the --fallback
     quantile of its top-class probabilities on the calibration texts (`calibration`: its logits there; with
-    int8, the very run of the kept candidate its forecast scored). With a `cut`, only the original's layers above
-    it and its head, made as the bundle's graph was (optimized, and int8 under `quantized`): a text sent on
-    continues from the bundle's states there."""
+    int8, the very run of the kept candidate its forecast scored). Where the bundle's graph continues
+    (`graphs`), only the original's layers above the cut and its head, made as the kept candidate was."""
     below = threshold(calibration, opts.fallback)
-    checkpoint, onnx_dir = scratch / "original", scratch / "original-onnx"
-    _save_checkpoint(original, tokenizer, checkpoint)
-    onnx_export.export_onnx(checkpoint, onnx_dir)
-    if cut is not None:
-        graph = continuation.build_continuation(onnx_dir / MODEL_FILE, original.config.to_dict(), cut,
-                                                scratch / "continuation", opts.optimize, quantized, cpu)
-        shutil.move(graph, bundle / CONTINUATION_MODEL_FILE)
-        return FallbackRule(share=opts.fallback, threshold=below, continue_from=cut)
+    if graphs is not None:
+        shutil.move(graphs.graph(quantized), bundle / CONTINUATION_MODEL_FILE)
+        return FallbackRule(share=opts.fallback, threshold=below, continue_from=graphs.layer)
+    onnx_dir = _original_onnx(original, tokenizer, scratch)
     if opts.optimize:
         onnx_export.optimize_onnx(onnx_dir, opts.optimize)
     if (onnx_dir / MODEL_DATA_FILE).exists():
         raise LayerpruneError("--fallback needs the original's graph in one file (under 2 GB); this one is larger")
     shutil.move(onnx_dir / MODEL_FILE, bundle / ORIGINAL_MODEL_FILE)
     return FallbackRule(share=opts.fallback, threshold=below)
+
+
+def _original_onnx(original, tokenizer, scratch: Path) -> Path:
+    """The original's ONNX graph as optimum exports it (fp32, unoptimized), in `scratch`."""
+    checkpoint, onnx_dir = scratch / "original", scratch / "original-onnx"
+    _save_checkpoint(original, tokenizer, checkpoint)
+    onnx_export.export_onnx(checkpoint, onnx_dir)
+    return onnx_dir / MODEL_FILE
 
 
 def _runner(bundle: Path, max_length: int, rule: FallbackRule | None) -> OnnxClassifier:
@@ -394,11 +399,13 @@ def _heal_mode(asked: HealMode | None, model, texts: _HealTexts) -> HealMode:
 
 
 def _pick_export(bundle: Path, task: TaskConfig, texts: ExportTexts, parts: EvalParts, max_length: int,
-                 opts: ExportOptions, budget: ErrorBudget, cpu: str) -> tuple[list[ExportCandidate], np.ndarray]:
+                 opts: ExportOptions, budget: ErrorBudget, cpu: str,
+                 graphs: continuation.Continuations | None) -> tuple[list[ExportCandidate], np.ndarray]:
     """Score the export candidates fastest first (int8; int8 with the feed-forward outputs and head in fp32; the
     fp32 model as exported), keep the first whose forecast passes in `bundle`, and report them all, with the
     kept one's logits on the calibration texts. The int8 variants share their part of the error budget; fp32 is
-    the depth the walk already chose."""
+    the depth the walk already chose. Where the bundle's graph continues (`graphs`), each candidate is scored
+    with the continuation made as it is."""
     variants: list[tuple[str, list[str] | None]] = [("int8", None), ("int8-safe", onnx_export.sensitive_nodes(bundle))]
     scored: list[tuple[ExportCandidate, np.ndarray, Path | None]] = []  # with its calibration logits and folder
     with tempfile.TemporaryDirectory(prefix=".candidates-", dir=bundle.parent) as staging:
@@ -406,9 +413,12 @@ def _pick_export(bundle: Path, task: TaskConfig, texts: ExportTexts, parts: Eval
             folder = Path(staging) / label
             shutil.copytree(bundle, folder)
             name = onnx_export.quantize_onnx(folder, keep_fp32, cpu=cpu)
-            scored.append((*_score_candidate(name, folder, task, texts, parts, max_length, opts, budget.per_variant),
-                           folder))
-        scored.append((*_score_candidate("fp32", bundle, task, texts, parts, max_length, opts, budget.depth), None))
+            second = graphs and graphs.graph(name)
+            scored.append((*_score_candidate(name, folder, task, texts, parts, max_length, opts, budget.per_variant,
+                                             second), folder))
+        second = graphs and graphs.graph(None)
+        scored.append((*_score_candidate("fp32", bundle, task, texts, parts, max_length, opts, budget.depth, second),
+                       None))
         chosen, calibration, folder = next((s for s in scored if s[0].forecast.passes), scored[-1])
         chosen.chosen = True
         if folder is not None:
@@ -417,8 +427,9 @@ def _pick_export(bundle: Path, task: TaskConfig, texts: ExportTexts, parts: Eval
 
 
 def _score_candidate(name: str, folder: Path, task: TaskConfig, texts: ExportTexts, parts: EvalParts, max_length: int,
-                     opts: ExportOptions, alpha: float) -> tuple[ExportCandidate, np.ndarray]:
-    """A candidate graph's forecast as served, and its own logits on the calibration texts."""
+                     opts: ExportOptions, alpha: float, second: Path | None = None) -> tuple[ExportCandidate, np.ndarray]:
+    """A candidate graph's forecast as served, and its own logits on the calibration texts. `second`: the
+    continuation made as this candidate is, which answers the texts it sends on (else the original restarts)."""
     runner = OnnxClassifier(folder, max_length=max_length)
     started = time.perf_counter()
     calibration = own = runner.logits(parts.calibration.texts, parts.calibration.pairs, batch_size=opts.batch_size)
@@ -427,7 +438,13 @@ def _score_candidate(name: str, folder: Path, task: TaskConfig, texts: ExportTex
     if texts.agreement is not None:
         examples = texts.agreement.examples
         agreement = runner.logits(examples.texts, examples.pairs, batch_size=opts.batch_size)
-    if opts.fallback:  # scored as served: the original answers the texts this candidate is least sure of
+    if opts.fallback and second is not None:  # scored as served: continued from this candidate's own states
+        cascade = OnnxClassifier(folder, max_length=max_length, continuation=second,
+                                 below=threshold(calibration, opts.fallback))
+        calibration = cascade.logits(parts.calibration.texts, parts.calibration.pairs, batch_size=opts.batch_size)
+        if agreement is not None:
+            agreement = cascade.logits(examples.texts, examples.pairs, batch_size=opts.batch_size)
+    elif opts.fallback:  # scored as served: the original answers the texts this candidate is least sure of
         calibration, agreement = texts.served(calibration, agreement, opts.fallback)
     unlabeled = None if agreement is None else (texts.agreement.logits, agreement)
     prediction = forecast(task, parts.calibration.labels, texts.calibration.logits, calibration, opts.tolerance,

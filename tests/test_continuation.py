@@ -60,9 +60,10 @@ class Built:
         self.a_dir = root / "a"
         export_onnx(root / "pruned", self.a_dir)
         continuation.add_cut_output(self.a_dir / "model.onnx", self.config, self.cut)
-        self.b_dir = root / "b"  # graph B as export builds it, fp32 and unoptimized
-        continuation.build_continuation(root / "original-onnx" / "model.onnx", self.config, self.cut, self.b_dir,
-                                        None, None, "avx2")
+        self.graphs = {optimize: continuation.Continuations(root / "original-onnx" / "model.onnx", self.config,
+                                                            self.cut, root / f"b-{optimize}", optimize, "avx2")
+                       for optimize in (None, "O2")}  # graph B as export builds it, per candidate
+        self.b_dir = self.graphs[None].graph(None).parent
         self.root = root
         self.ref_states, self.ref_logits, self.ref_pruned = [], [], []
         with torch.no_grad():
@@ -172,10 +173,7 @@ def _copy(src: Path, dst: Path) -> Path:
 @pytest.mark.parametrize("built", ["bert", "mpnet"], indirect=True)
 def test_o2_keeps_the_cut_and_every_fusion(built):
     a = _copy(built.a_dir, built.root / "a-O2")
-    b = built.root / "b-O2"
-    shutil.rmtree(b, ignore_errors=True)
-    continuation.build_continuation(built.root / "original-onnx" / "model.onnx", built.config, built.cut, b, "O2",
-                                    None, "avx2")
+    b = built.graphs["O2"].graph(None).parent
     plain = built.root / "plain-a-O2"  # the pruned graph without the second output, optimized alike
     shutil.rmtree(plain, ignore_errors=True)
     export_onnx(built.root / "pruned", plain)
@@ -198,18 +196,11 @@ def test_int8_continuation_is_quantized_as_the_bundle(built, keep_fp32):
     """Under the bundle's int8 configuration, graph B is quantized with it: its products are int8 but for those the
     configuration keeps in float (onnx_export.sensitive_nodes), and graph A's states output stays float."""
     name, _ = quantization_config("avx2")
-    b = built.root / f"b-int8-{keep_fp32}"
-    shutil.rmtree(b, ignore_errors=True)
-    fp32 = built.root / "b-sensitive"  # the fp32 graph B, to read the nodes the safe variant keeps
-    if not fp32.exists():
-        continuation.build_continuation(built.root / "original-onnx" / "model.onnx", built.config, built.cut, fp32,
-                                        None, None, "avx2")
-    kept = [n.name for n in onnx.load(str(fp32 / "model.onnx")).graph.node
+    kept = [n.name for n in onnx.load(str(built.b_dir / "model.onnx")).graph.node
             if n.op_type in ("MatMul", "Gemm") and ("/layer." not in n.name or  # the head; BERT's FFN output:
                                                    "/output/dense/" in n.name and "/attention/" not in n.name)]
     quantized = name + (", feed-forward outputs and head in fp32" if keep_fp32 else "")
-    continuation.build_continuation(built.root / "original-onnx" / "model.onnx", built.config, built.cut, b, None,
-                                    quantized, "avx2")
+    b = built.graphs[None].graph(quantized).parent
     nodes = onnx.load(str(b / "model.onnx")).graph.node
     # (the quantizer makes a Gemm a MatMul named "<gemm>_MatMul" + Add)
     still_float = {n.name.removesuffix("_MatMul") for n in nodes if n.op_type in ("MatMul", "Gemm")}

@@ -881,6 +881,56 @@ def test_with_the_top_layer_heal_a_fallback_continues_from_the_shared_layers(wid
         servable_bundle(out)
 
 
+def test_int8_candidates_are_forecast_with_the_continuation_as_served(wide_run_dir: Path, tmp_path: Path) -> None:
+    """--quantize int8 with the top-layer heal and --fallback 0.5: the continuation is quantized as the kept
+    candidate is, and each candidate's forecast is of what is served: the texts it sends on continue from its own
+    int8 states through the int8 continuation. Checked against a cascade run here with onnxruntime on the bundle's
+    two graphs, batch by batch as export runs them, and transformers' run of the original."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from scipy.special import softmax
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "q"
+    result = export_bundle(wide_run_dir, out, ExportOptions(keep_layers=2, heal="distill", quantize="int8",
+                                                            fallback=0.5, tolerance=1.0, **{**FAST, "batch_size": 4}))
+    chosen = result.depth.candidates[0]
+    assert chosen.chosen and result.manifest.quantize == "int8" and result.manifest.fallback.continue_from == 1
+    assert any(n.op_type == "MatMulInteger" for n in onnx.load(str(out / "continuation.onnx")).graph.node)
+    analysis = load_artifact(AnalysisReport, wide_run_dir / "analysis.json")
+    texts = calibration_and_holdout(analysis.task_config, None, 2000).calibration.texts
+    tokenizer = AutoTokenizer.from_pretrained(analysis.model)
+    with torch.no_grad():
+        original = AutoModelForSequenceClassification.from_pretrained(analysis.model).eval()(
+            **tokenizer(texts, padding=True, return_tensors="pt")).logits.numpy()
+    a, b = (ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
+            for name in ("model.onnx", "continuation.onnx"))
+    # int8's dynamic scales depend on a run's rows: batches of --batch-size 4, similar lengths together, as run
+    order = np.argsort([len(tokenizer(t)["input_ids"]) for t in texts], kind="stable")
+    batches = [order[start:start + 4] for start in range(0, len(texts), 4)]
+    runs = {}
+    for rows in batches:
+        feeds = {k: v.astype(np.int64) for k, v in tokenizer([texts[i] for i in rows], padding=True,
+                                                             return_tensors="np").items()}
+        runs[tuple(rows)] = feeds, *a.run(["logits", "hidden_states"], feeds)
+    pruned = np.zeros_like(original)
+    for rows, (_, logits, _) in runs.items():
+        pruned[list(rows)] = logits
+    below = np.quantile(softmax(pruned, axis=-1).max(axis=-1), 0.5)
+    assert result.manifest.fallback.threshold == pytest.approx(below, abs=1e-5)
+    served = pruned.copy()
+    for rows, (feeds, logits, states) in runs.items():
+        sent = softmax(logits, axis=-1).max(axis=-1) < below
+        if sent.any():  # one sub-batch, cut to its longest row
+            width = feeds["attention_mask"][sent].sum(axis=1).max()
+            given = {**feeds, "hidden_states": states}
+            served[np.array(rows)[sent]] = b.run(["logits"], {i.name: given[i.name][sent, :width]
+                                                              for i in b.get_inputs()})[0]
+    assert np.abs(served - pruned).max() > 1e-2, "the texts sent on changed their answers"
+    assert chosen.forecast.disagreement == pytest.approx(np.mean(served.argmax(-1) != original.argmax(-1)))
+
+
 def test_the_whole_heal_falls_back_by_restarting_the_original(run_dir: Path, tmp_path: Path) -> None:
     """The whole heal re-trains every kept layer: no state of the bundle's is the original's, so a text sent on
     restarts the original's graph from its tokens."""
