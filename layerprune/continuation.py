@@ -229,7 +229,7 @@ class Continuations:
                     onnx_export.optimize_onnx(folder, self.optimize)
             else:
                 shutil.copytree(fp32.parent, folder)
-                onnx_export.quantize_onnx(folder, _kept_in_fp32(folder, quantized, self.cpu), cpu=self.cpu)
+                onnx_export.quantize_onnx(folder, kept_in_fp32(folder, quantized, self.cpu), cpu=self.cpu)
             if (folder / MODEL_DATA_FILE).exists():
                 raise LayerpruneError("--fallback needs the continuation's graph in one file (under 2 GB); this one "
                                       "is larger")
@@ -237,7 +237,7 @@ class Continuations:
         return self._built[quantized]
 
 
-def _kept_in_fp32(folder: Path, quantized: str, cpu: str) -> list[str] | None:
+def kept_in_fp32(folder: Path, quantized: str, cpu: str) -> list[str] | None:
     """The nodes the int8 configuration named `quantized` keeps in float, found in the graph in `folder`: the
     same rule as the bundle's (onnx_export.sensitive_nodes), by the configuration's name."""
     plain, _ = onnx_export.quantization_config(cpu)
