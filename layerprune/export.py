@@ -164,7 +164,8 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
             onnx_export.optimize_onnx(tmp, opts.optimize)
         cpu = cpu_kind()  # the int8 weights are quantized for this CPU, and the manifest says which
         graphs = None if cut is None else continuation.Continuations(
-            _original_onnx(model, tokenizer, scratch), model.config.to_dict(), cut, scratch, opts.optimize, cpu)
+            _original_onnx(model, tokenizer, scratch) / MODEL_FILE, model.config.to_dict(), cut, scratch, opts.optimize,
+            cpu)
         candidates, calibration = (_pick_export(tmp, task, texts, parts, max_length, opts, budget, cpu, graphs)
                                    if opts.quantize else ([], None))
         quantized = next((c.name for c in candidates if c.chosen and c.name != "fp32"), None)
@@ -277,11 +278,11 @@ def _add_original(original, tokenizer, bundle: Path, scratch: Path, calibration:
 
 
 def _original_onnx(original, tokenizer, scratch: Path) -> Path:
-    """The original's ONNX graph as optimum exports it (fp32, unoptimized), in `scratch`."""
+    """A folder in `scratch` with the original's ONNX graph as optimum exports it (fp32, unoptimized)."""
     checkpoint, onnx_dir = scratch / "original", scratch / "original-onnx"
     _save_checkpoint(original, tokenizer, checkpoint)
     onnx_export.export_onnx(checkpoint, onnx_dir)
-    return onnx_dir / MODEL_FILE
+    return onnx_dir
 
 
 def _runner(bundle: Path, max_length: int, rule: FallbackRule | None) -> OnnxClassifier:
@@ -413,10 +414,10 @@ def _pick_export(bundle: Path, task: TaskConfig, texts: ExportTexts, parts: Eval
             folder = Path(staging) / label
             shutil.copytree(bundle, folder)
             name = onnx_export.quantize_onnx(folder, keep_fp32, cpu=cpu)
-            second = graphs and graphs.graph(name)
+            second = graphs.graph(name) if graphs else None
             scored.append((*_score_candidate(name, folder, task, texts, parts, max_length, opts, budget.per_variant,
                                              second), folder))
-        second = graphs and graphs.graph(None)
+        second = graphs.graph(None) if graphs else None
         scored.append((*_score_candidate("fp32", bundle, task, texts, parts, max_length, opts, budget.depth, second),
                        None))
         chosen, calibration, folder = next((s for s in scored if s[0].forecast.passes), scored[-1])

@@ -160,7 +160,7 @@ class OnnxClassifier:
 
     def _check_continuation(self) -> None:
         """This graph's outputs are the logits, then the states a continuation goes on from; the continuation
-        takes those states and inputs this graph takes too, and gives logits as wide as this graph's."""
+        takes those states and inputs this graph takes too."""
         outputs = [o.name for o in self.session.get_outputs()]
         if outputs != [LOGITS, STATES]:
             raise LayerpruneError(f"{self.model_path} outputs {outputs}, not {[LOGITS, STATES]}: it has no states "
