@@ -141,13 +141,13 @@ def benchmark(bundle: Path, n: int, n_batch1: int, rounds: int, keep: Path | Non
                 model = opened.classifier if name == BUNDLE else OnnxClassifier(
                     bundle, max_length=manifest.max_length, labels=manifest.labels, parts=manifest.parts, **session)
                 if name == BUNDLE and manifest.fallback is not None:  # both graphs are served, and both counted below
-                    quantization += f"; its least sure {manifest.fallback.share:.0%} on to the full fp32 model"
+                    quantization += _fallback_words(manifest)
             else:
                 model = OnnxClassifier(folder, max_length=manifest.max_length, labels=manifest.labels, **session)
                 model_file, config_file = MODEL_FILE, CONFIG_FILE
             logits = model.logits(holdout.texts, holdout.pairs, batch_size=BATCH)
-            size = model_mb(folder, model_file) + (model_mb(folder, manifest.parts.original)
-                                                   if name == BUNDLE and manifest.parts.original else 0.0)
+            second = manifest.parts.continuation or manifest.parts.original
+            size = model_mb(folder, model_file) + (model_mb(folder, second) if name == BUNDLE and second else 0.0)
             rows.append(Row(name, layers_of(folder / config_file), quantization, size, logits))
             models[name] = model
         speeds(rows, models, holdout, n, n_batch1, rounds)
@@ -159,6 +159,15 @@ def benchmark(bundle: Path, n: int, n_batch1: int, rounds: int, keep: Path | Non
             }, indent=1))
     return Result(manifest, task.name, task.metric, task.is_regression, holdout, parts.holdout_name, threads,
                   int8_name, rows)
+
+
+def _fallback_words(manifest: Manifest) -> str:
+    """How the bundle's fallback answers the texts it sends on, for the quantization column."""
+    rule = manifest.fallback
+    if rule.continue_from is None:
+        return f"; its least sure {rule.share:.0%} on to the full fp32 model"
+    return (f"; its least sure {rule.share:.0%} continued from layer {rule.continue_from} through the full model's "
+            f"layers above ({manifest.quantization_config or 'fp32'})")
 
 
 def speeds(rows: list[Row], models: dict[str, OnnxClassifier], holdout: Examples, n: int, n_batch1: int,

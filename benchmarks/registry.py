@@ -39,6 +39,8 @@ class Entry:
 GATE = "Does the holdout gate agree with the depth auto picks, over resamples of calibration and holdout?"
 HEALS = "How deep can each model go, and with which heal: what each heal buys at each depth on texts no heal saw?"
 FALLBACK = "How much agreement does each share of texts sent on to the original buy a pruned model?"
+CASCADE = ("What does continuing the texts a fallback sends on, from the bundle's states through the original's "
+           "layers above, save over restarting the original, in speed and CPU a text?")
 INT8_CPUS = "What does dynamic int8 cost against fp32 on each x86 kind (7-bit AVX2 vs 8-bit VNNI weights)?"
 PRUNED_VS_INT8 = "Does pruning earn its place: the bundle against the full model's plain int8, in speed and agreement?"
 LINEAR = "How much faster do the original's pass and a heal run with torch's linear layers through oneDNN?"
@@ -55,6 +57,8 @@ REGISTRY: tuple[Entry, ...] = (
           "depth (no heal)?", ("--checkpoint", "runs/minilm-rt", "--bundle", "lp-run/bundle"), minutes=10),
     Entry("fallback", FALLBACK, ("--run-dir", "lp-run"), minutes=3),
     Entry("fallback", FALLBACK, ("--run-dir", "lp-run-mpnet"), MPNET, model=MPNET, minutes=10),
+    Entry("cascade", CASCADE, ("--run-dir", "lp-run", "--keep-layers", "4"), minutes=20),
+    Entry("cascade", CASCADE, ("--bundle", "lp-run-mpnet/bundle"), MPNET, model=MPNET, minutes=20),
     Entry("int8_cpus", INT8_CPUS, ("--checkpoint", "lp-run/truncated", "--run-dir", "lp-run"), minutes=10),
     Entry("int8_cpus", INT8_CPUS, ("--checkpoint", "lp-run-mpnet/truncated", "--run-dir", "lp-run-mpnet"), MPNET,
           model=MPNET, minutes=40),

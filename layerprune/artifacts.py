@@ -387,7 +387,10 @@ class BundleParts(BaseModel):
     analysis: BundlePath
     depth_plot: BundlePath | None = None
     cka_plot: BundlePath | None = None
-    original: BundlePath | None = Field(default=None, description="the original model's ONNX graph: the fallback")
+    original: BundlePath | None = Field(default=None, description="the original model's ONNX graph: the fallback "
+                                                                  "that restarts a text sent on")
+    continuation: BundlePath | None = Field(default=None, description="the original's layers above the cut and its "
+                                                                      "head: the fallback that continues a text sent on")
 
 
 class FallbackRule(BaseModel):
@@ -396,9 +399,13 @@ class FallbackRule(BaseModel):
     model_config = ConfigDict(extra="forbid")
     share: float = Field(description="the share of calibration texts below the threshold (--fallback)")
     threshold: float = Field(description="the pruned model's top-class probability below which a text is sent on")
+    continue_from: int | None = Field(default=None, description=(
+        "the layer whose output a text sent on continues from, through the original's layers above it (the "
+        "`continuation` part; the bundle's graph outputs those states); None: it restarts the original (the "
+        "`original` part) from its tokens"))
 
 
-MANIFEST_SCHEMA = 5
+MANIFEST_SCHEMA = 6
 
 
 class Manifest(Artifact):

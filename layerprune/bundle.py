@@ -20,6 +20,7 @@ from .artifacts import (
     MANIFEST_SCHEMA,
     AnalysisReport,
     BundleParts,
+    FallbackRule,
     Manifest,
     ValidationReport,
     declared_version,
@@ -32,6 +33,7 @@ from .files import (
     ANALYSIS_FILE,
     CKA_PLOT,
     CONFIG_FILE,
+    CONTINUATION_MODEL_FILE,
     DEPTH_FILE,
     DEPTH_PLOT,
     MANIFEST_DIGEST_FILE,
@@ -83,6 +85,7 @@ def bundle_parts(root: Path) -> BundleParts:
         depth_plot=DEPTH_PLOT if (root / DEPTH_PLOT).is_file() else None,
         cka_plot=CKA_PLOT if (root / CKA_PLOT).is_file() else None,
         original=ORIGINAL_MODEL_FILE if (root / ORIGINAL_MODEL_FILE).is_file() else None,
+        continuation=CONTINUATION_MODEL_FILE if (root / CONTINUATION_MODEL_FILE).is_file() else None,
     )
 
 
@@ -239,12 +242,30 @@ def servable_bundle(root: Path, allow_unvalidated: bool = False) -> tuple[Manife
 
 
 def fallback_of(root: Path, manifest: Manifest) -> dict[str, Any]:
-    """OnnxClassifier's fallback options for the bundle in `root`: its original graph and threshold, if any."""
-    if manifest.fallback is None:
+    """OnnxClassifier's fallback options for the bundle in `root`, as its manifest says (fallback_options), the
+    layer a text sent on continues from checked against the bundle's depth."""
+    rule = manifest.fallback
+    if rule is not None and rule.continue_from is not None and not 1 <= rule.continue_from < manifest.depth:
+        raise BundleError(f"{Path(root) / MANIFEST_FILE} says a text sent on continues from layer "
+                          f"{rule.continue_from}, which is not a layer below the bundle's depth {manifest.depth}")
+    return fallback_options(root, rule, manifest.parts)
+
+
+def fallback_options(root: Path, rule: FallbackRule | None, parts: BundleParts) -> dict[str, Any]:
+    """OnnxClassifier's fallback options for a bundle in `root` with fallback `rule` and `parts`, if it has one:
+    the threshold, and the graph that answers the texts sent on, as the rule says the fallback runs (the
+    continuation's graph, going on from layer `continue_from`; else the original's, restarting them)."""
+    if rule is None:
         return {}
-    if manifest.parts.original is None:
-        raise BundleError(f"{Path(root) / MANIFEST_FILE} sets a fallback threshold but names no original graph")
-    return {"original": Path(root) / manifest.parts.original, "below": manifest.fallback.threshold}
+    where = Path(root) / MANIFEST_FILE
+    if rule.continue_from is None:
+        if parts.original is None:
+            raise BundleError(f"{where} sets a fallback that restarts the original but names no original graph")
+        return {"original": Path(root) / parts.original, "below": rule.threshold}
+    if parts.continuation is None:
+        raise BundleError(f"{where} sets a fallback that continues from layer {rule.continue_from} but names no "
+                          "continuation graph")
+    return {"continuation": Path(root) / parts.continuation, "below": rule.threshold}
 
 
 @dataclass

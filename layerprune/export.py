@@ -9,7 +9,8 @@
    fastest first (int8; int8 with the feed-forward outputs and head in fp32; fp32) and the first whose
    forecast passes is kept.
    With --fallback, the original's graph joins the bundle, and every forecast and the validation are of the
-   two served together (layerprune.fallback).
+   two served together (layerprune.fallback); with the top-layer heal, only the original's layers above the
+   ones the bundle shares with it (layerprune.continuation).
 5. Validate the bundle against the original on the disjoint holdout, at the bundle's one max length. The
    bundle and every scratch file are built in one staging folder beside the target, and the bundle renamed
    into place, unless the gate refused it and the target holds a servable bundle: then it goes beside it.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import onnx_export
+from . import continuation, onnx_export
 from .artifacts import (
     AnalysisReport,
     DepthReport,
@@ -41,15 +42,15 @@ from .artifacts import (
     load_artifact,
     staged_dir,
 )
-from .bundle import bundle_parts, hash_files, output_labels, seal_manifest, servable_bundle
+from .bundle import bundle_parts, fallback_options, hash_files, output_labels, seal_manifest, servable_bundle
 from .cpu import cpu_kind
 from .data import Examples, load_examples, read_texts
 from .depth_search import Depths, ErrorBudget, ExportTexts, choose_depth, error_budget
 from .errors import LayerpruneError
 from .fallback import threshold
 from .files import (
-    ANALYSIS_FILE, BUNDLE_DIR, CKA_PLOT, CONFIG_FILE, DEPTH_FILE, DEPTH_PLOT, FAILED_SUFFIX, MANIFEST_FILE,
-    MODEL_DATA_FILE, MODEL_FILE, ORIGINAL_MODEL_FILE, TRUNCATED_DIR, VALIDATION_FILE,
+    ANALYSIS_FILE, BUNDLE_DIR, CKA_PLOT, CONFIG_FILE, CONTINUATION_MODEL_FILE, DEPTH_FILE, DEPTH_PLOT, FAILED_SUFFIX,
+    MANIFEST_FILE, MODEL_DATA_FILE, MODEL_FILE, ORIGINAL_MODEL_FILE, TRUNCATED_DIR, VALIDATION_FILE,
 )
 from .heal import Heal, TextStates, augment_texts, encode_texts
 from .hidden import predict_logits
@@ -145,6 +146,8 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
             depths.passes(d, budget.depth)
     note = _nothing_dropped(depths, total, opts) if opts.keep_layers == "auto" and depth == total else None
     bundled = _truncated_and_healed(model, depths.heal(depth), task)
+    falls_back = opts.fallback and depth < total  # (at full depth the two graphs are the same model)
+    cut = continuation.cut_layer(depth, heal, opts.heal_layers) if falls_back else None
 
     # 4-5. the bundle: ONNX, the export candidates, validation on the holdout, the artifacts
     target = Path(out) if out is not None else Path(run_dir) / BUNDLE_DIR
@@ -152,20 +155,25 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
         tmp, scratch = stage.out, stage.scratch
         _save_checkpoint(bundled, tokenizer, scratch / TRUNCATED_DIR)
         onnx_export.export_onnx(scratch / TRUNCATED_DIR, tmp)
+        if cut is not None:  # the states a text sent on continues from: a second output of the bundle's graph
+            continuation.add_cut_output(tmp / MODEL_FILE, model.config.to_dict(), cut)
         truncated = predict_logits(bundled, tokenizer, parts.holdout, max_length=max_length)
         exported = _onnx_logits(tmp, parts.holdout, max_length, opts.batch_size)
         parity = onnx_export.max_logit_difference(truncated, exported)
         if opts.optimize:
             onnx_export.optimize_onnx(tmp, opts.optimize)
         cpu = cpu_kind()  # the int8 weights are quantized for this CPU, and the manifest says which
-        candidates, calibration = (_pick_export(tmp, task, texts, parts, max_length, opts, budget, cpu)
+        graphs = None if cut is None else continuation.Continuations(
+            _original_onnx(model, tokenizer, scratch) / MODEL_FILE, model.config.to_dict(), cut, scratch, opts.optimize,
+            cpu)
+        candidates, calibration = (_pick_export(tmp, task, texts, parts, max_length, opts, budget, cpu, graphs)
                                    if opts.quantize else ([], None))
         quantized = next((c.name for c in candidates if c.chosen and c.name != "fp32"), None)
         rule = None
-        if opts.fallback and depth < total:  # (at full depth the two graphs are the same model)
+        if falls_back:
             if calibration is None:
                 calibration = _onnx_logits(tmp, parts.calibration, max_length, opts.batch_size)
-            rule = _add_original(model, tokenizer, tmp, scratch, calibration, max_length, opts)
+            rule = _add_original(model, tokenizer, tmp, scratch, calibration, opts, graphs, quantized)
         runner = _runner(tmp, max_length, rule)
         served = runner.logits(parts.holdout.texts, parts.holdout.pairs)
         validation = compare(task, parts.holdout, parts.holdout_name, original_holdout, served, opts.tolerance,
@@ -249,16 +257,18 @@ def _truncated_and_healed(original, heal: Heal, task: TaskConfig):
     return model
 
 
-def _add_original(original, tokenizer, bundle: Path, scratch: Path, calibration: np.ndarray, max_length: int,
-                  opts: ExportOptions) -> FallbackRule:
+def _add_original(original, tokenizer, bundle: Path, scratch: Path, calibration: np.ndarray, opts: ExportOptions,
+                  graphs: continuation.Continuations | None, quantized: str | None) -> FallbackRule:
     """The fallback: the original's ONNX graph (exported in `scratch`, optimized as the bundle's) beside the
     bundle's, and the threshold below which the bundle's graph, as exported, sends a text on: the --fallback
     quantile of its top-class probabilities on the calibration texts (`calibration`: its logits there; with
-    int8, the very run of the kept candidate its forecast scored)."""
+    int8, the very run of the kept candidate its forecast scored). Where the bundle's graph continues
+    (`graphs`), only the original's layers above the cut and its head, made as the kept candidate was."""
     below = threshold(calibration, opts.fallback)
-    checkpoint, onnx_dir = scratch / "original", scratch / "original-onnx"
-    _save_checkpoint(original, tokenizer, checkpoint)
-    onnx_export.export_onnx(checkpoint, onnx_dir)
+    if graphs is not None:
+        shutil.move(graphs.graph(quantized), bundle / CONTINUATION_MODEL_FILE)
+        return FallbackRule(share=opts.fallback, threshold=below, continue_from=graphs.layer)
+    onnx_dir = _original_onnx(original, tokenizer, scratch)
     if opts.optimize:
         onnx_export.optimize_onnx(onnx_dir, opts.optimize)
     if (onnx_dir / MODEL_DATA_FILE).exists():
@@ -267,11 +277,17 @@ def _add_original(original, tokenizer, bundle: Path, scratch: Path, calibration:
     return FallbackRule(share=opts.fallback, threshold=below)
 
 
+def _original_onnx(original, tokenizer, scratch: Path) -> Path:
+    """A folder in `scratch` with the original's ONNX graph as optimum exports it (fp32, unoptimized)."""
+    checkpoint, onnx_dir = scratch / "original", scratch / "original-onnx"
+    _save_checkpoint(original, tokenizer, checkpoint)
+    onnx_export.export_onnx(checkpoint, onnx_dir)
+    return onnx_dir
+
+
 def _runner(bundle: Path, max_length: int, rule: FallbackRule | None) -> OnnxClassifier:
     """The bundle's model as it is served: its graph, and the original's for the texts its fallback sends on."""
-    if rule is None:
-        return OnnxClassifier(bundle, max_length=max_length)
-    return OnnxClassifier(bundle, max_length=max_length, original=bundle / ORIGINAL_MODEL_FILE, below=rule.threshold)
+    return OnnxClassifier(bundle, max_length=max_length, **fallback_options(bundle, rule, bundle_parts(bundle)))
 
 
 def _manifest(bundle: Path, analysis: AnalysisReport, task: TaskConfig, report: DepthReport,
@@ -384,11 +400,13 @@ def _heal_mode(asked: HealMode | None, model, texts: _HealTexts) -> HealMode:
 
 
 def _pick_export(bundle: Path, task: TaskConfig, texts: ExportTexts, parts: EvalParts, max_length: int,
-                 opts: ExportOptions, budget: ErrorBudget, cpu: str) -> tuple[list[ExportCandidate], np.ndarray]:
+                 opts: ExportOptions, budget: ErrorBudget, cpu: str,
+                 graphs: continuation.Continuations | None) -> tuple[list[ExportCandidate], np.ndarray]:
     """Score the export candidates fastest first (int8; int8 with the feed-forward outputs and head in fp32; the
     fp32 model as exported), keep the first whose forecast passes in `bundle`, and report them all, with the
     kept one's logits on the calibration texts. The int8 variants share their part of the error budget; fp32 is
-    the depth the walk already chose."""
+    the depth the walk already chose. Where the bundle's graph continues (`graphs`), each candidate is scored
+    with the continuation made as it is."""
     variants: list[tuple[str, list[str] | None]] = [("int8", None), ("int8-safe", onnx_export.sensitive_nodes(bundle))]
     scored: list[tuple[ExportCandidate, np.ndarray, Path | None]] = []  # with its calibration logits and folder
     with tempfile.TemporaryDirectory(prefix=".candidates-", dir=bundle.parent) as staging:
@@ -396,9 +414,12 @@ def _pick_export(bundle: Path, task: TaskConfig, texts: ExportTexts, parts: Eval
             folder = Path(staging) / label
             shutil.copytree(bundle, folder)
             name = onnx_export.quantize_onnx(folder, keep_fp32, cpu=cpu)
-            scored.append((*_score_candidate(name, folder, task, texts, parts, max_length, opts, budget.per_variant),
-                           folder))
-        scored.append((*_score_candidate("fp32", bundle, task, texts, parts, max_length, opts, budget.depth), None))
+            second = graphs.graph(name) if graphs else None
+            scored.append((*_score_candidate(name, folder, task, texts, parts, max_length, opts, budget.per_variant,
+                                             second), folder))
+        second = graphs.graph(None) if graphs else None
+        scored.append((*_score_candidate("fp32", bundle, task, texts, parts, max_length, opts, budget.depth, second),
+                       None))
         chosen, calibration, folder = next((s for s in scored if s[0].forecast.passes), scored[-1])
         chosen.chosen = True
         if folder is not None:
@@ -407,8 +428,9 @@ def _pick_export(bundle: Path, task: TaskConfig, texts: ExportTexts, parts: Eval
 
 
 def _score_candidate(name: str, folder: Path, task: TaskConfig, texts: ExportTexts, parts: EvalParts, max_length: int,
-                     opts: ExportOptions, alpha: float) -> tuple[ExportCandidate, np.ndarray]:
-    """A candidate graph's forecast as served, and its own logits on the calibration texts."""
+                     opts: ExportOptions, alpha: float, second: Path | None = None) -> tuple[ExportCandidate, np.ndarray]:
+    """A candidate graph's forecast as served, and its own logits on the calibration texts. `second`: the
+    continuation made as this candidate is, which answers the texts it sends on (else the original restarts)."""
     runner = OnnxClassifier(folder, max_length=max_length)
     started = time.perf_counter()
     calibration = own = runner.logits(parts.calibration.texts, parts.calibration.pairs, batch_size=opts.batch_size)
@@ -417,7 +439,13 @@ def _score_candidate(name: str, folder: Path, task: TaskConfig, texts: ExportTex
     if texts.agreement is not None:
         examples = texts.agreement.examples
         agreement = runner.logits(examples.texts, examples.pairs, batch_size=opts.batch_size)
-    if opts.fallback:  # scored as served: the original answers the texts this candidate is least sure of
+    if opts.fallback and second is not None:  # scored as served: continued from this candidate's own states
+        cascade = OnnxClassifier(folder, max_length=max_length, continuation=second,
+                                 below=threshold(calibration, opts.fallback))
+        calibration = cascade.logits(parts.calibration.texts, parts.calibration.pairs, batch_size=opts.batch_size)
+        if agreement is not None:
+            agreement = cascade.logits(examples.texts, examples.pairs, batch_size=opts.batch_size)
+    elif opts.fallback:  # scored as served: the original answers the texts this candidate is least sure of
         calibration, agreement = texts.served(calibration, agreement, opts.fallback)
     unlabeled = None if agreement is None else (texts.agreement.logits, agreement)
     prediction = forecast(task, parts.calibration.labels, texts.calibration.logits, calibration, opts.tolerance,

@@ -33,6 +33,7 @@ DEPTH_FILE = "depth.json"
 DEPTH_PLOT = "depth.png"
 MODEL_FILE = "model.onnx"
 ORIGINAL_MODEL_FILE = "original.onnx"  # the original model's graph, with --fallback: it answers the unsure texts
+CONTINUATION_MODEL_FILE = "continuation.onnx"  # or the original's layers above the cut, where the fallback continues
 MODEL_DATA_FILE = f"{MODEL_FILE}_data"  # the weights beside the graph when they are too large to sit inside it
 CONFIG_FILE = "config.json"  # a Hugging Face checkpoint's config, kept in the bundle
 TOKENIZER_FILE = "tokenizer.json"

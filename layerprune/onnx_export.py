@@ -145,6 +145,9 @@ FFN_OUTPUT = re.compile(r"/(?<!attention/)output/dense/|/ffn/lin2/|/ffn_output/"
 IN_A_LAYER = re.compile(r"/layer\.\d+/|/albert_layers\.\d+/")  # else the embeddings' or the head's
 
 
+FP32_KEPT = ", feed-forward outputs and head in fp32"  # ends the name of an int8 configuration that keeps nodes in fp32
+
+
 def sensitive_nodes(onnx_dir: Path) -> list[str]:
     """The matrix products where int8 rounding moves predictions most: each layer's feed-forward output
     projection (its input, after GELU, has the outliers that a per-tensor activation scale rounds away;
@@ -169,7 +172,7 @@ def quantize_onnx(onnx_dir: Path, keep_fp32: list[str] | None = None, cpu: str |
     name, config = quantization_config(cpu)
     if keep_fp32:
         config = dataclasses.replace(config, nodes_to_exclude=list(keep_fp32))
-        name += ", feed-forward outputs and head in fp32"
+        name += FP32_KEPT
     with _staging(onnx_dir, "quantize") as tmp, _quiet():
         import onnx
         from onnxruntime.quantization.shape_inference import quant_pre_process

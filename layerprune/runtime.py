@@ -27,6 +27,8 @@ from .files import CONFIG_FILE, MODEL_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FIL
 if TYPE_CHECKING:
     from .artifacts import BundleParts
 
+LOGITS = "logits"  # a classifier graph's first output (optimum's name)
+STATES = "hidden_states"  # a graph's token states at a cut: the bundle's second output, the continuation's input
 _MAX_LENGTH_CAP = 512
 _ENCODE_CHUNK = 16  # texts encoded at once before they are cut: bounds the memory of their uncut encodings
 _DEFAULT_TOKENIZER_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
@@ -43,7 +45,7 @@ class OnnxClassifier:
         self, model_dir: Path, *, max_length: int | None = None, providers: list[str] | None = None,
         threads: int | None = None, spinning: bool = True, memory_arena: bool = True,
         labels: list[str] | None = None, parts: BundleParts | None = None, original: Path | None = None,
-        below: float | None = None,
+        continuation: Path | None = None, below: float | None = None,
     ) -> None:
         """max_length: tokens per input (a bundle's manifest says which it was validated at); default the
         model's own limit. providers: default CUDA when this onnxruntime build offers it, else CPU (CPU always
@@ -52,8 +54,10 @@ class OnnxClassifier:
         memory_arena: False frees each run's memory after it (a server's peak stays that of one run).
         labels: one name per output (a bundle's manifest resolved them at export); default from config.json.
         parts: a bundle manifest's file names for the graph, config and tokenizer; default the names export
-        writes (a bare ONNX folder). original, below: the fallback (layerprune.fallback): the original model's
-        ONNX graph, which answers the rows whose top-class probability under this graph is below `below`."""
+        writes (a bare ONNX folder). original or continuation, and below: the fallback (layerprune.fallback),
+        which answers the rows whose top-class probability under this graph is below `below`: the original
+        model's ONNX graph restarts them from their tokens; a continuation graph (layerprune.continuation) goes
+        on from the states this graph outputs as `hidden_states` through the original's layers above them."""
         self.model_dir = Path(model_dir)
         names = (parts.model, parts.config, parts.tokenizer) if parts else (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE)
         self.model_path, config_path, self.tokenizer_path = (self.model_dir / name for name in names)
@@ -62,18 +66,24 @@ class OnnxClassifier:
                 raise LayerpruneError(f"{self.model_dir} has no {path.name}; is it an exported bundle?")
         self.config = _read_json(config_path)
         tokenizer_config = _read_json(self.model_dir / TOKENIZER_CONFIG_FILE, missing_ok=True)
-        if (original is None) != (below is None):
-            raise LayerpruneError("a fallback needs both the original's graph and the threshold below which it answers")
+        second = original if continuation is None else continuation
+        if (second is None) != (below is None) or None not in (original, continuation):
+            raise LayerpruneError("a fallback needs one second graph (the original's or a continuation) and the "
+                                  "threshold below which it answers")
         # Two sessions take turns on the same cores: one's threads spinning after its run slow the other's (the
         # cascade ran at 0.6x on 2 cores with spinning, docs/results.md, "The fallback, served").
-        spinning = spinning and original is None
+        spinning = spinning and second is None
         self.session = _session(self.model_path, providers, threads, spinning, memory_arena)
         self.below = below
-        self.sent_on = 0  # rows the original answered, since this runner was made (served texts: /metrics)
-        self.original = None if original is None else _session(Path(original), providers, threads, spinning,
-                                                                memory_arena)
+        self.sent_on = 0  # rows the second graph answered, since this runner was made (served texts: /metrics)
+        self.fallback = None if second is None else _session(Path(second), providers, threads, spinning, memory_arena)
+        self.continues = continuation is not None  # the second graph goes on from this graph's hidden_states
         self.input_names: list[str] = [i.name for i in self.session.get_inputs()]
         self.output_name: str = self.session.get_outputs()[0].name
+        self._fetch = [self.output_name]
+        if self.continues:
+            self._check_continuation()
+            self._fetch = [LOGITS, STATES]
         self.id2label: dict[int, str] = _id2label(self.config, self.session, labels)
         limit = model_max_length(self.config, tokenizer_config)
         if max_length is not None and not 2 <= max_length <= limit:
@@ -137,14 +147,28 @@ class OnnxClassifier:
         if missing:
             raise LayerpruneError(f"the model needs inputs {missing}, the encoding has {sorted(encoding)}")
         feeds = {name: np.asarray(encoding[name], dtype=np.int64) for name in self.input_names}
-        logits = np.asarray(self.session.run([self.output_name], feeds)[0], dtype=np.float32)
-        if self.original is not None:
+        logits, *states = self.session.run(self._fetch, feeds)
+        logits = np.asarray(logits, dtype=np.float32)
+        if self.fallback is not None:
             rows = unsure(logits, self.below)
-            if rows.any():
-                logits[rows] = self.original.run(None, _rows(feeds, rows))[0]
+            if rows.any():  # the rows sent on go as one sub-batch, cut to their longest row
+                given = _rows({**feeds, STATES: states[0]} if states else feeds, rows)
+                logits[rows] = self.fallback.run(None, {i.name: given[i.name] for i in self.fallback.get_inputs()})[0]
                 with self._lock:
                     self.sent_on += int(rows.sum())
         return logits
+
+    def _check_continuation(self) -> None:
+        """This graph's outputs are the logits, then the states a continuation goes on from; the continuation
+        takes those states and inputs this graph takes too."""
+        outputs = [o.name for o in self.session.get_outputs()]
+        if outputs != [LOGITS, STATES]:
+            raise LayerpruneError(f"{self.model_path} outputs {outputs}, not {[LOGITS, STATES]}: it has no states "
+                                  "for a continuation to go on from")
+        takes = [i.name for i in self.fallback.get_inputs()]
+        if STATES not in takes or not set(takes) <= {STATES, *self.input_names}:
+            raise LayerpruneError(f"the continuation graph takes {takes}: it must take {STATES} and only inputs "
+                                  f"the bundle's graph takes ({self.input_names})")
 
     def tokenize(
         self, texts: list[str], pairs: list[str] | None = None, *, max_length: int | None = None,

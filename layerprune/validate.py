@@ -189,6 +189,6 @@ def validate_bundle(bundle_dir: Path, tolerance: float | None = None, device: st
     original = predict_logits(model, tokenizer, parts.holdout, max_length=manifest.max_length)
     bundle = runner.logits(parts.holdout.texts, parts.holdout.pairs)
     tol = stored.tolerance if tolerance is None else tolerance
-    sent_on = runner.sent_on / len(parts.holdout) if runner.original is not None else None
+    sent_on = runner.sent_on / len(parts.holdout) if runner.fallback is not None else None
     return compare(task, parts.holdout, parts.holdout_name, original, bundle, tol, manifest.max_length,
                    stored.max_abs_logit_diff_fp32, sent_on)

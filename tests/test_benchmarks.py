@@ -609,6 +609,31 @@ def test_pruned_vs_int8_a_fallback_bundle_is_measured_as_served_and_its_pruned_g
     assert f"accuracy {np.mean(what_if == np.array(kept['labels'])):.4f}" in line
 
 
+def test_cascade_continued_and_restarted_serve_the_same_answers_in_fp32(bundle: Path, tmp_path: Path) -> None:
+    """A fp32 continuation bundle: at each share, the continued and the restarted fallback send the same texts on
+    and both answer them with the original's predictions (the table's agreement, against the original's fp32
+    graph); the layers a text differ by the share sent on times the layers below the cut."""
+    from conftest import SERVE_KEEP_LAYERS
+    from layerprune.export import ExportOptions, export_bundle
+
+    run_dir = shutil.copytree(bundle.parent / "run", tmp_path / "run", ignore=shutil.ignore_patterns("truncated"))
+    export_bundle(run_dir, tmp_path / "cont", ExportOptions(keep_layers=SERVE_KEEP_LAYERS, heal="distill",
+                                                             fallback=0.5, device="cpu", batch_size=8))
+    out = tmp_path / "cascade.md"
+    assert run("cascade-mpnet", "--bundle", tmp_path / "cont", "--shares", "25,75", "--n", "30", "--rounds", "1",
+               "--out", out) == 0
+    rows = table_rows(out.read_text())
+    assert [(r["sent on (calibration)"], r["fallback"]) for r in rows] == [
+        ("25%", "continued"), ("25%", "restarted (fp32)"), ("75%", "continued"), ("75%", "restarted (fp32)")]
+    for continued, restarted in (rows[:2], rows[2:]):
+        assert continued["sent on (these texts)"] == restarted["sent on (these texts)"] != "0.0%"
+        assert continued["agreement with the original"] == restarted["agreement with the original"]
+        sent = float(continued["sent on (these texts)"].rstrip("%")) / 100
+        assert float(restarted["layers a text"]) - float(continued["layers a text"]) == pytest.approx(
+            sent * (SERVE_KEEP_LAYERS - 1), abs=0.01)
+    assert run("cascade-mpnet", "--bundle", bundle, "--out", out) == 2  # no fallback: refused in one line
+
+
 def test_pruned_vs_int8_the_int8_what_if_line_by_hand() -> None:
     """Four texts, two of them below the threshold: the line serves the full int8 model's answers there and the
     pruned graph's elsewhere, scored against full fp32 (worked out by hand; fp32's own answers would give 100%

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SENTENCES, TINY_LAYERS, make_tiny_classifier, reseal
+from conftest import SENTENCES, SERVE_MODEL, TINY_LAYERS, make_tiny_classifier, reseal
 from layerprune.analyze import AnalyzeOptions, analyze
 from layerprune.artifacts import AnalysisReport, DepthReport, Manifest, ValidationReport, load_artifact
 from layerprune.depth_search import choose_depth, error_budget
@@ -823,6 +823,153 @@ def test_int8_candidates_are_forecast_with_the_fallback(run_dir: Path, tmp_path:
     served = np.where((top < below)[:, None], original, pruned)
     assert chosen.forecast.disagreement == pytest.approx(np.mean(served.argmax(-1) != original.argmax(-1)))
     assert chosen.forecast.disagreement != pytest.approx(np.mean(pruned.argmax(-1) != original.argmax(-1)))
+
+
+@pytest.fixture(scope="module")
+def wide_run_dir(minilm_dir, reviews, tmp_path_factory) -> Path:
+    """A run directory of a tiny BERT whose logits differ between texts and between depths by far more than the
+    runs' float error (initializer_range 0.3): a row answered by the wrong graph shows."""
+    root = tmp_path_factory.mktemp("wide")
+    model = make_tiny_classifier("bert", root / "model", minilm_dir, **SERVE_MODEL)
+    task = task_from_files(reviews, "text", "label", train_file=reviews)
+    analyze(str(model), task, root / "run", AnalyzeOptions(device="cpu", batch_size=8))
+    return root / "run"
+
+
+def test_with_the_top_layer_heal_a_fallback_continues_from_the_shared_layers(wide_run_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    """--fallback 0.5 with the top-layer heal at depth 2 (layer 1 is the original's): the bundle holds, hashed, a
+    continuation graph instead of the original's, and what it serves (validation, validate, the bundle opened)
+    is the cascade made here from transformers' runs of the truncated checkpoint and the original."""
+    import torch
+    from scipy.special import softmax
+    from sklearn.metrics import accuracy_score
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from layerprune.bundle import open_bundle
+
+    run_dir, out = wide_run_dir, tmp_path / "cont"
+    result = export_bundle(run_dir, out, ExportOptions(keep_layers=2, heal="distill", fallback=0.5, **FAST))
+    manifest = verify_bundle(out)
+    assert manifest.parts.continuation == "continuation.onnx" and "continuation.onnx" in manifest.files
+    assert manifest.parts.original is None and not (out / "original.onnx").exists()
+    assert manifest.fallback.continue_from == 1 and manifest.heal == "distill"
+
+    analysis = load_artifact(AnalysisReport, run_dir / "analysis.json")
+    holdout = calibration_and_holdout(analysis.task_config, None, 2000).holdout
+    tokenizer = AutoTokenizer.from_pretrained(analysis.model)
+
+    def logits(checkpoint):
+        model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+        with torch.no_grad():
+            return model(**tokenizer(holdout.texts, padding=True, return_tensors="pt")).logits.numpy()
+
+    pruned, original = logits(result.truncated_checkpoint), logits(analysis.model)
+    sent = softmax(pruned, axis=-1).max(axis=-1) < manifest.fallback.threshold
+    assert 0 < sent.sum() < len(sent) and np.abs(pruned - original).max(-1).min() > 1e-2  # a row's answer tells
+    served = np.where(sent[:, None], original, pruned)
+    opened = open_bundle(out, allow_unvalidated=True)  # (on 12 texts the toy original is no better)
+    np.testing.assert_allclose(opened.classifier.logits(holdout.texts, batch_size=3), served, atol=1e-4)
+    v = result.validation
+    assert v.sent_on == pytest.approx(sent.mean())
+    assert v.bundle == pytest.approx(accuracy_score(holdout.labels, served.argmax(-1)))
+    assert v.agreement == pytest.approx(np.mean(served.argmax(-1) == original.argmax(-1)))
+    assert validate_bundle(out, device="cpu").bundle == pytest.approx(v.bundle), "validate re-checks the cascade"
+
+    (out / "continuation.onnx").write_bytes((out / "continuation.onnx").read_bytes() + b"\0")
+    with pytest.raises(BundleError, match="continuation.onnx does not match"):
+        servable_bundle(out)
+
+
+def test_int8_candidates_are_forecast_with_the_continuation_as_served(wide_run_dir: Path, tiny_models, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """--quantize int8 with the top-layer heal and --fallback 0.5: the continuation is quantized as the kept
+    candidate is, and each candidate's forecast is of what is served: the texts it sends on continue from its own
+    int8 states through the int8 continuation. Checked against a cascade run here with onnxruntime on the bundle's
+    two graphs, batch by batch as export runs them, and transformers' run of the original. The continuation is
+    cut from another model's graph (same shapes), so that its answers are not the original's: a forecast that took
+    the original's answers for the texts sent on would be off."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from scipy.special import softmax
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from layerprune import continuation
+    from layerprune.onnx_export import export_onnx
+
+    export_onnx(tiny_models["bert"], tmp_path / "other")
+    cut_from = continuation.continuation_graph
+    monkeypatch.setattr(continuation, "continuation_graph", lambda original, config, layer, out: cut_from(
+        tmp_path / "other" / "model.onnx", config, layer, out))
+    out = tmp_path / "q"
+    result = export_bundle(wide_run_dir, out, ExportOptions(keep_layers=2, heal="distill", quantize="int8",
+                                                            fallback=0.5, tolerance=1.0, **{**FAST, "batch_size": 4}))
+    chosen = result.depth.candidates[0]
+    assert chosen.chosen and result.manifest.quantize == "int8" and result.manifest.fallback.continue_from == 1
+    assert any(n.op_type == "MatMulInteger" for n in onnx.load(str(out / "continuation.onnx")).graph.node)
+    analysis = load_artifact(AnalysisReport, wide_run_dir / "analysis.json")
+    texts = calibration_and_holdout(analysis.task_config, None, 2000).calibration.texts
+    tokenizer = AutoTokenizer.from_pretrained(analysis.model)
+    with torch.no_grad():
+        original = AutoModelForSequenceClassification.from_pretrained(analysis.model).eval()(
+            **tokenizer(texts, padding=True, return_tensors="pt")).logits.numpy()
+    a, b = (ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
+            for name in ("model.onnx", "continuation.onnx"))
+    # int8's dynamic scales depend on a run's rows: batches of --batch-size 4, similar lengths together, as run
+    order = np.argsort([len(tokenizer(t)["input_ids"]) for t in texts], kind="stable")
+    batches = [order[start:start + 4] for start in range(0, len(texts), 4)]
+    runs = {}
+    for rows in batches:
+        feeds = {k: v.astype(np.int64) for k, v in tokenizer([texts[i] for i in rows], padding=True,
+                                                             return_tensors="np").items()}
+        runs[tuple(rows)] = feeds, *a.run(["logits", "hidden_states"], feeds)
+    pruned = np.zeros_like(original)
+    for rows, (_, logits, _) in runs.items():
+        pruned[list(rows)] = logits
+    below = np.quantile(softmax(pruned, axis=-1).max(axis=-1), 0.5)
+    assert result.manifest.fallback.threshold == pytest.approx(below, abs=1e-5)
+    served = pruned.copy()
+    for rows, (feeds, logits, states) in runs.items():
+        sent = softmax(logits, axis=-1).max(axis=-1) < below
+        if sent.any():  # one sub-batch, cut to its longest row
+            width = feeds["attention_mask"][sent].sum(axis=1).max()
+            given = {**feeds, "hidden_states": states}
+            served[np.array(rows)[sent]] = b.run(["logits"], {i.name: given[i.name][sent, :width]
+                                                              for i in b.get_inputs()})[0]
+    restarted = np.where((softmax(pruned, axis=-1).max(axis=-1) < below)[:, None], original, pruned)
+    assert np.mean(served.argmax(-1) != original.argmax(-1)) != np.mean(restarted.argmax(-1) != original.argmax(-1))
+    assert chosen.forecast.disagreement == pytest.approx(np.mean(served.argmax(-1) != original.argmax(-1)))
+
+
+def test_the_whole_heal_falls_back_by_restarting_the_original(run_dir: Path, tmp_path: Path) -> None:
+    """The whole heal re-trains every kept layer: no state of the bundle's is the original's, so a text sent on
+    restarts the original's graph from its tokens."""
+    result = export_bundle(run_dir, tmp_path / "w", ExportOptions(keep_layers=2, heal="whole", fallback=0.5,
+                                                                  whole=WholeOptions(epochs=1), **FAST))
+    manifest = verify_bundle(tmp_path / "w")
+    assert manifest.parts.original == "original.onnx" and manifest.parts.continuation is None
+    assert manifest.fallback.continue_from is None and result.validation.sent_on is not None
+
+
+def test_a_manifest_that_continues_without_its_graph_is_refused(run_dir: Path, tmp_path: Path) -> None:
+    """A continuing rule without the continuation part, or from a layer the bundle does not have, is refused when
+    the bundle is opened, in one line (the edited manifest resealed by hand: its files check out)."""
+    import shutil
+
+    from layerprune.bundle import open_bundle
+
+    built = tmp_path / "built"
+    export_bundle(run_dir, built, ExportOptions(keep_layers=2, heal="distill", fallback=0.5, **FAST))
+    for edit, message in [(dict(parts={"continuation": None}), "names no continuation graph"),
+                          (dict(fallback={"continue_from": 2}), "not a layer below the bundle's depth 2")]:
+        copy = shutil.copytree(built, tmp_path / message[:8])
+        manifest = json.loads((copy / "manifest.json").read_text())
+        for field, change in edit.items():
+            manifest[field].update(change)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(BundleError, match=message):
+            open_bundle(reseal(copy), allow_unvalidated=True)
 
 
 def test_a_fallback_needs_a_classification_task(minilm_dir, tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # docs/design.md's list, and depth_search (export's depth search: transformers, heal, prune).
-TRAINING_SIDE = {"analyze", "export", "onnx_export", "faithful_int8", "finetune", "heal", "hidden", "linear", "models",
-                 "prune", "validate", "demo", "cli", "plots", "depth_search"}
+TRAINING_SIDE = {"analyze", "export", "onnx_export", "continuation", "faithful_int8", "finetune", "heal", "hidden",
+                 "linear", "models", "prune", "validate", "demo", "cli", "plots", "depth_search"}
 
 
 def test_the_rules_cited_here_exist() -> None:

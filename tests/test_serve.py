@@ -585,7 +585,6 @@ def test_a_fallback_bundle_is_served_as_it_was_validated(bundle, tmp_path) -> No
     the original where it is not, as a cascade made here from optimum's run of the pruned graph (Reference) and
     transformers' run of the original predicts; /info names the rule, /metrics counts the texts sent on."""
     import torch
-    from scipy.special import softmax
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from layerprune.export import export_bundle
@@ -600,17 +599,51 @@ def test_a_fallback_bundle_is_served_as_it_was_validated(bundle, tmp_path) -> No
     with torch.no_grad():
         original = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()(
             **tokenizer(TEXTS, padding=True, return_tensors="pt")).logits.numpy()
-    sent = softmax(pruned, axis=-1).max(axis=-1) < result.manifest.fallback.threshold
-    assert 0 < sent.sum() < len(TEXTS), "some texts go on, some do not"
-    with serving(tmp_path / "fb", allow_unvalidated=True) as c:
-        before = _sent_on(c)  # the warm-up's text counts too
-        raw = c.post("/predict", json={"inputs": TEXTS, "raw_scores": True}).json()
-        np.testing.assert_allclose(by_label(raw, result.manifest.labels), np.where(sent[:, None], original, pruned),
-                                   rtol=0, atol=1e-4)
-        assert _sent_on(c) - before == sent.sum()
-        assert c.get("/info").json()["fallback"] == result.manifest.fallback.model_dump()
+    _served_as_a_cascade(tmp_path / "fb", result.manifest, pruned, original)
     with pytest.raises(LayerpruneError, match="a Triton model serves one graph"):
         write_triton_repository(tmp_path / "fb", tmp_path / "repo", allow_unvalidated=True)
+
+
+def test_a_continuation_bundle_is_served_as_it_was_validated(bundle, tmp_path) -> None:
+    """A bundle exported with the top-layer heal and --fallback 0.5: the server answers with the pruned graph where
+    it is sure, and where it is not with the original's answer, computed from the pruned graph's states at layer 1
+    on through the original's layers above; checked against transformers' runs of the truncated checkpoint and the
+    original. /info says where the fallback continues from."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from layerprune.export import export_bundle
+
+    run = shutil.copytree(bundle.parent / "run", tmp_path / "run", ignore=shutil.ignore_patterns("truncated"))
+    result = export_bundle(run, tmp_path / "cont", ExportOptions(
+        keep_layers=SERVE_KEEP_LAYERS, heal="distill", fallback=0.5, device="cpu", batch_size=8))
+    assert result.manifest.fallback.continue_from == SERVE_KEEP_LAYERS - 1
+
+    def logits(checkpoint):
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        with torch.no_grad():
+            return AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()(
+                **tokenizer(TEXTS, padding=True, return_tensors="pt")).logits.numpy()
+
+    _served_as_a_cascade(tmp_path / "cont", result.manifest, logits(result.truncated_checkpoint),
+                         logits(bundle.parent / "model"))
+
+
+def _served_as_a_cascade(folder: Path, manifest, pruned: np.ndarray, original: np.ndarray) -> None:
+    """The server on the fallback bundle in `folder` answers TEXTS with the `original` logits where the `pruned`
+    ones are below the manifest's threshold, else with those; /metrics counts the texts sent on, /info names the
+    rule."""
+    from scipy.special import softmax
+
+    sent = softmax(pruned, axis=-1).max(axis=-1) < manifest.fallback.threshold
+    assert 0 < sent.sum() < len(TEXTS), "some texts go on, some do not"
+    with serving(folder, allow_unvalidated=True) as c:
+        before = _sent_on(c)  # the warm-up's text counts too
+        raw = c.post("/predict", json={"inputs": TEXTS, "raw_scores": True}).json()
+        np.testing.assert_allclose(by_label(raw, manifest.labels), np.where(sent[:, None], original, pruned),
+                                   rtol=0, atol=1e-4)
+        assert _sent_on(c) - before == sent.sum()
+        assert c.get("/info").json()["fallback"] == manifest.fallback.model_dump()
 
 
 def _sent_on(client) -> float:

@@ -1,0 +1,250 @@
+"""layerprune.continuation on tiny random models of every architecture whose layers the top-layer heal trains alone:
+the bundle's graph (graph A) outputs the original's hidden_states[c], and the continuation (graph B) on those
+states gives the original's logits, both against transformers' own models run one text at a time (no padding),
+while the graphs run padded batches and sub-batches cut to their longest row.
+
+A pruned model is emulated as the top-layer heal leaves it: truncated at `depth`, its layer `depth` and its head
+changed, its layers 1..c (c = depth - 1) the original's.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import VOCAB, make_tiny_classifier
+from layerprune import continuation, onnx_export
+from layerprune.errors import LayerpruneError
+from layerprune.fallback import unsure
+from layerprune.models import head_modules, layer_list
+from layerprune.onnx_export import export_onnx, optimize_onnx, quantize_onnx, quantization_config
+from layerprune.prune import truncate
+from layerprune.runtime import STATES, OnnxClassifier
+
+# Rows of different lengths (right padding in a batch); the longest is not among SUB, so a sub-batch is cut.
+TEXTS = ["a gorgeous, witty, seductive movie", "tedious",
+         "the acting is wooden and the dialogue worse, and i was bored from start to finish", "an ugly, pointless mess",
+         "one of the best films of the year", "ok"]
+SUB = [0, 3, 5]
+FP32 = 1e-5  # graph B runs the original graph's own nodes: what differs is onnxruntime's vs PyTorch's arithmetic
+O2 = 1e-4  # onnxruntime's fusions reorder the float sums
+DEPTH = 3  # of conftest's 4 layers: the cut is at 2
+LAYERS_ALONE = ["bert", "roberta", "xlm-roberta", "electra", "distilbert", "mpnet", "deberta-v2"]
+
+
+class Built:
+    """One architecture: the original (transformers), the emulated pruned model, graph A's folder and graph B's,
+    and the references: each text run alone through transformers' original and pruned models."""
+
+    def __init__(self, root: Path, minilm_dir: Path, model_type: str) -> None:
+        # initializer_range 0.3: logits that differ between texts by ~1, so a mixed-up row or layer fails clearly
+        checkpoint = make_tiny_classifier(model_type, root / "original", minilm_dir, initializer_range=0.3, seed=3)
+        self.config = json.loads((checkpoint / "config.json").read_text())
+        self.original = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.cut = continuation.cut_layer(DEPTH, "distill", 1)
+        pruned = top_layer_healed(self.original, DEPTH)
+        pruned.save_pretrained(root / "pruned")
+        self.tokenizer.save_pretrained(root / "pruned")
+        export_onnx(checkpoint, root / "original-onnx")
+        self.a_dir = root / "a"
+        export_onnx(root / "pruned", self.a_dir)
+        continuation.add_cut_output(self.a_dir / "model.onnx", self.config, self.cut)
+        self.graphs = {optimize: continuation.Continuations(root / "original-onnx" / "model.onnx", self.config,
+                                                            self.cut, root / f"b-{optimize}", optimize, "avx2")
+                       for optimize in (None, "O2")}  # graph B as export builds it, per candidate
+        self.b_dir = self.graphs[None].graph(None).parent
+        self.root = root
+        self.ref_states, self.ref_logits, self.ref_pruned = [], [], []
+        with torch.no_grad():
+            for text in TEXTS:
+                alone = self.tokenizer([text], return_tensors="pt")
+                out = self.original(**alone, output_hidden_states=True)
+                self.ref_states.append(out.hidden_states[self.cut][0].numpy())
+                self.ref_logits.append(out.logits[0].numpy())
+                self.ref_pruned.append(pruned(**alone).logits[0].numpy())
+        self.ref_logits, self.ref_pruned = np.stack(self.ref_logits), np.stack(self.ref_pruned)
+
+    def batch(self, session: ort.InferenceSession) -> dict[str, np.ndarray]:
+        """The texts as one right-padded batch, the inputs `session` takes."""
+        enc = self.tokenizer(TEXTS, padding=True, return_tensors="np")
+        return {i.name: enc[i.name].astype(np.int64) for i in session.get_inputs()}
+
+
+def top_layer_healed(original, depth: int):
+    """The original truncated at `depth` with what the top-layer heal re-tunes changed: layer `depth` and the
+    head. The layers below stay the original's."""
+    pruned = truncate(copy.deepcopy(original), depth)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in [*head_modules(pruned).values(), layer_list(pruned)[depth - 1]]:
+            for p in module.parameters():
+                p.add_(0.3 * p.std().nan_to_num(0.1) * torch.randn(p.shape, generator=generator))
+    return pruned.eval()
+
+
+_BUILT: dict[str, Built] = {}
+
+
+@pytest.fixture
+def built(request, tmp_path_factory, minilm_dir) -> Built:
+    if request.param not in _BUILT:
+        _BUILT[request.param] = Built(tmp_path_factory.mktemp(request.param), minilm_dir, request.param)
+    return _BUILT[request.param]
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _run_a(b: Built, folder: Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    session = _session(folder / "model.onnx")
+    feeds = b.batch(session)
+    logits, states = session.run(["logits", STATES], feeds)
+    return logits, states, feeds
+
+
+def _run_b(folder: Path, feeds: dict[str, np.ndarray], states: np.ndarray) -> np.ndarray:
+    session = _session(folder / "model.onnx")
+    given = {**feeds, STATES: states}
+    return session.run(["logits"], {i.name: given[i.name] for i in session.get_inputs()})[0]
+
+
+def _lengths(feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return feeds["attention_mask"].sum(axis=1)
+
+
+# --- exactness in fp32 -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("built", LAYERS_ALONE, indirect=True)
+def test_graph_a_outputs_the_originals_states_at_the_cut(built):
+    logits, states, feeds = _run_a(built, built.a_dir)
+    assert states.shape == (len(TEXTS), feeds["input_ids"].shape[1], built.original.config.hidden_size)
+    for i, n in enumerate(_lengths(feeds)):  # the real tokens of each row (padding is masked, never read)
+        np.testing.assert_allclose(states[i, :n], built.ref_states[i], atol=FP32, rtol=0)
+    np.testing.assert_allclose(logits, built.ref_pruned, atol=FP32, rtol=0)  # its first output: the pruned model's
+    assert np.abs(built.ref_pruned - built.ref_logits).max() > 100 * FP32  # the heal changed what graph A answers
+
+
+@pytest.mark.parametrize("built", LAYERS_ALONE, indirect=True)
+def test_graph_b_continues_to_the_originals_logits(built):
+    _, states, feeds = _run_a(built, built.a_dir)
+    np.testing.assert_allclose(_run_b(built.b_dir, feeds, states), built.ref_logits, atol=FP32, rtol=0)
+    assert np.ptp(built.ref_logits, axis=0).min() > 100 * FP32  # rows differ: a mixed-up row would fail
+    weights = onnx.load(str(built.b_dir / "model.onnx")).graph.initializer
+    assert all(VOCAB not in w.dims for w in weights)  # it carries no embeddings (MPNet read a shape there)
+
+
+@pytest.mark.parametrize("built", ["bert", "mpnet", "distilbert"], indirect=True)
+def test_the_runtime_continues_the_unsure_rows_as_one_sub_batch(built):
+    """OnnxClassifier with the continuation: the rows below the threshold take the original's logits, the others
+    the pruned model's; the sent-on rows' sub-batch is cut to their longest row (not the batch's)."""
+    confidence = np.sort(np.exp(built.ref_pruned).max(1) / np.exp(built.ref_pruned).sum(1))
+    below = float(confidence[2:4].mean())  # between the 3rd and 4th surest: 3 rows go on, 3 stay
+    runner = OnnxClassifier(built.a_dir, continuation=built.b_dir / "model.onnx", below=below)
+    got = runner.logits(TEXTS, batch_size=len(TEXTS))
+    expected = np.where(unsure(built.ref_pruned, below)[:, None], built.ref_logits, built.ref_pruned)
+    np.testing.assert_allclose(got, expected, atol=FP32, rtol=0)
+    assert runner.sent_on == 3
+    everything = OnnxClassifier(built.a_dir, continuation=built.b_dir / "model.onnx", below=2.0)
+    np.testing.assert_allclose(everything.logits([TEXTS[i] for i in SUB], batch_size=2), built.ref_logits[SUB],
+                               atol=FP32, rtol=0)
+
+
+# --- what the bundle's optimization and int8 do to the two graphs --------------------------------------------------
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.rmtree(dst, ignore_errors=True)
+    return Path(shutil.copytree(src, dst))
+
+
+@pytest.mark.parametrize("built", ["bert", "mpnet"], indirect=True)
+def test_o2_keeps_the_cut_and_every_fusion(built):
+    a = _copy(built.a_dir, built.root / "a-O2")
+    b = built.graphs["O2"].graph(None).parent
+    plain = built.root / "plain-a-O2"  # the pruned graph without the second output, optimized alike
+    shutil.rmtree(plain, ignore_errors=True)
+    export_onnx(built.root / "pruned", plain)
+    for folder in (a, plain):
+        optimize_onnx(folder, "O2")
+
+    def ops(folder):
+        return collections.Counter(n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node)
+
+    assert ops(a) - collections.Counter({"Identity": 1}) == ops(plain)  # the output blocks no fusion
+    _, states, feeds = _run_a(built, a)
+    for i, n in enumerate(_lengths(feeds)):
+        np.testing.assert_allclose(states[i, :n], built.ref_states[i], atol=O2, rtol=0)
+    np.testing.assert_allclose(_run_b(b, feeds, states), built.ref_logits, atol=O2, rtol=0)
+
+
+@pytest.mark.parametrize("built", ["bert"], indirect=True)
+@pytest.mark.parametrize("keep_fp32", [False, True], ids=["int8", "int8-safe"])
+def test_int8_continuation_is_quantized_as_the_bundle(built, keep_fp32):
+    """Under the bundle's int8 configuration, graph B is quantized with it: its products are int8 but for those the
+    configuration keeps in float (onnx_export.sensitive_nodes), and graph A's states output stays float."""
+    name, _ = quantization_config("avx2")
+    kept = [n.name for n in onnx.load(str(built.b_dir / "model.onnx")).graph.node
+            if n.op_type in ("MatMul", "Gemm") and ("/layer." not in n.name or  # the head; BERT's FFN output:
+                                                   "/output/dense/" in n.name and "/attention/" not in n.name)]
+    quantized = name + (", feed-forward outputs and head in fp32" if keep_fp32 else "")
+    b = built.graphs[None].graph(quantized).parent
+    nodes = onnx.load(str(b / "model.onnx")).graph.node
+    # (the quantizer makes a Gemm a MatMul named "<gemm>_MatMul" + Add)
+    still_float = {n.name.removesuffix("_MatMul") for n in nodes if n.op_type in ("MatMul", "Gemm")}
+    assert any(n.op_type == "MatMulInteger" for n in nodes)
+    assert len(kept) == (4 - built.cut) + 2  # two layers' FFN outputs, the pooler's and the classifier's
+    assert (set(kept) <= still_float) == keep_fp32 and (not still_float) == (not keep_fp32)
+    a = _copy(built.a_dir, built.root / f"a-int8-{keep_fp32}")
+    restart = _copy(built.root / "original-onnx", built.root / f"original-int8-{keep_fp32}")
+    for folder in (a, restart):
+        quantize_onnx(folder, onnx_export.sensitive_nodes(folder) if keep_fp32 else None, cpu="avx2")
+    _, states, feeds = _run_a(built, a)
+    assert states.dtype == np.float32
+    # as close to the original's logits as the original's own graph under the same int8 (a restart) is
+    session = _session(restart / "model.onnx")
+    restart_error = np.abs(session.run(["logits"], built.batch(session))[0] - built.ref_logits).max()
+    assert np.abs(_run_b(b, feeds, states) - built.ref_logits).max() < max(3 * restart_error, 0.05)
+
+
+# --- refusals ------------------------------------------------------------------------------------------------------
+
+
+def test_a_cut_below_a_convolution_is_refused(tmp_path, minilm_dir):
+    """hidden_states[1] of a DeBERTa-v2 with a convolution is the convolution's output, and the convolution reads
+    the embeddings too: the layers above layer 1 read more than its LayerNorm's output."""
+    checkpoint = make_tiny_classifier("deberta-v2", tmp_path / "model", minilm_dir, conv_kernel_size=3)
+    export_onnx(checkpoint, tmp_path / "onnx")
+    config = json.loads((checkpoint / "config.json").read_text())
+    with pytest.raises(LayerpruneError, match="read the embeddings"):
+        continuation.continuation_graph(tmp_path / "onnx" / "model.onnx", config, 1, tmp_path / "refused.onnx")
+
+
+def test_the_runtime_refuses_a_graph_without_the_states(tmp_path, minilm_dir):
+    checkpoint = make_tiny_classifier("bert", tmp_path / "model", minilm_dir)
+    export_onnx(checkpoint, tmp_path / "onnx")
+    with pytest.raises(LayerpruneError, match="no states for a continuation"):
+        OnnxClassifier(tmp_path / "onnx", continuation=tmp_path / "onnx" / "model.onnx", below=0.6)
+    with pytest.raises(LayerpruneError, match="one second graph"):
+        OnnxClassifier(tmp_path / "onnx", original=tmp_path / "onnx" / "model.onnx",
+                       continuation=tmp_path / "onnx" / "model.onnx", below=0.6)
+
+
+def test_cut_layer():
+    assert continuation.cut_layer(4, "distill", 1) == 3
+    assert continuation.cut_layer(4, "distill", 2) == 2
+    assert continuation.cut_layer(4, "whole", 1) is None  # every layer re-trained: restart
+    assert continuation.cut_layer(4, "head", 1) is None  # (the restart, as before, for the other heals)
+    assert continuation.cut_layer(1, "distill", 1) is None  # nothing shared but the embeddings
