@@ -36,12 +36,12 @@ import numpy as np
 from layerprune.errors import LayerpruneError
 from layerprune.files import DEFAULT_RUN_DIR
 from layerprune.heal import encode_texts, heal_at, start_layers
+from layerprune.heal.texts import heal_texts, with_augmented
 from layerprune.models import load_classifier, total_layers
 from layerprune.options import DistillOptions, ExportOptions, WholeOptions
 from layerprune.scoring import compute_metric
 from layerprune.validate import forecast
 
-from ._compat import export_heal_options, heal_texts, with_augmented
 from .common import disagreement, listed, markdown_table, read_run
 from .harness import Results
 
@@ -121,7 +121,8 @@ def run(args: argparse.Namespace, out: Results) -> int:
     run_dir = read_run(args.run_dir)
     task = run_dir.task
     opts = ExportOptions(augment=args.augment, heal_examples=args.heal_examples)
-    distill_base, whole_base = export_heal_options(opts)
+    distill_base = dataclasses.replace(opts.distill, heal_layers=opts.heal_layers)  # export's heal options
+    whole_base = dataclasses.replace(opts.whole, minutes=opts.heal_minutes)
     grids = {"distill": points(distill_base, args.distill), "whole": points(whole_base, args.whole)}
     model, tokenizer = load_classifier(run_dir.analysis.model, num_labels=task.num_labels, device=args.device)
     total = total_layers(model.config)

@@ -25,9 +25,9 @@ from layerprune.data import load_examples
 from layerprune.errors import LayerpruneError
 from layerprune.files import DEFAULT_RUN_DIR
 from layerprune.heal import DistillOptions, distill, encode_texts
+from layerprune.linear import linear_backend
 from layerprune.models import load_classifier
 
-from ._compat import linear_backend
 from .common import Run, markdown_table, read_run
 from .harness import Results
 

@@ -23,7 +23,7 @@ from typing import Annotated, ClassVar, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from .errors import LayerpruneError
-from .files import NEW_STAGING_INFIX, REPLACED, SCRATCH, STAGING_INFIX
+from .files import ANALYSIS_FILE, NEW_STAGING_INFIX, REPLACED, SCRATCH, STAGING_INFIX
 from .tasks import TaskConfig
 
 Representation = Literal["cls", "mean", "tokens"]
@@ -128,6 +128,15 @@ class AnalysisReport(Artifact):
     device: str
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     versions: dict[str, str]
+
+
+def load_analysis(run_dir: Path) -> AnalysisReport:
+    """The analysis of the run directory `run_dir`, or a LayerpruneError that says to run `layerprune analyze`
+    first."""
+    path = Path(run_dir) / ANALYSIS_FILE
+    if not path.is_file():
+        raise LayerpruneError(f"{run_dir} holds no {ANALYSIS_FILE}; run `layerprune analyze` first")
+    return load_artifact(AnalysisReport, path)
 
 
 class TrainingReport(Artifact):

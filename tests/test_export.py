@@ -13,12 +13,13 @@ from conftest import SENTENCES, TINY_LAYERS, make_tiny_classifier, reseal
 from layerprune.analyze import AnalyzeOptions, analyze
 from layerprune.artifacts import AnalysisReport, DepthReport, Manifest, ValidationReport, load_artifact
 from layerprune.depth_search import choose_depth, error_budget
-from layerprune.export import ExportOptions, Reuse, _augmented, _heal_texts, export_bundle
+from layerprune.export import ExportOptions, Reuse, export_bundle
 from layerprune.bundle import BundleError, servable_bundle, verify_bundle
 from layerprune.cli import main
 from layerprune.data import task_from_files
 from layerprune.errors import LayerpruneError
 from layerprune.heal import DistillOptions, WholeOptions
+from layerprune.heal.texts import heal_texts, with_augmented
 from layerprune.tasks import TaskConfig
 from layerprune.validate import calibration_and_holdout, certifiable_disagreement, compare, forecast, validate_bundle
 
@@ -243,7 +244,7 @@ def test_auto_distill_trains_every_depth_from_the_one_pass(run_dir: Path, tmp_pa
         torch.testing.assert_close(texts.tokens[index][0].float(), reference[index], atol=2e-3, rtol=2e-3)
 
 
-def test_agreement_texts_never_overlap_heal_texts(run_dir: Path, tmp_path: Path) -> None:
+def test_agreement_texts_never_overlapheal_texts(run_dir: Path, tmp_path: Path) -> None:
     """--heal-data: the heal texts and their augmented copies come from the first part of the file, the
     agreement texts from the rest, and no agreement text is a heal text or a copy made from one; the train
     split never bounds agreement. The whole-model heal (the default) trains on all of them."""
@@ -253,14 +254,14 @@ def test_agreement_texts_never_overlap_heal_texts(run_dir: Path, tmp_path: Path)
     opts = ExportOptions(keep_layers=2, heal_data=texts, heal_text_field="review", agreement_examples=16,
                          **{**FAST, "augment": 2})
     task = load_artifact(AnalysisReport, run_dir / "analysis.json").task_config
-    plain = _heal_texts(task, None, opts)
+    plain = heal_texts(task, None, opts)
     assert plain.examples.texts == rows[:32] and plain.agreement.texts == rows[32:], "the file's order, cut once"
-    healing = _augmented(plain, task, opts)
+    healing = with_augmented(plain, task, opts)
     assert len(healing.examples) == 3 * 32 and healing.labels is None
     assert not set(healing.examples.texts) & set(healing.agreement.texts), "an agreement text was healed on"
     agreement_words = {w for t in plain.agreement.texts for w in t.split()} - {w for t in rows[:32] for w in t.split()}
     assert not any(set(t.split()) & agreement_words for t in healing.examples.texts), "augmentation saw the rest"
-    train = _heal_texts(task, None, ExportOptions(**FAST))
+    train = heal_texts(task, None, ExportOptions(**FAST))
     assert train.agreement is None and train.labels is not None, "train texts heal, never bound agreement"
 
     result = export_bundle(run_dir, tmp_path / "w", dataclasses.replace(opts, heal="whole", whole=WholeOptions(epochs=1)))
