@@ -3,7 +3,7 @@
 The run directory is an analysis (`layerprune analyze`, e.g. the demo's ./lp-run). For each seed the task's
 labelled evaluation examples (rt-polarity: validation + test, 2,112 sentences) are pooled and cut into new
 calibration and holdout halves (`ExportOptions.resample_seed`); the export runs with the given options
-(default: the demo's, auto depth, distill heal, int8 candidates, tolerance 0.01; `--fallback S` sends the
+(default: the demo's, auto depth, the top-layer heal, int8 candidates, tolerance 0.01; `--fallback S` sends the
 share S of texts the cut is least sure of on to the original) into a temporary bundle. A heal never sees
 calibration or holdout, so the runs share one `Reuse`: the original's outputs on the heal texts and each depth's
 heal are computed by the first run that needs them, and a later run's time is the rest of its export. One row

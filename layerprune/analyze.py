@@ -47,7 +47,7 @@ def analyze(checkpoint: str, task: TaskConfig, out: Path, opts: AnalyzeOptions =
         trust_remote_code=opts.trust_remote_code,
         device=opts.device,
     )
-    sort = opts.estimator != "minibatch"  # minibatch HSIC wants batches that are samples of the data
+    sort = opts.cka_estimator != "minibatch"  # minibatch HSIC wants batches that are samples of the data
     batches = make_batches(
         tokenizer, examples, batch_size=opts.batch_size, max_length=opts.max_length, sort_by_length=sort
     )
@@ -60,7 +60,7 @@ def analyze(checkpoint: str, task: TaskConfig, out: Path, opts: AnalyzeOptions =
     if passed.minibatch is not None:
         matrix = passed.minibatch.result()
     else:
-        matrix = cka_math.cka_matrix(passed.reps, opts.estimator)
+        matrix = cka_math.cka_matrix(passed.reps, opts.cka_estimator)
     measured = time.perf_counter()
     defined = int((~np.isnan(np.diag(matrix))).sum())  # the layers find_blocks can cluster
     if defined == 0:
@@ -85,7 +85,7 @@ def analyze(checkpoint: str, task: TaskConfig, out: Path, opts: AnalyzeOptions =
         n_examples=len(examples),
         n_representations=passed.n_rows,
         representation=opts.representation,
-        cka_estimator=opts.estimator,
+        cka_estimator=opts.cka_estimator,
         cka=[[None if np.isnan(v) else round(float(v), 6) for v in row] for row in matrix],
         undefined_layers=_undefined_layers(matrix, opts.representation),
         clusters=blocks.labels,
@@ -137,7 +137,7 @@ class _Pass:
 def _forward(model: PreTrainedModel, batches: list[Batch], n: int, total: int, opts: AnalyzeOptions) -> _Pass:
     """Logits for every example and each layer's representation rows (or minibatch CKA sums)."""
     take = _token_budget(batches, n, opts.max_tokens) if opts.representation == "tokens" else None
-    minibatch = cka_math.MinibatchCKA(total + 1) if opts.estimator == "minibatch" else None
+    minibatch = cka_math.MinibatchCKA(total + 1) if opts.cka_estimator == "minibatch" else None
     logits: np.ndarray | None = None
     n_rows = 0
     rows: list[dict[int, np.ndarray]] = [{} for _ in range(total + 1)]

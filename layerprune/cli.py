@@ -248,7 +248,7 @@ def _run_export(args: argparse.Namespace) -> int:
     result = export_bundle(args.run_dir, args.out, _options(ExportOptions, args))
     report, manifest = result.depth, result.manifest  # report: depth.json, how the depth was chosen
     fallback = f", fallback {report.fallback:g}" if report.fallback else ""
-    print(f"depth ({report.mode}, heal={report.heal}{fallback}): kept {report.depth} of {report.total_layers} layers "
+    print(f"depth ({report.search}, heal={report.heal}{fallback}): kept {report.depth} of {report.total_layers} layers "
           f"(CKA boundary {report.boundary}; probed {report.probed} on {report.calibration}, n={report.n_calibration})")
     if report.note:
         print(report.note)

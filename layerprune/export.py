@@ -123,7 +123,7 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
     # 1-2. the texts, and the original's outputs on them
     healing = heal_texts(source.task, source.glue_dir, opts)
     heal = _heal_mode(opts.heal, source.model, healing)
-    if heal in ("distill", "whole") and opts.augment:
+    if heal in ("top", "whole") and opts.augment:
         healing = with_augmented(healing, source.task, opts)
     parts = calibration_and_holdout(source.task, source.glue_dir, opts.max_examples, opts.resample_seed)
     texts = _encode(source, parts, healing, heal, opts, reuse)
@@ -298,7 +298,7 @@ def _kept_states(heal: HealMode, opts: ExportOptions, boundary: int, total: int)
     depth below it, where the walk goes next when the boundary passes), then those of the depths further down
     the walk, nearest first."""
     indices, spare = {0}, []
-    if heal == "distill":
+    if heal == "top":
         first = min(max(boundary, 2), total)
         tried = [first, first - 1] if opts.keep_layers == "auto" else [opts.keep_layers]
         indices |= {max(d - opts.heal_layers, 0) for d in tried if d < total}
@@ -367,7 +367,7 @@ def _nothing_dropped(depths: Depths, total: int, opts: ExportOptions) -> str:
     if guess.disagreement is None:
         return f"{line}; depth {cut} came to {100 * guess.lower_bound:+.2f} points at the forecast's lower bound"
     needed = certifiable_disagreement(opts.tolerance, guess.alpha, depths.texts.calibration.n, depths.n_holdout)
-    return (f"{line}; depth {cut} (heal {depths.mode}) disagreed with the original on {100 * guess.disagreement:.2f}% "
+    return (f"{line}; depth {cut} (heal {depths.heal_mode}) disagreed with the original on {100 * guess.disagreement:.2f}% "
             f"of {guess.n_agreement} texts (forecast lower bound {100 * guess.lower_bound:+.2f} points); a cut "
             f"this forecast certifies needs about {100 * needed:.1f}% or less, with no loss of {depths.task.metric}")
 
@@ -401,12 +401,12 @@ def _heal_mode(asked: HealMode | None, model, texts: HealTexts) -> HealMode:
     if asked is None:
         if texts.examples is None:
             return "none"
-        return "distill" if layers_alone else ("head" if labelled else "none")
+        return "top" if layers_alone else ("head" if labelled else "none")
     if asked != "none" and texts.examples is None:
         raise LayerpruneError(f"--heal {asked} needs texts: the task has no train split; give --heal-data FILE")
     if asked == "head" and not labelled:
         raise LayerpruneError("--heal head needs labelled texts; --heal-data texts carry none: use --heal whole")
-    if asked in ("distill", "whole") and not layers_alone:
+    if asked in ("top", "whole") and not layers_alone:
         raise LayerpruneError(f"--heal {asked} cannot train {model.config.model_type} layers alone (shared "
                               "weights or a convolution); use --heal head")
     return asked

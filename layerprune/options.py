@@ -54,6 +54,10 @@ def keep_layers(text: str) -> int | str:
     return text if text == "auto" else positive(text)
 
 
+def heal_mode(text: str) -> str:
+    return "top" if text == "distill" else text  # what the top-layer heal does: distil the top layers
+
+
 def cli(help: str | None = None, *, flag: str | None = None, parse: Callable[[str], Any] | None = None,
         choices: list[str] | None = None, show_default: bool = True) -> dict[str, Any]:
     """Field metadata that makes the field a CLI flag: --field-name (or `flag`), parsed by `parse` (default:
@@ -131,8 +135,8 @@ class AnalyzeOptions:
                                                                 parse=int))
     representation: Representation = field(default="cls", metadata=cli(
         "cls: first token (as in Phang et al.); mean: mask-aware mean; tokens: all tokens"))
-    estimator: CkaEstimator = field(default="linear", metadata=cli(
-        "linear: exact; debiased: unbiased HSIC; minibatch: memory flat in n", flag="--cka"))
+    cka_estimator: CkaEstimator = field(default="linear", metadata=cli(
+        "linear: exact; debiased: unbiased HSIC; minibatch: memory flat in n"))
     clusters: int | None = field(default=None, metadata=cli("number of layer blocks (default: eigengap)",
                                                             parse=positive))
     max_clusters: int = 6
@@ -145,7 +149,7 @@ class AnalyzeOptions:
 
 
 @dataclass(frozen=True)
-class DistillOptions:
+class TopOptions:
     heal_layers: int = 1
     epochs: int = 3
     lr: float = 5e-5
@@ -189,12 +193,13 @@ class ExportOptions:
     keep_layers: int | Literal["auto"] = field(default="auto", metadata=cli(
         "auto (the smallest depth whose gate forecast passes, searched from the CKA boundary) or N",
         parse=keep_layers))
-    # default: distill where there are heal texts (head for ALBERT and DeBERTa-v2's convolution), else none
+    # default: top where there are heal texts (head for ALBERT and DeBERTa-v2's convolution), else none
     heal: HealMode | None = field(default=None, metadata=cli(
-        "distill: re-tune only the top --heal-layers kept layers and the head (default where there are heal "
-        "texts); whole: train every kept layer and the head from the original; head: re-fit only the head "
-        "(labels needed); none: the paper's setting"))
-    heal_layers: int = field(default=1, metadata=cli("top kept layers re-tuned by --heal distill (with the head)",
+        "top: re-tune only the top --heal-layers kept layers and the head, distilled from the original (default "
+        "where there are heal texts; `distill` says the same); whole: train every kept layer and the head from the "
+        "original; head: re-fit only the head (labels needed); none: the paper's setting",
+        parse=heal_mode, choices=list(typing.get_args(HealMode))))
+    heal_layers: int = field(default=1, metadata=cli("top kept layers re-tuned by --heal top (with the head)",
                                                      parse=positive))
     heal_data: Path | None = field(default=None, metadata=cli(
         "in-domain texts to heal with, labels not needed (CSV/TSV/JSONL; default: the train split)"))
@@ -232,5 +237,5 @@ class ExportOptions:
     device: str | None = None
     trust_remote_code: bool = False
     resample_seed: int | None = None  # re-cut calibration/holdout (benchmarks)
-    distill: DistillOptions = field(default_factory=DistillOptions)
+    top: TopOptions = field(default_factory=TopOptions)
     whole: WholeOptions = field(default_factory=WholeOptions)

@@ -124,13 +124,16 @@ def _v3_manifest(bundle: Path, out: Path) -> Path:
 
 
 def test_old_bundle_is_one_line_from_every_command(bundle: Path, tmp_path: Path) -> None:
-    assert MANIFEST_SCHEMA == 5
+    assert MANIFEST_SCHEMA == 6
     v2 = _edited(bundle, tmp_path / "v2", schema_version=2)
-    with pytest.raises(BundleError, match="manifest schema v2; this layerprune reads v5: re-run `layerprune export`"):
+    with pytest.raises(BundleError, match="manifest schema v2; this layerprune reads v6: re-run `layerprune export`"):
         verify_bundle(v2)
+    v5 = _edited(bundle, tmp_path / "v5", schema_version=5, heal="distill")  # the top-layer heal as v5 named it
+    with pytest.raises(BundleError, match="manifest schema v5; this layerprune reads v6: re-run `layerprune export`"):
+        verify_bundle(v5)
     old = _v3_manifest(bundle, tmp_path / "v3")
     for read in (verify_bundle, open_bundle, load_model):
-        with pytest.raises(BundleError, match="manifest schema v3; this layerprune reads v5: re-run `layerprune export`"):
+        with pytest.raises(BundleError, match="manifest schema v3; this layerprune reads v6: re-run `layerprune export`"):
             read(old)
     for argv in (["validate", str(old), "--device", "cpu"], ["serve", str(old)],
                  ["triton", str(old), str(tmp_path / "repo")]):

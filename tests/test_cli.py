@@ -369,12 +369,26 @@ def test_flags_become_the_options(monkeypatch) -> None:
     assert got[2] == FinetuneOptions(learning_rate=3e-5, max_train_examples=5, device="auto")
 
 
+def test_heal_distill_is_the_top_layer_heal(monkeypatch) -> None:
+    """`--heal distill`, what the top-layer heal does, gives the options `--heal top` gives."""
+    import layerprune.export
+    from layerprune.options import ExportOptions
+
+    got: list = []
+    monkeypatch.setattr("layerprune.cli._preflight", lambda args: None)
+    monkeypatch.setattr(layerprune.export, "export_bundle", lambda run, out, opts: got.append(opts) or 1 / 0)
+    for heal in ("top", "distill"):
+        with pytest.raises(ZeroDivisionError):
+            main(["export", "--heal", heal])
+    assert got == [ExportOptions(heal="top", device="auto")] * 2
+
+
 @pytest.mark.parametrize(("argv", "words"), [
     (["export", "--keep-layers", "0"], "argument --keep-layers: must be a positive integer, got 0"),
     (["export", "--heal", "all"], "argument --heal: invalid choice: 'all'"),
     (["export", "--tolerance", "1.5"], "argument --tolerance: must be a fraction"),
     (["export", "--alpha", "0"], "argument --alpha: must be an error rate in (0, 0.5)"),
-    (["analyze", "c", "--cka", "rbf"], "argument --cka: invalid choice: 'rbf'"),
+    (["analyze", "c", "--cka-estimator", "rbf"], "argument --cka-estimator: invalid choice: 'rbf'"),
     (["serve", "--port", "x"], "argument --port: invalid int value: 'x'"),
 ])
 def test_generated_flags_refuse_bad_values_in_one_line(argv, words, capsys) -> None:

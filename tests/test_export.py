@@ -18,7 +18,7 @@ from layerprune.bundle import BundleError, servable_bundle, verify_bundle
 from layerprune.cli import main
 from layerprune.data import task_from_files
 from layerprune.errors import LayerpruneError
-from layerprune.heal import DistillOptions, WholeOptions
+from layerprune.heal import TopOptions, WholeOptions
 from layerprune.heal.texts import heal_texts, with_augmented
 from layerprune.tasks import TaskConfig
 from layerprune.validate import calibration_and_holdout, certifiable_disagreement, compare, forecast, validate_bundle
@@ -166,7 +166,7 @@ def test_sweep_leaves_what_auto_probed_alone(run_dir: Path, tmp_path: Path) -> N
 def test_auto_with_heal_records_depths(run_dir: Path, tmp_path: Path) -> None:
     result = export_bundle(run_dir, tmp_path / "auto", ExportOptions(heal="head", sweep=True, **FAST))
     report = load_artifact(DepthReport, tmp_path / "auto" / "depth.json")
-    assert report == result.depth and report.mode == "auto" and report.heal == "head"
+    assert report == result.depth and report.search == "auto" and report.heal == "head"
     assert [s.depth for s in report.scores] == list(range(1, TINY_LAYERS + 1))
     assert all(s.metric_healed is not None for s in report.scores[:-1]), "--sweep heals every depth"
     assert report.probed[0] == report.boundary
@@ -186,16 +186,16 @@ def test_train_texts_heal_but_never_bound_agreement(run_dir: Path, tmp_path: Pat
     assert depth.scores[1].forecast.n_agreement == depth.n_calibration
 
 
-def test_distill_heal_with_unlabeled_texts(run_dir: Path, tmp_path: Path) -> None:
+def test_top_heal_with_unlabeled_texts(run_dir: Path, tmp_path: Path) -> None:
     texts = tmp_path / "in-domain.jsonl"
     texts.write_text("".join(f'{{"review": "{t}, {w}"}}\n' for t, _ in SENTENCES for w in ("truly", "sadly", "so")))
-    opts = ExportOptions(keep_layers=2, heal="distill", heal_layers=2, heal_data=texts, heal_text_field="review", heal_examples=24,
-                         distill=DistillOptions(lr=1e-2), **FAST)
+    opts = ExportOptions(keep_layers=2, heal="top", heal_layers=2, heal_data=texts, heal_text_field="review", heal_examples=24,
+                         top=TopOptions(lr=1e-2), **FAST)
     result = export_bundle(run_dir, tmp_path / "d", opts)
     depth = result.depth
-    assert depth.heal == "distill" and not depth.heal_labelled and depth.n_heal == 24 and depth.n_agreement == 12
+    assert depth.heal == "top" and not depth.heal_labelled and depth.n_heal == 24 and depth.n_agreement == 12
     assert [run.depth for run in depth.heal_runs] == [2] and depth.heal_runs[0].n_train == 24
-    assert depth.scores[1].metric_healed is not None and result.manifest.heal == "distill"
+    assert depth.scores[1].metric_healed is not None and result.manifest.heal == "top"
     from layerprune.models import layer_list, load_classifier
 
     analysis = load_artifact(AnalysisReport, run_dir / "analysis.json")
@@ -210,7 +210,7 @@ def test_distill_heal_with_unlabeled_texts(run_dir: Path, tmp_path: Path) -> Non
     assert not (tmp_path / "h").exists()
 
 
-def test_auto_distill_trains_every_depth_from_the_one_pass(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_auto_top_heal_trains_every_depth_from_the_one_pass(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """The top-layer heals of the auto walk read their inputs from the original's one pass over the texts, not
     from a second run of its lower layers: the first depths always, those further down where memory allows
     (here it does). With the boundary at the full depth, the walk heals depths 3, 2, 1 of 4, whose inputs
@@ -232,7 +232,7 @@ def test_auto_distill_trains_every_depth_from_the_one_pass(run_dir: Path, tmp_pa
 
     token_states = top.token_states
     monkeypatch.setattr(top, "token_states", recording)
-    result = export_bundle(run, tmp_path / "a", ExportOptions(heal="distill", **FAST))
+    result = export_bundle(run, tmp_path / "a", ExportOptions(heal="top", **FAST))
     assert result.depth.probed == [4, 3, 2, 1], "the walk went down from the full depth"
     assert {index for index, *_ in calls} == {2, 1, 0}
     assert all(kept for _, kept, _ in calls), "a depth ran the original's lower layers again"
@@ -267,7 +267,7 @@ def test_agreement_texts_never_overlapheal_texts(run_dir: Path, tmp_path: Path) 
     result = export_bundle(run_dir, tmp_path / "w", dataclasses.replace(opts, heal="whole", whole=WholeOptions(epochs=1)))
     depth = result.depth
     assert depth.heal == "whole" == result.manifest.heal and not depth.heal_labelled
-    assert depth.n_heal == 96 and depth.n_agreement == 16 and depth.heal_runs[0].mode == "whole"
+    assert depth.n_heal == 96 and depth.n_agreement == 16 and depth.heal_runs[0].heal == "whole"
     assert depth.scores[1].forecast.n_agreement == depth.n_calibration + 16
 
 
@@ -279,7 +279,7 @@ def test_an_export_reusing_another_is_the_export_of_its_own_resample(run_dir: Pa
     import layerprune.export as export
     from layerprune.models import layer_list
 
-    opts = ExportOptions(heal="distill", distill=DistillOptions(lr=1e-2), **FAST)
+    opts = ExportOptions(heal="top", top=TopOptions(lr=1e-2), **FAST)
     reuse = Reuse()
     export_bundle(run_dir, tmp_path / "first", opts, reuse)
     assert reuse.heals and all(len(layer_list(h.original)) == TINY_LAYERS for h in reuse.heals.values())
@@ -306,13 +306,13 @@ def test_an_export_reusing_another_is_the_export_of_its_own_resample(run_dir: Pa
 def test_a_reuse_starts_over_for_other_heal_inputs(run_dir: Path, tmp_path: Path) -> None:
     """What chooses and checks the cut (resample, tolerance, int8, depth) keeps a Reuse's work; anything a heal
     learns from (its options, the texts, another analysis) empties it."""
-    opts = ExportOptions(heal="distill", **FAST)
+    opts = ExportOptions(heal="top", **FAST)
     reuse = Reuse().matching(run_dir, opts)
     reuse.heals[2] = "a heal"
     for same in (dict(resample_seed=3), dict(tolerance=0.02, quantize="int8"), dict(keep_layers=2, sweep=True)):
         assert reuse.matching(run_dir, dataclasses.replace(opts, **same)).heals == {2: "a heal"}, same
     assert reuse.matching(tmp_path, opts).heals == {}, "another run directory"
-    for other in (dict(distill=DistillOptions(lr=1e-2)), dict(augment=1), dict(heal_layers=2), dict(max_length=16)):
+    for other in (dict(top=TopOptions(lr=1e-2)), dict(augment=1), dict(heal_layers=2), dict(max_length=16)):
         reuse.matching(run_dir, opts).heals[2] = "a heal"
         assert reuse.matching(run_dir, dataclasses.replace(opts, **other)).heals == {}, other
 

@@ -250,7 +250,7 @@ def test_fit_head_repairs_a_scrambled_head(tiny_models: dict[str, Path], model_t
     before = accuracy(model, features[test], labels[test])
     fit = fit_head(model, features[train], labels[train], regression=False)
     assert same_state(state_of(model), before_state), "fit_head must not touch the model's head"
-    assert fit.steps > 0 and fit.holdout_loss is not None
+    assert fit.steps > 0 and fit.held_out_loss is not None
     load_head(model, fit.state)
     after = accuracy(model, features[test], labels[test])
     assert after >= 0.85 and after >= before + 0.25, (before, after)
@@ -262,7 +262,7 @@ def test_fit_head_without_holdout_on_few_examples(tiny_models: dict[str, Path]) 
     features, labels = low_layer_like(60)
     before = accuracy(model, features, labels)
     fit = fit_head(model, features, labels, regression=False, epochs=20)
-    assert fit.holdout_loss is None and fit.steps == 20  # one batch per epoch, every epoch run
+    assert fit.held_out_loss is None and fit.steps == 20  # one batch per epoch, every epoch run
     load_head(model, fit.state)
     assert accuracy(model, features, labels) >= max(0.9, before + 0.25)
 

@@ -52,7 +52,7 @@ def heal_head(original: PreTrainedModel, depth: int, texts: TextStates, labels: 
     fit = fit_head(original, texts.first[depth], labels, regression=regression)
     modules = {name: copy.deepcopy(m).float().cpu().eval() for name, m in head_modules(original).items()}
     load_head_modules(modules, fit.state)
-    stats = HealStats(depth=depth, mode="head", n_train=fit.n_train, n_held_out=texts.n - fit.n_train,
+    stats = HealStats(depth=depth, heal="head", n_train=fit.n_train, n_held_out=texts.n - fit.n_train,
                       seconds=round(time.perf_counter() - started, 1))
     return HeadHeal(depth, fit, modules, original.config, stats)
 
@@ -64,7 +64,7 @@ class HeadFit:
     state: dict[str, torch.Tensor]
     train_loss: float  # mean loss of the returned head on the features it was trained on
     steps: int  # optimizer steps behind the returned head (0: the fine-tuned head was kept)
-    holdout_loss: float | None = None  # its loss on the held-out features that chose the epoch, if any
+    held_out_loss: float | None = None  # its loss on the held-out features that chose the epoch, if any
     n_train: int = 0  # features it was trained on (the rest were held out to choose the epoch)
 
 
@@ -90,7 +90,7 @@ def fit_head(
     - the first linear layer is trained in standardized input coordinates (an exact reparametrization):
       lower layers' first tokens can be nearly constant (std 0.002 around a mean of norm 8), which raw
       AdamW steps barely move;
-    - with n >= HOLDOUT_MIN (heal.base), a seeded tenth is held out and the epoch with the lowest held-out loss is
+    - with n >= HELD_OUT_MIN (heal.base), a seeded tenth is held out and the epoch with the lowest held-out loss is
       returned, epoch 0 (the fine-tuned head) included, so a head that is already good stays good;
       training stops after PATIENCE epochs without improvement. Fewer examples: all `epochs` are run.
     """

@@ -47,7 +47,7 @@ def layer_map(depth: int, total: int) -> list[int]:
 
 
 @dataclass
-class WholeModel:
+class WholeHeal:
     """The truncated model with every kept layer and its head trained from the original (`Heal`)."""
 
     depth: int
@@ -77,9 +77,9 @@ class WholeModel:
 
 def heal_whole(
     original: PreTrainedModel, depth: int, texts: TextStates, labels: np.ndarray | None, *,
-    regression: bool = False, opts: WholeOptions = WholeOptions(), start: WholeModel | None = None,
+    regression: bool = False, opts: WholeOptions = WholeOptions(), start: WholeHeal | None = None,
     mapped: list[int] | None = None,
-) -> WholeModel:
+) -> WholeHeal:
     """Train every kept layer and the head of `original` truncated at `depth` on `texts` (the original's
     outputs on them; `labels` where known: -1 / NaN marks a text without). The student starts as `original`
     truncated at `depth`, or as `start` (a deeper whole-model heal) truncated there: most of the work is
@@ -130,9 +130,9 @@ def heal_whole(
     student.load_state_dict(best)
     student.eval().requires_grad_(False)
     n_train = sum(len(texts.batches[i].indices) for i in train)
-    stats = HealStats(depth=depth, mode="whole", n_train=n_train, n_held_out=texts.n - n_train, epochs=best_epoch,
+    stats = HealStats(depth=depth, heal="whole", n_train=n_train, n_held_out=texts.n - n_train, epochs=best_epoch,
                       epochs_run=epochs_run, seconds=round(time.perf_counter() - started, 1))
-    return WholeModel(depth, student, best_steps, float("nan") if best_loss is None else best_loss, stats, held)
+    return WholeHeal(depth, student, best_steps, float("nan") if best_loss is None else best_loss, stats, held)
 
 
 def _steps_within_budget(opts: WholeOptions, train: int, held: int, held_seconds: float) -> int:
