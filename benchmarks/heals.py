@@ -121,9 +121,7 @@ def run(args: argparse.Namespace, out: Results) -> int:
     run_dir = read_run(args.run_dir)
     task = run_dir.task
     opts = ExportOptions(augment=args.augment, heal_examples=args.heal_examples)
-    top_base = dataclasses.replace(opts.top, heal_layers=opts.heal_layers)  # export's heal options
-    whole_base = dataclasses.replace(opts.whole, minutes=opts.heal_minutes)
-    grids = {"top": points(top_base, args.top), "whole": points(whole_base, args.whole)}
+    grids = {"top": points(opts.top, args.top), "whole": points(opts.whole, args.whole)}  # export's, as the base
     model, tokenizer = load_classifier(run_dir.analysis.model, num_labels=task.num_labels, device=args.device)
     total = total_layers(model.config)
     if not all(1 <= d <= total for d in args.depths):
@@ -151,8 +149,8 @@ def run(args: argparse.Namespace, out: Results) -> int:
             for point, named in grids.get(mode, [(None, "-")]):
                 started = time.perf_counter()
                 healed = heal_at(mode, model, depth, heal, texts.labels, regression=task.is_regression,
-                                 top=point if mode == "top" else top_base,
-                                 whole=point if mode == "whole" else whole_base)
+                                 top=point if mode == "top" else opts.top,
+                                 whole=point if mode == "whole" else opts.whole, head=opts.head)
                 seconds = time.perf_counter() - started
                 scores = _scores(task, parts, calibration, holdout, healed, opts.tolerance, args.alpha)
                 stats, steps = healed.stats, getattr(healed, "steps", None)

@@ -2,7 +2,7 @@
 
 First one product of the probe's shape (`linear.PROBE_SHAPE`, a batch of 32 sentences through a BERT-base
 feed-forward layer), in GFLOP/s, the best of `linear.PROBE_RUNS`. Then, on the run directory's checkpoint and
-its task's first --n train texts, batch 32, on CPU, for each path:
+its task's first --n train texts, at export's batch size, on CPU, for each path:
 - the original's pass over the texts, every hidden state out (`heal.encode_texts`, export's pass over the heal
   texts), in sentences/s;
 - one epoch of export's top-layer heal at --depth (`heal.heal_top`, its defaults, one epoch), in seconds, and
@@ -27,11 +27,12 @@ from layerprune.files import DEFAULT_RUN_DIR
 from layerprune.heal import TopOptions, encode_texts, heal_top
 from layerprune.linear import linear_backend
 from layerprune.models import load_classifier
+from layerprune.options import ExportOptions
 
 from .common import Run, markdown_table, read_run
 from .harness import Results
 
-BATCH = 32
+BATCH = ExportOptions.batch_size  # export's pass over the heal texts
 PATHS = {"torch's BLAS (plain nn.Linear)": "blas", "oneDNN (layerprune.linear)": "onednn"}
 
 

@@ -37,7 +37,14 @@ from .tasks import TaskConfig
 
 
 def analyze(checkpoint: str, task: TaskConfig, out: Path, opts: AnalyzeOptions = AnalyzeOptions()) -> AnalysisReport:
-    """Analyze `checkpoint` on `task` and write the run directory `out`. Returns the report."""
+    """Analyze `checkpoint` on `task`: one forward pass over the examples, CKA between every pair of layers, the
+    layers clustered into blocks and the boundary of the late block; writes the run directory `out`.
+
+    checkpoint: a fine-tuned sequence-classification checkpoint, a local folder or a hub id.
+    task: the task it was fine-tuned on (`tasks.load_task`); its examples are what the layers are compared on.
+    out: the run directory to write (analysis.json, cka.png); export reads it.
+    opts: the analysis's options (`AnalyzeOptions`: the CLI's flags, with the same names and defaults).
+    Returns the report written to analysis.json. Raises LayerpruneError (one line) for bad input."""
     started = time.perf_counter()
     split = opts.split or task.eval_split
     examples = _load_examples(task, split, opts)

@@ -279,7 +279,7 @@ class GateForecast(BaseModel):
 
     delta: float = Field(description="candidate - original on the calibration examples")
     delta_sd: float = Field(description="paired bootstrap standard error of that delta")
-    alpha: float = Field(0.05, description="the error rate it was made at: one-sided, its share of export's budget")
+    alpha: float = Field(description="the error rate it was made at: one-sided, its share of export's budget")
     lower_bound: float = Field(description="one-sided (1 - alpha) lower bound of the holdout delta")
     disagreement: float | None = Field(description="share of texts where the predictions differ (classification)")
     disagreement_upper: float | None = Field(description="(1 - alpha) upper bound of that share")

@@ -11,7 +11,6 @@ original. The error budget splits export's alpha between the depth walk and the 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -83,10 +82,8 @@ class Depths:
                     above = self.heals.get(depth + 1)
                     self.trained[depth] = heal_at(
                         self.heal_mode, self.original, depth, self.texts.heal, self.texts.heal_labels,
-                        regression=self.task.is_regression,
-                        whole=dataclasses.replace(self.opts.whole, minutes=self.opts.heal_minutes),
-                        top=dataclasses.replace(self.opts.top, heal_layers=self.opts.heal_layers),
-                        start=above if isinstance(above, WholeHeal) else None)
+                        regression=self.task.is_regression, top=self.opts.top, whole=self.opts.whole,
+                        head=self.opts.head, start=above if isinstance(above, WholeHeal) else None)
                 self.heals[depth] = self.trained[depth]
         return self.heals[depth]
 
@@ -119,7 +116,7 @@ class Depths:
         heal, agreement = self.texts.heal, self.texts.agreement
         return DepthReport(
             search="auto" if self.opts.keep_layers == "auto" else "fixed", heal=self.heal_mode,
-            heal_layers=self.opts.heal_layers, fallback=self.opts.fallback, boundary=boundary,
+            heal_layers=self.opts.top.heal_layers, fallback=self.opts.fallback, boundary=boundary,
             total_layers=self.total, depth=depth,
             tolerance=self.opts.tolerance, full_metric=self.full, metric_name=self.task.metric,
             calibration=calibration_name, n_calibration=self.texts.calibration.n, n_heal=heal.n if heal else 0,

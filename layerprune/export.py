@@ -54,7 +54,7 @@ from .files import (
 from .heal import Heal, TextStates, encode_texts
 from .heal.texts import HealTexts, heal_texts, with_augmented
 from .hidden import predict_logits
-from .models import architecture, load_classifier, total_layers
+from .models import layers_run_alone, load_classifier, total_layers
 from .options import ExportOptions  # options are declared once, with their CLI flags
 from .plots import plot_depths
 from .prune import truncate
@@ -301,9 +301,10 @@ def _kept_states(heal: HealMode, opts: ExportOptions, boundary: int, total: int)
     if heal == "top":
         first = min(max(boundary, 2), total)
         tried = [first, first - 1] if opts.keep_layers == "auto" else [opts.keep_layers]
-        indices |= {max(d - opts.heal_layers, 0) for d in tried if d < total}
+        layers = opts.top.heal_layers
+        indices |= {max(d - layers, 0) for d in tried if d < total}
         if opts.keep_layers == "auto":
-            spare = [d - opts.heal_layers for d in range(first - 2, opts.heal_layers, -1)]
+            spare = [d - layers for d in range(first - 2, layers, -1)]
     return indices, spare
 
 
@@ -395,8 +396,7 @@ def _heal_mode(asked: HealMode | None, model, texts: HealTexts) -> HealMode:
     """The heal asked for, checked against the model and the texts; by default the top-layer heal where the
     layers can be trained alone (its layers below stay the original's, and it agreed with the original best
     where measured: docs/results.md), else the head (labels needed), else none."""
-    arch = architecture(model.config)
-    layers_alone = not (arch.shared_weights or getattr(model.config, "conv_kernel_size", 0))
+    layers_alone = layers_run_alone(model.config)
     labelled = texts.labels is not None
     if asked is None:
         if texts.examples is None:

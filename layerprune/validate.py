@@ -19,7 +19,7 @@ from .data import Examples, load_examples
 from .errors import DataError
 from .options import ALPHA
 from .scoring import compute_metric, predictions, score_predictions
-from .tasks import HubSource, TaskConfig
+from .tasks import TaskConfig
 
 HALVES_SEED = 0
 
@@ -40,7 +40,7 @@ def calibration_and_holdout(
     resample_seed: pool both parts and cut them anew with this seed (benchmarks repeat an export over
     several such resamples to see how often the gate agrees with the choice).
     """
-    test_has_labels = "test" in task.splits and task.eval_split != "test" and not isinstance(task.source, HubSource)
+    test_has_labels = "test" in task.splits and task.eval_split != "test" and task.source.labelled_test
     evaluation = load_examples(task, task.eval_split, glue_dir=glue_dir)
     if test_has_labels and resample_seed is not None:
         pooled = evaluation.concat(load_examples(task, "test", glue_dir=glue_dir))
@@ -175,7 +175,13 @@ def compare(
 def validate_bundle(bundle_dir: Path, tolerance: float | None = None, device: str | None = None) -> ValidationReport:
     """Re-check a bundle from scratch: file hashes and the bundle's own model and tokenizer first (they
     take a second), then the original checkpoint and the bundle on the same holdout examples, both at the
-    manifest's max length. Nothing in the bundle is changed."""
+    manifest's max length. Nothing in the bundle is changed.
+
+    bundle_dir: the bundle's folder (export's output); a bundle the gate refused is re-checked too.
+    tolerance: the largest allowed metric drop, as a fraction (default: the one the bundle was validated at).
+    device: where the original checkpoint runs (default: transformers' choice); the bundle runs on onnxruntime.
+    Returns the new validation report (not written). Raises LayerpruneError (one line) for a bundle that is
+    altered or unreadable."""
     from .hidden import predict_logits
     from .models import load_classifier
 

@@ -1,4 +1,4 @@
-"""The bundle contract (issue 9, item 2): the manifest carries what consumers need, and they read only it; it is
+"""The bundle contract: the manifest carries what consumers need, and they read only it; it is
 sealed, names only files inside the bundle, and agrees with the hashed files that say the same things.
 The bundle is conftest's (shared with the serving tests); answers are checked against conftest.Reference."""
 
@@ -22,8 +22,8 @@ from layerprune.bundle import BundleError, open_bundle, seal_manifest, servable_
 from layerprune.cli import main
 from layerprune.errors import LayerpruneError
 from layerprune.runtime import OnnxClassifier
-from serve.model import load_model
-from serve.triton import write_triton_repository
+from layerprune.serve.model import load_model
+from layerprune.serve.triton import write_triton_repository
 from conftest import ROOT, ServerProcess, by_label, reseal, serving, sha256
 
 
@@ -159,7 +159,7 @@ def _renamed_parts(bundle: Path, out: Path, names: dict[str, str]) -> Path:
 
 
 def test_parts_with_other_names_are_opened_and_served(bundle: Path, reference, tmp_path: Path) -> None:
-    """The runtime opens the files the manifest names, not the default names (issue 9: one bundle contract)."""
+    """The runtime opens the files the manifest names, not the default names (the manifest is the one contract)."""
     names = {"model": "graph.onnx", "config": "hf-config.json", "tokenizer": "wordpiece.json"}
     renamed = _renamed_parts(bundle, tmp_path / "renamed", names)
     assert not any((renamed / old).exists() for old in ("model.onnx", "config.json", "tokenizer.json"))

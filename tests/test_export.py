@@ -189,8 +189,8 @@ def test_train_texts_heal_but_never_bound_agreement(run_dir: Path, tmp_path: Pat
 def test_top_heal_with_unlabeled_texts(run_dir: Path, tmp_path: Path) -> None:
     texts = tmp_path / "in-domain.jsonl"
     texts.write_text("".join(f'{{"review": "{t}, {w}"}}\n' for t, _ in SENTENCES for w in ("truly", "sadly", "so")))
-    opts = ExportOptions(keep_layers=2, heal="top", heal_layers=2, heal_data=texts, heal_text_field="review", heal_examples=24,
-                         top=TopOptions(lr=1e-2), **FAST)
+    opts = ExportOptions(keep_layers=2, heal="top", heal_data=texts, heal_text_field="review", heal_examples=24,
+                         top=TopOptions(heal_layers=2, lr=1e-2), **FAST)
     result = export_bundle(run_dir, tmp_path / "d", opts)
     depth = result.depth
     assert depth.heal == "top" and not depth.heal_labelled and depth.n_heal == 24 and depth.n_agreement == 12
@@ -244,7 +244,7 @@ def test_auto_top_heal_trains_every_depth_from_the_one_pass(run_dir: Path, tmp_p
         torch.testing.assert_close(texts.tokens[index][0].float(), reference[index], atol=2e-3, rtol=2e-3)
 
 
-def test_agreement_texts_never_overlapheal_texts(run_dir: Path, tmp_path: Path) -> None:
+def test_agreement_texts_never_overlap_heal_texts(run_dir: Path, tmp_path: Path) -> None:
     """--heal-data: the heal texts and their augmented copies come from the first part of the file, the
     agreement texts from the rest, and no agreement text is a heal text or a copy made from one; the train
     split never bounds agreement. The whole-model heal (the default) trains on all of them."""
@@ -263,6 +263,12 @@ def test_agreement_texts_never_overlapheal_texts(run_dir: Path, tmp_path: Path) 
     assert not any(set(t.split()) & agreement_words for t in healing.examples.texts), "augmentation saw the rest"
     train = heal_texts(task, None, ExportOptions(**FAST))
     assert train.agreement is None and train.labels is not None, "train texts heal, never bound agreement"
+    from layerprune.heal import augment_texts
+
+    reseeded = with_augmented(plain, task, dataclasses.replace(opts, augment_seed=1, whole=WholeOptions(seed=5)))
+    assert reseeded.examples.texts[32:] == augment_texts(plain.examples, 2, seed=1).texts != healing.examples.texts[32:]
+    unmoved = with_augmented(plain, task, dataclasses.replace(opts, whole=WholeOptions(seed=5), top=TopOptions(seed=5)))
+    assert unmoved.examples.texts == healing.examples.texts, "the augmentation has its own seed, not a heal's"
 
     result = export_bundle(run_dir, tmp_path / "w", dataclasses.replace(opts, heal="whole", whole=WholeOptions(epochs=1)))
     depth = result.depth
@@ -312,7 +318,7 @@ def test_a_reuse_starts_over_for_other_heal_inputs(run_dir: Path, tmp_path: Path
     for same in (dict(resample_seed=3), dict(tolerance=0.02, quantize="int8"), dict(keep_layers=2, sweep=True)):
         assert reuse.matching(run_dir, dataclasses.replace(opts, **same)).heals == {2: "a heal"}, same
     assert reuse.matching(tmp_path, opts).heals == {}, "another run directory"
-    for other in (dict(top=TopOptions(lr=1e-2)), dict(augment=1), dict(heal_layers=2), dict(max_length=16)):
+    for other in (dict(top=TopOptions(lr=1e-2)), dict(augment=1), dict(top=TopOptions(heal_layers=2)), dict(max_length=16)):
         reuse.matching(run_dir, opts).heals[2] = "a heal"
         assert reuse.matching(run_dir, dataclasses.replace(opts, **other)).heals == {}, other
 
@@ -528,7 +534,7 @@ def test_cli_export_says_where_a_refused_bundle_went(run_dir: Path, tmp_path: Pa
     printed, err = capsys.readouterr()
     assert code == 1
     assert f"bundle: {tmp_path / 'bundle.failed'} (" in printed
-    assert [line for line in err.splitlines() if "batch/s" not in line and line.strip()] == [
+    assert [line for line in err.splitlines() if "batch/s" not in line and "s/batch" not in line and line.strip()] == [
         f"layerprune: error: the bundle failed validation; it is marked not servable and written to "
         f"{tmp_path / 'bundle.failed'}: {out} keeps the servable bundle it held; next candidate: --keep-layers 2"]
     assert _files(out) == before and servable_bundle(out)[0].depth == TINY_LAYERS
@@ -652,10 +658,10 @@ def test_one_max_length_from_export_to_server(run_dir: Path, tmp_path: Path) -> 
     from fastapi.testclient import TestClient
 
     from layerprune.runtime import OnnxClassifier
-    from serve.app import create_app
-    from serve.model import load_model
-    from serve.settings import ServeSettings
-    from serve.triton import write_triton_repository
+    from layerprune.serve.app import create_app
+    from layerprune.serve.model import load_model
+    from layerprune.serve.settings import ServeSettings
+    from layerprune.serve.triton import write_triton_repository
 
     out = tmp_path / "short"
     result = export_bundle(run_dir, out, ExportOptions(keep_layers=3, heal="none", max_length=12, tolerance=1.0, **FAST))

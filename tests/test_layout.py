@@ -20,9 +20,15 @@ def test_the_rules_cited_here_exist() -> None:
     assert "## What may import what" in (ROOT / "docs" / "design.md").read_text()
 
 
+def _package(folder: Path) -> str:
+    """The dotted package a folder of the repository is (pyproject.toml's package-dir: serve/ is layerprune.serve)."""
+    parts = list(folder.relative_to(ROOT).parts)
+    return ".".join(["layerprune", *parts] if parts[:1] == ["serve"] else parts)
+
+
 def _imports(path: Path) -> set[str]:
     """Every module a file imports, absolute (relative imports resolved against its package)."""
-    package = ".".join(path.relative_to(ROOT).parent.parts)  # layerprune, layerprune.data, serve
+    package = _package(path.parent)  # layerprune, layerprune.data, layerprune.serve
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -76,13 +82,14 @@ PROJECT = ("layerprune", "serve", "benchmarks")  # the packages whose modules ma
 
 def _module(path: Path) -> str:
     """The dotted module name of a source file of the repository (a package's __init__.py: the package)."""
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    package = _package(path.parent)
+    return package if path.stem == "__init__" else f"{package}.{path.stem}"
 
 
 def _is_module(name: str) -> bool:
     """Whether a dotted name is a module or package of the repository."""
-    path = ROOT.joinpath(*name.split("."))
+    parts = name.split(".")
+    path = ROOT.joinpath(*(parts[1:] if parts[:2] == ["layerprune", "serve"] else parts))
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
@@ -147,6 +154,31 @@ def test_the_private_name_check_sees_each_form() -> None:
     assert [f.split(": ", 1)[1] for f in found] == [
         "from layerprune.export import _heal_texts", "from layerprune._x import ...", "layerprune.linear._takes",
         "layerprune.models._encoder"], found
+
+
+def test_the_server_installs_under_layerprune() -> None:
+    """pyproject.toml installs every package folder, and the server's folder as layerprune.serve: no top-level
+    `serve` package in a user's environment."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {_package(p.parent) for root in ("layerprune", "serve") for p in (ROOT / root).rglob("__init__.py")}
+    assert sorted(setuptools["packages"]) == sorted(folders)
+    assert setuptools["package-dir"] == {"layerprune.serve": "serve"}
+    assert all(name.split(".")[0] == "layerprune" for name in setuptools["packages"])
+
+
+def test_the_server_has_one_name_in_a_clone() -> None:
+    """Run from a clone, layerprune.serve is the top-level serve/ folder, and `python -m serve` runs it under
+    that one name (no second copy of its modules as `serve.*`)."""
+    code = ("import runpy, sys; sys.argv = ['serve', '--help']\n"
+            "try:\n    runpy.run_module('serve', run_name='__main__', alter_sys=True)\n"
+            "except SystemExit:\n    pass\n"
+            "import layerprune.serve.main as m\n"
+            "print(m.__file__); print(sorted(n for n in sys.modules if n.startswith('serve.')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-2:] == [str(ROOT / "serve" / "main.py"), "[]"], done.stdout
 
 
 def test_installed_console_script() -> None:

@@ -45,7 +45,7 @@ def heal_texts(task: TaskConfig, glue_dir: Path | None, opts: ExportOptions) -> 
 
 def with_augmented(texts: HealTexts, task: TaskConfig, opts: ExportOptions) -> HealTexts:
     """The heal texts followed by --augment new texts per text (augment.py), which carry no label."""
-    new = augment_texts(texts.examples, opts.augment, seed=opts.whole.seed)
+    new = augment_texts(texts.examples, opts.augment, seed=opts.augment_seed)
     labels = texts.labels
     if labels is not None:
         missing = np.full(len(new), np.nan if task.is_regression else -1)

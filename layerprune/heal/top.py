@@ -111,7 +111,7 @@ def heal_top(
     above = _Above(original, depth - opts.heal_layers, inputs, texts) if opts.neighbours > 0 else None
     loss_of = _Loss(student, layers, texts, inputs, teacher, targets, regression, opts, above)
     averaged = None if opts.ema is None else AveragedModel(trainable, multi_avg_fn=get_ema_multi_avg_fn(opts.ema))
-    optimizer = torch.optim.AdamW(trainable.parameters(), lr=opts.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(trainable.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     schedule = None if opts.warmup is None else get_linear_schedule_with_warmup(
         optimizer, int(opts.warmup * opts.epochs * len(train)), max(opts.epochs * len(train), 1))
     best_loss, best, best_epoch = loss_of.mean(held), snapshot(trainable), 0

@@ -104,7 +104,7 @@ def heal_whole(
     generator = torch.Generator().manual_seed(opts.seed)
     held, train = held_out_split(len(texts.batches), texts.n, generator)
     loss_of = _Loss(student, texts, mapped, labels, regression, opts)
-    optimizer = torch.optim.AdamW(trained, lr=opts.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(trained, lr=opts.lr, weight_decay=opts.weight_decay)
     timed = time.perf_counter()
     best_loss, best, best_epoch = loss_of.mean(held), snapshot(student), 0
     steps_total = _steps_within_budget(opts, len(train), len(held), time.perf_counter() - timed)
@@ -180,7 +180,7 @@ class _Loss:
         return mean_loss(self, self.texts, batches)
 
 
-def _token_variance(texts: TextStates, index: int, batches: int = 32) -> float:
-    """The original's mean per-dimension variance over the real tokens at hidden-state `index` (from the
-    first `batches` batches: a scale, not a statistic to be exact about)."""
-    return float(real_tokens(texts.tokens[index], texts, batches).var(dim=0).mean()) or 1.0
+def _token_variance(texts: TextStates, index: int) -> float:
+    """The original's mean per-dimension variance over the real tokens at hidden-state `index` (from the first
+    batches, `real_tokens`: a scale, not a statistic to be exact about)."""
+    return float(real_tokens(texts.tokens[index], texts).var(dim=0).mean()) or 1.0
