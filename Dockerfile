@@ -36,7 +36,8 @@ RUN pip install \
 COPY pyproject.toml README.md ./
 COPY layerprune ./layerprune
 COPY serve ./serve
-RUN pip install --no-deps . && rm -rf build *.egg-info
+# The sources go once installed: the server runs as the installed layerprune.serve.
+RUN pip install --no-deps . && rm -rf build *.egg-info layerprune serve
 
 COPY configs/serve.yaml ./configs/serve.yaml
 
@@ -54,4 +55,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('LAYERPRUNE_SERVE_PORT', '8080'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4).status == 200 else 1)"]
 
 # Inside the container the server must listen on every interface (the default is loopback only).
-CMD ["python", "-m", "serve", "/app/bundle", "--host", "0.0.0.0"]
+CMD ["python", "-m", "layerprune.serve", "/app/bundle", "--host", "0.0.0.0"]

@@ -3,7 +3,7 @@
 The run directory is an analysis (`layerprune analyze`, e.g. the demo's ./lp-run). For each seed the task's
 labelled evaluation examples (rt-polarity: validation + test, 2,112 sentences) are pooled and cut into new
 calibration and holdout halves (`ExportOptions.resample_seed`); the export runs with the given options
-(default: the demo's, auto depth, distill heal, int8 candidates, tolerance 0.01; `--fallback S` sends the
+(default: the demo's, auto depth, the top-layer heal, int8 candidates, export's tolerance; `--fallback S` sends the
 share S of texts the cut is least sure of on to the original) into a temporary bundle. A heal never sees
 calibration or holdout, so the runs share one `Reuse`: the original's outputs on the heal texts and each depth's
 heal are computed by the first run that needs them, and a later run's time is the rest of its export. One row
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", type=listed(str, ("int8", "none")), default=["int8"],
                         help="int8, none, or both in turn (none,int8)")
     parser.add_argument("--tolerance", type=float, default=ExportOptions.tolerance)
-    parser.add_argument("--fallback", type=float, default=0.0, help="export --fallback (0: none)")
+    parser.add_argument("--fallback", type=float, default=ExportOptions.fallback, help="export --fallback (0: none)")
 
 
 def run(args: argparse.Namespace, out: Results) -> int:

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, out: Results) -> int:
     from layerprune.options import ExportOptions
 
     with tempfile.TemporaryDirectory(prefix="cascade-bundle-") as scratch:
-        opts = ExportOptions(keep_layers=args.keep_layers, heal="distill", fallback=max(args.shares) / 100,
+        opts = ExportOptions(keep_layers=args.keep_layers, heal="top", fallback=max(args.shares) / 100,
                              quantize=None if args.quantize == "none" else args.quantize)
         return measure(export_bundle(args.run_dir, Path(scratch) / "bundle", opts).bundle, args, out)
 
@@ -79,7 +79,7 @@ def measure(bundle: Path, args: argparse.Namespace, out: Results) -> int:
     manifest, rule = opened.manifest, opened.manifest.fallback
     if rule is None or rule.continue_from is None:
         raise LayerpruneError(f"{bundle} does not continue the texts it sends on: export it with --fallback SHARE "
-                              "and the top-layer heal (--heal distill)")
+                              "and the top-layer heal (--heal top)")
     analysis = load_artifact(AnalysisReport, bundle / manifest.parts.analysis)
     glue_dir = Path(analysis.glue_dir) if analysis.glue_dir else None
     parts = calibration_and_holdout(analysis.task_config, glue_dir, None, manifest.resample_seed)

@@ -12,11 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from layerprune.artifacts import AnalysisReport
+from layerprune.artifacts import AnalysisReport, load_analysis
 from layerprune.tasks import TaskConfig
 from layerprune.validate import EvalParts, calibration_and_holdout
-
-from ._compat import load_analysis
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ copies of each), the calibration and the holdout examples (validate.calibration_
 (export's depth walk starts a shallower whole-model heal from the deeper one instead). All of them share that
 one encoding of the texts.
 
---distill FIELD=V1,V2 and --whole FIELD=V1,V2 set a field of layerprune.options.DistillOptions /
-WholeOptions to each value in turn (e.g. --distill temperature=1,2,4 --distill start=kept,top; `none` for an
+--top FIELD=V1,V2 and --whole FIELD=V1,V2 set a field of layerprune.options.TopOptions /
+WholeOptions to each value in turn (e.g. --top temperature=1,2,4 --top start=kept,top; `none` for an
 optional field; on/off for a switch); each heal of that kind is trained once per combination of the values
 given, and the options cell names the combination. A flag given twice for one field keeps the last.
 
@@ -36,16 +36,16 @@ import numpy as np
 from layerprune.errors import LayerpruneError
 from layerprune.files import DEFAULT_RUN_DIR
 from layerprune.heal import encode_texts, heal_at, start_layers
+from layerprune.heal.texts import heal_texts, with_augmented
 from layerprune.models import load_classifier, total_layers
-from layerprune.options import DistillOptions, ExportOptions, WholeOptions
+from layerprune.options import ExportOptions, TopOptions, WholeOptions
 from layerprune.scoring import compute_metric
 from layerprune.validate import forecast
 
-from ._compat import export_heal_options, heal_texts, with_augmented
 from .common import disagreement, listed, markdown_table, read_run
 from .harness import Results
 
-HEALS = ("none", "head", "distill", "whole")
+HEALS = ("none", "head", "top", "whole")
 MAX_LENGTH = 128  # tokens per text: rt-polarity's sentences fit, and the heals train faster than at 512
 HEADER = ["depth", "heal", "options", "starts as layers", "calibration delta", "forecast lower bound", "forecast",
           "holdout delta", "disagreement calibration", "disagreement holdout",
@@ -56,9 +56,9 @@ ALIGN = "llllrrlrrrrrrr"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     parser.add_argument("--depths", type=listed(int), default=[4, 5])
-    parser.add_argument("--heals", type=listed(str, HEALS), default=["none", "distill", "whole"])
-    parser.add_argument("--distill", type=grid_flag(DistillOptions), action="append", default=[],
-                        metavar="FIELD=V1,V2", help="a DistillOptions field and its values (the top-layer heal)")
+    parser.add_argument("--heals", type=listed(str, HEALS), default=["none", "top", "whole"])
+    parser.add_argument("--top", type=grid_flag(TopOptions), action="append", default=[],
+                        metavar="FIELD=V1,V2", help="a TopOptions field and its values (the top-layer heal)")
     parser.add_argument("--whole", type=grid_flag(WholeOptions), action="append", default=[],
                         metavar="FIELD=V1,V2", help="a WholeOptions field and its values (the whole-model heal)")
     parser.add_argument("--augment", type=int, default=ExportOptions.augment, help="augmented copies per heal text")
@@ -121,8 +121,7 @@ def run(args: argparse.Namespace, out: Results) -> int:
     run_dir = read_run(args.run_dir)
     task = run_dir.task
     opts = ExportOptions(augment=args.augment, heal_examples=args.heal_examples)
-    distill_base, whole_base = export_heal_options(opts)
-    grids = {"distill": points(distill_base, args.distill), "whole": points(whole_base, args.whole)}
+    grids = {"top": points(opts.top, args.top), "whole": points(opts.whole, args.whole)}  # export's, as the base
     model, tokenizer = load_classifier(run_dir.analysis.model, num_labels=task.num_labels, device=args.device)
     total = total_layers(model.config)
     if not all(1 <= d <= total for d in args.depths):
@@ -150,8 +149,8 @@ def run(args: argparse.Namespace, out: Results) -> int:
             for point, named in grids.get(mode, [(None, "-")]):
                 started = time.perf_counter()
                 healed = heal_at(mode, model, depth, heal, texts.labels, regression=task.is_regression,
-                                 distill_opts=point if mode == "distill" else distill_base,
-                                 whole_opts=point if mode == "whole" else whole_base)
+                                 top=point if mode == "top" else opts.top,
+                                 whole=point if mode == "whole" else opts.whole, head=opts.head)
                 seconds = time.perf_counter() - started
                 scores = _scores(task, parts, calibration, holdout, healed, opts.tolerance, args.alpha)
                 stats, steps = healed.stats, getattr(healed, "steps", None)
@@ -182,7 +181,7 @@ def _scores(task, parts, calibration, holdout, healed, tolerance: float, alpha: 
 
 def _starts(mode: str, depth: int, total: int, point: Any) -> str:
     """The original's layers the student's kept layers start as."""
-    if mode == "distill":
+    if mode == "top":
         layers = start_layers(depth, total, dataclasses.replace(point, heal_layers=min(point.heal_layers, depth)))
     else:
         layers = range(1, depth + 1)

@@ -27,10 +27,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from layerprune.candidates import onnx_logits
 from layerprune.cpu import cpu_model
 from layerprune.data import Examples
 from layerprune.files import ANALYSIS_FILE, MODEL_FILE
 from layerprune.onnx_export import export_onnx, max_logit_difference, quantize_onnx, sensitive_nodes
+from layerprune.options import ExportOptions
 from layerprune.runtime import OnnxClassifier
 from layerprune.scoring import compute_metric
 
@@ -135,7 +137,7 @@ def examples_of(run: Run, max_examples: int | None) -> Examples:
 
 
 def logits_of(folder: Path, examples: Examples, max_length: int) -> np.ndarray:
-    return OnnxClassifier(folder, max_length=max_length).logits(examples.texts, examples.pairs, batch_size=32)
+    return onnx_logits(folder, examples, max_length, ExportOptions.batch_size)  # as export scores its candidates
 
 
 def quantized_copy(fp32: Path, dest: Path, cpu: str, keep_fp32: list[str] | None) -> Path:

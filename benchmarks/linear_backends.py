@@ -2,10 +2,10 @@
 
 First one product of the probe's shape (`linear.PROBE_SHAPE`, a batch of 32 sentences through a BERT-base
 feed-forward layer), in GFLOP/s, the best of `linear.PROBE_RUNS`. Then, on the run directory's checkpoint and
-its task's first --n train texts, batch 32, on CPU, for each path:
+its task's first --n train texts, at export's batch size, on CPU, for each path:
 - the original's pass over the texts, every hidden state out (`heal.encode_texts`, export's pass over the heal
   texts), in sentences/s;
-- one epoch of export's top-layer heal at --depth (`heal.distill`, its defaults, one epoch), in seconds, and
+- one epoch of export's top-layer heal at --depth (`heal.heal_top`, its defaults, one epoch), in seconds, and
   the held-out loss it reached (the two paths must train the same model: the loss agrees to rounding).
 The BLAS row runs the model with plain nn.Linear layers; the oneDNN row with layerprune's FastLinear forced
 onto oneDNN, whatever `linear.onednn_is_faster()` says here (the table says its answer: what export uses).
@@ -24,14 +24,15 @@ from layerprune import linear
 from layerprune.data import load_examples
 from layerprune.errors import LayerpruneError
 from layerprune.files import DEFAULT_RUN_DIR
-from layerprune.heal import DistillOptions, distill, encode_texts
+from layerprune.heal import TopOptions, encode_texts, heal_top
+from layerprune.linear import linear_backend
 from layerprune.models import load_classifier
+from layerprune.options import ExportOptions
 
-from ._compat import linear_backend
 from .common import Run, markdown_table, read_run
 from .harness import Results
 
-BATCH = 32
+BATCH = ExportOptions.batch_size  # export's pass over the heal texts
 PATHS = {"torch's BLAS (plain nn.Linear)": "blas", "oneDNN (layerprune.linear)": "onednn"}
 
 
@@ -40,7 +41,7 @@ def measure(run: Run, n: int, depth: int) -> list[tuple[str, float, float, float
     task = run.task
     model, tokenizer = load_classifier(run.analysis.model, num_labels=task.num_labels, device="cpu")
     texts = load_examples(task, task.train_split, glue_dir=run.glue_dir).head(n)
-    opts = DistillOptions(epochs=1)
+    opts = TopOptions(epochs=1)
     rows = []
     for name, backend in PATHS.items():
         with linear_backend(model, backend):
@@ -49,7 +50,7 @@ def measure(run: Run, n: int, depth: int) -> list[tuple[str, float, float, float
                                   keep_tokens={0, depth - opts.heal_layers}, desc=f"pass, {name}")
             rate = len(texts) / (time.perf_counter() - started)
             started = time.perf_counter()
-            healed = distill(model, depth, states, texts.labels, regression=task.is_regression, opts=opts)
+            healed = heal_top(model, depth, states, texts.labels, regression=task.is_regression, opts=opts)
             rows.append((name, rate, time.perf_counter() - started, healed.held_out_loss))
         print(f"  {name}: pass {rate:.1f}/s, heal epoch {rows[-1][2]:.1f} s", file=sys.stderr, flush=True)
     return rows

@@ -314,7 +314,7 @@ def memory_table(args: argparse.Namespace, out: Results) -> int:
     bundle = args.bundle
     manifest = json.loads((bundle / "manifest.json").read_text())
     pair = manifest["pair_input"]
-    from serve.settings import ServeSettings
+    from layerprune.serve.settings import ServeSettings
 
     settings = ServeSettings()
     n, chars = settings.max_inputs_per_request, settings.max_chars_per_input

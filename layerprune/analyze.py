@@ -37,7 +37,14 @@ from .tasks import TaskConfig
 
 
 def analyze(checkpoint: str, task: TaskConfig, out: Path, opts: AnalyzeOptions = AnalyzeOptions()) -> AnalysisReport:
-    """Analyze `checkpoint` on `task` and write the run directory `out`. Returns the report."""
+    """Analyze `checkpoint` on `task`: one forward pass over the examples, CKA between every pair of layers, the
+    layers clustered into blocks and the boundary of the late block; writes the run directory `out`.
+
+    checkpoint: a fine-tuned sequence-classification checkpoint, a local folder or a hub id.
+    task: the task it was fine-tuned on (`tasks.load_task`); its examples are what the layers are compared on.
+    out: the run directory to write (analysis.json, cka.png); export reads it.
+    opts: the analysis's options (`AnalyzeOptions`: the CLI's flags, with the same names and defaults).
+    Returns the report written to analysis.json. Raises LayerpruneError (one line) for bad input."""
     started = time.perf_counter()
     split = opts.split or task.eval_split
     examples = _load_examples(task, split, opts)
@@ -47,7 +54,7 @@ def analyze(checkpoint: str, task: TaskConfig, out: Path, opts: AnalyzeOptions =
         trust_remote_code=opts.trust_remote_code,
         device=opts.device,
     )
-    sort = opts.estimator != "minibatch"  # minibatch HSIC wants batches that are samples of the data
+    sort = opts.cka_estimator != "minibatch"  # minibatch HSIC wants batches that are samples of the data
     batches = make_batches(
         tokenizer, examples, batch_size=opts.batch_size, max_length=opts.max_length, sort_by_length=sort
     )
@@ -60,7 +67,7 @@ def analyze(checkpoint: str, task: TaskConfig, out: Path, opts: AnalyzeOptions =
     if passed.minibatch is not None:
         matrix = passed.minibatch.result()
     else:
-        matrix = cka_math.cka_matrix(passed.reps, opts.estimator)
+        matrix = cka_math.cka_matrix(passed.reps, opts.cka_estimator)
     measured = time.perf_counter()
     defined = int((~np.isnan(np.diag(matrix))).sum())  # the layers find_blocks can cluster
     if defined == 0:
@@ -85,7 +92,7 @@ def analyze(checkpoint: str, task: TaskConfig, out: Path, opts: AnalyzeOptions =
         n_examples=len(examples),
         n_representations=passed.n_rows,
         representation=opts.representation,
-        cka_estimator=opts.estimator,
+        cka_estimator=opts.cka_estimator,
         cka=[[None if np.isnan(v) else round(float(v), 6) for v in row] for row in matrix],
         undefined_layers=_undefined_layers(matrix, opts.representation),
         clusters=blocks.labels,
@@ -137,7 +144,7 @@ class _Pass:
 def _forward(model: PreTrainedModel, batches: list[Batch], n: int, total: int, opts: AnalyzeOptions) -> _Pass:
     """Logits for every example and each layer's representation rows (or minibatch CKA sums)."""
     take = _token_budget(batches, n, opts.max_tokens) if opts.representation == "tokens" else None
-    minibatch = cka_math.MinibatchCKA(total + 1) if opts.estimator == "minibatch" else None
+    minibatch = cka_math.MinibatchCKA(total + 1) if opts.cka_estimator == "minibatch" else None
     logits: np.ndarray | None = None
     n_rows = 0
     rows: list[dict[int, np.ndarray]] = [{} for _ in range(total + 1)]

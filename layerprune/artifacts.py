@@ -22,12 +22,12 @@ from typing import Annotated, ClassVar, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from .cka import CkaEstimator
 from .errors import LayerpruneError
-from .files import NEW_STAGING_INFIX, REPLACED, SCRATCH, STAGING_INFIX
+from .files import ANALYSIS_FILE, NEW_STAGING_INFIX, REPLACED, SCRATCH, STAGING_INFIX
 from .tasks import TaskConfig
 
 Representation = Literal["cls", "mean", "tokens"]
-CkaEstimator = Literal["linear", "debiased", "minibatch"]
 
 
 class Artifact(BaseModel):
@@ -128,6 +128,15 @@ class AnalysisReport(Artifact):
     device: str
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     versions: dict[str, str]
+
+
+def load_analysis(run_dir: Path) -> AnalysisReport:
+    """The analysis of the run directory `run_dir`, or a LayerpruneError that says to run `layerprune analyze`
+    first."""
+    path = Path(run_dir) / ANALYSIS_FILE
+    if not path.is_file():
+        raise LayerpruneError(f"{run_dir} holds no {ANALYSIS_FILE}; run `layerprune analyze` first")
+    return load_artifact(AnalysisReport, path)
 
 
 class TrainingReport(Artifact):
@@ -261,7 +270,8 @@ def _remove_dead_stagings(parent: Path, prefix: str) -> None:
             os.close(lock)
 
 
-HealMode = Literal["whole", "distill", "head", "none"]
+# How a truncated model is healed (layerprune/heal/): every kept layer, the top kept layers, the head, or not at all.
+HealMode = Literal["whole", "top", "head", "none"]
 
 
 class GateForecast(BaseModel):
@@ -269,7 +279,7 @@ class GateForecast(BaseModel):
 
     delta: float = Field(description="candidate - original on the calibration examples")
     delta_sd: float = Field(description="paired bootstrap standard error of that delta")
-    alpha: float = Field(0.05, description="the error rate it was made at: one-sided, its share of export's budget")
+    alpha: float = Field(description="the error rate it was made at: one-sided, its share of export's budget")
     lower_bound: float = Field(description="one-sided (1 - alpha) lower bound of the holdout delta")
     disagreement: float | None = Field(description="share of texts where the predictions differ (classification)")
     disagreement_upper: float | None = Field(description="(1 - alpha) upper bound of that share")
@@ -291,10 +301,10 @@ class HealStats(BaseModel):
     """How one depth was healed."""
 
     depth: int
-    mode: HealMode
+    heal: HealMode
     n_train: int
     n_held_out: int
-    epochs: int | None = Field(default=None, description="distill: epochs behind the weights kept (chosen on the held-out texts)")
+    epochs: int | None = Field(default=None, description="top and whole: epochs behind the weights kept (chosen on the held-out tenth)")
     epochs_run: int | None = None
     seconds: float
 
@@ -314,11 +324,12 @@ class DepthReport(Artifact):
     """depth.json: how the depth (the number of encoder layers kept) and the export were chosen.
     Schema history: CHANGELOG.md."""
 
-    schema_version: int = 5
+    schema_version: int = 6
     written_by: ClassVar[str] = "layerprune export"
-    mode: Literal["auto", "fixed"]
+    search: Literal["auto", "fixed"] = Field(description="how the depth was chosen: searched from the CKA boundary, "
+                                                         "or the --keep-layers N asked for")
     heal: HealMode
-    heal_layers: int = Field(description="layers re-tuned by distillation (with the head)")
+    heal_layers: int = Field(description="layers the top-layer heal re-tunes (with the head)")
     fallback: float = Field(description="share of texts sent on to the original (0: none); every forecast is the "
                                         "pruned model's with this fallback")
     boundary: int = Field(description="the analysis' CKA boundary, where auto starts")
@@ -329,7 +340,7 @@ class DepthReport(Artifact):
     metric_name: str
     calibration: str = Field(description="which examples chose the depth")
     n_calibration: int
-    n_heal: int = Field(description="texts used to heal (a tenth of them held out to stop training)")
+    n_heal: int = Field(description="heal texts (a tenth of them held out to choose the epoch)")
     heal_labelled: bool = Field(description="whether the heal texts carried labels")
     n_agreement: int = Field(description="unlabeled in-domain texts used to measure disagreement")
     probed: list[int] = Field(description="depths auto looked at, in order")

@@ -280,7 +280,13 @@ class OpenBundle:
 
 def open_bundle(root: Path, *, allow_unvalidated: bool = False, **runtime: Any) -> OpenBundle:
     """The gate (servable_bundle), then the runtime on the files the manifest names, at its max length with its
-    labels (a label count that is not the model's output count is refused). runtime: OnnxClassifier's options."""
+    labels (a label count that is not the model's output count is refused).
+
+    root: the bundle's folder.
+    allow_unvalidated: open a bundle whose validation failed or is missing too (its hashes are still checked).
+    runtime: OnnxClassifier's further options (e.g. threads, providers).
+    Returns the manifest, the validation report and the classifier. Raises LayerpruneError (one line) for a
+    bundle that the gate refuses."""
     root = Path(root)
     manifest, validation = servable_bundle(root, allow_unvalidated=allow_unvalidated)
     classifier = OnnxClassifier(root, max_length=manifest.max_length, labels=manifest.labels, parts=manifest.parts,

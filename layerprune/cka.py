@@ -32,7 +32,9 @@ __all__ = [
     "MinibatchCKA",
 ]
 
-Estimator = Literal["linear", "debiased"]
+# How CKA is estimated (`analyze --cka-estimator`, analysis.json's `cka_estimator`): linear and debiased by
+# `cka_matrix`, minibatch by `MinibatchCKA`, whose sums run over batches of examples.
+CkaEstimator = Literal["linear", "debiased", "minibatch"]
 _Route = Literal["gram", "features"]
 
 # A representation whose centered norm is below this fraction of its norm has no
@@ -189,7 +191,7 @@ def is_degenerate(x: np.ndarray) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def cka_matrix(reps: Sequence[np.ndarray], estimator: Estimator = "linear") -> np.ndarray:
+def cka_matrix(reps: Sequence[np.ndarray], estimator: CkaEstimator = "linear") -> np.ndarray:
     """CKA between every pair of representations, in one pass.
 
     Entry (i, j) is linear CKA (Kornblith et al. 2019, eq. 5) or, for "debiased",
@@ -201,14 +203,15 @@ def cka_matrix(reps: Sequence[np.ndarray], estimator: Estimator = "linear") -> n
 
     Args:
       reps: k arrays, reps[i] of shape (n, d_i), the same n for all (e.g. one per layer).
-      estimator: "linear" (biased HSIC) or "debiased" (U-statistic HSIC, n >= 4).
+      estimator: "linear" (biased HSIC) or "debiased" (U-statistic HSIC, n >= 4); "minibatch" is
+        `MinibatchCKA`'s, over batches.
 
     Returns:
       (k, k) symmetric float64 matrix. Rows and columns of degenerate representations
       (`is_degenerate`) are nan; the diagonal is otherwise exactly 1.0.
     """
     if estimator not in ("linear", "debiased"):
-        raise ValueError(f"estimator must be 'linear' or 'debiased', got {estimator!r}")
+        raise ValueError(f"estimator must be 'linear' or 'debiased' (minibatch: MinibatchCKA), got {estimator!r}")
     debiased = estimator == "debiased"
     arrays = _check_reps(reps)
     if not arrays:

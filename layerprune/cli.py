@@ -6,7 +6,6 @@ Known errors become one line on stderr and a non-zero exit; nothing imports this
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from .files import (
     MANIFEST_FILE,
     TRAINING_REPORT_FILE,
 )
-from .options import AnalyzeOptions, ExportOptions, FinetuneOptions, add_options, fraction, positive, share
+from .options import AnalyzeOptions, ExportOptions, FinetuneOptions, add_options, fraction, from_flags, positive, share
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from serve.main import add_arguments  # the server's own flags, shared with `python -m serve`
+    from .serve.main import add_arguments  # the server's own flags, shared with `python -m serve`
 
     add_arguments(parser)
 
@@ -222,7 +221,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
     _check_checkpoint(args, args.model)
     task = _resolve_task(args)
-    report = finetune(args.model, task, args.out, _options(FinetuneOptions, args))
+    report = finetune(args.model, task, args.out, from_flags(FinetuneOptions, args))
     print(f"fine-tuned {args.model} on {task.name}: {report.n_train} examples, {report.train_seconds:.0f} s")
     print(f"{task.eval_split} {report.metric.name}: {report.metric.value:.4f} (n={report.n_eval})")
     print(f"checkpoint: {args.out}")
@@ -234,7 +233,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
     _check_checkpoint(args, args.checkpoint)
     task = _resolve_task(args)
-    report = analyze(args.checkpoint, task, args.out, _options(AnalyzeOptions, args))
+    report = analyze(args.checkpoint, task, args.out, from_flags(AnalyzeOptions, args))
     print(_summary(report))
     print(f"run directory: {args.out} ({ANALYSIS_FILE}, {CKA_PLOT})")
     return 0
@@ -245,10 +244,10 @@ def _run_export(args: argparse.Namespace) -> int:
     from .bundle import size_mb
     from .tables import candidates_table, validation_table
 
-    result = export_bundle(args.run_dir, args.out, _options(ExportOptions, args))
+    result = export_bundle(args.run_dir, args.out, from_flags(ExportOptions, args))
     report, manifest = result.depth, result.manifest  # report: depth.json, how the depth was chosen
     fallback = f", fallback {report.fallback:g}" if report.fallback else ""
-    print(f"depth ({report.mode}, heal={report.heal}{fallback}): kept {report.depth} of {report.total_layers} layers "
+    print(f"depth ({report.search}, heal={report.heal}{fallback}): kept {report.depth} of {report.total_layers} layers "
           f"(CKA boundary {report.boundary}; probed {report.probed} on {report.calibration}, n={report.n_calibration})")
     if report.note:
         print(report.note)
@@ -281,7 +280,7 @@ def _run_validate(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from serve.main import run, settings_from_args
+    from .serve.main import run, settings_from_args
 
     return run(args.bundle, settings_from_args(args))
 
@@ -293,18 +292,12 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_triton(args: argparse.Namespace) -> int:
-    from serve.triton import write_triton_repository
+    from .serve.triton import write_triton_repository
 
     path = write_triton_repository(args.bundle, args.out, args.name, args.max_batch_size, kind=args.kind,
                                    allow_unvalidated=args.allow_unvalidated)
     print(f"Triton model repository: {path} (tritonserver --model-repository {args.out})")
     return 0
-
-
-def _options(options: type, args: argparse.Namespace) -> Any:
-    """The options dataclass from the parsed flags: every field the namespace holds (flags carry the field's
-    name as dest; --device, --trust-remote-code and --glue-dir too), the rest at their defaults."""
-    return options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options) if hasattr(args, f.name)})
 
 
 def _summary(report) -> str:

@@ -2,7 +2,7 @@
 computed, through the original's layers above it and its head, instead of restarting the original from the
 embeddings (DeeBERT's early exit with continuation, one exit, batched).
 
-It holds where the pruned model's lower layers ARE the original's: the top-layer heal (`distill`) re-tunes
+It holds where the pruned model's lower layers ARE the original's: the top-layer heal (`top`) re-tunes
 layers c+1..depth and the head, c = depth - heal_layers, and leaves layers 1..c as they were. A heal that changes
 the lower layers (`whole`) gives states the original's upper layers were never trained on: it keeps the restart.
 
@@ -43,7 +43,7 @@ def cut_layer(depth: int, heal: str, heal_layers: int) -> int | None:
     """The layer c whose output a sent-on text continues from, for a bundle of `depth` layers healed by `heal`:
     the highest layer the bundle's model shares with the original, for the top-layer heal. None: the fallback
     restarts (another heal; or c = 0, where continuing would be restarting from the embeddings)."""
-    shared = depth - heal_layers if heal == "distill" else 0
+    shared = depth - heal_layers if heal == "top" else 0
     return shared if shared > 0 else None
 
 

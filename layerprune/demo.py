@@ -27,6 +27,7 @@ from .files import CONFIG_FILE, DEFAULT_RUN_DIR, DEMO_CHECKPOINTS
 from .finetune import FinetuneOptions, finetune
 from .hidden import predict_logits
 from .models import load_classifier
+from .options import BATCH_SIZE
 from .tasks import load_task
 from .validate import validate_bundle
 
@@ -46,7 +47,7 @@ DEMO_MODELS = {
 
 
 def run_demo(model: str = "minilm", checkpoint: Path | None = None, run_dir: Path = DEFAULT_RUN_DIR,
-             tolerance: float = 0.01, fallback: float = 0.0) -> int:
+             tolerance: float = ExportOptions.tolerance, fallback: float = ExportOptions.fallback) -> int:
     demo = DEMO_MODELS[model]
     checkpoint = checkpoint or demo.checkpoint
     task = load_task("rt-polarity")
@@ -100,7 +101,7 @@ def _ask_server(bundle: Path, texts: list[str], gold: list[str]) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "serve", str(bundle), "--port", str(port), "--log-level", "warning"])
+    server = subprocess.Popen([sys.executable, "-m", "layerprune.serve", str(bundle), "--port", str(port), "--log-level", "warning"])
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, server)
@@ -133,13 +134,13 @@ def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 180) -> Non
 
 def _speedup(checkpoint: Path, bundle: Path, texts: list[str]) -> tuple[float, float]:
     """Sentences/s of the original checkpoint (PyTorch) and of the bundle as served (onnxruntime, its fallback
-    included), batch 32, both with length-sorted batches, after one warm-up pass each."""
+    included), BATCH_SIZE inputs a batch, both with length-sorted batches, after one warm-up pass each."""
     examples = Examples(texts=texts, pairs=None, labels=np.zeros(len(texts), dtype=np.int64))
     model, tokenizer = load_classifier(checkpoint, device="cpu")
     runner = open_bundle(bundle).classifier
     rates = []
-    for run in (lambda: predict_logits(model, tokenizer, examples, batch_size=32),
-                lambda: runner.logits(texts, batch_size=32)):
+    for run in (lambda: predict_logits(model, tokenizer, examples, batch_size=BATCH_SIZE),
+                lambda: runner.logits(texts, batch_size=BATCH_SIZE)):
         run()
         start = time.perf_counter()
         run()
@@ -159,7 +160,7 @@ def _summary(result, validation, speedup: tuple[float, float], seconds: float) -
                    f"{result.manifest.max_length}"),
         *([("fallback", f"the original answers the least sure {result.manifest.fallback.share:.0%} "
                         f"({validation.sent_on:.1%} of the holdout sent on)")] if result.manifest.fallback else []),
-        ("sentences/s, batch 32", f"PyTorch {torch_rate:.0f} -> bundle {onnx_rate:.0f}: {onnx_rate / torch_rate:.2f}x"),
+        (f"sentences/s, batch {BATCH_SIZE}", f"PyTorch {torch_rate:.0f} -> bundle {onnx_rate:.0f}: {onnx_rate / torch_rate:.2f}x"),
         ("total time", f"{seconds / 60:.1f} min"),
     ]
     return "\n== summary\n| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)

@@ -11,7 +11,6 @@ original. The error budget splits export's alpha between the depth walk and the 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -21,7 +20,7 @@ from transformers import PreTrainedModel
 
 from .artifacts import DepthReport, DepthScore, ExportCandidate, GateForecast, HealMode, HealStats
 from .fallback import cascade, threshold
-from .heal import Heal, NoHeal, TextStates, WholeModel, heal_at
+from .heal import Heal, NoHeal, TextStates, WholeHeal, heal_at
 from .models import total_layers
 from .options import ExportOptions
 from .prune import depth_logits
@@ -54,7 +53,7 @@ class Depths:
 
     def __init__(self, original: PreTrainedModel, task: TaskConfig, texts: ExportTexts, heal: HealMode,
                  opts: ExportOptions, n_holdout: int, trained: dict[int, Heal] | None = None):
-        self.original, self.task, self.texts, self.mode, self.opts = original, task, texts, heal, opts
+        self.original, self.task, self.texts, self.heal_mode, self.opts = original, task, texts, heal, opts
         self.trained = {} if trained is None else trained  # heals trained by depth, here or by an earlier export
         self.n_holdout = n_holdout
         self.total = total_layers(original.config)
@@ -76,17 +75,15 @@ class Depths:
     def heal(self, depth: int) -> Heal:
         """The heal of `depth`, trained the first time any export sharing `trained` asks for it."""
         if depth not in self.heals:
-            if depth == self.total or self.mode == "none":
+            if depth == self.total or self.heal_mode == "none":
                 self.heals[depth] = NoHeal(depth, self.original)
             else:
                 if depth not in self.trained:
                     above = self.heals.get(depth + 1)
                     self.trained[depth] = heal_at(
-                        self.mode, self.original, depth, self.texts.heal, self.texts.heal_labels,
-                        regression=self.task.is_regression,
-                        whole_opts=dataclasses.replace(self.opts.whole, minutes=self.opts.heal_minutes),
-                        distill_opts=dataclasses.replace(self.opts.distill, heal_layers=self.opts.heal_layers),
-                        start=above if isinstance(above, WholeModel) else None)
+                        self.heal_mode, self.original, depth, self.texts.heal, self.texts.heal_labels,
+                        regression=self.task.is_regression, top=self.opts.top, whole=self.opts.whole,
+                        head=self.opts.head, start=above if isinstance(above, WholeHeal) else None)
                 self.heals[depth] = self.trained[depth]
         return self.heals[depth]
 
@@ -118,8 +115,8 @@ class Depths:
         scores = [self.scores.get(d) or DepthScore(depth=d, metric=self.raw[d]) for d in range(1, self.total + 1)]
         heal, agreement = self.texts.heal, self.texts.agreement
         return DepthReport(
-            mode="auto" if self.opts.keep_layers == "auto" else "fixed", heal=self.mode,
-            heal_layers=self.opts.heal_layers, fallback=self.opts.fallback, boundary=boundary,
+            search="auto" if self.opts.keep_layers == "auto" else "fixed", heal=self.heal_mode,
+            heal_layers=self.opts.top.heal_layers, fallback=self.opts.fallback, boundary=boundary,
             total_layers=self.total, depth=depth,
             tolerance=self.opts.tolerance, full_metric=self.full, metric_name=self.task.metric,
             calibration=calibration_name, n_calibration=self.texts.calibration.n, n_heal=heal.n if heal else 0,

@@ -111,9 +111,8 @@ def _training_args(opts: FinetuneOptions, scratch: str) -> TrainingArguments:
         num_train_epochs=opts.epochs,
         learning_rate=opts.learning_rate,
         per_device_train_batch_size=opts.batch_size,
-        per_device_eval_batch_size=64,
-        warmup_ratio=0.06,
-        weight_decay=0.01,
+        warmup_ratio=opts.warmup,
+        weight_decay=opts.weight_decay,
         lr_scheduler_type="linear",
         group_by_length=True,  # batches of similar length: less padding, faster epochs
         save_strategy="no",

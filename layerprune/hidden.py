@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .artifacts import Representation
 from .data import Examples
+from .options import MAX_LENGTH
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def model_inputs(batch: Batch, accepted, device: torch.device) -> dict[str, torc
 
 def predict_logits(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Examples, *,
-    batch_size: int = 64, max_length: int = 128,
+    batch_size: int = 64, max_length: int = MAX_LENGTH,
 ) -> np.ndarray:
     """The model's logits for every example, in example order (batches formed by length)."""
     batches = make_batches(tokenizer, examples, batch_size=batch_size, max_length=max_length)

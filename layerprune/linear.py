@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
 
 import torch
 from torch import nn
@@ -50,9 +53,40 @@ class FastLinear(nn.Linear):
     """An nn.Linear (same parameters, same state dict) that runs through oneDNN where `onednn_is_faster()`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _takes(x, self.weight) and onednn_is_faster():
+        if _takes(x, self.weight) and self.through_onednn():
             return OneDnnLinear.apply(x, self.weight, self.bias)
         return super().forward(x)
+
+    @staticmethod
+    def through_onednn() -> bool:
+        return onednn_is_faster()
+
+
+class OneDnnLayer(FastLinear):
+    """A FastLinear that takes oneDNN whatever the probe says (where `_takes` lets it: fp32 on CPU, no trace)."""
+
+    @staticmethod
+    def through_onednn() -> bool:
+        return True
+
+
+Backend = Literal["blas", "onednn"]
+_BACKEND_LAYERS: dict[str, type[nn.Linear]] = {"blas": nn.Linear, "onednn": OneDnnLayer}
+
+
+@contextmanager
+def linear_backend(model: nn.Module, backend: Backend) -> Iterator[nn.Module]:
+    """Within the block, `model`'s linear layers run through `backend`: torch's BLAS (plain nn.Linear) or oneDNN,
+    whatever `onednn_is_faster()` says on this CPU; afterwards each is of its class before the block again. A
+    class swap, as `fast_linears`: weights and state dict are untouched. Yields `model`."""
+    swapped = {m: type(m) for m in model.modules() if type(m) in (nn.Linear, FastLinear, OneDnnLayer)}
+    for layer in swapped:
+        layer.__class__ = _BACKEND_LAYERS[backend]
+    try:
+        yield model
+    finally:
+        for layer, kind in swapped.items():
+            layer.__class__ = kind
 
 
 def _takes(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -45,6 +45,12 @@ def _encoder(model: PreTrainedModel) -> tuple[nn.Module, str]:
     return model.get_submodule(".".join(path)), attribute
 
 
+def layers_run_alone(config: PretrainedConfig) -> bool:
+    """Whether a model's layers can be run, and trained, on their own from given hidden states: not ALBERT's
+    (one set of weights shared by every layer) nor DeBERTa's with a convolution after the first layer."""
+    return not (architecture(config).shared_weights or getattr(config, "conv_kernel_size", 0))
+
+
 @contextmanager
 def run_layers_on(model: PreTrainedModel, layers: nn.ModuleList) -> Iterator[Callable[[torch.Tensor], None]]:
     """Within the block, `model(**inputs)` runs only `layers`, on hidden states given by the yielded `feed`
@@ -54,8 +60,7 @@ def run_layers_on(model: PreTrainedModel, layers: nn.ModuleList) -> Iterator[Cal
     embeddings) from the inputs, so this works for every architecture of the table without knowing how each
     calls its layers. ALBERT (shared weights) and DeBERTa's convolution after the first layer are refused.
     """
-    arch = architecture(model.config)
-    if arch.shared_weights or getattr(model.config, "conv_kernel_size", 0):
+    if not layers_run_alone(model.config):
         raise ModelError(f"{model.config.model_type} layers cannot be run on their own (shared weights or a convolution)")
     encoder, attribute = _encoder(model)
     own_layers = getattr(encoder, attribute)

@@ -55,7 +55,7 @@ def plot_depths(report: DepthReport, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     depths = [s.depth for s in report.scores]
     ax.plot(depths, [s.metric for s in report.scores], "o-", label="fine-tuned head (no further tuning)")
-    healed = {"head": "head re-fitted", "distill": f"top {report.heal_layers} layer(s) + head distilled",
+    healed = {"head": "head re-fitted", "top": f"top {report.heal_layers} layer(s) + head distilled",
               "whole": "every kept layer + head distilled"}
     points = [(s.depth, s.metric_healed) for s in report.scores if s.metric_healed is not None]
     if points:

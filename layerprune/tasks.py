@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -33,6 +33,7 @@ class HubSource(_Strict):
     """A Hugging Face hub dataset, with (for GLUE) the layout of the classic GLUE download."""
 
     kind: Literal["hub"]
+    labelled_test: ClassVar[bool] = False  # GLUE's test labels are not public
     path: str = Field(description="hub dataset id, e.g. nyu-mll/glue")
     name: str | None = Field(default=None, description="hub config name, e.g. sst2")
     glue_folder: str | None = Field(
@@ -73,6 +74,7 @@ class RTPolaritySource(_Strict):
     """The Rotten Tomatoes sentences of Hutto & Gilbert (2014), with fixed splits (see data/rt_polarity.py)."""
 
     kind: Literal["rt-polarity"]
+    labelled_test: ClassVar[bool] = True
 
     @property
     def splits(self) -> list[str]:
@@ -83,6 +85,7 @@ class FileSource(_Strict):
     """Local data files, one per split: .csv, .tsv, .jsonl or .json (JSON lines)."""
 
     kind: Literal["file"]
+    labelled_test: ClassVar[bool] = True  # a test file holds the same columns as the others
     files: dict[str, str] = Field(
         description="split name -> path; relative paths in a YAML file are relative to that file"
     )
@@ -104,6 +107,8 @@ class FileSource(_Strict):
         return list(self.files)
 
 
+# Every source: a schema here (its `kind`, its `splits`, whether its test split has labels), its reader in the data
+# package (data/load.py's READERS).
 Source = Annotated[Union[HubSource, RTPolaritySource, FileSource], Field(discriminator="kind")]
 
 

@@ -19,7 +19,7 @@ from .data import Examples, load_examples
 from .errors import DataError
 from .options import ALPHA
 from .scoring import compute_metric, predictions, score_predictions
-from .tasks import HubSource, TaskConfig
+from .tasks import TaskConfig
 
 HALVES_SEED = 0
 
@@ -40,7 +40,7 @@ def calibration_and_holdout(
     resample_seed: pool both parts and cut them anew with this seed (benchmarks repeat an export over
     several such resamples to see how often the gate agrees with the choice).
     """
-    test_has_labels = "test" in task.splits and task.eval_split != "test" and not isinstance(task.source, HubSource)
+    test_has_labels = "test" in task.splits and task.eval_split != "test" and task.source.labelled_test
     evaluation = load_examples(task, task.eval_split, glue_dir=glue_dir)
     if test_has_labels and resample_seed is not None:
         pooled = evaluation.concat(load_examples(task, "test", glue_dir=glue_dir))
@@ -65,16 +65,16 @@ def calibration_and_holdout(
 
 
 def paired_bootstrap(
-    labels: np.ndarray, original: np.ndarray, bundle: np.ndarray, metric: str, regression: bool,
+    labels: np.ndarray, original: np.ndarray, candidate: np.ndarray, metric: str, regression: bool,
     n_resamples: int = 2000, seed: int = 0,
 ) -> tuple[float, float, float]:
-    """95% percentile interval and standard error of metric(bundle) - metric(original) over examples
+    """95% percentile interval and standard error of metric(candidate) - metric(original) over examples
     resampled in pairs: (low, high, se)."""
 
     def delta(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
         return score_predictions(metric, y, b) - score_predictions(metric, y, a)
 
-    preds = (predictions(original, regression), predictions(bundle, regression))
+    preds = (predictions(original, regression), predictions(candidate, regression))
     result = bootstrap(
         (np.asarray(labels), *preds), delta, paired=True, vectorized=False, n_resamples=n_resamples,
         confidence_level=0.95, method="percentile", rng=np.random.default_rng(seed),
@@ -154,16 +154,17 @@ def _wilson_upper(k: int, n: int, z: float) -> float:
 
 
 def compare(
-    task: TaskConfig, holdout: Examples, holdout_name: str, original: np.ndarray, bundle: np.ndarray,
+    task: TaskConfig, holdout: Examples, holdout_name: str, original: np.ndarray, served: np.ndarray,
     tolerance: float, max_length: int, parity: float | None = None, sent_on: float | None = None,
 ) -> ValidationReport:
-    """The validation report for two sets of logits on the same holdout examples; `sent_on`: the share of them
-    the bundle's fallback sent on to the original (None: the bundle has none)."""
+    """The validation report for two sets of logits on the same holdout examples: the original's and the bundle's
+    as served (`served`); `sent_on`: the share of them the bundle's fallback sent on to the original (None: the
+    bundle has none)."""
     regression = task.is_regression
     before = compute_metric(task.metric, holdout.labels, original, regression)
-    after = compute_metric(task.metric, holdout.labels, bundle, regression)
-    low, high, _ = paired_bootstrap(holdout.labels, original, bundle, task.metric, regression)
-    agreement = None if regression else float(np.mean(predictions(original, False) == predictions(bundle, False)))
+    after = compute_metric(task.metric, holdout.labels, served, regression)
+    low, high, _ = paired_bootstrap(holdout.labels, original, served, task.metric, regression)
+    agreement = None if regression else float(np.mean(predictions(original, False) == predictions(served, False)))
     return ValidationReport(
         metric_name=task.metric, holdout=holdout_name, n_examples=len(holdout), original=before, bundle=after,
         delta=after - before, delta_ci95=(low, high), agreement=agreement, tolerance=tolerance,
@@ -174,7 +175,13 @@ def compare(
 def validate_bundle(bundle_dir: Path, tolerance: float | None = None, device: str | None = None) -> ValidationReport:
     """Re-check a bundle from scratch: file hashes and the bundle's own model and tokenizer first (they
     take a second), then the original checkpoint and the bundle on the same holdout examples, both at the
-    manifest's max length. Nothing in the bundle is changed."""
+    manifest's max length. Nothing in the bundle is changed.
+
+    bundle_dir: the bundle's folder (export's output); a bundle the gate refused is re-checked too.
+    tolerance: the largest allowed metric drop, as a fraction (default: the one the bundle was validated at).
+    device: where the original checkpoint runs (default: transformers' choice); the bundle runs on onnxruntime.
+    Returns the new validation report (not written). Raises LayerpruneError (one line) for a bundle that is
+    altered or unreadable."""
     from .hidden import predict_logits
     from .models import load_classifier
 
@@ -187,8 +194,8 @@ def validate_bundle(bundle_dir: Path, tolerance: float | None = None, device: st
     parts = calibration_and_holdout(task, glue_dir, stored.n_examples, manifest.resample_seed)
     model, tokenizer = load_classifier(manifest.source_checkpoint, num_labels=task.num_labels, device=device)
     original = predict_logits(model, tokenizer, parts.holdout, max_length=manifest.max_length)
-    bundle = runner.logits(parts.holdout.texts, parts.holdout.pairs)
+    served = runner.logits(parts.holdout.texts, parts.holdout.pairs)
     tol = stored.tolerance if tolerance is None else tolerance
     sent_on = runner.sent_on / len(parts.holdout) if runner.fallback is not None else None
-    return compare(task, parts.holdout, parts.holdout_name, original, bundle, tol, manifest.max_length,
+    return compare(task, parts.holdout, parts.holdout_name, original, served, tol, manifest.max_length,
                    stored.max_abs_logit_diff_fp32, sent_on)

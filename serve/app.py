@@ -215,8 +215,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await svc.batcher.stop()
 
 
+ROUTERS = (tei, api, probes)  # the routes, in the order they are matched
+DOCS_PATHS = frozenset({"/docs", "/openapi.json", "/redoc"})  # FastAPI's own: the API description
+
+
+def served_paths() -> frozenset[str]:
+    """Every path a route answers on: the request metrics' route labels (any other path is 'other')."""
+    return frozenset(route.path for router in ROUTERS for route in router.routes) | DOCS_PATHS
+
+
 def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
-    metrics = Metrics()
+    metrics = Metrics(served_paths())
     clf = model.classifier
     batcher = MicroBatcher(clf, settings, metrics, max_length=clf.max_length)
     app = _fastapi(
@@ -237,9 +246,8 @@ def create_app(model: ServedModel, settings: ServeSettings) -> FastAPI:
                        max_json_items=settings.max_json_items, body_timeout=settings.timeout_body_s, api_key=api_key)
     # Documents the bearer token in OpenAPI (the "Authorize" button); the guard middleware checks it.
     auth = [Depends(HTTPBearer(auto_error=False, description="the server's --api-key"))] if api_key else []
-    app.include_router(tei, dependencies=auth)
-    app.include_router(api, dependencies=auth)
-    app.include_router(probes)
+    for router in ROUTERS:
+        app.include_router(router, dependencies=[] if router is probes else auth)
     return app
 
 

@@ -16,7 +16,8 @@ from .schemas import error_response
 
 DOCS_STATIC = "/static-offline-docs"
 # Reachable without the API key: probes (Docker HEALTHCHECK, orchestrators, TEI's GET / and /health) and the
-# API description. POST / is TEI's predict route: it needs the key.
+# API description. POST / is TEI's predict route: it needs the key. Every other path needs it: a route is opened
+# here, on purpose, never by default.
 OPEN_PATHS = {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 OPEN_GET = {"/", "/health"}
 BODY_METHODS = {"POST", "PUT", "PATCH"}
@@ -44,7 +45,7 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        route = Metrics.route_label(scope.get("path", ""))
+        route = self.metrics.route_label(scope.get("path", ""))
         status = {"code": 500, "started": False}
 
         async def send_wrapper(message: dict) -> None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-ROUTES = {"/", "/predict", "/info", "/health", "/v1/classify", "/v1/models", "/healthz", "/readyz", "/metrics",
-          "/docs", "/openapi.json", "/redoc"}
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, routes: frozenset[str] = frozenset()) -> None:
+        """routes: the paths the app answers on (`app.served_paths`), each its own label; any other is 'other'."""
+        self.routes = routes
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "layerprune_requests", "HTTP requests by route and status", ["route", "method", "status"],
@@ -43,9 +43,8 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
 
-    @staticmethod
-    def route_label(path: str) -> str:
-        return path if path in ROUTES else "other"
+    def route_label(self, path: str) -> str:
+        return path if path in self.routes else "other"
 
     @staticmethod
     def method_label(method: str) -> str:

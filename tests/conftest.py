@@ -370,9 +370,9 @@ def make_client(bundle: Path, **overrides):
     """A TestClient of the app serving `bundle` (its lifespan not run: not warmed up until entered)."""
     from fastapi.testclient import TestClient
 
-    from serve.app import create_app
-    from serve.model import load_model
-    from serve.settings import ServeSettings
+    from layerprune.serve.app import create_app
+    from layerprune.serve.model import load_model
+    from layerprune.serve.settings import ServeSettings
 
     settings = ServeSettings(**{"max_wait_ms": 1.0, **overrides})
     model = load_model(bundle, allow_unvalidated=settings.allow_unvalidated, threads=settings.threads)

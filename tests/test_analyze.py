@@ -72,7 +72,7 @@ def test_analyze_every_architecture(tiny_models: dict[str, Path], task, tmp_path
 @pytest.mark.parametrize("estimator", ["linear", "debiased", "minibatch"])
 def test_representations_and_estimators(tiny_models, task, tmp_path, representation, estimator) -> None:
     run = tmp_path / "run"
-    opts = AnalyzeOptions(representation=representation, estimator=estimator, batch_size=4, device="cpu")
+    opts = AnalyzeOptions(representation=representation, cka_estimator=estimator, batch_size=4, device="cpu")
     report = analyze(str(tiny_models["bert"]), task, run, opts)
     if estimator != "minibatch":  # minibatch CKA (debiased sums) may leave [0, 1] on 12 rows: checked below
         _check_report(report, run)
@@ -166,7 +166,7 @@ def varied_bert(minilm_dir, tmp_path_factory) -> Path:
 def test_minibatch_cka_is_hsic1_summed_over_its_batches(varied_bert, task, tmp_path, representation) -> None:
     """12 examples in 3 minibatches of 4, in file order: the report is the formula on those batches to 1e-5
     (rounding to 6 decimals and float32 forwards)."""
-    opts = AnalyzeOptions(representation=representation, estimator="minibatch", batch_size=4, device="cpu")
+    opts = AnalyzeOptions(representation=representation, cka_estimator="minibatch", batch_size=4, device="cpu")
     report = analyze(str(varied_bert), task, tmp_path / "run", opts)
     expected = _minibatch_cka(_hidden_states(varied_bert, [t for t, _ in SENTENCES], 4, representation))
     got = _matrix(report)
@@ -195,8 +195,8 @@ def test_minibatch_cka_is_close_to_exact_linear_cka(varied_bert, tmp_path) -> No
     assert exact.min() < 0.1  # layers that share little: the bound below is not met by a matrix of ones
 
     opts = dict(representation="tokens", batch_size=32, device="cpu")
-    minibatch = analyze(str(varied_bert), task96, tmp_path / "mb", AnalyzeOptions(estimator="minibatch", **opts))
-    linear = analyze(str(varied_bert), task96, tmp_path / "linear", AnalyzeOptions(estimator="linear", **opts))
+    minibatch = analyze(str(varied_bert), task96, tmp_path / "mb", AnalyzeOptions(cka_estimator="minibatch", **opts))
+    linear = analyze(str(varied_bert), task96, tmp_path / "linear", AnalyzeOptions(cka_estimator="linear", **opts))
     assert minibatch.n_examples == linear.n_examples == 96 and minibatch.n_representations == len(full[0])
     np.testing.assert_allclose(_matrix(linear), exact, rtol=0, atol=1e-5)
     np.testing.assert_allclose(_matrix(minibatch), exact, rtol=0, atol=0.05)

@@ -156,7 +156,7 @@ def test_a_folder_without_analysis_is_refused_before_any_work(tmp_path: Path, ca
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["heals", "--distill", "nope=1"], "heals: error: argument --distill: expected FIELD=V1,V2 with FIELD one of"),
+    (["heals", "--top", "nope=1"], "heals: error: argument --top: expected FIELD=V1,V2 with FIELD one of"),
     (["heals", "--whole", "minutes=soon"], "heals: error: argument --whole: minutes: could not convert"),
     (["auto", "--quantize", "int4"], "auto: error: argument --quantize: each must be one of int8, none, got 'int4'"),
     (["depths", "--checkpoint", "missing"], "depths: error: missing holds no config.json: not a checkpoint"),
@@ -231,12 +231,12 @@ def test_auto_rows_are_the_exports_of_each_resample(bundle: Path, tmp_path: Path
 # --- heals ----------------------------------------------------------------------------------------------------------
 
 
-def test_heals_distill_grid_writes_a_row_per_point_with_the_layers_each_starts_as(tiny_models, tmp_path: Path) -> None:
-    """--distill start=kept,top x heal_layers=1,2 at depth 3 of 4: four students from one encoding, each row naming
+def test_heals_top_grid_writes_a_row_per_point_with_the_layers_each_starts_as(tiny_models, tmp_path: Path) -> None:
+    """--top start=kept,top x heal_layers=1,2 at depth 3 of 4: four students from one encoding, each row naming
     the original's layers it starts as (by hand: the kept ones, or the top ones on top)."""
     run_dir, _ = analyzed(tiny_models["bert"], tmp_path)
     out = tmp_path / "heals.md"
-    assert run("heals", "--depths", "3", "--heals", "distill", "--distill", "start=kept,top", "--distill",
+    assert run("heals", "--depths", "3", "--heals", "top", "--top", "start=kept,top", "--top",
                "heal_layers=1,2", "--augment", "0", "--run-dir", run_dir, "--out", out) == 0
     rows = table_rows(out.read_text())
     assert [(r["options"], r["starts as layers"]) for r in rows] == [
@@ -247,19 +247,19 @@ def test_heals_distill_grid_writes_a_row_per_point_with_the_layers_each_starts_a
 
 def test_heals_fit_column_is_the_truncated_models_disagreement_on_the_heal_texts(tmp_path: Path,
                                                                                  minilm_dir: Path) -> None:
-    """--distill epochs=0 over a warmup grid, dropout off: one row per point, named by it; each untrained student
+    """--top epochs=0 over a warmup grid, dropout off: one row per point, named by it; each untrained student
     disagrees with the original on the train texts (fewer than 100: none held out) as often as transformers' own
     2-layer model of layers 1-2 does, and so do the untruncated heal's rows (none) on calibration and holdout."""
     path = make_tiny_classifier("bert", tmp_path / "bert", minilm_dir, seed=3, initializer_range=0.3)
     run_dir, rows = analyzed(path, tmp_path)
     out = tmp_path / "heals.md"
-    assert run("heals", "--depths", "2", "--heals", "none,distill", "--distill", "epochs=0", "--distill",
-               "warmup=none,0.5", "--distill", "dropout=off", "--augment", "0", "--fit", "--run-dir", run_dir,
+    assert run("heals", "--depths", "2", "--heals", "none,top", "--top", "epochs=0", "--top",
+               "warmup=none,0.5", "--top", "dropout=off", "--augment", "0", "--fit", "--run-dir", run_dir,
                "--out", out) == 0
     written = table_rows(out.read_text())
     assert [(r["heal"], r["options"]) for r in written] == [
-        ("none", "-"), ("distill", "epochs 0, warmup none, dropout off"),
-        ("distill", "epochs 0, warmup 0.5, dropout off")]
+        ("none", "-"), ("top", "epochs 0, warmup none, dropout off"),
+        ("top", "epochs 0, warmup 0.5, dropout off")]
     flips = cut_flips(path, [t for t, _ in rows])
     assert 0 < flips < 1, "the cut changes some predictions, so the column can be wrong"
     assert [r["heal texts: trained on / held out"] for r in written[1:]] == [f"{100 * flips:.2f}% / -"] * 2
@@ -292,17 +292,17 @@ def test_heals_whole_minutes_cap_runs_fewer_epochs_than_planned(tiny_models, tmp
 
 def test_heals_grid_trains_at_each_value_and_a_field_given_twice_keeps_the_last(tiny_models, tmp_path: Path,
                                                                                monkeypatch) -> None:
-    """--distill temperature=4 then temperature=1,2: two students, each distilled at its own temperature (what
+    """--top temperature=4 then temperature=1,2: two students, each distilled at its own temperature (what
     heal_at was handed), each row named by its point; the other heals get export's options."""
     run_dir, _ = analyzed(tiny_models["bert"], tmp_path)
     heals = benchmark("heals")
     seen, heal_at = [], heals.heal_at
     monkeypatch.setattr(heals, "heal_at", lambda mode, *a, **k: seen.append(
-        (mode, k["distill_opts"].temperature)) or heal_at(mode, *a, **k))
+        (mode, k["top"].temperature)) or heal_at(mode, *a, **k))
     out = tmp_path / "heals.md"
-    assert run("heals", "--depths", "3", "--heals", "none,distill", "--distill", "temperature=4", "--distill",
+    assert run("heals", "--depths", "3", "--heals", "none,top", "--top", "temperature=4", "--top",
                "temperature=1,2", "--augment", "0", "--run-dir", run_dir, "--out", out) == 0
-    assert seen == [("none", 2.0), ("distill", 1.0), ("distill", 2.0)]
+    assert seen == [("none", 2.0), ("top", 1.0), ("top", 2.0)]
     assert [r["options"] for r in table_rows(out.read_text())] == ["-", "temperature 1", "temperature 2"]
 
 

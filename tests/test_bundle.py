@@ -1,4 +1,4 @@
-"""The bundle contract (issue 9, item 2): the manifest carries what consumers need, and they read only it; it is
+"""The bundle contract: the manifest carries what consumers need, and they read only it; it is
 sealed, names only files inside the bundle, and agrees with the hashed files that say the same things.
 The bundle is conftest's (shared with the serving tests); answers are checked against conftest.Reference."""
 
@@ -22,8 +22,8 @@ from layerprune.bundle import BundleError, open_bundle, seal_manifest, servable_
 from layerprune.cli import main
 from layerprune.errors import LayerpruneError
 from layerprune.runtime import OnnxClassifier
-from serve.model import load_model
-from serve.triton import write_triton_repository
+from layerprune.serve.model import load_model
+from layerprune.serve.triton import write_triton_repository
 from conftest import ROOT, ServerProcess, by_label, reseal, serving, sha256
 
 
@@ -128,6 +128,9 @@ def test_old_bundle_is_one_line_from_every_command(bundle: Path, tmp_path: Path)
     v2 = _edited(bundle, tmp_path / "v2", schema_version=2)
     with pytest.raises(BundleError, match="manifest schema v2; this layerprune reads v6: re-run `layerprune export`"):
         verify_bundle(v2)
+    v5 = _edited(bundle, tmp_path / "v5", schema_version=5, heal="distill")  # the top-layer heal as v5 named it
+    with pytest.raises(BundleError, match="manifest schema v5; this layerprune reads v6: re-run `layerprune export`"):
+        verify_bundle(v5)
     old = _v3_manifest(bundle, tmp_path / "v3")
     for read in (verify_bundle, open_bundle, load_model):
         with pytest.raises(BundleError, match="manifest schema v3; this layerprune reads v6: re-run `layerprune export`"):
@@ -156,7 +159,7 @@ def _renamed_parts(bundle: Path, out: Path, names: dict[str, str]) -> Path:
 
 
 def test_parts_with_other_names_are_opened_and_served(bundle: Path, reference, tmp_path: Path) -> None:
-    """The runtime opens the files the manifest names, not the default names (issue 9: one bundle contract)."""
+    """The runtime opens the files the manifest names, not the default names (the manifest is the one contract)."""
     names = {"model": "graph.onnx", "config": "hf-config.json", "tokenizer": "wordpiece.json"}
     renamed = _renamed_parts(bundle, tmp_path / "renamed", names)
     assert not any((renamed / old).exists() for old in ("model.onnx", "config.json", "tokenizer.json"))

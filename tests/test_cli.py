@@ -165,7 +165,7 @@ def test_console_script_prints_no_traceback(tmp_path) -> None:
     assert result.stderr.strip().splitlines() == [f"layerprune: error: checkpoint not found: {tmp_path / 'nope'}"]
 
 
-# --- checks before the work (issue 11): the checkpoint, the hub, every output place, config files ---------
+# --- checks before the work: the checkpoint, the hub, every output place, config files ---------
 
 
 @pytest.fixture
@@ -183,18 +183,19 @@ def no_work(monkeypatch):
     import layerprune.export
     import layerprune.data.glue
     import layerprune.finetune
-    import serve.triton
+    import layerprune.serve.triton
 
     monkeypatch.setattr(layerprune.data.glue, "read_hub", refuse("hub data"))
     monkeypatch.setattr(layerprune.analyze, "analyze", refuse("analyze"))
     monkeypatch.setattr(layerprune.export, "export_bundle", refuse("export"))
     monkeypatch.setattr(layerprune.finetune, "finetune", refuse("finetune"))
-    monkeypatch.setattr(serve.triton, "write_triton_repository", refuse("triton"))
+    monkeypatch.setattr(layerprune.serve.triton, "write_triton_repository", refuse("triton"))
     return called
 
 
 def test_missing_checkpoint_is_named_before_any_data(tmp_path, capsys, no_work) -> None:
-    """`analyze /nonexistent --task sst2` used to fetch GLUE first (31.7 s of hub retries)."""
+    """`analyze /nonexistent --task sst2` names the missing checkpoint before it fetches any data (GLUE from the
+    hub takes half a minute of retries offline)."""
     missing = tmp_path / "nonexistent"
     code, _, err = run_cli(["analyze", missing, "--task", "sst2", "--out", tmp_path / "run"], capsys)
     assert code == 2
@@ -335,7 +336,7 @@ def test_demo_passes_its_fallback_on_and_checks_its_range(tmp_path, capsys, monk
     assert code == 2 and len(asked) == 2
 
 
-# --- issue 9, item 5: the options objects drive the parser; `tasks` imports no server --------------------
+# --- the options objects drive the parser; `tasks` imports no server --------------------
 
 
 def test_tasks_imports_no_server() -> None:
@@ -369,12 +370,43 @@ def test_flags_become_the_options(monkeypatch) -> None:
     assert got[2] == FinetuneOptions(learning_rate=3e-5, max_train_examples=5, device="auto")
 
 
+def test_heal_distill_is_the_top_layer_heal(monkeypatch) -> None:
+    """`--heal distill`, what the top-layer heal does, gives the options `--heal top` gives."""
+    import layerprune.export
+    from layerprune.options import ExportOptions
+
+    got: list = []
+    monkeypatch.setattr("layerprune.cli._preflight", lambda args: None)
+    monkeypatch.setattr(layerprune.export, "export_bundle", lambda run, out, opts: got.append(opts) or 1 / 0)
+    for heal in ("top", "distill"):
+        with pytest.raises(ZeroDivisionError):
+            main(["export", "--heal", heal])
+    assert got == [ExportOptions(heal="top", device="auto")] * 2
+
+
+def test_heal_flags_set_the_heals_own_options(monkeypatch) -> None:
+    """--heal-layers and --heal-minutes are fields of the top-layer and whole-model heals' options, which export
+    trains with as they are (no second copy on ExportOptions)."""
+    import dataclasses
+
+    import layerprune.export
+    from layerprune.options import ExportOptions, TopOptions, WholeOptions
+
+    got: list = []
+    monkeypatch.setattr("layerprune.cli._preflight", lambda args: None)
+    monkeypatch.setattr(layerprune.export, "export_bundle", lambda run, out, opts: got.append(opts) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["export", "--heal-layers", "2", "--heal-minutes", "0.5"])
+    assert got == [ExportOptions(top=TopOptions(heal_layers=2), whole=WholeOptions(minutes=0.5), device="auto")]
+    assert {f.name for f in dataclasses.fields(ExportOptions)}.isdisjoint({"heal_layers", "heal_minutes"})
+
+
 @pytest.mark.parametrize(("argv", "words"), [
     (["export", "--keep-layers", "0"], "argument --keep-layers: must be a positive integer, got 0"),
     (["export", "--heal", "all"], "argument --heal: invalid choice: 'all'"),
     (["export", "--tolerance", "1.5"], "argument --tolerance: must be a fraction"),
     (["export", "--alpha", "0"], "argument --alpha: must be an error rate in (0, 0.5)"),
-    (["analyze", "c", "--cka", "rbf"], "argument --cka: invalid choice: 'rbf'"),
+    (["analyze", "c", "--cka-estimator", "rbf"], "argument --cka-estimator: invalid choice: 'rbf'"),
     (["serve", "--port", "x"], "argument --port: invalid int value: 'x'"),
 ])
 def test_generated_flags_refuse_bad_values_in_one_line(argv, words, capsys) -> None:
@@ -398,15 +430,15 @@ SERVE_FLAGS = {"host", "port", "allow_unvalidated", "max_batch_size", "max_wait_
 def test_serve_flags_are_the_settings_fields(monkeypatch, capsys) -> None:
     """One declaration per option: the ServeSettings fields marked cli() are the serve flags (the same set as
     before they were generated); a flag given wins, one not given leaves the environment's and the file's."""
-    import serve.main
+    import layerprune.serve.main
     from layerprune.options import cli_fields
-    from serve.settings import ServeSettings
+    from layerprune.serve.settings import ServeSettings
 
     assert set(cli_fields(ServeSettings)) == SERVE_FLAGS
     code, out, _ = run_cli(["serve", "--help"], capsys)
     assert code == 0 and all(f"--{name.replace('_', '-')}" in out for name in SERVE_FLAGS), out
     got: list = []
-    monkeypatch.setattr(serve.main, "run", lambda bundle, settings: got.append((bundle, settings)) or 0)
+    monkeypatch.setattr(layerprune.serve.main, "run", lambda bundle, settings: got.append((bundle, settings)) or 0)
     monkeypatch.setenv("LAYERPRUNE_SERVE_MAX_QUEUE", "77")
     monkeypatch.setenv("LAYERPRUNE_SERVE_PORT", "7000")
     argv = ["serve", "b", "--port", "9", "--ray", "--log-level", "debug", "--api-key", "k", "--max-wait-ms", "1.5"]

@@ -52,7 +52,7 @@ class Built:
         self.config = json.loads((checkpoint / "config.json").read_text())
         self.original = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        self.cut = continuation.cut_layer(DEPTH, "distill", 1)
+        self.cut = continuation.cut_layer(DEPTH, "top", 1)
         pruned = top_layer_healed(self.original, DEPTH)
         pruned.save_pretrained(root / "pruned")
         self.tokenizer.save_pretrained(root / "pruned")
@@ -243,8 +243,8 @@ def test_the_runtime_refuses_a_graph_without_the_states(tmp_path, minilm_dir):
 
 
 def test_cut_layer():
-    assert continuation.cut_layer(4, "distill", 1) == 3
-    assert continuation.cut_layer(4, "distill", 2) == 2
+    assert continuation.cut_layer(4, "top", 1) == 3
+    assert continuation.cut_layer(4, "top", 2) == 2
     assert continuation.cut_layer(4, "whole", 1) is None  # every layer re-trained: restart
     assert continuation.cut_layer(4, "head", 1) is None  # (the restart, as before, for the other heals)
-    assert continuation.cut_layer(1, "distill", 1) is None  # nothing shared but the embeddings
+    assert continuation.cut_layer(1, "top", 1) is None  # nothing shared but the embeddings

@@ -644,3 +644,16 @@ def test_rt_polarity_real(tmp_path: Path, monkeypatch) -> None:
 def _letters(text: str) -> str:
     """The text without quotes, spaces and punctuation (which the loader normalizes)."""
     return re.sub(r"\W+", "", text)
+
+
+def test_every_source_kind_has_its_reader() -> None:
+    """A data source is a schema in tasks.py (in `Source`) and one reader in data/load.py's READERS, by kind."""
+    import typing
+
+    from layerprune import tasks
+    from layerprune.data.load import READERS
+
+    schemas = typing.get_args(typing.get_args(tasks.Source)[0])
+    kinds = {typing.get_args(schema.model_fields["kind"].annotation)[0] for schema in schemas}
+    assert kinds == set(READERS) and len(kinds) == 3, (kinds, set(READERS))
+    assert [schema.labelled_test for schema in schemas] == [False, True, True]  # hub (GLUE), rt-polarity, file

@@ -13,12 +13,13 @@ from conftest import SENTENCES, SERVE_MODEL, TINY_LAYERS, make_tiny_classifier, 
 from layerprune.analyze import AnalyzeOptions, analyze
 from layerprune.artifacts import AnalysisReport, DepthReport, Manifest, ValidationReport, load_artifact
 from layerprune.depth_search import choose_depth, error_budget
-from layerprune.export import ExportOptions, Reuse, _augmented, _heal_texts, export_bundle
+from layerprune.export import ExportOptions, Reuse, export_bundle
 from layerprune.bundle import BundleError, servable_bundle, verify_bundle
 from layerprune.cli import main
 from layerprune.data import task_from_files
 from layerprune.errors import LayerpruneError
-from layerprune.heal import DistillOptions, WholeOptions
+from layerprune.heal import TopOptions, WholeOptions
+from layerprune.heal.texts import heal_texts, with_augmented
 from layerprune.tasks import TaskConfig
 from layerprune.validate import calibration_and_holdout, certifiable_disagreement, compare, forecast, validate_bundle
 
@@ -165,7 +166,7 @@ def test_sweep_leaves_what_auto_probed_alone(run_dir: Path, tmp_path: Path) -> N
 def test_auto_with_heal_records_depths(run_dir: Path, tmp_path: Path) -> None:
     result = export_bundle(run_dir, tmp_path / "auto", ExportOptions(heal="head", sweep=True, **FAST))
     report = load_artifact(DepthReport, tmp_path / "auto" / "depth.json")
-    assert report == result.depth and report.mode == "auto" and report.heal == "head"
+    assert report == result.depth and report.search == "auto" and report.heal == "head"
     assert [s.depth for s in report.scores] == list(range(1, TINY_LAYERS + 1))
     assert all(s.metric_healed is not None for s in report.scores[:-1]), "--sweep heals every depth"
     assert report.probed[0] == report.boundary
@@ -185,16 +186,16 @@ def test_train_texts_heal_but_never_bound_agreement(run_dir: Path, tmp_path: Pat
     assert depth.scores[1].forecast.n_agreement == depth.n_calibration
 
 
-def test_distill_heal_with_unlabeled_texts(run_dir: Path, tmp_path: Path) -> None:
+def test_top_heal_with_unlabeled_texts(run_dir: Path, tmp_path: Path) -> None:
     texts = tmp_path / "in-domain.jsonl"
     texts.write_text("".join(f'{{"review": "{t}, {w}"}}\n' for t, _ in SENTENCES for w in ("truly", "sadly", "so")))
-    opts = ExportOptions(keep_layers=2, heal="distill", heal_layers=2, heal_data=texts, heal_text_field="review", heal_examples=24,
-                         distill=DistillOptions(lr=1e-2), **FAST)
+    opts = ExportOptions(keep_layers=2, heal="top", heal_data=texts, heal_text_field="review", heal_examples=24,
+                         top=TopOptions(heal_layers=2, lr=1e-2), **FAST)
     result = export_bundle(run_dir, tmp_path / "d", opts)
     depth = result.depth
-    assert depth.heal == "distill" and not depth.heal_labelled and depth.n_heal == 24 and depth.n_agreement == 12
+    assert depth.heal == "top" and not depth.heal_labelled and depth.n_heal == 24 and depth.n_agreement == 12
     assert [run.depth for run in depth.heal_runs] == [2] and depth.heal_runs[0].n_train == 24
-    assert depth.scores[1].metric_healed is not None and result.manifest.heal == "distill"
+    assert depth.scores[1].metric_healed is not None and result.manifest.heal == "top"
     from layerprune.models import layer_list, load_classifier
 
     analysis = load_artifact(AnalysisReport, run_dir / "analysis.json")
@@ -209,7 +210,7 @@ def test_distill_heal_with_unlabeled_texts(run_dir: Path, tmp_path: Path) -> Non
     assert not (tmp_path / "h").exists()
 
 
-def test_auto_distill_trains_every_depth_from_the_one_pass(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_auto_top_heal_trains_every_depth_from_the_one_pass(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """The top-layer heals of the auto walk read their inputs from the original's one pass over the texts, not
     from a second run of its lower layers: the first depths always, those further down where memory allows
     (here it does). With the boundary at the full depth, the walk heals depths 3, 2, 1 of 4, whose inputs
@@ -231,7 +232,7 @@ def test_auto_distill_trains_every_depth_from_the_one_pass(run_dir: Path, tmp_pa
 
     token_states = top.token_states
     monkeypatch.setattr(top, "token_states", recording)
-    result = export_bundle(run, tmp_path / "a", ExportOptions(heal="distill", **FAST))
+    result = export_bundle(run, tmp_path / "a", ExportOptions(heal="top", **FAST))
     assert result.depth.probed == [4, 3, 2, 1], "the walk went down from the full depth"
     assert {index for index, *_ in calls} == {2, 1, 0}
     assert all(kept for _, kept, _ in calls), "a depth ran the original's lower layers again"
@@ -253,20 +254,26 @@ def test_agreement_texts_never_overlap_heal_texts(run_dir: Path, tmp_path: Path)
     opts = ExportOptions(keep_layers=2, heal_data=texts, heal_text_field="review", agreement_examples=16,
                          **{**FAST, "augment": 2})
     task = load_artifact(AnalysisReport, run_dir / "analysis.json").task_config
-    plain = _heal_texts(task, None, opts)
+    plain = heal_texts(task, None, opts)
     assert plain.examples.texts == rows[:32] and plain.agreement.texts == rows[32:], "the file's order, cut once"
-    healing = _augmented(plain, task, opts)
+    healing = with_augmented(plain, task, opts)
     assert len(healing.examples) == 3 * 32 and healing.labels is None
     assert not set(healing.examples.texts) & set(healing.agreement.texts), "an agreement text was healed on"
     agreement_words = {w for t in plain.agreement.texts for w in t.split()} - {w for t in rows[:32] for w in t.split()}
     assert not any(set(t.split()) & agreement_words for t in healing.examples.texts), "augmentation saw the rest"
-    train = _heal_texts(task, None, ExportOptions(**FAST))
+    train = heal_texts(task, None, ExportOptions(**FAST))
     assert train.agreement is None and train.labels is not None, "train texts heal, never bound agreement"
+    from layerprune.heal import augment_texts
+
+    reseeded = with_augmented(plain, task, dataclasses.replace(opts, augment_seed=1, whole=WholeOptions(seed=5)))
+    assert reseeded.examples.texts[32:] == augment_texts(plain.examples, 2, seed=1).texts != healing.examples.texts[32:]
+    unmoved = with_augmented(plain, task, dataclasses.replace(opts, whole=WholeOptions(seed=5), top=TopOptions(seed=5)))
+    assert unmoved.examples.texts == healing.examples.texts, "the augmentation has its own seed, not a heal's"
 
     result = export_bundle(run_dir, tmp_path / "w", dataclasses.replace(opts, heal="whole", whole=WholeOptions(epochs=1)))
     depth = result.depth
     assert depth.heal == "whole" == result.manifest.heal and not depth.heal_labelled
-    assert depth.n_heal == 96 and depth.n_agreement == 16 and depth.heal_runs[0].mode == "whole"
+    assert depth.n_heal == 96 and depth.n_agreement == 16 and depth.heal_runs[0].heal == "whole"
     assert depth.scores[1].forecast.n_agreement == depth.n_calibration + 16
 
 
@@ -278,7 +285,7 @@ def test_an_export_reusing_another_is_the_export_of_its_own_resample(run_dir: Pa
     import layerprune.export as export
     from layerprune.models import layer_list
 
-    opts = ExportOptions(heal="distill", distill=DistillOptions(lr=1e-2), **FAST)
+    opts = ExportOptions(heal="top", top=TopOptions(lr=1e-2), **FAST)
     reuse = Reuse()
     export_bundle(run_dir, tmp_path / "first", opts, reuse)
     assert reuse.heals and all(len(layer_list(h.original)) == TINY_LAYERS for h in reuse.heals.values())
@@ -305,13 +312,13 @@ def test_an_export_reusing_another_is_the_export_of_its_own_resample(run_dir: Pa
 def test_a_reuse_starts_over_for_other_heal_inputs(run_dir: Path, tmp_path: Path) -> None:
     """What chooses and checks the cut (resample, tolerance, int8, depth) keeps a Reuse's work; anything a heal
     learns from (its options, the texts, another analysis) empties it."""
-    opts = ExportOptions(heal="distill", **FAST)
+    opts = ExportOptions(heal="top", **FAST)
     reuse = Reuse().matching(run_dir, opts)
     reuse.heals[2] = "a heal"
     for same in (dict(resample_seed=3), dict(tolerance=0.02, quantize="int8"), dict(keep_layers=2, sweep=True)):
         assert reuse.matching(run_dir, dataclasses.replace(opts, **same)).heals == {2: "a heal"}, same
     assert reuse.matching(tmp_path, opts).heals == {}, "another run directory"
-    for other in (dict(distill=DistillOptions(lr=1e-2)), dict(augment=1), dict(heal_layers=2), dict(max_length=16)):
+    for other in (dict(top=TopOptions(lr=1e-2)), dict(augment=1), dict(top=TopOptions(heal_layers=2)), dict(max_length=16)):
         reuse.matching(run_dir, opts).heals[2] = "a heal"
         assert reuse.matching(run_dir, dataclasses.replace(opts, **other)).heals == {}, other
 
@@ -527,7 +534,7 @@ def test_cli_export_says_where_a_refused_bundle_went(run_dir: Path, tmp_path: Pa
     printed, err = capsys.readouterr()
     assert code == 1
     assert f"bundle: {tmp_path / 'bundle.failed'} (" in printed
-    assert [line for line in err.splitlines() if "batch/s" not in line and line.strip()] == [
+    assert [line for line in err.splitlines() if "batch/s" not in line and "s/batch" not in line and line.strip()] == [
         f"layerprune: error: the bundle failed validation; it is marked not servable and written to "
         f"{tmp_path / 'bundle.failed'}: {out} keeps the servable bundle it held; next candidate: --keep-layers 2"]
     assert _files(out) == before and servable_bundle(out)[0].depth == TINY_LAYERS
@@ -651,10 +658,10 @@ def test_one_max_length_from_export_to_server(run_dir: Path, tmp_path: Path) -> 
     from fastapi.testclient import TestClient
 
     from layerprune.runtime import OnnxClassifier
-    from serve.app import create_app
-    from serve.model import load_model
-    from serve.settings import ServeSettings
-    from serve.triton import write_triton_repository
+    from layerprune.serve.app import create_app
+    from layerprune.serve.model import load_model
+    from layerprune.serve.settings import ServeSettings
+    from layerprune.serve.triton import write_triton_repository
 
     out = tmp_path / "short"
     result = export_bundle(run_dir, out, ExportOptions(keep_layers=3, heal="none", max_length=12, tolerance=1.0, **FAST))
@@ -849,11 +856,11 @@ def test_with_the_top_layer_heal_a_fallback_continues_from_the_shared_layers(wid
     from layerprune.bundle import open_bundle
 
     run_dir, out = wide_run_dir, tmp_path / "cont"
-    result = export_bundle(run_dir, out, ExportOptions(keep_layers=2, heal="distill", fallback=0.5, **FAST))
+    result = export_bundle(run_dir, out, ExportOptions(keep_layers=2, heal="top", fallback=0.5, **FAST))
     manifest = verify_bundle(out)
     assert manifest.parts.continuation == "continuation.onnx" and "continuation.onnx" in manifest.files
     assert manifest.parts.original is None and not (out / "original.onnx").exists()
-    assert manifest.fallback.continue_from == 1 and manifest.heal == "distill"
+    assert manifest.fallback.continue_from == 1 and manifest.heal == "top"
 
     analysis = load_artifact(AnalysisReport, run_dir / "analysis.json")
     holdout = calibration_and_holdout(analysis.task_config, None, 2000).holdout
@@ -903,7 +910,7 @@ def test_int8_candidates_are_forecast_with_the_continuation_as_served(wide_run_d
     monkeypatch.setattr(continuation, "continuation_graph", lambda original, config, layer, out: cut_from(
         tmp_path / "other" / "model.onnx", config, layer, out))
     out = tmp_path / "q"
-    result = export_bundle(wide_run_dir, out, ExportOptions(keep_layers=2, heal="distill", quantize="int8",
+    result = export_bundle(wide_run_dir, out, ExportOptions(keep_layers=2, heal="top", quantize="int8",
                                                             fallback=0.5, tolerance=1.0, **{**FAST, "batch_size": 4}))
     chosen = result.depth.candidates[0]
     assert chosen.chosen and result.manifest.quantize == "int8" and result.manifest.fallback.continue_from == 1
@@ -960,7 +967,7 @@ def test_a_manifest_that_continues_without_its_graph_is_refused(run_dir: Path, t
     from layerprune.bundle import open_bundle
 
     built = tmp_path / "built"
-    export_bundle(run_dir, built, ExportOptions(keep_layers=2, heal="distill", fallback=0.5, **FAST))
+    export_bundle(run_dir, built, ExportOptions(keep_layers=2, heal="top", fallback=0.5, **FAST))
     for edit, message in [(dict(parts={"continuation": None}), "names no continuation graph"),
                           (dict(fallback={"continue_from": 2}), "not a layer below the bundle's depth 2")]:
         copy = shutil.copytree(built, tmp_path / message[:8])

@@ -1,4 +1,4 @@
-"""Distillation heal on tiny models of every architecture: the re-tuned layers run on cached inputs compute
+"""The heals on tiny models of every architecture: the re-tuned layers run on cached inputs compute
 exactly what the truncated model computes, and training moves the truncated model towards the original."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from conftest import SENTENCES, TINY_CONFIGS, TINY_LAYERS, make_tiny_classifier,
 from layerprune.data import Examples
 from layerprune.errors import LayerpruneError, ModelError
 from layerprune.heal import (
-    DistillOptions, WholeOptions, augment_texts, distill, encode_texts, heal_at, heal_whole, layer_map, token_states)
+    TopOptions, WholeOptions, augment_texts, encode_texts, heal_at, heal_top, heal_whole, layer_map, token_states)
 from layerprune.heal.loss import direction_loss, distillation_loss, state_loss
 from layerprune.hidden import forward_all_layers, make_batches, predict_logits
 from layerprune.models import layer_list, load_classifier, run_layers_on
@@ -42,7 +42,7 @@ def test_untrained_heal_is_the_truncated_model(tiny_models, examples, model_type
     installing them into a truncated copy changes nothing."""
     model, tokenizer = load_classifier(tiny_models[model_type], num_labels=2, device="cpu")
     texts = _texts(model, tokenizer, examples)
-    healed = distill(model, depth, texts, examples.labels, opts=DistillOptions(heal_layers=heal_layers, epochs=0))
+    healed = heal_top(model, depth, texts, examples.labels, opts=TopOptions(heal_layers=heal_layers, epochs=0))
     truncated = truncate(copy.deepcopy(model), depth)
     reference = predict_logits(truncated, tokenizer, examples, batch_size=8, max_length=64)
     np.testing.assert_allclose(healed.logits(texts), reference, atol=1e-4)
@@ -61,8 +61,8 @@ def test_untrained_top_start_is_the_lower_layers_under_the_originals_top_ones(
     model, tokenizer = load_classifier(path, num_labels=2, device="cpu")
     total = model.config.num_hidden_layers
     texts = _texts(model, tokenizer, examples)
-    opts = DistillOptions(heal_layers=heal_layers, epochs=0, start="top")
-    healed = distill(model, depth, texts, examples.labels, opts=opts)
+    opts = TopOptions(heal_layers=heal_layers, epochs=0, start="top")
+    healed = heal_top(model, depth, texts, examples.labels, opts=opts)
     picked = [*range(1, depth - heal_layers + 1), *range(total - heal_layers + 1, total + 1)]
     _, reference = reference_with_layers(path, picked)
     expected = predict_logits(reference, tokenizer, examples, batch_size=8, max_length=64)
@@ -108,9 +108,9 @@ def test_distillation_brings_the_truncated_model_towards_the_original(tiny_model
     texts = _texts(model, tokenizer, examples)
     # A random tiny model's depths all say about the same; a teacher that tells the sentiment apart does not.
     texts.logits = (np.eye(2)[examples.labels] * 4 - 2).astype(np.float32)
-    logits_only = DistillOptions(feature_weight=0.0)  # the made-up teacher has no states to match
-    before = distill(model, 2, texts, None, opts=dataclasses.replace(logits_only, epochs=0))
-    after = distill(model, 2, texts, None, opts=dataclasses.replace(logits_only, epochs=30, lr=3e-3, patience=30))
+    logits_only = TopOptions(feature_weight=0.0)  # the made-up teacher has no states to match
+    before = heal_top(model, 2, texts, None, opts=dataclasses.replace(logits_only, epochs=0))
+    after = heal_top(model, 2, texts, None, opts=dataclasses.replace(logits_only, epochs=30, lr=3e-3, patience=30))
     gap = lambda healed: float(np.abs(healed.logits(texts) - texts.logits).mean())  # noqa: E731
     assert after.stats.epochs > 0 and after.steps > 0
     assert gap(after) < 0.5 * gap(before), "30 epochs of distillation halve the logit gap to the teacher"
@@ -135,10 +135,10 @@ def test_feature_loss_brings_the_top_state_towards_the_originals_last_layer(tiny
     towards the original's last-layer one (texts.first[-1]); without it, it need not."""
     model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
     texts = _texts(model, tokenizer, examples)
-    fast = DistillOptions(epochs=30, lr=3e-3, patience=30, label_weight=0.0)
+    fast = TopOptions(epochs=30, lr=3e-3, patience=30, label_weight=0.0)
     gap = lambda healed: float(((_top_first_token(healed, texts, model) - texts.first[-1]) ** 2).mean())  # noqa: E731
-    before = gap(distill(model, 2, texts, None, opts=dataclasses.replace(fast, epochs=0)))
-    matched = gap(distill(model, 2, texts, None, opts=dataclasses.replace(fast, feature_weight=1.0)))
+    before = gap(heal_top(model, 2, texts, None, opts=dataclasses.replace(fast, epochs=0)))
+    matched = gap(heal_top(model, 2, texts, None, opts=dataclasses.replace(fast, feature_weight=1.0)))
     assert matched < 0.5 * before, "30 epochs with the feature term halve the squared gap"
 
 
@@ -151,8 +151,8 @@ def test_warmup_ramps_the_learning_rate_from_zero(tiny_models, examples) -> None
     model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
     texts = encode_texts(model, tokenizer, examples, batch_size=64, max_length=64)
     assert len(texts.batches) == 1 and texts.n < 100  # and no held-out tenth, so the last epoch is kept
-    run = lambda **kw: distill(model, 2, texts, examples.labels,  # noqa: E731
-                               opts=DistillOptions(lr=1e-2, dropout=False, **kw)).logits(texts)
+    run = lambda **kw: heal_top(model, 2, texts, examples.labels,  # noqa: E731
+                               opts=TopOptions(lr=1e-2, dropout=False, **kw)).logits(texts)
     untrained, one_step = run(epochs=0), run(epochs=1)
     np.testing.assert_allclose(run(epochs=1, warmup=1.0), untrained, atol=1e-6)
     np.testing.assert_allclose(run(epochs=2, warmup=0.5), one_step, atol=1e-6)
@@ -169,8 +169,8 @@ def test_dropout_off_trains_without_noise(tiny_models, examples) -> None:
     texts = _texts(model, tokenizer, examples)
 
     def trained(original, dropout: bool) -> np.ndarray:
-        opts = DistillOptions(epochs=2, lr=1e-3, dropout=dropout)
-        return distill(original, 2, texts, examples.labels, opts=opts).logits(texts)
+        opts = TopOptions(epochs=2, lr=1e-3, dropout=dropout)
+        return heal_top(original, 2, texts, examples.labels, opts=opts).logits(texts)
 
     off = trained(model, dropout=False)
     np.testing.assert_allclose(off, trained(quiet, dropout=True), atol=1e-6)
@@ -184,7 +184,7 @@ def test_held_out_tenth_chooses_the_epoch(tiny_models) -> None:
     many = Examples(texts=[f"{t} {i}" for i in range(10) for t, _ in SENTENCES], pairs=None,
                     labels=np.zeros(120, dtype=np.int64))
     texts = _texts(model, tokenizer, many)
-    healed = distill(model, 2, texts, None, opts=DistillOptions(epochs=1, lr=0.0))
+    healed = heal_top(model, 2, texts, None, opts=TopOptions(epochs=1, lr=0.0))
     assert healed.stats.n_held_out == 8 and healed.stats.n_train == 112
     assert len(healed.held_out) == 1 and len(texts.batches[healed.held_out[0]].indices) == 8
     assert healed.stats.epochs == 0, "a zero learning rate never beats epoch 0 on the held-out texts"
@@ -224,7 +224,7 @@ def test_albert_layers_cannot_run_alone(tiny_models, examples) -> None:
         with run_layers_on(model, torch.nn.ModuleList()):
             pass
     with pytest.raises(LayerpruneError, match="cannot re-tune 3 layers"):
-        distill(model, 2, _texts(model, tokenizer, examples), None, opts=DistillOptions(heal_layers=3))
+        heal_top(model, 2, _texts(model, tokenizer, examples), None, opts=TopOptions(heal_layers=3))
 
 
 # --------------------------------------------------------------------------- the whole-model heal
@@ -273,7 +273,7 @@ def test_whole_heal_trains_every_kept_layer_towards_the_original(tiny_models, ex
     np.testing.assert_allclose(healed.logits(texts), served, atol=1e-4)
     gap = lambda logits: float(np.abs(logits - texts.logits).mean())  # noqa: E731
     assert gap(served) < 0.5 * gap(untrained), (gap(untrained), gap(served))
-    assert healed.stats.mode == "whole" and healed.stats.epochs_run == 30
+    assert healed.stats.heal == "whole" and healed.stats.epochs_run == 30
 
 
 def test_whole_heal_matches_token_states_when_asked(tiny_models, examples) -> None:
@@ -310,7 +310,7 @@ def test_whole_heal_starts_from_a_deeper_heal(tiny_models, examples) -> None:
         heal_whole(model, 3, texts, None, opts=WholeOptions(epochs=0), start=started)
 
 
-@pytest.mark.parametrize("mode", ["distill", "whole"])
+@pytest.mark.parametrize("mode", ["top", "whole"])
 def test_a_heal_trains_the_same_whatever_ran_before_it(tiny_models, examples, mode) -> None:
     """Dropout draws from torch's global generator: heals after different draws (seeds 1 and 2) give the same
     logits, and the caller's generator goes on as torch's own sequence for seed 2 does, as if no heal had
@@ -322,7 +322,7 @@ def test_a_heal_trains_the_same_whatever_ran_before_it(tiny_models, examples, mo
     for seed in (1, 2):
         torch.manual_seed(seed)
         heal = heal_at(mode, model, 2, texts, examples.labels, regression=False,
-                       distill_opts=DistillOptions(epochs=2, lr=3e-3), whole_opts=WholeOptions(epochs=2, lr=3e-3))
+                       top=TopOptions(epochs=2, lr=3e-3), whole=WholeOptions(epochs=2, lr=3e-3))
         runs.append((heal.logits(texts), torch.rand(4)))
     torch.manual_seed(2)
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
@@ -330,12 +330,12 @@ def test_a_heal_trains_the_same_whatever_ran_before_it(tiny_models, examples, mo
 
 
 def test_every_heal_meets_the_interface(tiny_models, examples) -> None:
-    """none, head, distill and whole: logits at the depth equal what the installed truncated model computes."""
+    """none, head, top and whole: logits at the depth equal what the installed truncated model computes."""
     model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
     texts = _texts(model, tokenizer, examples, depths={0, 1})
-    for mode in ("none", "head", "distill", "whole"):
+    for mode in ("none", "head", "top", "whole"):
         heal = heal_at(mode, model, 2, texts, examples.labels, regression=False,
-                       distill_opts=DistillOptions(epochs=1), whole_opts=WholeOptions(epochs=1))
+                       top=TopOptions(epochs=1), whole=WholeOptions(epochs=1))
         assert heal.depth == 2 and (heal.stats is None) == (mode == "none")
         truncated = truncate(copy.deepcopy(model), 2)
         heal.install(truncated)
@@ -419,10 +419,10 @@ def test_neighbours_teach_the_original_around_the_heal_texts(tmp_path, minilm_di
     texts = _texts(model, tokenizer, examples, depths={1})
     inputs = token_states(model, texts, 1)
     spread = _Above(model, 1, inputs, texts).spread
-    fast = DistillOptions(epochs=150, lr=3e-3, patience=150, label_weight=0.0, dropout=False)
+    fast = TopOptions(epochs=150, lr=3e-3, patience=150, label_weight=0.0, dropout=False)
 
-    def gap(opts: DistillOptions) -> float:
-        healed = distill(model, 2, texts, None, opts=opts)
+    def gap(opts: TopOptions) -> float:
+        healed = heal_top(model, 2, texts, None, opts=opts)
         generator, total = torch.Generator().manual_seed(7), 0.0
         for batch, states in zip(texts.batches, inputs):
             near = states.float() + 0.5 * spread * torch.randn(states.shape, generator=generator)
@@ -441,8 +441,8 @@ def test_ema_keeps_the_moving_average_of_the_weights(tiny_models, examples) -> N
     model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
     texts = encode_texts(model, tokenizer, examples, batch_size=64, max_length=64)
     assert len(texts.batches) == 1 and texts.n < 100
-    run = lambda **kw: distill(model, 2, texts, examples.labels,  # noqa: E731
-                               opts=DistillOptions(lr=1e-2, dropout=False, **kw)).logits(texts)
+    run = lambda **kw: heal_top(model, 2, texts, examples.labels,  # noqa: E731
+                               opts=TopOptions(lr=1e-2, dropout=False, **kw)).logits(texts)
     one_step, two_steps = run(epochs=1), run(epochs=2)
     assert np.abs(one_step - two_steps).max() > 1e-4
     np.testing.assert_allclose(run(epochs=2, ema=1.0), one_step, atol=1e-6)
@@ -455,6 +455,6 @@ def test_a_heal_keeping_the_average_stops_when_the_held_out_loss_does(tiny_model
     model, tokenizer = load_classifier(tiny_models["bert"], num_labels=2, device="cpu")
     many = Examples(texts=[f"{t} {i}" for i in range(10) for t, _ in SENTENCES], pairs=None,
                     labels=np.zeros(120, dtype=np.int64))
-    healed = distill(model, 2, _texts(model, tokenizer, many), None,
-                     opts=DistillOptions(epochs=5, lr=0.0, patience=1, ema=0.5))
+    healed = heal_top(model, 2, _texts(model, tokenizer, many), None,
+                     opts=TopOptions(epochs=5, lr=0.0, patience=1, ema=0.5))
     assert healed.stats.epochs == 0 and healed.stats.epochs_run == 1

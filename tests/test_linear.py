@@ -86,3 +86,23 @@ def test_without_onednn_torch_s_path_is_kept(monkeypatch: pytest.MonkeyPatch) ->
     finally:
         linear.onednn_is_faster.cache_clear()
 
+
+
+@needs_onednn
+def test_linear_backend_switches_every_layer_and_restores_it(tiny_models: dict[str, Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within linear_backend(model, "onednn") the oneDNN op runs though the probe says no, within "blas" it never
+    runs; both compute what transformers computes on the same checkpoint, and the layers are FastLinear after."""
+    monkeypatch.setattr(linear, "onednn_is_faster", lambda: False)
+    calls = []
+    monkeypatch.setattr(linear, "_onednn", lambda *args, original=linear._onednn: calls.append(1) or original(*args))
+    ours, tokenizer = load_classifier(tiny_models["bert"], device="cpu")
+    theirs = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"]).eval()
+    inputs = tokenizer(["a short test", "and a somewhat longer second one"], padding=True, return_tensors="pt")
+    expected = theirs(**inputs).logits.detach()
+    for backend, runs_onednn in [("onednn", True), ("blas", False)]:
+        calls.clear()
+        with torch.no_grad(), linear.linear_backend(ours, backend) as model:
+            torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+        assert bool(calls) is runs_onednn, backend
+    assert all(type(m) is FastLinear for m in ours.modules() if isinstance(m, nn.Linear))

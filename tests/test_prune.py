@@ -22,7 +22,7 @@ from layerprune.models import (
     load_classifier,
     total_layers,
 )
-from layerprune.heal import fit_head
+from layerprune.heal import HeadOptions, fit_head
 from layerprune.prune import depth_logits, first_token_states, load_head, truncate
 
 ATOL = 1e-4
@@ -250,7 +250,7 @@ def test_fit_head_repairs_a_scrambled_head(tiny_models: dict[str, Path], model_t
     before = accuracy(model, features[test], labels[test])
     fit = fit_head(model, features[train], labels[train], regression=False)
     assert same_state(state_of(model), before_state), "fit_head must not touch the model's head"
-    assert fit.steps > 0 and fit.holdout_loss is not None
+    assert fit.steps > 0 and fit.held_out_loss is not None
     load_head(model, fit.state)
     after = accuracy(model, features[test], labels[test])
     assert after >= 0.85 and after >= before + 0.25, (before, after)
@@ -261,8 +261,8 @@ def test_fit_head_without_holdout_on_few_examples(tiny_models: dict[str, Path]) 
     loud_head(model)
     features, labels = low_layer_like(60)
     before = accuracy(model, features, labels)
-    fit = fit_head(model, features, labels, regression=False, epochs=20)
-    assert fit.holdout_loss is None and fit.steps == 20  # one batch per epoch, every epoch run
+    fit = fit_head(model, features, labels, regression=False, opts=HeadOptions(epochs=20))
+    assert fit.held_out_loss is None and fit.steps == 20  # one batch per epoch, every epoch run
     load_head(model, fit.state)
     assert accuracy(model, features, labels) >= max(0.9, before + 0.25)
 
@@ -273,7 +273,7 @@ def test_zero_epochs_return_the_fine_tuned_head(tiny_models: dict[str, Path], mo
     model, _ = load_classifier(tiny_models[model_type], device="cpu")
     loud_head(model)
     features, labels = low_layer_like(150)
-    fit = fit_head(model, features, labels, regression=False, epochs=0)
+    fit = fit_head(model, features, labels, regression=False, opts=HeadOptions(epochs=0))
     assert fit.steps == 0
     before = state_of(model)
     assert fit.state.keys() == before.keys()
@@ -286,7 +286,7 @@ def test_a_good_head_stays_good(tiny_models: dict[str, Path]) -> None:
     features, labels = low_layer_like(1000)
     load_head(model, fit_head(model, features[:600], labels[:600], regression=False).state)
     good = accuracy(model, features[600:], labels[600:])
-    refit = fit_head(model, features[:600], labels[:600], regression=False, seed=1)
+    refit = fit_head(model, features[:600], labels[:600], regression=False, opts=HeadOptions(seed=1))
     load_head(model, refit.state)
     assert accuracy(model, features[600:], labels[600:]) >= good - 0.02
 
@@ -294,10 +294,10 @@ def test_a_good_head_stays_good(tiny_models: dict[str, Path]) -> None:
 def test_fit_head_is_deterministic(tiny_models: dict[str, Path]) -> None:
     model, _ = load_classifier(tiny_models["electra"], device="cpu")
     features, labels = low_layer_like(200)
-    a = fit_head(model, features, labels, regression=False, epochs=3)
-    b = fit_head(model, features, labels, regression=False, epochs=3)
+    a = fit_head(model, features, labels, regression=False, opts=HeadOptions(epochs=3))
+    b = fit_head(model, features, labels, regression=False, opts=HeadOptions(epochs=3))
     assert same_state(a.state, b.state) and a.train_loss == b.train_loss
-    c = fit_head(model, features, labels, regression=False, epochs=3, seed=1)
+    c = fit_head(model, features, labels, regression=False, opts=HeadOptions(epochs=3, seed=1))
     assert not same_state(a.state, c.state)
 
 
@@ -336,6 +336,6 @@ def test_load_head_refuses_another_models_head(tiny_models: dict[str, Path]) -> 
     bert, _ = load_classifier(tiny_models["bert"], device="cpu")
     roberta, _ = load_classifier(tiny_models["roberta"], device="cpu")
     features, labels = low_layer_like(20)
-    state = fit_head(roberta, features, labels, regression=False, epochs=0).state
+    state = fit_head(roberta, features, labels, regression=False, opts=HeadOptions(epochs=0)).state
     with pytest.raises(ModelError, match="head"):
         load_head(bert, state)

@@ -61,8 +61,8 @@ def test_default_export_validates_and_serves_what_was_validated(run_dir: Path, c
     depth = load_artifact(DepthReport, bundle / "depth.json")
     manifest = load_artifact(Manifest, bundle / "manifest.json")
     validation = load_artifact(ValidationReport, bundle / "validation.json")
-    assert depth.heal == "distill" and depth.heal_labelled
-    assert depth.n_heal == 4000 and depth.heal_runs and all(run.mode == "distill" for run in depth.heal_runs)
+    assert depth.heal == "top" and depth.heal_labelled
+    assert depth.n_heal == 4000 and depth.heal_runs and all(run.heal == "top" for run in depth.heal_runs)
     # Train texts heal but never bound agreement (the original was fine-tuned on them): calibration only.
     assert depth.n_agreement == 0 and all(c.forecast.n_agreement == depth.n_calibration for c in depth.candidates)
     assert validation.passed and validation.delta >= -0.01 and manifest.servable

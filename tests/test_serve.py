@@ -25,9 +25,9 @@ from conftest import (LONG, SERVE_KEEP_LAYERS, TEXTS, TINY_LAYERS, Reference, by
 from layerprune.bundle import BundleError
 from layerprune.errors import LayerpruneError
 from layerprune.options import ExportOptions
-from serve.main import main as serve_main
-from serve.model import load_model
-from serve.settings import load_settings
+from layerprune.serve.main import main as serve_main
+from layerprune.serve.model import load_model
+from layerprune.serve.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,8 @@ def test_reference_is_the_truncated_checkpoint(bundle, reference) -> None:
 
 
 def test_serve_imports_no_torch() -> None:
-    code = ("import sys, serve.app, serve.main, serve.model, serve.batcher, serve.triton, serve.settings; "
+    code = ("import sys, layerprune.serve.app, layerprune.serve.main, layerprune.serve.model, layerprune.serve.batcher, "
+            "layerprune.serve.triton, layerprune.serve.settings; "
             "bad = [m for m in ('torch', 'transformers', 'datasets', 'layerprune.export', 'layerprune.onnx_export', "
             "'layerprune.analyze', 'layerprune.finetune', 'layerprune.data') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
@@ -433,7 +434,7 @@ def test_triton_repository(bundle, failed_bundle, tmp_path) -> None:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2  # the test extra: missing, the test fails
 
-    from serve.triton import write_triton_repository
+    from layerprune.serve.triton import write_triton_repository
 
     model_dir = write_triton_repository(bundle, tmp_path / "repo", "lp-model", 16, max_queue_delay_us=2000)
     assert model_dir == tmp_path / "repo" / "lp-model"
@@ -489,7 +490,7 @@ def test_dockerfile_installs_what_serving_imports() -> None:
     installs = " ".join(r for r in d["RUN"] if "pip install" in r)
     assert "torch" not in installs and "transformers" not in installs and "--no-deps ." in installs
     pinned = {shlex.split(x)[0].split("==")[0].lower().replace("_", "-") for x in shlex.split(installs) if "==" in x}
-    code = ("import json, sys, serve.app, serve.main, serve.triton; "
+    code = ("import json, sys, layerprune.serve.app, layerprune.serve.main, layerprune.serve.triton; "
             "from importlib.metadata import packages_distributions as p; d = p(); "
             "print(json.dumps(sorted({x for m in list(sys.modules) for x in d.get(m.split('.')[0], [])})))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
@@ -517,7 +518,7 @@ def _wait_http_ready(url: str, proc: subprocess.Popen, tries: int = 600) -> None
 def test_dockerfile_cmd_and_healthcheck_run(bundle, reference) -> None:
     d = _dockerfile()
     cmd = json.loads(d["CMD"][-1])
-    assert cmd[:3] == ["python", "-m", "serve"] and cmd[3] == "/app/bundle"
+    assert cmd[:3] == ["python", "-m", "layerprune.serve"] and cmd[3] == "/app/bundle"
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"  # explicit inside the container
     health = d["HEALTHCHECK"][0]
     health_cmd = json.loads(health[health.index("CMD") + 3:].strip())
@@ -564,15 +565,15 @@ ray = types.ModuleType("ray")
 ray.serve, ray.init, ray.shutdown = fake, lambda **_: None, lambda: print("ray.shutdown")
 sys.modules.update({"ray": ray, "ray.serve": fake})
 
-from serve.ray_app import run_ray
-from serve.settings import ServeSettings
+from layerprune.serve.ray_app import run_ray
+from layerprune.serve.settings import ServeSettings
 sys.exit(run_ray(Path(sys.argv[1]), ServeSettings(replicas=2)))
 """
 
 
 def test_ray_a_stop_during_deployment_shuts_ray_down_after_it(bundle) -> None:
-    """SIGTERM while serve.run deploys (the tests stop the server as soon as it answers) used to kill the
-    process before its stop handler existed: no 'replica(s)' line, Ray never shut down."""
+    """SIGTERM while serve.run deploys (the tests stop the server as soon as it answers): the stop handler is
+    installed before the deployment starts, so Ray is shut down after it, not left running."""
     done = subprocess.run([sys.executable, "-c", _STOPPED_WHILE_DEPLOYING, str(bundle)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
@@ -588,7 +589,7 @@ def test_a_fallback_bundle_is_served_as_it_was_validated(bundle, tmp_path) -> No
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from layerprune.export import export_bundle
-    from serve.triton import write_triton_repository
+    from layerprune.serve.triton import write_triton_repository
 
     result = export_bundle(bundle.parent / "run", tmp_path / "fb", ExportOptions(
         keep_layers=SERVE_KEEP_LAYERS, heal="none", fallback=0.5, device="cpu", batch_size=8))
@@ -616,7 +617,7 @@ def test_a_continuation_bundle_is_served_as_it_was_validated(bundle, tmp_path) -
 
     run = shutil.copytree(bundle.parent / "run", tmp_path / "run", ignore=shutil.ignore_patterns("truncated"))
     result = export_bundle(run, tmp_path / "cont", ExportOptions(
-        keep_layers=SERVE_KEEP_LAYERS, heal="distill", fallback=0.5, device="cpu", batch_size=8))
+        keep_layers=SERVE_KEEP_LAYERS, heal="top", fallback=0.5, device="cpu", batch_size=8))
     assert result.manifest.fallback.continue_from == SERVE_KEEP_LAYERS - 1
 
     def logits(checkpoint):

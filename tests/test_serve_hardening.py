@@ -22,11 +22,11 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serve.app import create_app
-from serve.batcher import MicroBatcher, Overloaded, estimate_tokens, plan_runs
-from serve.metrics import Metrics
-from serve.model import load_model
-from serve.settings import ServeSettings
+from layerprune.serve.app import create_app
+from layerprune.serve.batcher import MicroBatcher, Overloaded, estimate_tokens, plan_runs
+from layerprune.serve.metrics import Metrics
+from layerprune.serve.model import load_model
+from layerprune.serve.settings import ServeSettings
 from conftest import ServerProcess, serving, wait_ready
 
 MAX_ERROR_BYTES = 4096  # any error answer: the field and the problem, never the payload
@@ -74,7 +74,7 @@ def test_surrogates_are_named_as_such(client) -> None:
 
 
 def test_huge_field_is_not_echoed(client) -> None:
-    """A 5 MB extra field used to come back whole in a 5,000,184-byte 422."""
+    """A 5 MB extra field is not echoed back in the 422 (it would make a 5,000,184-byte answer)."""
     huge = "x" * 5_000_000
     for route, body in [("/v1/classify", {"texts": ["a"], "extra": huge}), ("/v1/classify", {"texts": ["a"], huge: 1}),
                         ("/predict", {"inputs": {"nested": huge}}), ("/predict", {"inputs": "a", "truncate": huge})]:
@@ -131,8 +131,8 @@ def test_head_health_answers_as_get(client) -> None:
 
 
 def test_random_methods_and_paths_add_no_series(client) -> None:
-    """5,000 random methods used to make 5,001 series: now the first few make the 'other' ones, and the
-    rest add none."""
+    """5,000 random methods do not make 5,001 series: the first few make the 'other' ones, and the rest add
+    none."""
     def series(text: str) -> list[str]:
         return [line.rsplit(" ", 1)[0] for line in text.splitlines() if line.startswith("layerprune_")]
 
@@ -146,6 +146,19 @@ def test_random_methods_and_paths_add_no_series(client) -> None:
     assert series(sizes[0]) == series(sizes[1])
     assert not any(f"M{i}X" in sizes[1] or f"/p{i}" in sizes[1] for i in (0, 150, 319))
     assert len(sizes[1]) < len(sizes[0]) + 200  # counters' digits only
+
+
+def test_every_route_has_its_own_label(client) -> None:
+    """A route is declared once, on its router in app.py: the request metrics label by name each path the app
+    answers on (TEI's, layerprune's, the probes, the API description, and whatever /openapi.json lists), and any
+    other path as 'other'."""
+    paths = {"/", "/predict", "/info", "/health", "/v1/classify", "/v1/models", "/healthz", "/readyz", "/metrics",
+             "/docs", "/openapi.json", "/redoc"} | set(client.get("/openapi.json").json()["paths"])
+    for path in [*sorted(paths), "/nowhere"]:
+        client.request("OPTIONS", path)
+    labels = {line.split('route="')[1].split('"')[0] for line in client.get("/metrics").text.splitlines()
+              if line.startswith("layerprune_requests_total{")}
+    assert labels == paths | {"other"}, labels ^ (paths | {"other"})
 
 
 # --- 8: content type, CORS ----------------------------------------------------------------------------------
@@ -205,7 +218,7 @@ def test_an_empty_or_padded_key_is_refused_at_start(bundle, monkeypatch, capsys,
     sent in a header. Either: one line, exit 2, before anything is served."""
     import uvicorn
 
-    from serve.main import main
+    from layerprune.serve.main import main
 
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, *args, **kwargs: pytest.fail("it started serving"))
     argv = [str(bundle), "--port", "0"]
@@ -221,7 +234,7 @@ def test_an_empty_or_padded_key_is_refused_at_start(bundle, monkeypatch, capsys,
 def test_cors_origins_not_json_is_one_line(bundle, monkeypatch, capsys) -> None:
     import uvicorn
 
-    from serve.main import main
+    from layerprune.serve.main import main
 
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, *args, **kwargs: pytest.fail("it started serving"))
 
@@ -233,7 +246,7 @@ def test_cors_origins_not_json_is_one_line(bundle, monkeypatch, capsys) -> None:
 
 def test_a_port_in_use_is_one_line(bundle, capsys) -> None:
     """Told before the model loads, as a bad setting is: one line, exit 2."""
-    from serve.main import main
+    from layerprune.serve.main import main
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -557,7 +570,7 @@ def test_idle_keep_alive_is_closed(timeout_server) -> None:
 
 def test_shutdown_drain_is_bounded(bundle) -> None:
     """SIGTERM while a client holds a partial body (body timeout far away) and another sends nothing: the
-    server still exits, after at most timeout_shutdown_s of drain (it used to stay up), without a traceback,
+    server still exits, after at most timeout_shutdown_s of drain (it does not stay up), without a traceback,
     and answers the half-sent request 503."""
     srv = _Proc(bundle, LAYERPRUNE_SERVE_TIMEOUT_BODY_S="600", LAYERPRUNE_SERVE_TIMEOUT_HEADER_S="600",
                 LAYERPRUNE_SERVE_TIMEOUT_SHUTDOWN_S="2")
@@ -834,7 +847,7 @@ def test_fuzz_1000_requests(timeout_server) -> None:
 def test_triton_unwritable_place_is_one_error(bundle, tmp_path, place) -> None:
     """The library call too (the CLI checks first): no NotADirectoryError / FileNotFoundError traceback."""
     from layerprune.errors import LayerpruneError
-    from serve.triton import write_triton_repository
+    from layerprune.serve.triton import write_triton_repository
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -852,7 +865,7 @@ def test_warns_when_reachable_without_a_key(bundle, monkeypatch, caplog, host, k
     short forms); "" binds every interface."""
     import uvicorn
 
-    from serve.main import run
+    from layerprune.serve.main import run
 
     configs = []
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: configs.append((self.config, sockets)))

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def test_replica_runs_the_gate(tampered_bundle) -> None:
-    from serve.ray_app import Replica
+    from layerprune.serve.ray_app import Replica
 
     with pytest.raises(BundleError, match="model.onnx does not match"):
         Replica(str(tampered_bundle), {})

@@ -12,11 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..data import Examples
+from ..options import SEED
 
 SWAP_RATE = 0.15  # share of a text's words swapped (BERT's masking rate)
 
 
-def augment_texts(examples: Examples, copies: int, seed: int = 0) -> Examples:
+def augment_texts(examples: Examples, copies: int, seed: int = SEED) -> Examples:
     """`copies` new texts per text of `examples`, cycling crop, swap and splice (swap only for pairs); their
     labels are placeholders (-1), since the original labels them."""
     rng = np.random.default_rng(seed)

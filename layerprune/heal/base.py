@@ -15,7 +15,7 @@ from ..errors import ModelError
 from ..models import total_layers
 from .states import TextStates
 
-HOLDOUT_MIN = 100  # with at least this many texts, a tenth is held out to choose the epoch
+HELD_OUT_MIN = 100  # with at least this many texts, a tenth is held out to choose the epoch
 
 
 class Heal(Protocol):
@@ -36,9 +36,9 @@ class Heal(Protocol):
 
 def held_out_split(units: int, n_texts: int, generator: torch.Generator) -> tuple[list[int], list[int]]:
     """(held out, train): a seeded tenth of `units` (texts, or batches of them) held out to choose the epoch
-    when there are at least HOLDOUT_MIN texts, else none (every epoch asked for is then run)."""
+    when there are at least HELD_OUT_MIN texts, else none (every epoch asked for is then run)."""
     order = torch.randperm(units, generator=generator).tolist()
-    held = units // 10 if n_texts >= HOLDOUT_MIN else 0
+    held = units // 10 if n_texts >= HELD_OUT_MIN else 0
     return order[:held], order[held:]
 
 

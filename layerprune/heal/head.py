@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from ..artifacts import HealStats
 from ..errors import LayerpruneError, ModelError
 from ..models import apply_head, head, head_modules
+from ..options import HeadOptions  # options are declared once, with their CLI flags
 from ..prune import load_head, load_head_modules
 from .base import held_out_split
 from .states import TextStates
@@ -46,13 +47,13 @@ class HeadHeal:
 
 
 def heal_head(original: PreTrainedModel, depth: int, texts: TextStates, labels: np.ndarray,
-              regression: bool) -> HeadHeal:
+              regression: bool, opts: HeadOptions = HeadOptions()) -> HeadHeal:
     """Re-fit the head of `original` truncated at `depth` on the labelled heal texts."""
     started = time.perf_counter()
-    fit = fit_head(original, texts.first[depth], labels, regression=regression)
+    fit = fit_head(original, texts.first[depth], labels, regression=regression, opts=opts)
     modules = {name: copy.deepcopy(m).float().cpu().eval() for name, m in head_modules(original).items()}
     load_head_modules(modules, fit.state)
-    stats = HealStats(depth=depth, mode="head", n_train=fit.n_train, n_held_out=texts.n - fit.n_train,
+    stats = HealStats(depth=depth, heal="head", n_train=fit.n_train, n_held_out=texts.n - fit.n_train,
                       seconds=round(time.perf_counter() - started, 1))
     return HeadHeal(depth, fit, modules, original.config, stats)
 
@@ -64,39 +65,27 @@ class HeadFit:
     state: dict[str, torch.Tensor]
     train_loss: float  # mean loss of the returned head on the features it was trained on
     steps: int  # optimizer steps behind the returned head (0: the fine-tuned head was kept)
-    holdout_loss: float | None = None  # its loss on the held-out features that chose the epoch, if any
+    held_out_loss: float | None = None  # its loss on the held-out features that chose the epoch, if any
     n_train: int = 0  # features it was trained on (the rest were held out to choose the epoch)
 
 
-PATIENCE = 5  # epochs without a better held-out loss before stopping
-
-
 def fit_head(
-    model: PreTrainedModel,
-    features: np.ndarray,
-    labels: np.ndarray,
-    *,
-    regression: bool,
-    epochs: int = 30,
-    lr: float = 1e-3,
-    weight_decay: float = 0.01,
-    batch_size: int = 64,
-    seed: int = 0,
+    model: PreTrainedModel, features: np.ndarray, labels: np.ndarray, *, regression: bool,
+    opts: HeadOptions = HeadOptions(),
 ) -> HeadFit:
     """Re-fit only the head (pooler included) on frozen first-token features (n, D) of one depth.
 
     Starts from the fine-tuned head and trains a float32 CPU copy with AdamW, without dropout, shuffled by
-    `seed` (deterministic); the model's own head is left as it was. Two things make it robust:
+    `opts.seed` (deterministic); the model's own head is left as it was. Two things make it robust:
     - the first linear layer is trained in standardized input coordinates (an exact reparametrization):
       lower layers' first tokens can be nearly constant (std 0.002 around a mean of norm 8), which raw
       AdamW steps barely move;
-    - with n >= HOLDOUT_MIN (heal.base), a seeded tenth is held out and the epoch with the lowest held-out loss is
+    - with n >= HELD_OUT_MIN (heal.base), a seeded tenth is held out and the epoch with the lowest held-out loss is
       returned, epoch 0 (the fine-tuned head) included, so a head that is already good stays good;
-      training stops after PATIENCE epochs without improvement. Fewer examples: all `epochs` are run.
+      training stops after `opts.patience` epochs without improvement. Fewer examples: all `opts.epochs` are run.
     """
     with _one_thread():
-        return _fit_head(model, features, labels, regression, epochs, lr, weight_decay, batch_size, seed)
-
+        return _fit_head(model, features, labels, regression, opts)
 
 @contextmanager
 def _one_thread() -> Iterator[None]:
@@ -111,22 +100,21 @@ def _one_thread() -> Iterator[None]:
 
 
 def _fit_head(
-    model: PreTrainedModel, features: np.ndarray, labels: np.ndarray, regression: bool,
-    epochs: int, lr: float, weight_decay: float, batch_size: int, seed: int,
+    model: PreTrainedModel, features: np.ndarray, labels: np.ndarray, regression: bool, opts: HeadOptions,
 ) -> HeadFit:
     x, y = _training_data(model, features, labels, regression)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(opts.seed)
     held, train = (torch.tensor(part, dtype=torch.long) for part in held_out_split(len(x), len(x), generator))
     mean, scale = _standardizer(x[train])
     x = (x - mean) / scale
     modules = _head_copy(model, mean, scale)
     optimizer = torch.optim.AdamW(
-        [p for m in modules.values() for p in m.parameters()], lr=lr, weight_decay=weight_decay
+        [p for m in modules.values() for p in m.parameters()], lr=opts.lr, weight_decay=opts.weight_decay
     )
     best_loss, best = _mean_loss(model, modules, x, y, held, regression), _snapshot(modules)  # epoch 0
     best_epoch = best_steps = steps = 0
-    for epoch in range(1, epochs + 1):
-        for idx in train[torch.randperm(len(train), generator=generator)].split(batch_size):
+    for epoch in range(1, opts.epochs + 1):
+        for idx in train[torch.randperm(len(train), generator=generator)].split(opts.batch_size):
             optimizer.zero_grad()
             _loss(model, modules, x[idx], y[idx], regression).backward()
             optimizer.step()
@@ -134,7 +122,7 @@ def _fit_head(
         held_loss = _mean_loss(model, modules, x, y, held, regression)
         if held_loss is None or held_loss < best_loss:
             best_loss, best, best_epoch, best_steps = held_loss, _snapshot(modules), epoch, steps
-        elif epoch - best_epoch >= PATIENCE:
+        elif epoch - best_epoch >= opts.patience:
             break
     for name, module in modules.items():
         module.load_state_dict(best[name])

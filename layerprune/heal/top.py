@@ -8,7 +8,7 @@ rather than a fine-tune. Loss: Hinton et al.'s distillation, KL(teacher || stude
 temperature T (scaled by T^2), plus a weighted label cross-entropy where labels exist, plus the squared gap
 between the student's top first-token state and the original's last-layer one (what the head reads; in units
 of its variance): a 2-class teacher's logits say little per text, its last-layer state says much more.
-AdamW at a constant learning rate by default (`DistillOptions.warmup` gives TinyBERT's linear warmup and
+AdamW at a constant learning rate by default (`TopOptions.warmup` gives TinyBERT's linear warmup and
 decay), dropout on as in fine-tuning (`dropout` turns it off). Training stops early on a held-out tenth of
 the heal texts; the epoch with the lowest held-out loss wins (epoch 0, the weights as they were, included).
 Two levers for the student's behaviour between the heal texts are off by default (`neighbours`: noisy input
@@ -36,7 +36,7 @@ from ..artifacts import HealStats
 from ..errors import LayerpruneError
 from ..hidden import model_inputs
 from ..models import head_modules, layer_list, run_layers_on, total_layers
-from ..options import DistillOptions  # options are declared once, with their CLI flags
+from ..options import TopOptions  # options are declared once, with their CLI flags
 from ..prune import head_state, load_head
 from .base import check_depth, held_out_split, mean_loss, seeded, snapshot
 from .loss import distillation_loss, state_loss
@@ -44,7 +44,7 @@ from .states import TextStates, real_tokens, token_states
 
 
 @dataclass
-class TopLayers:
+class TopHeal:
     """A truncated model's re-tuned top layers and head, and how they were trained (`Heal`)."""
 
     depth: int
@@ -79,17 +79,17 @@ class TopLayers:
         load_head(truncated, head_state(self.student))
 
 
-def start_layers(depth: int, total: int, opts: DistillOptions) -> list[int]:
+def start_layers(depth: int, total: int, opts: TopOptions) -> list[int]:
     """The original's layers (1-based) the student's `depth` layers start as: the kept ones below the re-tuned
     ones, then the re-tuned ones from the kept layers or (`opts.start` "top") from the original's top ones."""
     first = depth - opts.heal_layers if opts.start == "kept" else total - opts.heal_layers
     return [*range(1, depth - opts.heal_layers + 1), *range(first + 1, first + opts.heal_layers + 1)]
 
 
-def distill(
+def heal_top(
     original: PreTrainedModel, depth: int, texts: TextStates, labels: np.ndarray | None, *,
-    regression: bool = False, opts: DistillOptions = DistillOptions(),
-) -> TopLayers:
+    regression: bool = False, opts: TopOptions = TopOptions(),
+) -> TopHeal:
     """Re-tune layers depth-heal_layers+1..depth and the head of `original` truncated at `depth` to match
     the original's logits on `texts` (plus the labels, when given), starting those layers from the kept ones or
     (`opts.start` "top") from the original's top ones. The original model is not changed."""
@@ -111,7 +111,7 @@ def distill(
     above = _Above(original, depth - opts.heal_layers, inputs, texts) if opts.neighbours > 0 else None
     loss_of = _Loss(student, layers, texts, inputs, teacher, targets, regression, opts, above)
     averaged = None if opts.ema is None else AveragedModel(trainable, multi_avg_fn=get_ema_multi_avg_fn(opts.ema))
-    optimizer = torch.optim.AdamW(trainable.parameters(), lr=opts.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(trainable.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     schedule = None if opts.warmup is None else get_linear_schedule_with_warmup(
         optimizer, int(opts.warmup * opts.epochs * len(train)), max(opts.epochs * len(train), 1))
     best_loss, best, best_epoch = loss_of.mean(held), snapshot(trainable), 0
@@ -120,7 +120,7 @@ def distill(
         for epoch in range(1, opts.epochs + 1):
             epochs_run = epoch
             shuffled = [train[i] for i in torch.randperm(len(train), generator=generator).tolist()]
-            for i in tqdm(shuffled, desc=f"distill depth {depth}, epoch {epoch}", unit="batch", leave=False):
+            for i in tqdm(shuffled, desc=f"heal the top layers, depth {depth}, epoch {epoch}", unit="batch", leave=False):
                 optimizer.zero_grad()
                 loss_of(i, training=True).backward()
                 optimizer.step()
@@ -138,16 +138,16 @@ def distill(
     trainable.load_state_dict(best)
     student.eval().requires_grad_(False)
     n_train = sum(len(texts.batches[i].indices) for i in train)
-    stats = HealStats(depth=depth, mode="distill", n_train=n_train, n_held_out=texts.n - n_train, epochs=best_epoch,
+    stats = HealStats(depth=depth, heal="top", n_train=n_train, n_held_out=texts.n - n_train, epochs=best_epoch,
                       epochs_run=epochs_run, seconds=round(time.perf_counter() - started, 1))
-    return TopLayers(depth, opts.heal_layers, original, student, layers, best_steps,
+    return TopHeal(depth, opts.heal_layers, original, student, layers, best_steps,
                      float("nan") if best_loss is None else best_loss, stats, held)
 
 
 class _Loss:
     """The distillation loss of one batch of the heal texts, or the mean over several."""
 
-    def __init__(self, student, layers, texts, inputs, teacher, targets, regression, opts: DistillOptions,
+    def __init__(self, student, layers, texts, inputs, teacher, targets, regression, opts: TopOptions,
                  above: _Above | None = None):
         self.student, self.layers, self.texts, self.inputs = student, layers, texts, inputs
         self.teacher, self.targets, self.regression, self.opts, self.above = teacher, targets, regression, opts, above
@@ -193,7 +193,7 @@ class _Loss:
 
 class _Above:
     """The original's layers above the cut and its head, run on any input states: they label states near the
-    heal texts' own (`DistillOptions.neighbours`)."""
+    heal texts' own (`TopOptions.neighbours`)."""
 
     def __init__(self, original: PreTrainedModel, cut: int, inputs: list[torch.Tensor], texts: TextStates):
         self.model = copy.deepcopy(original).float().eval().requires_grad_(False)

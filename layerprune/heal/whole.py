@@ -47,7 +47,7 @@ def layer_map(depth: int, total: int) -> list[int]:
 
 
 @dataclass
-class WholeModel:
+class WholeHeal:
     """The truncated model with every kept layer and its head trained from the original (`Heal`)."""
 
     depth: int
@@ -77,9 +77,9 @@ class WholeModel:
 
 def heal_whole(
     original: PreTrainedModel, depth: int, texts: TextStates, labels: np.ndarray | None, *,
-    regression: bool = False, opts: WholeOptions = WholeOptions(), start: WholeModel | None = None,
+    regression: bool = False, opts: WholeOptions = WholeOptions(), start: WholeHeal | None = None,
     mapped: list[int] | None = None,
-) -> WholeModel:
+) -> WholeHeal:
     """Train every kept layer and the head of `original` truncated at `depth` on `texts` (the original's
     outputs on them; `labels` where known: -1 / NaN marks a text without). The student starts as `original`
     truncated at `depth`, or as `start` (a deeper whole-model heal) truncated there: most of the work is
@@ -104,7 +104,7 @@ def heal_whole(
     generator = torch.Generator().manual_seed(opts.seed)
     held, train = held_out_split(len(texts.batches), texts.n, generator)
     loss_of = _Loss(student, texts, mapped, labels, regression, opts)
-    optimizer = torch.optim.AdamW(trained, lr=opts.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(trained, lr=opts.lr, weight_decay=opts.weight_decay)
     timed = time.perf_counter()
     best_loss, best, best_epoch = loss_of.mean(held), snapshot(student), 0
     steps_total = _steps_within_budget(opts, len(train), len(held), time.perf_counter() - timed)
@@ -130,9 +130,9 @@ def heal_whole(
     student.load_state_dict(best)
     student.eval().requires_grad_(False)
     n_train = sum(len(texts.batches[i].indices) for i in train)
-    stats = HealStats(depth=depth, mode="whole", n_train=n_train, n_held_out=texts.n - n_train, epochs=best_epoch,
+    stats = HealStats(depth=depth, heal="whole", n_train=n_train, n_held_out=texts.n - n_train, epochs=best_epoch,
                       epochs_run=epochs_run, seconds=round(time.perf_counter() - started, 1))
-    return WholeModel(depth, student, best_steps, float("nan") if best_loss is None else best_loss, stats, held)
+    return WholeHeal(depth, student, best_steps, float("nan") if best_loss is None else best_loss, stats, held)
 
 
 def _steps_within_budget(opts: WholeOptions, train: int, held: int, held_seconds: float) -> int:
@@ -180,7 +180,7 @@ class _Loss:
         return mean_loss(self, self.texts, batches)
 
 
-def _token_variance(texts: TextStates, index: int, batches: int = 32) -> float:
-    """The original's mean per-dimension variance over the real tokens at hidden-state `index` (from the
-    first `batches` batches: a scale, not a statistic to be exact about)."""
-    return float(real_tokens(texts.tokens[index], texts, batches).var(dim=0).mean()) or 1.0
+def _token_variance(texts: TextStates, index: int) -> float:
+    """The original's mean per-dimension variance over the real tokens at hidden-state `index` (from the first
+    batches, `real_tokens`: a scale, not a statistic to be exact about)."""
+    return float(real_tokens(texts.tokens[index], texts).var(dim=0).mean()) or 1.0

@@ -1,0 +1,94 @@
+"""The export candidates at the chosen depth, with --quantize int8: the ways to export it, scored fastest first on
+the calibration and agreement texts, and the first whose gate forecast passes kept.
+
+1. int8: dynamic int8 for this CPU (onnx_export.quantize_onnx, layerprune/cpu.py);
+2. int8 with each layer's feed-forward output projection and the head in fp32 (onnx_export.sensitive_nodes);
+3. fp32, the model as exported: the depth the walk already chose.
+
+The two int8 variants share their part of the export's error budget (depth_search.error_budget); fp32 takes the
+depth walk's, since its forecast is the walk's own. With --fallback, each is scored as served: the texts the
+candidate is least sure of continue through the original's layers above the cut, made as the candidate is
+(layerprune.continuation), or where the fallback restarts, the original answers them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import continuation, onnx_export
+from .artifacts import ExportCandidate
+from .data import Examples
+from .depth_search import ErrorBudget, ExportTexts
+from .fallback import threshold
+from .files import MODEL_FILE
+from .options import ExportOptions
+from .runtime import OnnxClassifier
+from .scoring import compute_metric
+from .tasks import TaskConfig
+from .validate import EvalParts, forecast
+
+
+def pick_candidate(bundle: Path, task: TaskConfig, texts: ExportTexts, parts: EvalParts, max_length: int,
+                   opts: ExportOptions, budget: ErrorBudget, cpu: str,
+                   graphs: continuation.Continuations | None = None) -> tuple[list[ExportCandidate], np.ndarray]:
+    """Score the export candidates of the fp32 model in `bundle` fastest first, keep the first whose forecast passes
+    in `bundle` (quantized for the CPU kind `cpu`), and report them all, with the kept one's logits on the
+    calibration texts. Where the bundle's graph continues (`graphs`), each candidate is scored with the
+    continuation made as it is."""
+    variants: list[tuple[str, list[str] | None]] = [("int8", None), ("int8-safe", onnx_export.sensitive_nodes(bundle))]
+    scored: list[tuple[ExportCandidate, np.ndarray, Path | None]] = []  # with its calibration logits and folder
+    with tempfile.TemporaryDirectory(prefix=".candidates-", dir=bundle.parent) as staging:
+        for label, keep_fp32 in variants:
+            folder = Path(staging) / label
+            shutil.copytree(bundle, folder)
+            name = onnx_export.quantize_onnx(folder, keep_fp32, cpu=cpu)
+            second = graphs.graph(name) if graphs else None
+            scored.append((*score_candidate(name, folder, task, texts, parts, max_length, opts, budget.per_variant,
+                                            second), folder))
+        second = graphs.graph(None) if graphs else None
+        scored.append((*score_candidate("fp32", bundle, task, texts, parts, max_length, opts, budget.depth, second),
+                       None))
+        chosen, calibration, folder = next((s for s in scored if s[0].forecast.passes), scored[-1])
+        chosen.chosen = True
+        if folder is not None:
+            shutil.copy(folder / MODEL_FILE, bundle / MODEL_FILE)
+    return [c for c, _, _ in scored], calibration
+
+
+def score_candidate(name: str, folder: Path, task: TaskConfig, texts: ExportTexts, parts: EvalParts, max_length: int,
+                    opts: ExportOptions, alpha: float,
+                    second: Path | None = None) -> tuple[ExportCandidate, np.ndarray]:
+    """A candidate graph's forecast as served, at error rate `alpha`, and its own logits on the calibration texts.
+    `second`: the continuation made as this candidate is, which answers the texts it sends on (else the original
+    restarts)."""
+    runner = OnnxClassifier(folder, max_length=max_length)
+    started = time.perf_counter()
+    calibration = own = runner.logits(parts.calibration.texts, parts.calibration.pairs, batch_size=opts.batch_size)
+    rate = len(parts.calibration) / (time.perf_counter() - started)
+    agreement = None
+    if texts.agreement is not None:
+        examples = texts.agreement.examples
+        agreement = runner.logits(examples.texts, examples.pairs, batch_size=opts.batch_size)
+    if opts.fallback and second is not None:  # scored as served: continued from this candidate's own states
+        cascade = OnnxClassifier(folder, max_length=max_length, continuation=second,
+                                 below=threshold(calibration, opts.fallback))
+        calibration = cascade.logits(parts.calibration.texts, parts.calibration.pairs, batch_size=opts.batch_size)
+        if agreement is not None:
+            agreement = cascade.logits(examples.texts, examples.pairs, batch_size=opts.batch_size)
+    elif opts.fallback:  # scored as served: the original answers the texts this candidate is least sure of
+        calibration, agreement = texts.served(calibration, agreement, opts.fallback)
+    unlabeled = None if agreement is None else (texts.agreement.logits, agreement)
+    prediction = forecast(task, parts.calibration.labels, texts.calibration.logits, calibration, opts.tolerance,
+                          len(parts.holdout), unlabeled, alpha)
+    metric = compute_metric(task.metric, parts.calibration.labels, calibration, regression=task.is_regression)
+    return ExportCandidate(name=name, metric=metric, forecast=prediction, sentences_per_s=round(rate, 1)), own
+
+
+def onnx_logits(folder: Path, examples: Examples, max_length: int, batch_size: int) -> np.ndarray:
+    """The fp32 or int8 graph in `folder` on `examples`, at the bundle's max length."""
+    return OnnxClassifier(folder, max_length=max_length).logits(examples.texts, examples.pairs, batch_size=batch_size)
