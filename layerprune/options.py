@@ -306,3 +306,10 @@ class ExportOptions:
     device: str | None = None
     trust_remote_code: bool = False
     resample_seed: int | None = None  # re-cut calibration/holdout (benchmarks)
+
+    def __post_init__(self) -> None:
+        # the flag's alias holds from Python too, and a mode no heal has is refused here, not trained as another
+        if self.heal is not None:
+            object.__setattr__(self, "heal", heal_mode(self.heal))
+            if self.heal not in typing.get_args(HealMode):
+                raise ValueError(f"heal must be one of {', '.join(typing.get_args(HealMode))}, got {self.heal!r}")

@@ -617,7 +617,7 @@ def test_cascade_continued_and_restarted_serve_the_same_answers_in_fp32(bundle: 
     from layerprune.export import ExportOptions, export_bundle
 
     run_dir = shutil.copytree(bundle.parent / "run", tmp_path / "run", ignore=shutil.ignore_patterns("truncated"))
-    export_bundle(run_dir, tmp_path / "cont", ExportOptions(keep_layers=SERVE_KEEP_LAYERS, heal="distill",
+    export_bundle(run_dir, tmp_path / "cont", ExportOptions(keep_layers=SERVE_KEEP_LAYERS, heal="top",
                                                              fallback=0.5, device="cpu", batch_size=8))
     out = tmp_path / "cascade.md"
     assert run("cascade-mpnet", "--bundle", tmp_path / "cont", "--shares", "25,75", "--n", "30", "--rounds", "1",

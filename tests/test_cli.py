@@ -382,6 +382,9 @@ def test_heal_distill_is_the_top_layer_heal(monkeypatch) -> None:
         with pytest.raises(ZeroDivisionError):
             main(["export", "--heal", heal])
     assert got == [ExportOptions(heal="top", device="auto")] * 2
+    assert ExportOptions(heal="distill").heal == "top", "the alias holds from Python too"
+    with pytest.raises(ValueError, match="heal must be one of"):
+        ExportOptions(heal="every")  # refused, never trained as another heal
 
 
 def test_heal_flags_set_the_heals_own_options(monkeypatch) -> None:
