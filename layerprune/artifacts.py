@@ -353,7 +353,7 @@ class DepthReport(Artifact):
 class ValidationReport(Artifact):
     """validation.json: the exported bundle against the original checkpoint on held-out examples."""
 
-    schema_version: int = 3
+    schema_version: int = 4
     written_by: ClassVar[str] = "layerprune export"
     metric_name: str
     holdout: str = Field(description="which examples validated the bundle (disjoint from calibration)")
@@ -363,6 +363,9 @@ class ValidationReport(Artifact):
     delta: float = Field(description="bundle - original")
     delta_ci95: tuple[float, float] = Field(description="paired bootstrap 95% interval of delta")
     agreement: float | None = Field(description="share of identical predictions (classification)")
+    agreement_lower95: float | None = Field(
+        default=None, description="one-sided 95% lower confidence bound of agreement (Wilson score, n_examples)"
+    )
     tolerance: float
     passed: bool = Field(description="delta >= -tolerance")
     max_abs_logit_diff_fp32: float | None = Field(

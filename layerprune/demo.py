@@ -156,6 +156,9 @@ def _summary(result, validation, speedup: tuple[float, float], seconds: float) -
                         f"heal={result.depth.heal})"),
         (f"{validation.metric_name}, original", f"{validation.original:.4f} ({validation.holdout}, n={validation.n_examples})"),
         (f"{validation.metric_name}, bundle", f"{validation.bundle:.4f} (delta {validation.delta:+.4f}, tolerance {validation.tolerance})"),
+        *([("agreement with the original", f"{validation.agreement:.1%} of the holdout (one-sided 95% lower bound "
+                                           f"{validation.agreement_lower95:.1%})")]
+          if validation.agreement_lower95 is not None else []),
         ("bundle", f"{size:.1f} MB, ONNX {result.manifest.quantization_config or 'fp32'}, max length "
                    f"{result.manifest.max_length}"),
         *([("fallback", f"the original answers the least sure {result.manifest.fallback.share:.0%} "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import bootstrap
+from scipy.stats import binomtest, bootstrap
 
 from .artifacts import AnalysisReport, GateForecast, ValidationReport, load_artifact
 from .bundle import open_bundle
@@ -164,12 +164,22 @@ def compare(
     before = compute_metric(task.metric, holdout.labels, original, regression)
     after = compute_metric(task.metric, holdout.labels, served, regression)
     low, high, _ = paired_bootstrap(holdout.labels, original, served, task.metric, regression)
-    agreement = None if regression else float(np.mean(predictions(original, False) == predictions(served, False)))
+    same = None if regression else int(np.sum(predictions(original, False) == predictions(served, False)))
+    agreement = None if same is None else same / len(holdout)
+    lower = None if same is None else agreement_lower_bound(same, len(holdout))
     return ValidationReport(
         metric_name=task.metric, holdout=holdout_name, n_examples=len(holdout), original=before, bundle=after,
-        delta=after - before, delta_ci95=(low, high), agreement=agreement, tolerance=tolerance,
-        passed=after - before >= -tolerance, max_abs_logit_diff_fp32=parity, max_length=max_length, sent_on=sent_on,
+        delta=after - before, delta_ci95=(low, high), agreement=agreement, agreement_lower95=lower,
+        tolerance=tolerance, passed=after - before >= -tolerance, max_abs_logit_diff_fp32=parity,
+        max_length=max_length, sent_on=sent_on,
     )
+
+
+def agreement_lower_bound(agree: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided lower confidence bound of a share of agreeing predictions (`agree` of `n`): the lower end of the
+    Wilson score interval (Wilson 1927), which stays inside [0, 1] and keeps its coverage near 100% agreement,
+    where the normal interval does not. One-sided at `confidence` is the two-sided interval at 2*confidence - 1."""
+    return float(binomtest(agree, n).proportion_ci(confidence_level=2 * confidence - 1, method="wilson").low)
 
 
 def validate_bundle(bundle_dir: Path, tolerance: float | None = None, device: str | None = None) -> ValidationReport:

@@ -436,6 +436,13 @@ def test_compare_pass_and_fail() -> None:
     assert failed.delta == pytest.approx(-0.05) and not failed.passed and failed.agreement == 0.95
     assert failed.delta_ci95[1] < 0, "20 flips in the same direction: the interval excludes 0"
     assert compare(task, holdout, "h", original, worse, tolerance=0.06, max_length=128).passed
+    # The one-sided 95% Wilson lower bound of 380 agreeing of 400, by hand: z = 1.6449 (the normal's 95th
+    # percentile), (p + z^2/2n - z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n) = 0.9289.
+    p, n, z = 0.95, 400, 1.6448536
+    wilson = (p + z**2 / (2 * n) - z * (p * (1 - p) / n + z**2 / (4 * n**2)) ** 0.5) / (1 + z**2 / n)
+    assert failed.agreement_lower95 == pytest.approx(wilson, abs=1e-6) and wilson == pytest.approx(0.9289, abs=1e-4)
+    assert compare(task, holdout, "h", original, original, tolerance=0.01, max_length=128).agreement_lower95 == (
+        pytest.approx(n / (n + z**2))), "all agree: the Wilson bound is n / (n + z^2), below 1"
 
 
 def test_cli_export_and_validate(run_dir: Path, tmp_path: Path, capsys) -> None:
