@@ -1,7 +1,7 @@
 """The fallback: the pruned model answers where it is sure, the original model where it is not.
 
 A healed cut's disagreements with the original sit almost all among the texts it is least sure of
-(docs/results.md, "A fallback to the original for the pruned model's unsure texts"). So a bundle exported with
+(docs/results.md, "The fallback to the original"). So a bundle exported with
 `--fallback SHARE` also holds the original's graph, and a text whose top-class probability under the pruned model
 is below a threshold takes the original's answer: a confidence cascade, the idea of early-exit models (DeeBERT,
 Xin et al., 2020) with one exit at the cut and the full model behind it.

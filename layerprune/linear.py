@@ -2,8 +2,8 @@
 
 On CPU, torch runs `nn.Linear` (aten::addmm) through MKL's sgemm, and the linear layers are almost all of an
 encoder's time there. On AMD EPYC, MKL takes a slower path than oneDNN, which torch also ships (its mkldnn ops,
-used by torch.compile): the original's pass and the heals ran much faster through it (docs/results.md, "torch's
-linear layers through oneDNN"). So the models layerprune loads run their linear layers through oneDNN, forward
+used by torch.compile): the original's pass and the heals ran much faster through it (docs/results.md, "The speed
+of export: oneDNN"). So the models layerprune loads run their linear layers through oneDNN, forward
 and backward, wherever a probe at first use finds it faster than torch's own path and equal to it in result;
 elsewhere (a CPU where MKL is as fast, CUDA, other dtypes, a trace for ONNX export) `nn.Linear` runs as it
 always does.

@@ -109,7 +109,7 @@ def quantization_config(cpu: str | None = None) -> tuple[str, QuantizationConfig
     with a short name for the manifest. Quantization targets the exporting machine's CPU family.
 
     All dynamic (activations quantized per batch as they come, no calibration data) with per-channel
-    weights: per-tensor weights round too coarsely (docs/results.md, "int8 on two CPU kinds").
+    weights: per-tensor weights round too coarsely (docs/results.md, "int8").
     - AVX-512 with VNNI: optimum's `avx512` preset, u8 activations x s8 weights, 8-bit. VPDPBUSD sums the
       products into int32: nothing saturates.
     - AVX2, or AVX-512 without VNNI: u8 x s8 with 7-bit weights (reduce_range). Without VNNI onnxruntime's
@@ -122,7 +122,7 @@ def quantization_config(cpu: str | None = None) -> tuple[str, QuantizationConfig
     - ppc64le: optimum's `ppc64le` preset.
 
     What each configuration costs against fp32, and what 8-bit weights do on a kernel without VNNI
-    (benchmarks/int8_cpus.py, VNNI emulated exactly): docs/results.md, "int8 on two CPU kinds".
+    (benchmarks/int8_cpus.py, VNNI emulated exactly): docs/results.md, "int8".
     """
     from optimum.onnxruntime import AutoQuantizationConfig
 
@@ -153,7 +153,7 @@ def sensitive_nodes(onnx_dir: Path) -> list[str]:
     projection (its input, after GELU, has the outliers that a per-tensor activation scale rounds away;
     Bondarenko et al., 2021) and the head's (pooler and classifier: every product outside the layers).
     Keeping these in fp32 roughly halves int8's disagreement with fp32, more than keeping the last layer and
-    head instead (docs/results.md, "int8 variants on MiniLM"). The exporter names nodes after
+    head instead (docs/archive.md, "int8 variants on MiniLM, 5 layers"). The exporter names nodes after
     the PyTorch modules ('/bert/encoder/layer.4/output/dense/MatMul'), which is what this reads."""
     import onnx
 

@@ -71,7 +71,7 @@ class OnnxClassifier:
             raise LayerpruneError("a fallback needs one second graph (the original's or a continuation) and the "
                                   "threshold below which it answers")
         # Two sessions take turns on the same cores: one's threads spinning after its run slow the other's (the
-        # cascade ran at 0.6x on 2 cores with spinning, docs/results.md, "The fallback, served").
+        # cascade ran at 0.6x on 2 cores with spinning, docs/archive.md, "The fallback, served").
         spinning = spinning and second is None
         self.session = _session(self.model_path, providers, threads, spinning, memory_arena)
         self.below = below
