@@ -79,6 +79,7 @@ class OnnxClassifier:
         self.fallback = None if second is None else _session(Path(second), providers, threads, spinning, memory_arena)
         self.continues = continuation is not None  # the second graph goes on from this graph's hidden_states
         self.input_names: list[str] = [i.name for i in self.session.get_inputs()]
+        self._fallback_inputs = [] if self.fallback is None else [i.name for i in self.fallback.get_inputs()]
         self.output_name: str = self.session.get_outputs()[0].name
         self._fetch = [self.output_name]
         if self.continues:
@@ -153,7 +154,7 @@ class OnnxClassifier:
             rows = unsure(logits, self.below)
             if rows.any():  # the rows sent on go as one sub-batch, cut to their longest row
                 given = _rows({**feeds, STATES: states[0]} if states else feeds, rows)
-                logits[rows] = self.fallback.run(None, {i.name: given[i.name] for i in self.fallback.get_inputs()})[0]
+                logits[rows] = self.fallback.run(None, {name: given[name] for name in self._fallback_inputs})[0]
                 with self._lock:
                     self.sent_on += int(rows.sum())
         return logits
@@ -165,7 +166,7 @@ class OnnxClassifier:
         if outputs != [LOGITS, STATES]:
             raise LayerpruneError(f"{self.model_path} outputs {outputs}, not {[LOGITS, STATES]}: it has no states "
                                   "for a continuation to go on from")
-        takes = [i.name for i in self.fallback.get_inputs()]
+        takes = self._fallback_inputs
         if STATES not in takes or not set(takes) <= {STATES, *self.input_names}:
             raise LayerpruneError(f"the continuation graph takes {takes}: it must take {STATES} and only inputs "
                                   f"the bundle's graph takes ({self.input_names})")
