@@ -4,7 +4,6 @@ and the comma-separated flag values they take."""
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 
 from layerprune.artifacts import AnalysisReport, load_analysis
 from layerprune.tasks import TaskConfig
+from layerprune.timing import Timing, timed_rounds  # the benchmarks time as the library does (re-exported)
 from layerprune.validate import EvalParts, calibration_and_holdout
 
 
@@ -46,36 +46,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: 
     """A markdown table; `align` is one letter a column, l or r (default: every column left)."""
     rule = "|" + "|".join("---:" if a == "r" else "---" for a in (align or "l" * len(header))) + "|"
     return "\n".join(["| " + " | ".join(header) + " |", rule, *("| " + " | ".join(map(str, r)) + " |" for r in rows)])
-
-
-@dataclass
-class Timing:
-    """One candidate's timed calls, a round each: their seconds and what each returned."""
-
-    seconds: list[float]
-    results: list[Any]
-
-    @property
-    def median(self) -> float:
-        return float(np.median(self.seconds))
-
-
-def timed_rounds(candidates: dict[str, Callable[[], Any]], rounds: int,
-                 warm_up: dict[str, Callable[[], Any]] | None = None) -> dict[str, Timing]:
-    """Each candidate called once untimed (or its `warm_up` call), then `rounds` rounds in which every candidate
-    is called once in turn (A B C, A B C, ...), timed with time.perf_counter. Interleaved, a change in the
-    machine's load (other jobs on shared cores, the clock) falls on every candidate alike instead of on
-    whichever ran last; the median over rounds is the figure to report."""
-    for name, call in candidates.items():
-        (warm_up or {}).get(name, call)()
-    timings = {name: Timing([], []) for name in candidates}
-    for _ in range(rounds):
-        for name, call in candidates.items():
-            started = time.perf_counter()
-            result = call()
-            timings[name].seconds.append(time.perf_counter() - started)
-            timings[name].results.append(result)
-    return timings
 
 
 def disagreement(original: np.ndarray, other: np.ndarray) -> float:

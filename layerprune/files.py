@@ -49,6 +49,7 @@ OPTIMIZED_MODEL_FILE = "model_optimized.onnx"  # optimum's ORTOptimizer output
 TYPED_MODEL_FILE = "typed.onnx"  # onnxruntime's quant_pre_process output, the quantizer's input
 TYPED_MODEL_DATA_FILE = f"{TYPED_MODEL_FILE}_data"  # its weights, when they sit beside it
 QUANTIZED_TYPED_MODEL_FILE = "typed_quantized.onnx"  # optimum's ORTQuantizer output for TYPED_MODEL_FILE
+QUANTIZED_MODEL_FILE = "model_quantized.onnx"  # optimum's ORTQuantizer output for MODEL_FILE
 
 # --- a Triton model repository (serve/triton.py) --------------------------------------------------------------
 TRITON_CONFIG_FILE = "config.pbtxt"

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # docs/design.md's list, and depth_search (export's depth search: transformers, heal, prune).
 TRAINING_SIDE = {"analyze", "export", "onnx_export", "continuation", "faithful_int8", "finetune", "heal", "hidden",
-                 "linear", "models", "prune", "validate", "demo", "cli", "plots", "depth_search"}
+                 "linear", "models", "prune", "validate", "compare", "demo", "cli", "plots", "depth_search"}
 
 
 def test_the_rules_cited_here_exist() -> None:
