@@ -18,10 +18,12 @@ What this does instead, for each activation X (tokens x K) read by products Y = 
               = t_m (ws_n (q Wq)[m, n]) - (t_m z_m) (ws_n colsum(Wq)_n) + b_n
 
   The last two terms are one MatMul of inner size 2: [-(t z), 1] @ [ws * colsum Wq ; b].
-  Three modes per activation: 'asym' (min/max range, the zero point per token as above) for activations read
-  by several products (Q, K and V share the correction's cost); 'sym' (max|x|, zero point 128, no
-  correction) for the others; 'shift' after a GELU: GELU(x) >= -0.17, so x + 0.17 >= 0 is quantized on 0..255
-  with zero point 0, and the shift is folded exactly into the bias, b - 0.17 colsum(W).
+  Three modes per activation: 'sym' (max|x|, zero point 128, no correction), the default; 'asym' (min/max
+  range, the zero point per token as above) for activations read by several products (Q, K and V share the
+  correction's cost) with shared_zero_point; 'shift' after a GELU: GELU(x) >= -c (c = 0.17), so x is quantized
+  with zero point z = floor(255 c / (max_m + c)) (at least 1) and step t = c / z: t z = c exactly, the
+  correction is the constant c ws colsum(Wq), folded into the bias, and the whole 0..255 range covers
+  [-c, max_m] at no cost over the product's own passes.
 - GPTQ weights (Frantar et al. 2022): symmetric per output column, Wq in [-qmax, qmax] with scale
   ws = max|W[:, n]| / qmax, but rounded one input row at a time with each row's rounding error spread over the
   rows not yet rounded through the Cholesky factor of (X^T X)^-1 (X: calibration tokens), so that X Wq tracks
@@ -29,8 +31,11 @@ What this does instead, for each activation X (tokens x K) read by products Y = 
 - smoothing (SmoothQuant, Xiao et al. 2023), per activation by measurement: Y = (X diag(1/s)) (diag(s) W) with
   s_j = max|X_j|^alpha / max|W_j.|^(1 - alpha); alpha from a grid (None: no smoothing) by the least emulated
   error ||Q(X / s) Q(s W) - X W||^2 on sampled calibration tokens. 1/s folds exactly into V's columns and bias
-  where the activation is the attention context (softmax(Q K^T) V is linear in V's columns); elsewhere it is
-  one Mul by a constant vector (post-LN encoders also feed the LayerNorm's output to the residual).
+  where the activation is the attention context (softmax(Q K^T) V is linear in V's columns), which is the only
+  place the default smooths; elsewhere it would be one Mul by a constant vector (post-LN encoders also feed the
+  LayerNorm's output to the residual), a pass over the activation that costs more speed than its fidelity
+  buys (benchmarks/results/int8_methods*.md), taken only with smooth_with_mul (then a GELU's shift is an Add
+  before the Mul, on zero point 0).
 
 The head (Gemm on one row per text) and attention's activation x activation products stay fp32. With
 quantize=False the transform stops after the exact part (shifts and smoothing, nothing rounded): that graph
