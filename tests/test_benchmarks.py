@@ -27,7 +27,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from conftest import ROOT, SENTENCES, make_tiny_classifier, reference_with_layers
 from layerprune.artifacts import AnalysisReport, load_artifact
 from layerprune.cpu import cpu_model
-from layerprune.errors import DataError
+from layerprune.errors import DataError, LayerpruneError
 from layerprune.onnx_export import export_onnx, max_logit_difference, quantize_onnx
 from layerprune.runtime import OnnxClassifier
 from layerprune.validate import calibration_and_holdout
@@ -144,6 +144,7 @@ def test_variant_names_the_results_file(bundle: Path, tmp_path: Path, monkeypatc
     ("fallback", []),
     ("auto", ["--seeds", "0"]),
     ("int8_cpus", ["--checkpoint", "unused"]),
+    ("int8_methods", []),
 ])
 def test_a_folder_without_analysis_is_refused_before_any_work(tmp_path: Path, capsys, name: str,
                                                                args: list[str]) -> None:
@@ -161,6 +162,7 @@ def test_a_folder_without_analysis_is_refused_before_any_work(tmp_path: Path, ca
     (["auto", "--quantize", "int4"], "auto: error: argument --quantize: each must be one of int8, none, got 'int4'"),
     (["depths", "--checkpoint", "missing"], "depths: error: missing holds no config.json: not a checkpoint"),
     (["pruned_vs_int8", "--bundle", "missing"], "pruned_vs_int8: error: missing is not a bundle folder"),
+    (["int8_methods", "--run-dir", "unused", "--rounds", "0"], "int8_methods: error: --n, --n-ood, --calibration and"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(tmp_path: Path, capsys, argv: list[str], says: str) -> None:
     assert run(*argv, "--out", tmp_path / "out.md") == 2
@@ -486,6 +488,62 @@ def test_int8_cpus_scores_fp32_as_transformers_does_and_every_configuration_both
         preds = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()(**encoded).logits.argmax(-1)
     assert rows[0]["accuracy"] == f"{np.mean(preds.numpy() == examples.labels):.4f}"
     assert rows[1]["accuracy"] == rows[2]["accuracy"] and rows[3]["accuracy"] == rows[4]["accuracy"]
+
+
+# --- int8_methods --------------------------------------------------------------------------------------------------
+
+
+def snippet_folder(folder: Path) -> list[str]:
+    """A hutto_ICWSM_2014-like folder: each GroundTruth file has two snippets (id TAB rating TAB text)."""
+    folder.mkdir()
+    texts = []
+    for k, name in enumerate(("amazonReviewSnippets", "tweets", "nytEditorialSnippets")):
+        lines = [(f"{k}_{i}", f"{i - 0.5}", TEXTS[2 * k + i]) for i in range(2)]
+        (folder / f"{name}_GroundTruth.txt").write_text("\r\n".join("\t".join(line) for line in lines))
+        texts += [text for *_, text in lines]
+    return texts
+
+
+def test_int8_methods_reads_the_three_snippet_files_and_refuses_a_folder_without_them(tmp_path: Path) -> None:
+    module = benchmark("int8_methods")
+    written = snippet_folder(tmp_path / "hutto")
+    assert module.snippets(tmp_path / "hutto") == written
+    (tmp_path / "hutto" / "tweets_GroundTruth.txt").unlink()
+    with pytest.raises(LayerpruneError, match="is not a hutto_ICWSM_2014 folder"):
+        module.snippets(tmp_path / "hutto")
+
+
+def test_int8_methods_counts_disagreement_with_fp32_as_onnxruntime_answers(bundle: Path, tmp_path: Path) -> None:
+    """Every row is built and scored; the plain int8 row's disagreement is the share of the eval split's texts
+    on which optimum's int8 (quantized here) and the fp32 export, run by onnxruntime, answer differently."""
+    run_dir, out = bundle.parent / "run", tmp_path / "methods.md"
+    snippet_folder(tmp_path / "hutto")
+    assert run("int8_methods", "--run-dir", run_dir, "--checkpoint", run_dir / "truncated", "--n", "8", "--n-ood", "6",
+               "--calibration", "16",
+               "--rounds", "1", "--ood", tmp_path / "hutto", "--out", out) == 0
+    rows = table_rows(out.read_text())
+    assert [r["method"].split(",")[0].split(" (")[0] for r in rows] == [
+        "fp32", "optimum plain dynamic int8", "layerprune int8-safe", "faithful_int8", "faithful_int8",
+        "faithful_int8"]
+    assert rows[0]["disagree test"] == rows[0]["disagree ood"] == "0.00%"
+    task = load_artifact(AnalysisReport, run_dir / "analysis.json").task_config
+    from layerprune.data import load_examples
+
+    texts = load_examples(task, "test" if "test" in task.splits else task.eval_split).texts
+    fp32 = export_onnx(run_dir / "truncated", tmp_path / "fp32").parent
+    int8 = shutil.copytree(fp32, tmp_path / "int8")
+    quantize_onnx(int8)
+    answers = [ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"]) for folder in
+               (fp32, int8)]
+    tokenizer = AutoTokenizer.from_pretrained(fp32)
+    flips = 0  # over the benchmark's batches: sorted by length, 32 a batch (dynamic int8 depends on the batch)
+    order = np.argsort([len(tokenizer(t)["input_ids"]) for t in texts], kind="stable")
+    for start in range(0, len(order), 32):
+        batch = tokenizer([texts[i] for i in order[start:start + 32]], padding=True, return_tensors="np")
+        got = [s.run(None, {i.name: batch[i.name].astype(np.int64) for i in s.get_inputs()})[0].argmax(-1)
+               for s in answers]
+        flips += int((got[0] != got[1]).sum())
+    assert rows[1]["disagree test"] == f"{flips / len(texts):.2%}"
 
 
 # --- linear_backends -----------------------------------------------------------------------------------------------
