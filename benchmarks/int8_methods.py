@@ -178,7 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, help="the checkpoint to measure instead of RUN_DIR/truncated")
     parser.add_argument("--depth", type=int, help="the depth RUN_DIR/truncated must have (a check)")
     parser.add_argument("--n", type=int, default=1024, help="texts timed per row and round")
-    parser.add_argument("--n-ood", type=int, default=3000, help="out-of-domain snippets scored")
+    parser.add_argument("--n-ood", type=int, default=2000, help="out-of-domain snippets scored")
     parser.add_argument("--calibration", type=int, default=1000, help="train texts faithful_int8 calibrates on")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the median is reported)")
     parser.add_argument("--ood", type=Path, help="a hutto_ICWSM_2014 folder (default: fetch vaderSentiment with pip)")
