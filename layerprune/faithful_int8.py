@@ -18,10 +18,12 @@ What this does instead, for each activation X (tokens x K) read by products Y = 
               = t_m (ws_n (q Wq)[m, n]) - (t_m z_m) (ws_n colsum(Wq)_n) + b_n
 
   The last two terms are one MatMul of inner size 2: [-(t z), 1] @ [ws * colsum Wq ; b].
-  Three modes per activation: 'asym' (min/max range, the zero point per token as above) for activations read
-  by several products (Q, K and V share the correction's cost); 'sym' (max|x|, zero point 128, no
-  correction) for the others; 'shift' after a GELU: GELU(x) >= -0.17, so x + 0.17 >= 0 is quantized on 0..255
-  with zero point 0, and the shift is folded exactly into the bias, b - 0.17 colsum(W).
+  Three modes per activation: 'sym' (max|x|, zero point 128, no correction), the default; 'asym' (min/max
+  range, the zero point per token as above) for activations read by several products (Q, K and V share the
+  correction's cost) with shared_zero_point; 'shift' after a GELU: GELU(x) >= -c (c = 0.17), so x is quantized
+  with zero point z = floor(255 c / (max_m + c)) (at least 1) and step t = c / z: t z = c exactly, the
+  correction is the constant c ws colsum(Wq), folded into the bias, and the whole 0..255 range covers
+  [-c, max_m] at no cost over the product's own passes.
 - GPTQ weights (Frantar et al. 2022): symmetric per output column, Wq in [-qmax, qmax] with scale
   ws = max|W[:, n]| / qmax, but rounded one input row at a time with each row's rounding error spread over the
   rows not yet rounded through the Cholesky factor of (X^T X)^-1 (X: calibration tokens), so that X Wq tracks
@@ -29,8 +31,11 @@ What this does instead, for each activation X (tokens x K) read by products Y = 
 - smoothing (SmoothQuant, Xiao et al. 2023), per activation by measurement: Y = (X diag(1/s)) (diag(s) W) with
   s_j = max|X_j|^alpha / max|W_j.|^(1 - alpha); alpha from a grid (None: no smoothing) by the least emulated
   error ||Q(X / s) Q(s W) - X W||^2 on sampled calibration tokens. 1/s folds exactly into V's columns and bias
-  where the activation is the attention context (softmax(Q K^T) V is linear in V's columns); elsewhere it is
-  one Mul by a constant vector (post-LN encoders also feed the LayerNorm's output to the residual).
+  where the activation is the attention context (softmax(Q K^T) V is linear in V's columns), which is the only
+  place the default smooths; elsewhere it would be one Mul by a constant vector (post-LN encoders also feed the
+  LayerNorm's output to the residual), a pass over the activation that costs more speed than its fidelity
+  buys (benchmarks/results/int8_methods*.md), taken only with smooth_with_mul (then a GELU's shift is an Add
+  before the Mul, on zero point 0).
 
 The head (Gemm on one row per text) and attention's activation x activation products stay fp32. With
 quantize=False the transform stops after the exact part (shifts and smoothing, nothing rounded): that graph
@@ -99,20 +104,26 @@ class Stats:
 
 
 def faithful_int8(model: onnx.ModelProto, batches: Sequence[Feeds], reduce_range: bool = False,
-                  alphas: Sequence[float | None] = ALPHAS, quantize: bool = True) -> onnx.ModelProto:
+                  alphas: Sequence[float | None] = ALPHAS, quantize: bool = True, smooth_with_mul: bool = False,
+                  shared_zero_point: bool = False) -> onnx.ModelProto:
     """`model` (fp32) as faithful dynamic int8, calibrated on `batches` (session feeds with an attention_mask,
     as runtime.OnnxClassifier.encode makes them; never the texts the result is validated on).
 
     reduce_range: 7-bit weights (qmax 64, onnxruntime's reduce_range) for CPUs without VNNI, whose u8 x s8 kernel
     sums pairs of products in int16. alphas: the smoothing exponents searched per activation ((None,): no
-    smoothing). quantize=False: the exact fp32 preparation only (shifts and smoothing folded, nothing rounded)."""
+    smoothing). quantize=False: the exact fp32 preparation only (shifts and smoothing folded, nothing rounded).
+    smooth_with_mul: also smooth activations whose 1/s does not fold into V, by a Mul (one more pass over the
+    activation). shared_zero_point: 'asym' for activations read by several products (Q, K, V), with its rank-1
+    correction, instead of 'sym'."""
     model = untie(model)
     sites = find_sites(model)
     if not sites:
         raise LayerpruneError("faithful int8 found no MatMul with a constant weight to quantize in this graph")
     qmax = 64 if reduce_range else 127
     stats = site_statistics(model, batches, sites)
-    plans = [make_plan(model, site, stats[site.tensor], qmax, alphas) for site in sites]
+    plans = [make_plan(model, site, stats[site.tensor], qmax,
+                       alphas if smooth_with_mul or site.value is not None else (None,), shared_zero_point)
+             for site in sites]
     prepared, prepared_sites = prepare(model, sites, plans)
     if not quantize:
         return prepared
@@ -268,11 +279,11 @@ def site_statistics(model: onnx.ModelProto, batches: Iterable[Feeds], sites: Seq
         mask = feeds["attention_mask"].astype(bool)
         for name, value in zip(tensors, session.run(tensors, {k: feeds[k] for k in names})):
             rows = value[mask] if value.ndim == mask.ndim + 1 else value.reshape(-1, value.shape[-1])
-            r64 = rows.astype(np.float64)
             a = acc.setdefault(name, dict(lo=rows.min(0), hi=rows.max(0), gram=0.0, total=0.0, n=0, rows=[]))
             a["lo"], a["hi"] = np.minimum(a["lo"], rows.min(0)), np.maximum(a["hi"], rows.max(0))
-            a["gram"] = a["gram"] + r64.T @ r64
-            a["total"] = a["total"] + r64.sum(0)
+            # A batch's sums in float32 (a few thousand tokens: relative error ~1e-6), batches summed in float64.
+            a["gram"] = a["gram"] + (rows.T @ rows).astype(np.float64)
+            a["total"] = a["total"] + rows.sum(0, dtype=np.float64)
             a["n"] += len(rows)
             a["rows"].append(rows[rng.random(len(rows)) < 0.25])  # bounded memory: a quarter, then the sample
     if not acc:
@@ -301,8 +312,12 @@ def quantize_per_token(x: np.ndarray, plan: Plan) -> np.ndarray:
     if plan.mode == "sym":
         t = np.maximum(np.abs(x).max(axis=1, keepdims=True) / 127, 1e-12)
         return np.round(x / t) * t
+    if plan.mode == "shift" and plan.scales is None:  # step c / z, z the zero point (see per_token_int8)
+        zero = np.clip(np.floor(255 * plan.shift / (x.max(axis=1, keepdims=True) + plan.shift)), 1, 255)
+        t = plan.shift / zero
+        return (np.clip(np.round(x / t) + zero, 0, 255) - zero) * t
     if plan.mode == "shift":
-        c = plan.shift / (plan.scales if plan.scales is not None else 1.0)
+        c = plan.shift / plan.scales
         t = np.maximum((x + c).max(axis=1, keepdims=True) / 255, 1e-12)
         return np.clip(np.round((x + c) / t), 0, 255) * t - c
     lo, hi = np.minimum(x.min(axis=1, keepdims=True), 0), np.maximum(x.max(axis=1, keepdims=True), 0)
@@ -319,14 +334,15 @@ def _round_to_nearest(w: np.ndarray, qmax: int) -> np.ndarray:
 
 
 def make_plan(model: onnx.ModelProto, site: Site, stats: Stats, qmax: int,
-              alphas: Sequence[float | None]) -> Plan:
-    """The site's mode ('shift' after a GELU, 'asym' when several products read it, else 'sym') and its
+              alphas: Sequence[float | None], shared_zero_point: bool = True) -> Plan:
+    """The site's mode ('shift' after a GELU, 'asym' when several products read it and shared_zero_point, else
+    'sym') and its
     smoothing: the alpha whose per-token int8 product, emulated on the sampled tokens with round-to-nearest
     weights, is closest to the fp32 one."""
     if _gelu_output(model, site.tensor) and stats.lo.min() >= -GELU_FLOOR:
         mode, shift = "shift", GELU_FLOOR
     else:
-        mode, shift = ("asym" if len(site.matmuls) > 1 else "sym"), 0.0
+        mode, shift = ("asym" if shared_zero_point and len(site.matmuls) > 1 else "sym"), 0.0
     w = _site_weight(model, site)
     x = stats.sample.astype(np.float32)
     y = x @ w
@@ -341,7 +357,8 @@ def make_plan(model: onnx.ModelProto, site: Site, stats: Stats, qmax: int,
     return best
 
 
-def gptq(w: np.ndarray, gram: np.ndarray, qmax: int, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+def gptq(w: np.ndarray, gram: np.ndarray, qmax: int, damp: float = 0.01, block: int = 128
+         ) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ for symmetric per-output-column integer weights: round w (K x N) one input row at a time, in order
     of decreasing gram diagonal, spreading each row's error over the rows not yet rounded through the upper
     Cholesky factor of (X^T X + damp mean(diag) I)^-1. Column scales max|w_col| / qmax, as round-to-nearest.
@@ -359,10 +376,14 @@ def gptq(w: np.ndarray, gram: np.ndarray, qmax: int, damp: float = 0.01) -> tupl
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
     u = np.linalg.cholesky(np.linalg.inv(h)).T
     q = np.zeros_like(w)
-    for i in range(k):
-        q[i] = np.clip(np.round(w[i] / scale), -qmax, qmax)
-        err = (w[i] - q[i] * scale) / u[i, i]
-        w[i + 1:] -= np.outer(u[i, i + 1:], err)
+    for start in range(0, k, block):  # GPTQ's lazy batch: rows past the block get its errors in one product
+        end = min(start + block, k)
+        errors = np.empty((end - start, w.shape[1]))
+        for i in range(start, end):
+            q[i] = np.clip(np.round(w[i] / scale), -qmax, qmax)
+            errors[i - start] = (w[i] - q[i] * scale) / u[i, i]
+            w[i + 1:end] -= np.outer(u[i, i + 1:end], errors[i - start])
+        w[end:] -= u[start:end, end:].T @ errors
     out = np.empty_like(q)
     out[order] = q
     return out, scale
@@ -384,7 +405,7 @@ def prepare(model: onnx.ModelProto, sites: Sequence[Site], plans: Sequence[Plan]
     new_sites = []
     for k, (site, plan) in enumerate(zip(sites, plans)):
         x, inserted = site.tensor, []
-        if plan.shift:
+        if plan.shift and plan.scales is not None:  # unsmoothed, the shift is the zero point (per_token_int8)
             for m in site.matmuls:  # x W + b = (x + c) W + (b - c colsum W)
                 bias = _bias_of(users, inits, nodes[m])
                 _set(inits, bias, _array(inits, bias) - plan.shift * _array(inits, nodes[m].input[1]).sum(axis=0))
@@ -449,12 +470,24 @@ def per_token_int8(model: onnx.ModelProto, sites: Sequence[Site], plans: Sequenc
         x, width = site.tensor, w.shape[0]
         wq, ws = gptq(w, st.gram_of(plan), qmax)
         # One scale (and zero point) per token: QuantizeLinear's blocked form, the block a whole row.
-        if plan.mode == "sym":
-            peak = op("ReduceMax", [op("Abs", [x], "abs"), last_axis], "peak", keepdims=1)
+        if plan.mode == "sym":  # max |x| from two reductions: no pass that writes |x|
+            peak = op("Max", [op("ReduceMax", [x, last_axis], "max", keepdims=1),
+                              op("Neg", [op("ReduceMin", [x, last_axis], "min", keepdims=1)], "neg_min")], "peak")
             t = op("Max", [op("Mul", [peak, const(p + "inv127", 1 / 127)], "t0"), tiny], "t")
             zp = op("Expand", [z128_row, op("Shape", [t], "t_shape")], "zp")
             q = op("QuantizeLinear", [x, t, zp], "q", axis=-1, block_size=width)
-        elif plan.mode == "shift":
+        elif plan.mode == "shift" and plan.scales is None:
+            # x >= -c quantized with zero point z = floor(255 c / (max + c)) (at least 1) and step t = c / z, so
+            # that t z = c exactly: the kernel's sum over q (zero point 0) is (x + c) / t, and c's share,
+            # c ws colsum(Wq), is a constant folded into the bias. No pass over x adds c.
+            c = const(p + "shift", plan.shift)
+            room = op("Div", [const(p + "c255", 255 * plan.shift),
+                              op("Add", [op("ReduceMax", [x, last_axis], "max", keepdims=1), c], "span")], "room")
+            zf = op("Clip", [op("Floor", [room], "z0"), one, const(p + "z255", 255.0)], "zf")
+            t = op("Div", [c, zf], "t")
+            q = op("QuantizeLinear", [x, t, op("Cast", [zf], "zu", to=TensorProto.UINT8)], "q", axis=-1,
+                   block_size=width)
+        elif plan.mode == "shift":  # prepare added the shift: x + c >= 0 on 0..255, zero point 0
             peak = op("ReduceMax", [x, last_axis], "peak", keepdims=1)
             t = op("Max", [op("Mul", [peak, const(p + "inv255", 1 / 255)], "t0"), tiny], "t")
             q = op("QuantizeLinear", [x, t], "q", axis=-1, block_size=width)
@@ -479,6 +512,9 @@ def per_token_int8(model: onnx.ModelProto, sites: Sequence[Site], plans: Sequenc
             r = op("MatMulIntegerToFloat", integer_inputs, f"{j}_r", domain="com.microsoft")
             if plan.mode != "asym":  # the bias Add reads the MatMul's output name, now t * r
                 op("Mul", [r, t], f"{j}_scaled", node.output[0])
+                if plan.mode == "shift" and plan.scales is None:
+                    bias = _bias_of(users, inits, node)
+                    _set(inits, bias, _array(inits, bias) - plan.shift * ws_j * wq_j.sum(axis=0))
                 continue
             add, bias = _bias_add(users, inits, node), _bias_of(users, inits, node)
             v = np.stack([ws_j * wq_j.sum(axis=0), _array(inits, bias)])  # + [-(t z), 1] [[ws colsum Wq], [b]]

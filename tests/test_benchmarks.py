@@ -27,7 +27,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from conftest import ROOT, SENTENCES, make_tiny_classifier, reference_with_layers
 from layerprune.artifacts import AnalysisReport, load_artifact
 from layerprune.cpu import cpu_model
-from layerprune.errors import DataError
+from layerprune.errors import DataError, LayerpruneError
 from layerprune.onnx_export import export_onnx, max_logit_difference, quantize_onnx
 from layerprune.runtime import OnnxClassifier
 from layerprune.validate import calibration_and_holdout
@@ -144,6 +144,7 @@ def test_variant_names_the_results_file(bundle: Path, tmp_path: Path, monkeypatc
     ("fallback", []),
     ("auto", ["--seeds", "0"]),
     ("int8_cpus", ["--checkpoint", "unused"]),
+    ("int8_methods", []),
 ])
 def test_a_folder_without_analysis_is_refused_before_any_work(tmp_path: Path, capsys, name: str,
                                                                args: list[str]) -> None:
@@ -161,6 +162,7 @@ def test_a_folder_without_analysis_is_refused_before_any_work(tmp_path: Path, ca
     (["auto", "--quantize", "int4"], "auto: error: argument --quantize: each must be one of int8, none, got 'int4'"),
     (["depths", "--checkpoint", "missing"], "depths: error: missing holds no config.json: not a checkpoint"),
     (["pruned_vs_int8", "--bundle", "missing"], "pruned_vs_int8: error: missing is not a bundle folder"),
+    (["int8_methods", "--run-dir", "unused", "--rounds", "0"], "int8_methods: error: --n, --n-ood, --calibration and"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(tmp_path: Path, capsys, argv: list[str], says: str) -> None:
     assert run(*argv, "--out", tmp_path / "out.md") == 2
@@ -486,6 +488,61 @@ def test_int8_cpus_scores_fp32_as_transformers_does_and_every_configuration_both
         preds = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()(**encoded).logits.argmax(-1)
     assert rows[0]["accuracy"] == f"{np.mean(preds.numpy() == examples.labels):.4f}"
     assert rows[1]["accuracy"] == rows[2]["accuracy"] and rows[3]["accuracy"] == rows[4]["accuracy"]
+
+
+# --- int8_methods --------------------------------------------------------------------------------------------------
+
+
+def snippet_folder(folder: Path) -> list[str]:
+    """A hutto_ICWSM_2014-like folder: each GroundTruth file has two snippets (id TAB rating TAB text)."""
+    folder.mkdir()
+    texts = []
+    for k, name in enumerate(("amazonReviewSnippets", "tweets", "nytEditorialSnippets")):
+        lines = [(f"{k}_{i}", f"{i - 0.5}", TEXTS[2 * k + i]) for i in range(2)]
+        (folder / f"{name}_GroundTruth.txt").write_text("\r\n".join("\t".join(line) for line in lines))
+        texts += [text for *_, text in lines]
+    return texts
+
+
+def test_int8_methods_reads_the_three_snippet_files_and_refuses_a_folder_without_them(tmp_path: Path) -> None:
+    module = benchmark("int8_methods")
+    written = snippet_folder(tmp_path / "hutto")
+    assert module.snippets(tmp_path / "hutto") == written
+    (tmp_path / "hutto" / "tweets_GroundTruth.txt").unlink()
+    with pytest.raises(LayerpruneError, match="is not a hutto_ICWSM_2014 folder"):
+        module.snippets(tmp_path / "hutto")
+
+
+def test_int8_methods_scores_each_row_as_onnxruntime_answers_its_batches(bundle: Path, tmp_path: Path) -> None:
+    """Every row is built and listed, fp32 disagrees with itself nowhere; and a row's logits (what disagreement
+    is counted from) are onnxruntime's on the texts sorted by length in batches of 32 (dynamic int8's answers
+    depend on the batch), here for optimum's int8 quantized by the test, on the eval split and the snippets."""
+    run_dir, out = bundle.parent / "run", tmp_path / "methods.md"
+    ood = snippet_folder(tmp_path / "hutto")
+    assert run("int8_methods", "--run-dir", run_dir, "--checkpoint", run_dir / "truncated", "--n", "8", "--n-ood",
+               "6", "--calibration", "16", "--rounds", "1", "--ood", tmp_path / "hutto", "--out", out) == 0
+    rows = table_rows(out.read_text())
+    assert [r["method"].split(",")[0].split(" (")[0] for r in rows] == [
+        "fp32", "optimum plain dynamic int8", "layerprune int8-safe", "faithful_int8", "faithful_int8",
+        "faithful_int8"]
+    assert rows[0]["disagree test"] == rows[0]["disagree ood"] == "0.00%"
+
+    module = benchmark("int8_methods")
+    int8 = export_onnx(run_dir / "truncated", tmp_path / "int8").parent
+    quantize_onnx(int8)
+    row = module.Row("int8", int8)
+    test = [t for t, _ in SENTENCES] * 3  # 36 texts: two batches
+    module.measure([row], test, ood, ood, rounds=1)
+    session = ort.InferenceSession(str(int8 / "model.onnx"), providers=["CPUExecutionProvider"])
+    tokenizer = AutoTokenizer.from_pretrained(int8)
+    for texts, got in ((test, row.test), (ood, row.ood)):
+        want = np.zeros_like(got)
+        order = np.argsort([len(tokenizer(t)["input_ids"]) for t in texts], kind="stable")
+        for start in range(0, len(order), 32):
+            idx = order[start:start + 32]
+            batch = tokenizer([texts[i] for i in idx], padding=True, return_tensors="np")
+            want[idx] = session.run(None, {i.name: batch[i.name].astype(np.int64) for i in session.get_inputs()})[0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 # --- linear_backends -----------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """Faithful int8 on tiny random classifiers, against onnxruntime on the untransformed graph and transformers.
 
-- the exact part of the transform (GELU shifts folded into biases, smoothing folded into V or applied by a Mul,
-  weight rows rescaled; nothing rounded) keeps the fp32 logits, for each architecture whose graph it reads;
-- the quantized graph computes its products in onnxruntime's integer kernel, stays closer to fp32 than
-  onnxruntime's own per-channel dynamic int8, and answers a text alone exactly as inside a batch (one scale per
-  token: no other text enters a token's rounding).
+- the exact part of the transform (smoothing folded into V, or with smooth_with_mul applied by a Mul after a
+  GELU shift folded into the biases; weight rows rescaled; nothing rounded) keeps the fp32 logits, for each
+  architecture whose graph it reads;
+- the quantized graph, in both recipes (the defaults: symmetric ranges, GELU outputs on a zero point that
+  carries the shift; and smoothing by Mul with an asymmetric Q/K/V input), computes its products in
+  onnxruntime's integer kernel, stays closer to fp32 than onnxruntime's own per-channel dynamic int8, and answers
+  a text alone exactly as inside a batch (one scale per token: no other text enters a token's rounding).
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ def transformers_logits(checkpoint: Path, texts: list[str]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "mpnet"])
-def test_without_rounding_the_transform_keeps_the_fp32_logits(model_type: str, tmp_path: Path,
-                                                              minilm_dir: Path) -> None:
+@pytest.mark.parametrize("smooth_with_mul", [True, False])
+def test_without_rounding_the_transform_keeps_the_fp32_logits(model_type: str, smooth_with_mul: bool,
+                                                              tmp_path: Path, minilm_dir: Path) -> None:
     checkpoint, onnx_dir = exported(model_type, tmp_path, minilm_dir)
     fp32 = onnx.load(str(onnx_dir / "model.onnx"))
     batches = calibration(onnx_dir)
@@ -75,28 +78,39 @@ def test_without_rounding_the_transform_keeps_the_fp32_logits(model_type: str, t
     assert any(plan.mode == "shift" for plan in plans), "no GELU output was found to shift"
     assert all(not np.allclose(plan.scales, 1.0, rtol=0.1) for plan in plans)
 
-    prepared = F.faithful_int8(fp32, batches, alphas=(0.5,), quantize=False)
+    prepared = F.faithful_int8(fp32, batches, alphas=(0.5,), quantize=False, smooth_with_mul=smooth_with_mul)
+    inserted = sorted(n.op_type for n in prepared.graph.node if n.name.startswith("fi8_"))
+    # 4 layers. With the Mul: one before Q/K/V, the feed-forward input and output each, and the shift before the
+    # output's. Without: smoothing only goes where it folds into V, and a GELU's shift waits for its zero point.
+    assert inserted == (["Add"] * 4 + ["Mul"] * 12 if smooth_with_mul else [])
     feeds = OnnxClassifier(onnx_dir, threads=1).encode(TEXTS)
     got = run(prepared, feeds)
     np.testing.assert_allclose(got, run(fp32, feeds), rtol=0, atol=1e-5)
     np.testing.assert_allclose(got, transformers_logits(checkpoint, TEXTS), rtol=0, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def quantized(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> tuple[Path, onnx.ModelProto]:
+RECIPES = {"defaults": {}, "Mul and zero points": dict(smooth_with_mul=True, shared_zero_point=True)}
+
+
+@pytest.fixture(scope="module", params=list(RECIPES))
+def quantized(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path
+              ) -> tuple[Path, onnx.ModelProto, str]:
     _, onnx_dir = exported("bert", tmp_path_factory.mktemp("faithful"), minilm_dir)
-    return onnx_dir, F.faithful_int8(onnx.load(str(onnx_dir / "model.onnx")), calibration(onnx_dir))
+    model = F.faithful_int8(onnx.load(str(onnx_dir / "model.onnx")), calibration(onnx_dir), **RECIPES[request.param])
+    return onnx_dir, model, request.param
 
 
 def test_the_quantized_graph_runs_its_products_in_int8_closer_to_fp32_than_plain_int8(quantized,
                                                                                     tmp_path: Path) -> None:
-    onnx_dir, model = quantized
+    onnx_dir, model, recipe = quantized
     ops = [n.op_type for n in model.graph.node]
     # 4 layers: Q, K, V, attention output, feed-forward in and out each; the head's Gemms stay fp32.
     assert ops.count("MatMulIntegerToFloat") == 4 * 6
     initializers = {t.name for t in model.graph.initializer}
-    assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers
-                and not n.name.endswith("_corr")]
+    fp32_products = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers]
+    # Only the asymmetric Q/K/V input has the zero point's rank-1 correction (one per product it feeds).
+    assert len(fp32_products) == (0 if recipe == "defaults" else 4 * 3)
+    assert all(name.endswith("_corr") for name in fp32_products)
     # The reference: onnxruntime's own dynamic int8 (per-channel weights, one activation scale per tensor).
     quantize_dynamic(onnx_dir / "model.onnx", tmp_path / "plain.onnx", per_channel=True, weight_type=QuantType.QInt8)
     feeds = OnnxClassifier(onnx_dir, threads=1).encode(TEXTS)
@@ -107,7 +121,7 @@ def test_the_quantized_graph_runs_its_products_in_int8_closer_to_fp32_than_plain
 
 
 def test_a_text_is_answered_alone_as_inside_a_batch(quantized) -> None:
-    onnx_dir, model = quantized
+    onnx_dir, model, _ = quantized
     clf = OnnxClassifier(onnx_dir, threads=1)
     together = run(model, clf.encode(TEXTS))  # one batch, padded to its longest text
     alone = np.concatenate([run(model, clf.encode([text])) for text in TEXTS])
@@ -131,7 +145,9 @@ def weight_range(model: onnx.ModelProto) -> int:
 
 def test_reduce_range_gives_7_bit_weights(quantized) -> None:
     # onnxruntime's reduce_range for s8 weights: [-64, 64] (pair sums of u8 x s8 stay in int16 without VNNI).
-    onnx_dir, model = quantized
+    onnx_dir, model, recipe = quantized
+    if recipe != "defaults":
+        pytest.skip("one recipe suffices")
     assert weight_range(model) == 127
     narrow = F.faithful_int8(onnx.load(str(onnx_dir / "model.onnx")), calibration(onnx_dir), reduce_range=True,
                              alphas=(None,))
