@@ -24,15 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from layerprune.artifacts import AnalysisReport, load_artifact
+from layerprune.artifacts import AnalysisReport, Manifest, load_artifact
 from layerprune.bundle import open_bundle
+from layerprune.candidates import calibration_batches, named
 from layerprune.data import Examples
-from layerprune.continuation import kept_in_fp32
 from layerprune.errors import LayerpruneError
 from layerprune.fallback import threshold
 from layerprune.files import DEFAULT_BUNDLE
 from layerprune.models import resolve_checkpoint
-from layerprune.onnx_export import export_onnx, optimize_onnx, quantize_onnx
+from layerprune.onnx_export import export_onnx, optimize_onnx, quantize_faithful, quantize_onnx
 from layerprune.runtime import OnnxClassifier
 from layerprune.validate import calibration_and_holdout
 
@@ -93,8 +93,8 @@ def measure(bundle: Path, args: argparse.Namespace, out: Results) -> int:
                               below=below, **second, **session)
 
     with tempfile.TemporaryDirectory(prefix="cascade-") as scratch:
-        restarts = _originals(resolve_checkpoint(manifest.source_checkpoint), Path(scratch), manifest.optimize,
-                              manifest.quantization_config, manifest.int8_cpu)
+        restarts = _originals(resolve_checkpoint(manifest.source_checkpoint), Path(scratch), manifest,
+                              parts.calibration)
         original = OnnxClassifier(restarts["fp32"].parent, max_length=manifest.max_length, **session).logits(
             texts.texts, texts.pairs, batch_size=BATCH)
         candidates, above = {}, {}
@@ -134,18 +134,22 @@ def _timed(model: OnnxClassifier, examples: Examples):
     return call
 
 
-def _originals(checkpoint: str, scratch: Path, optimize: str | None, quantized: str | None,
-               cpu: str | None) -> dict[str, Path]:
+def _originals(checkpoint: str, scratch: Path, manifest: Manifest, calibration: Examples) -> dict[str, Path]:
     """The original's graph as export builds it for a restart (optimized as the bundle, fp32), and where the bundle
-    is int8, under the bundle's int8 choice too."""
+    is int8, made as the bundle's int8 candidate too (faithful int8 from the unoptimized graph, calibrated here on
+    the calibration texts, which the timed holdout texts never are)."""
     fp32 = scratch / "fp32"
     export_onnx(Path(checkpoint), fp32)
-    if optimize:
-        optimize_onnx(fp32, optimize)
+    unoptimized = Path(shutil.copytree(fp32, scratch / "unoptimized"))
+    if manifest.optimize:
+        optimize_onnx(fp32, manifest.optimize)
     graphs = {"fp32": fp32 / "model.onnx"}
-    if quantized:
-        int8 = Path(shutil.copytree(fp32, scratch / "int8"))
-        quantize_onnx(int8, kept_in_fp32(int8, quantized, cpu), cpu=cpu)
+    if manifest.quantization_config:
+        int8 = scratch / "int8"
+        if named(manifest.quantization_config, manifest.int8_cpu) == "int8":
+            quantize_onnx(Path(shutil.copytree(fp32, int8)), cpu=manifest.int8_cpu)
+        else:
+            batches = calibration_batches(unoptimized, calibration, manifest.max_length, BATCH)
+            quantize_faithful(Path(shutil.copytree(unoptimized, int8)), batches, cpu=manifest.int8_cpu)
         graphs["int8 as the bundle"] = int8 / "model.onnx"
     return graphs
-

@@ -1,8 +1,12 @@
 """The export candidates at the chosen depth, with --quantize int8: the ways to export it, scored fastest first on
-the calibration and agreement texts, and the first whose gate forecast passes kept.
+the calibration and agreement texts, and the first whose gate forecast passes kept (options.CANDIDATES).
 
 1. int8: dynamic int8 for this CPU (onnx_export.quantize_onnx, layerprune/cpu.py);
-2. int8 with each layer's feed-forward output projection and the head in fp32 (onnx_export.sensitive_nodes);
+2. int8-faithful: one activation scale per token and GPTQ weights (layerprune/faithful_int8.py), calibrated on
+   heal texts (never the calibration, agreement or holdout texts its forecast and the gate score) and made from
+   the graph before onnxruntime's O2/O3 fusions, which hide the MatMul + bias pattern it reads; with --optimize
+   it stays as made (onnxruntime's session still applies its own graph optimizations when it loads it). Without
+   heal texts (a task without a train split and no --heal-data) it is not a candidate;
 3. fp32, the model as exported: the depth the walk already chose.
 
 The two int8 variants share their part of the export's error budget (depth_search.error_budget); fp32 takes the
@@ -24,40 +28,71 @@ from . import continuation, onnx_export
 from .artifacts import ExportCandidate
 from .data import Examples
 from .depth_search import ErrorBudget, ExportTexts
+from .errors import LayerpruneError
+from .faithful_int8 import Feeds
 from .fallback import threshold
 from .files import MODEL_FILE
-from .options import ExportOptions
+from .options import FAITHFUL_TEXTS, SEED, Candidate, ExportOptions
 from .runtime import OnnxClassifier
 from .scoring import compute_metric
 from .tasks import TaskConfig
 from .validate import EvalParts, forecast
 
 
-def pick_candidate(bundle: Path, task: TaskConfig, texts: ExportTexts, parts: EvalParts, max_length: int,
-                   opts: ExportOptions, budget: ErrorBudget, cpu: str,
-                   graphs: continuation.Continuations | None = None) -> tuple[list[ExportCandidate], np.ndarray]:
+def pick_candidate(bundle: Path, unoptimized: Path, heal: Examples | None, task: TaskConfig, texts: ExportTexts,
+                   parts: EvalParts, max_length: int, opts: ExportOptions, budget: ErrorBudget, cpu: str,
+                   graphs: continuation.Continuations | None = None
+                   ) -> tuple[list[ExportCandidate], np.ndarray, Candidate]:
     """Score the export candidates of the fp32 model in `bundle` fastest first, keep the first whose forecast passes
     in `bundle` (quantized for the CPU kind `cpu`), and report them all, with the kept one's logits on the
-    calibration texts. Where the bundle's graph continues (`graphs`), each candidate is scored with the
-    continuation made as it is."""
-    variants: list[tuple[str, list[str] | None]] = [("int8", None), ("int8-safe", onnx_export.sensitive_nodes(bundle))]
-    scored: list[tuple[ExportCandidate, np.ndarray, Path | None]] = []  # with its calibration logits and folder
+    calibration texts and its name. `unoptimized`: the folder of the bundle's fp32 graph before --optimize (the
+    bundle itself without it), which int8-faithful starts from, calibrated on the texts `heal`. Where the bundle's
+    graph continues (`graphs`), each candidate is scored with the continuation made as it is."""
+    scored: list[tuple[Candidate, ExportCandidate, np.ndarray, Path | None]] = []  # with calibration logits, folder
     with tempfile.TemporaryDirectory(prefix=".candidates-", dir=bundle.parent) as staging:
-        for label, keep_fp32 in variants:
+        for label in ("int8", "int8-faithful") if heal is not None else ("int8",):
             folder = Path(staging) / label
             shutil.copytree(bundle, folder)
-            name = onnx_export.quantize_onnx(folder, keep_fp32, cpu=cpu)
-            second = graphs.graph(name) if graphs else None
-            scored.append((*score_candidate(name, folder, task, texts, parts, max_length, opts, budget.per_variant,
-                                            second), folder))
-        second = graphs.graph(None) if graphs else None
-        scored.append((*score_candidate("fp32", bundle, task, texts, parts, max_length, opts, budget.depth, second),
-                       None))
-        chosen, calibration, folder = next((s for s in scored if s[0].forecast.passes), scored[-1])
+            if label == "int8":
+                name = onnx_export.quantize_onnx(folder, cpu=cpu)
+                second = graphs.graph(label) if graphs else None
+            else:
+                batches = calibration_batches(unoptimized, heal, max_length, opts.batch_size)
+                shutil.copy(unoptimized / MODEL_FILE, folder / MODEL_FILE)
+                name = onnx_export.quantize_faithful(folder, batches, cpu=cpu)
+                second = (graphs.graph(label, continuation.states_batches(unoptimized / MODEL_FILE, batches))
+                          if graphs else None)
+            scored.append((label, *score_candidate(name, folder, task, texts, parts, max_length, opts,
+                                                   budget.per_variant, second), folder))
+        second = graphs.graph("fp32") if graphs else None
+        scored.append(("fp32", *score_candidate("fp32", bundle, task, texts, parts, max_length, opts, budget.depth,
+                                                second), None))
+        label, chosen, calibration, folder = next((s for s in scored if s[1].forecast.passes), scored[-1])
         chosen.chosen = True
         if folder is not None:
             shutil.copy(folder / MODEL_FILE, bundle / MODEL_FILE)
-    return [c for c, _, _ in scored], calibration
+    return [c for _, c, _, _ in scored], calibration, label
+
+
+def named(config: str, cpu: str) -> Candidate:
+    """The int8 export candidate whose configuration for CPU kind `cpu` is named `config` (a manifest's
+    quantization_config)."""
+    names = {onnx_export.quantization_config(cpu)[0]: "int8", onnx_export.faithful_config(cpu)[0]: "int8-faithful"}
+    if config not in names:
+        raise LayerpruneError(f"no int8 export candidate named {config!r} for {cpu} CPUs")
+    return names[config]
+
+
+def calibration_batches(folder: Path, examples: Examples, max_length: int, batch_size: int) -> list[Feeds]:
+    """Faithful int8's calibration feeds: at most FAITHFUL_TEXTS of `examples` (a seeded draw: a train split may be
+    ordered by label), encoded as the runtime encodes them for the graph in `folder` at the bundle's max length,
+    sorted by length, in batches of `batch_size`."""
+    if len(examples) > FAITHFUL_TEXTS:
+        examples = examples.select(np.sort(np.random.default_rng(SEED).choice(len(examples), FAITHFUL_TEXTS,
+                                                                            replace=False)))
+    runner = OnnxClassifier(folder, max_length=max_length)
+    rows = sorted(runner.tokenize(examples.texts, examples.pairs), key=lambda row: len(row.ids))
+    return [runner.pad(rows[start:start + batch_size]) for start in range(0, len(rows), batch_size)]
 
 
 def score_candidate(name: str, folder: Path, task: TaskConfig, texts: ExportTexts, parts: EvalParts, max_length: int,

@@ -18,8 +18,8 @@ modules then: '/bert/encoder/layer.3/output/LayerNorm/LayerNormalization'):
 
 Graph B is the original graph's own nodes above the cut (same ops, same weights, the same fusions for
 onnxruntime's optimizer), so on the states graph A hands it, it computes what the original's graph computes.
-Both then go through the bundle's optimization and quantization like any graph. A cut the graph does not split
-at is refused (`_check_split`), never silently recomputed.
+Both are then made as each export candidate is (`Continuations`): optimized, quantized, or faithful int8 from
+the unoptimized graph. A cut the graph does not split at is refused (`_check_split`), never silently recomputed.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from . import onnx_export
 from .architectures import architecture, total_layers
 from .errors import LayerpruneError
 from .files import CONFIG_FILE, MODEL_DATA_FILE, MODEL_FILE
+from .faithful_int8 import Feeds
+from .options import Candidate
 from .runtime import LOGITS, STATES
 
 
@@ -204,9 +206,11 @@ def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
 @dataclass
 class Continuations:
     """Graph B for a bundle whose graph continues from `layer`, made as each export candidate of the bundle's graph
-    is made: cut from the original's unoptimized export `original` (its config beside it), optimized at `optimize`,
-    and for an int8 candidate quantized under the same configuration (by its name, as quantize_onnx returned it).
-    Each is built once, in its own folder under `work`, when first asked for."""
+    is made (options.CANDIDATES): cut from the original's unoptimized export `original` (its config beside it);
+    fp32 optimized at `optimize`; int8 quantized from that under the same configuration as the bundle's graph;
+    int8-faithful transformed from the unoptimized cut (the transform reads the MatMul + bias pattern that
+    onnxruntime's fusions hide), calibrated on graph B's inputs as graph A hands them on heal texts
+    (`states_batches`). Each is built once, in its own folder under `work`, when first asked for."""
 
     original: Path
     config: dict
@@ -214,35 +218,48 @@ class Continuations:
     work: Path
     optimize: str | None
     cpu: str
-    _built: dict[str | None, Path] = field(default_factory=dict)
+    _built: dict[str, Path] = field(default_factory=dict)
 
-    def graph(self, quantized: str | None) -> Path:
-        """Graph B's path for the candidate quantized under `quantized` (None: fp32)."""
-        if quantized not in self._built:
-            fp32 = None if quantized is None else self.graph(None)  # every int8 variant starts from it
-            folder = self.work / f"continuation-{len(self._built)}"
-            if fp32 is None:
-                folder.mkdir(parents=True)
-                shutil.copy(self.original.parent / CONFIG_FILE, folder / CONFIG_FILE)  # the optimizer reads its type
-                continuation_graph(self.original, self.config, self.layer, folder / MODEL_FILE)
+    def graph(self, candidate: Candidate, batches: list[Feeds] | None = None) -> Path:
+        """Graph B's path for the export candidate named `candidate`; int8-faithful is calibrated on `batches`
+        (graph B's feeds: `states_batches`), which only it needs."""
+        if candidate not in self._built:
+            folder = self.work / f"continuation-{candidate}"
+            if candidate == "fp32":
+                shutil.copytree(self._cut().parent, folder)
                 if self.optimize:
                     onnx_export.optimize_onnx(folder, self.optimize)
+            elif candidate == "int8":
+                shutil.copytree(self.graph("fp32").parent, folder)
+                onnx_export.quantize_onnx(folder, cpu=self.cpu)
+            elif candidate == "int8-faithful":
+                if batches is None:
+                    raise LayerpruneError("the faithful int8 continuation needs calibration batches")
+                shutil.copytree(self._cut().parent, folder)
+                onnx_export.quantize_faithful(folder, batches, cpu=self.cpu)
             else:
-                shutil.copytree(fp32.parent, folder)
-                onnx_export.quantize_onnx(folder, kept_in_fp32(folder, quantized, self.cpu), cpu=self.cpu)
+                raise LayerpruneError(f"no export candidate named {candidate!r}")
             if (folder / MODEL_DATA_FILE).exists():
                 raise LayerpruneError("--fallback needs the continuation's graph in one file (under 2 GB); this one "
                                       "is larger")
-            self._built[quantized] = folder / MODEL_FILE
-        return self._built[quantized]
+            self._built[candidate] = folder / MODEL_FILE
+        return self._built[candidate]
+
+    def _cut(self) -> Path:
+        """Graph B as cut from the original's export, fp32 and unoptimized (built once)."""
+        folder = self.work / "continuation-cut"
+        if not folder.is_dir():
+            folder.mkdir(parents=True)
+            shutil.copy(self.original.parent / CONFIG_FILE, folder / CONFIG_FILE)  # the optimizer reads its type
+            continuation_graph(self.original, self.config, self.layer, folder / MODEL_FILE)
+        return folder / MODEL_FILE
 
 
-def kept_in_fp32(folder: Path, quantized: str, cpu: str) -> list[str] | None:
-    """The nodes the int8 configuration named `quantized` keeps in float, found in the graph in `folder`: the
-    same rule as the bundle's (onnx_export.sensitive_nodes), by the configuration's name."""
-    plain, _ = onnx_export.quantization_config(cpu)
-    if quantized == plain:
-        return None
-    if quantized == plain + onnx_export.FP32_KEPT:
-        return onnx_export.sensitive_nodes(folder)
-    raise LayerpruneError(f"no int8 configuration named {quantized!r} for {cpu} CPUs")
+def states_batches(graph_a: Path, batches: list[Feeds]) -> list[Feeds]:
+    """Graph B's feeds for `batches` of graph A's feeds: the states graph A (at `graph_a`, with its `hidden_states`
+    output) outputs for them, beside their token inputs (graph B reads the attention mask, sometimes input_ids)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(graph_a), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return [{**feeds, STATES: session.run([STATES], {k: feeds[k] for k in names})[0]} for feeds in batches]

@@ -56,7 +56,7 @@ from .heal import Heal, TextStates, encode_texts
 from .heal.texts import HealTexts, heal_texts, with_augmented
 from .hidden import predict_logits
 from .models import layers_run_alone, load_classifier, total_layers
-from .options import ExportOptions  # options are declared once, with their CLI flags
+from .options import Candidate, ExportOptions  # options are declared once, with their CLI flags
 from .plots import plot_depths
 from .prune import truncate
 from .runtime import OnnxClassifier, model_max_length
@@ -141,7 +141,8 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
     with staged_dir(target, MANIFEST_FILE) as stage:
         cut = (continuation.cut_layer(walk.depth, heal, opts.top.heal_layers)
                if opts.fallback and walk.depth < source.total else None)
-        built = _build(stage, source, bundled, walk.depth, cut, parts, texts, original_holdout, opts, budget)
+        built = _build(stage, source, bundled, walk.depth, cut, parts, texts, healing.examples, original_holdout,
+                       opts, budget)
         report = depths.report(source.analysis.boundary, walk.depth, walk.probed, parts.calibration_name,
                                built.candidates, walk.note)
         manifest = _write_artifacts(stage.out, run_dir, source, report, built, opts)
@@ -214,10 +215,12 @@ class _Built:
 
 
 def _build(stage: Stage, source: _Source, bundled: PreTrainedModel, depth: int, cut: int | None, parts: EvalParts,
-           texts: ExportTexts, original_holdout: np.ndarray, opts: ExportOptions, budget: ErrorBudget) -> _Built:
+           texts: ExportTexts, heal: Examples | None, original_holdout: np.ndarray, opts: ExportOptions,
+           budget: ErrorBudget) -> _Built:
     """The bundle's graph in `stage.out` (ONNX, optimized, the export candidate kept, the fallback's original
     or continuation beside it) and its validation against the original's logits on the holdout. `cut`: the
-    layer a text sent on continues from (continuation.cut_layer), None where the fallback restarts."""
+    layer a text sent on continues from (continuation.cut_layer), None where the fallback restarts. `heal`: the
+    heal texts, which faithful int8 calibrates on."""
     tmp, scratch, max_length = stage.out, stage.scratch, source.max_length
     _save_checkpoint(bundled, source.tokenizer, scratch / TRUNCATED_DIR)
     onnx_export.export_onnx(scratch / TRUNCATED_DIR, tmp)
@@ -227,19 +230,23 @@ def _build(stage: Stage, source: _Source, bundled: PreTrainedModel, depth: int, 
     truncated = predict_logits(bundled, source.tokenizer, parts.holdout, max_length=max_length)
     exported = onnx_logits(tmp, parts.holdout, max_length, opts.batch_size)
     parity = onnx_export.max_logit_difference(truncated, exported)
+    unoptimized = tmp
     if opts.optimize:
+        if opts.quantize:  # faithful int8 starts from the graph before the fusions
+            unoptimized = Path(shutil.copytree(tmp, scratch / "unoptimized"))
         onnx_export.optimize_onnx(tmp, opts.optimize)
     cpu = cpu_kind()  # the int8 weights are quantized for this CPU, and the manifest says which
     graphs = None if cut is None else continuation.Continuations(
         _original_onnx(source, scratch) / MODEL_FILE, config, cut, scratch, opts.optimize, cpu)
-    candidates, calibration = (pick_candidate(tmp, source.task, texts, parts, max_length, opts, budget, cpu, graphs)
-                               if opts.quantize else ([], None))
+    candidates, calibration, kept = (
+        pick_candidate(tmp, unoptimized, heal, source.task, texts, parts, max_length, opts, budget, cpu, graphs)
+        if opts.quantize else ([], None, "fp32"))
     quantized = next((c.name for c in candidates if c.chosen and c.name != "fp32"), None)
     rule = None
     if opts.fallback and depth < source.total:  # (at full depth the two graphs are the same model)
         if calibration is None:
             calibration = onnx_logits(tmp, parts.calibration, max_length, opts.batch_size)
-        rule = _add_original(source, tmp, scratch, calibration, opts, graphs, quantized)
+        rule = _add_original(source, tmp, scratch, calibration, opts, graphs, kept)
     runner = _runner(tmp, max_length, rule)
     served = runner.logits(parts.holdout.texts, parts.holdout.pairs)
     validation = compare(source.task, parts.holdout, parts.holdout_name, original_holdout, served, opts.tolerance,
@@ -330,15 +337,15 @@ def _truncated_and_healed(original, heal: Heal, task: TaskConfig):
 
 
 def _add_original(source: _Source, bundle: Path, scratch: Path, calibration: np.ndarray, opts: ExportOptions,
-                  graphs: continuation.Continuations | None, quantized: str | None) -> FallbackRule:
+                  graphs: continuation.Continuations | None, kept: Candidate) -> FallbackRule:
     """The fallback: the original's ONNX graph (exported in `scratch`, optimized as the bundle's) beside the
     bundle's, and the threshold below which the bundle's graph, as exported, sends a text on: the --fallback
     quantile of its top-class probabilities on the calibration texts (`calibration`: its logits there; with
     int8, the very run of the kept candidate its forecast scored). Where the bundle's graph continues
-    (`graphs`), only the original's layers above the cut and its head, made as the kept candidate was."""
+    (`graphs`), only the original's layers above the cut and its head, made as the kept candidate (`kept`) was."""
     below = threshold(calibration, opts.fallback)
     if graphs is not None:
-        shutil.move(graphs.graph(quantized), bundle / CONTINUATION_MODEL_FILE)
+        shutil.move(graphs.graph(kept), bundle / CONTINUATION_MODEL_FILE)
         return FallbackRule(share=opts.fallback, threshold=below, continue_from=graphs.layer)
     onnx_dir = _original_onnx(source, scratch)
     if opts.optimize:

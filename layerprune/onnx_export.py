@@ -195,6 +195,41 @@ def quantize_onnx(onnx_dir: Path, keep_fp32: list[str] | None = None, cpu: str |
     return name
 
 
+def faithful_config(cpu: str | None = None) -> tuple[str, bool]:
+    """Faithful int8's configuration for CPU kind `cpu` (default: this one): its name for the manifest, and whether
+    its weights are 7-bit (reduce_range). The weights' range is plain int8's for that CPU (7-bit on AVX2, 8-bit on
+    VNNI), so the manifest's int8 CPU kind means the same for both."""
+    cpu = cpu or cpu_kind()
+    reduce_range = quantization_config(cpu)[1].reduce_range
+    return f"{cpu} faithful per-token u8/s8" + (" 7-bit" if reduce_range else ""), reduce_range
+
+
+def quantize_faithful(onnx_dir: Path, batches: list[dict[str, np.ndarray]], cpu: str | None = None) -> str:
+    """Replace `onnx_dir/model.onnx` (fp32, before any O2/O3 fusion: the transform reads each MatMul and its bias
+    Add) by its faithful int8 (layerprune.faithful_int8) for CPU kind `cpu` (default: this one), calibrated on
+    `batches` (session feeds); return the configuration's name (`faithful_config`)."""
+    import onnx
+    from tqdm.auto import tqdm
+
+    from .faithful_int8 import faithful_int8
+
+    onnx_dir = Path(onnx_dir)
+    _require_model(onnx_dir)
+    name, reduce_range = faithful_config(cpu)
+    model = onnx.load(str(onnx_dir / MODEL_FILE))
+    # The bar counts the calibration pass; the GPTQ rounding and the smoothing search after it take minutes more.
+    calibration = tqdm(batches, desc="faithful int8: calibration pass, then GPTQ and smoothing", unit="batch",
+                       leave=False)
+    quantized = faithful_int8(model, calibration, reduce_range=reduce_range)
+    with _staging(onnx_dir, "faithful") as tmp:
+        try:
+            onnx.save(quantized, str(tmp / MODEL_FILE))
+        except ValueError as exc:  # a protobuf over 2 GB
+            raise LayerpruneError(f"int8 quantization ({name}) failed: {first_line(exc)}") from exc
+        _replace_model(tmp / MODEL_FILE, onnx_dir)
+    return name
+
+
 def max_logit_difference(torch_logits: np.ndarray, onnx_logits: np.ndarray) -> float:
     """Parity of two runs on the same examples: the largest absolute difference of any logit."""
     a, b = np.asarray(torch_logits, dtype=np.float64), np.asarray(onnx_logits, dtype=np.float64)

@@ -27,6 +27,12 @@ WEIGHT_DECAY = 0.01  # AdamW's decay in every training here, fine-tuning and the
 WARMUP = 0.06  # share of the steps the learning rate warms up over, then decays to zero (RoBERTa's fine-tuning value)
 SEED = 0  # the draws of the heals (held-out tenth, order, dropout) and of the augmentation
 
+# --quantize int8's export candidates, scored fastest first (layerprune/candidates.py): plain dynamic int8, faithful
+# int8 (layerprune/faithful_int8.py: per-token activation scales, GPTQ weights), then the fp32 graph.
+Candidate = Literal["int8", "int8-faithful", "fp32"]
+CANDIDATES: tuple[Candidate, ...] = ("int8", "int8-faithful", "fp32")
+FAITHFUL_TEXTS = 2048  # heal texts faithful int8 calibrates on (never the calibration, agreement or holdout texts)
+
 
 def positive(text: str) -> int:
     value = int(text)
@@ -288,7 +294,7 @@ class ExportOptions:
     optimize: Literal["O1", "O2", "O3"] | None = field(default=None, metadata=cli(
         "onnxruntime graph optimization level"))
     quantize: Literal["int8"] | None = field(default=None, metadata=cli(
-        "try dynamic int8 for this CPU (then with the feed-forward outputs and head in fp32, then fp32) and keep the first "
+        "try dynamic int8 for this CPU (then faithful int8, calibrated on heal texts, then fp32) and keep the first "
         "whose gate forecast passes"))
     # one point of the metric (accuracy, F1, ...): the loss against the original a user accepts by default
     tolerance: float = field(default=0.01, metadata=cli(

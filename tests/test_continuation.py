@@ -22,12 +22,14 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import VOCAB, make_tiny_classifier
-from layerprune import continuation, onnx_export
+from conftest import SENTENCES, VOCAB, make_tiny_classifier
+from layerprune import continuation
 from layerprune.errors import LayerpruneError
 from layerprune.fallback import unsure
 from layerprune.models import head_modules, layer_list
-from layerprune.onnx_export import export_onnx, optimize_onnx, quantize_onnx, quantization_config
+from layerprune.candidates import calibration_batches
+from layerprune.data import Examples
+from layerprune.onnx_export import export_onnx, optimize_onnx, quantize_onnx
 from layerprune.prune import truncate
 from layerprune.runtime import STATES, OnnxClassifier
 
@@ -63,7 +65,7 @@ class Built:
         self.graphs = {optimize: continuation.Continuations(root / "original-onnx" / "model.onnx", self.config,
                                                             self.cut, root / f"b-{optimize}", optimize, "avx2")
                        for optimize in (None, "O2")}  # graph B as export builds it, per candidate
-        self.b_dir = self.graphs[None].graph(None).parent
+        self.b_dir = self.graphs[None].graph("fp32").parent
         self.root = root
         self.ref_states, self.ref_logits, self.ref_pruned = [], [], []
         with torch.no_grad():
@@ -173,7 +175,7 @@ def _copy(src: Path, dst: Path) -> Path:
 @pytest.mark.parametrize("built", ["bert", "mpnet"], indirect=True)
 def test_o2_keeps_the_cut_and_every_fusion(built):
     a = _copy(built.a_dir, built.root / "a-O2")
-    b = built.graphs["O2"].graph(None).parent
+    b = built.graphs["O2"].graph("fp32").parent
     plain = built.root / "plain-a-O2"  # the pruned graph without the second output, optimized alike
     shutil.rmtree(plain, ignore_errors=True)
     export_onnx(built.root / "pruned", plain)
@@ -191,32 +193,47 @@ def test_o2_keeps_the_cut_and_every_fusion(built):
 
 
 @pytest.mark.parametrize("built", ["bert"], indirect=True)
-@pytest.mark.parametrize("keep_fp32", [False, True], ids=["int8", "int8-safe"])
-def test_int8_continuation_is_quantized_as_the_bundle(built, keep_fp32):
-    """Under the bundle's int8 configuration, graph B is quantized with it: its products are int8 but for those the
-    configuration keeps in float (onnx_export.sensitive_nodes), and graph A's states output stays float."""
-    name, _ = quantization_config("avx2")
-    kept = [n.name for n in onnx.load(str(built.b_dir / "model.onnx")).graph.node
-            if n.op_type in ("MatMul", "Gemm") and ("/layer." not in n.name or  # the head; BERT's FFN output:
-                                                   "/output/dense/" in n.name and "/attention/" not in n.name)]
-    quantized = name + (", feed-forward outputs and head in fp32" if keep_fp32 else "")
-    b = built.graphs[None].graph(quantized).parent
+def test_int8_continuation_is_quantized_as_the_bundle(built):
+    """Under the bundle's int8 configuration, graph B is quantized with it (every product int8), and graph A's
+    states output stays float."""
+    b = built.graphs[None].graph("int8").parent
     nodes = onnx.load(str(b / "model.onnx")).graph.node
-    # (the quantizer makes a Gemm a MatMul named "<gemm>_MatMul" + Add)
-    still_float = {n.name.removesuffix("_MatMul") for n in nodes if n.op_type in ("MatMul", "Gemm")}
     assert any(n.op_type == "MatMulInteger" for n in nodes)
-    assert len(kept) == (4 - built.cut) + 2  # two layers' FFN outputs, the pooler's and the classifier's
-    assert (set(kept) <= still_float) == keep_fp32 and (not still_float) == (not keep_fp32)
-    a = _copy(built.a_dir, built.root / f"a-int8-{keep_fp32}")
-    restart = _copy(built.root / "original-onnx", built.root / f"original-int8-{keep_fp32}")
+    assert not any(n.op_type in ("MatMul", "Gemm") for n in nodes)
+    a = _copy(built.a_dir, built.root / "a-int8")
+    restart = _copy(built.root / "original-onnx", built.root / "original-int8")
     for folder in (a, restart):
-        quantize_onnx(folder, onnx_export.sensitive_nodes(folder) if keep_fp32 else None, cpu="avx2")
+        quantize_onnx(folder, cpu="avx2")
     _, states, feeds = _run_a(built, a)
     assert states.dtype == np.float32
     # as close to the original's logits as the original's own graph under the same int8 (a restart) is
     session = _session(restart / "model.onnx")
     restart_error = np.abs(session.run(["logits"], built.batch(session))[0] - built.ref_logits).max()
     assert np.abs(_run_b(b, feeds, states) - built.ref_logits).max() < max(3 * restart_error, 0.05)
+
+
+@pytest.mark.parametrize("built", ["bert"], indirect=True)
+def test_faithful_continuation_answers_the_sent_on_rows_as_the_original(built):
+    """int8-faithful's graph B, calibrated on graph A's states on other texts (as export calibrates on heal texts)
+    and made from the unoptimized cut even when the bundle is optimized (its products are then in
+    MatMulIntegerToFloat all the same): on the original's states at the cut (graph A's, checked above), the rows
+    sent on are within 5% of the largest logit of transformers' original, each text run alone."""
+    heal = Examples(texts=[text for text, _ in SENTENCES], pairs=None, labels=np.zeros(len(SENTENCES)))
+    batches = calibration_batches(built.a_dir, heal, 64, 4)
+    states = continuation.states_batches(built.a_dir / "model.onnx", batches)
+    assert [s[STATES].shape[:2] for s in states] == [b["input_ids"].shape for b in batches]
+    b = built.graphs[None].graph("int8-faithful", states)
+    optimized = built.graphs["O2"].graph("int8-faithful", states)
+
+    def integer_products(path: Path) -> int:
+        return sum(n.op_type == "MatMulIntegerToFloat" for n in onnx.load(str(path)).graph.node)
+
+    assert integer_products(b) == integer_products(optimized) == 6 * (4 - built.cut)  # Q, K, V, out, FFN in, out
+    runner = OnnxClassifier(built.a_dir, continuation=b, below=2.0)  # every row sent on
+    got = runner.logits(TEXTS, batch_size=len(TEXTS))
+    assert runner.sent_on == len(TEXTS)
+    error = np.abs(got - built.ref_logits).max()
+    assert error < 0.05 * np.abs(built.ref_logits).max(), error
 
 
 # --- refusals ------------------------------------------------------------------------------------------------------

@@ -696,16 +696,17 @@ def test_one_max_length_from_export_to_server(run_dir: Path, tmp_path: Path) -> 
 
 @pytest.mark.parametrize("cpu", ["avx2", "avx512-vnni"])
 def test_int8_candidates_fastest_first_on_both_cpu_paths(run_dir: Path, tmp_path: Path, monkeypatch, cpu) -> None:
-    """--quantize int8 scores int8, int8 with the feed-forward outputs and head in fp32, and fp32, with this CPU's
-    configuration (forced here: the AVX-512 preset's model runs on any x86 CPU), and keeps the first whose
-    forecast passes; what it keeps is what is validated and served."""
+    """--quantize int8 scores int8, faithful int8 and fp32, with this CPU's configuration (forced here: the AVX-512
+    preset's model runs on any x86 CPU), and keeps the first whose forecast passes; what it keeps is what is
+    validated and served."""
     import onnx
 
     monkeypatch.setattr("layerprune.export.cpu_kind", lambda *a: cpu)
     result = export_bundle(run_dir, tmp_path / "q", ExportOptions(keep_layers=3, heal="none", quantize="int8",
                                                                   tolerance=1.0, **FAST))
     names = [c.name for c in result.depth.candidates]
-    assert names[0].startswith(f"{cpu} dynamic per-channel") and "in fp32" in names[1] and names[2] == "fp32"
+    assert names[0].startswith(f"{cpu} dynamic per-channel") and names[1].startswith(f"{cpu} faithful per-token")
+    assert names[2] == "fp32" and len(names) == 3
     assert result.depth.candidates[0].chosen, "a tolerance of 1.0 lets the fastest candidate through"
     assert result.manifest.quantization_config == names[0] and result.manifest.quantize == "int8"
     assert result.manifest.int8_cpu == cpu, "the manifest names the CPU kind the weights were quantized for"
@@ -954,6 +955,55 @@ def test_int8_candidates_are_forecast_with_the_continuation_as_served(wide_run_d
     restarted = np.where((softmax(pruned, axis=-1).max(axis=-1) < below)[:, None], original, pruned)
     assert np.mean(served.argmax(-1) != original.argmax(-1)) != np.mean(restarted.argmax(-1) != original.argmax(-1))
     assert chosen.forecast.disagreement == pytest.approx(np.mean(served.argmax(-1) != original.argmax(-1)))
+
+
+def test_a_faithful_int8_bundle_serves_the_cascade_transformers_computes(wide_run_dir: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """Plain int8's forecast made to fail: export keeps int8-faithful, made for both graphs from the graphs before
+    --optimize O2's fusions (their products in MatMulIntegerToFloat), and the bundle, opened through the gate,
+    serves within 5% of the largest logit of the cascade made here from transformers' runs of the truncated
+    checkpoint and the original (the rows sent on: those the served graph A is unsure of)."""
+    import onnx
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from layerprune import candidates
+    from layerprune.bundle import open_bundle
+    from layerprune.cpu import cpu_kind
+    from layerprune.fallback import unsure
+    from layerprune.runtime import OnnxClassifier
+
+    score = candidates.score_candidate
+
+    def plain_int8_fails(name, *args, **kwargs):
+        candidate, logits = score(name, *args, **kwargs)
+        if "dynamic per-channel" in name:
+            candidate.forecast = candidate.forecast.model_copy(update={"passes": False})
+        return candidate, logits
+
+    monkeypatch.setattr(candidates, "score_candidate", plain_int8_fails)
+    out = tmp_path / "faithful"
+    result = export_bundle(wide_run_dir, out, ExportOptions(keep_layers=2, heal="top", quantize="int8", optimize="O2",
+                                                            fallback=0.5, tolerance=1.0, **FAST))
+    names = [c.name for c in result.depth.candidates]
+    assert names[1].startswith(f"{cpu_kind()} faithful per-token") and [c.chosen for c in result.depth.candidates] == [
+        False, True, False]
+    assert result.manifest.quantization_config == names[1] and result.manifest.int8_cpu == cpu_kind()
+    for graph in ("model.onnx", "continuation.onnx"):
+        assert any(n.op_type == "MatMulIntegerToFloat" for n in onnx.load(str(out / graph)).graph.node), graph
+    served = open_bundle(out).classifier
+    analysis = load_artifact(AnalysisReport, wide_run_dir / "analysis.json")
+    texts = calibration_and_holdout(analysis.task_config, None, 2000).holdout.texts
+    tokenizer = AutoTokenizer.from_pretrained(analysis.model)
+    with torch.no_grad():
+        original, truncated = (AutoModelForSequenceClassification.from_pretrained(path).eval()(
+            **tokenizer(texts, padding=True, return_tensors="pt")).logits.numpy()
+            for path in (analysis.model, result.truncated_checkpoint))
+    sent = unsure(OnnxClassifier(out, max_length=served.max_length).logits(texts), served.below)
+    assert 0 < sent.sum() < len(texts)
+    expected = np.where(sent[:, None], original, truncated)
+    error = np.abs(served.logits(texts) - expected).max()
+    assert error < 0.05 * np.abs(expected).max(), error
 
 
 def test_the_whole_heal_falls_back_by_restarting_the_original(run_dir: Path, tmp_path: Path) -> None:
