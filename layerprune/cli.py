@@ -23,7 +23,9 @@ from .files import (
     MANIFEST_FILE,
     TRAINING_REPORT_FILE,
 )
-from .options import AnalyzeOptions, ExportOptions, FinetuneOptions, add_options, fallback, fraction, from_flags, positive
+from .options import (
+    AnalyzeOptions, ExportOptions, FinetuneOptions, add_options, fallback, fraction, from_flags, positive,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,7 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--tolerance", type=fraction, default=ExportOptions.tolerance,
                     help=f"largest allowed accuracy drop (default {ExportOptions.tolerance:g}, as export)")
     de.add_argument("--fallback", type=fallback, default=ExportOptions.fallback,
-                    help=f"as export: the share of texts the original answers, or auto (default {ExportOptions.fallback})")
+                    help=f"as export: the share of texts the original answers, or auto (default "
+                         f"{ExportOptions.fallback})")
     de.set_defaults(run=_run_demo)
     return parser
 

@@ -5,8 +5,8 @@ step at the walk's alpha), else up until it does (those share alpha: Bonferroni)
 is scored as it would be served: the original answers the share of texts the cut is least sure of
 (layerprune.fallback). With --fallback auto, each depth is forecast at every share of options.SHARES, each share
 walked as a fixed share is (down while it passes at every depth so far), and of the (depth, share) that pass the
-one whose served cost a text (layerprune.cost) is least is kept. Walking down reuses work: a whole-model heal at depth d starts from the heal of depth
-d + 1 with its top layer dropped, which is already close to the original, rather than from the truncated
+one whose served cost a text (layerprune.cost) is least is kept. Walking down reuses work: a whole-model heal at
+depth d starts from the heal of depth d + 1 with its top layer dropped, which is already close to the original, rather than from the truncated
 original. The error budget splits export's alpha between the depth walk and the int8 variants
 (docs/export.md).
 """
@@ -20,7 +20,9 @@ from typing import Literal
 import numpy as np
 from transformers import PreTrainedModel
 
-from .artifacts import DepthReport, DepthScore, ExportCandidate, GateForecast, HealMode, HealStats, LayerCosts, ShareScore
+from .artifacts import (
+    DepthReport, DepthScore, ExportCandidate, GateForecast, HealMode, HealStats, LayerCosts, ShareScore,
+)
 from .continuation import cut_layer
 from .cost import text_cost
 from .fallback import cascade, threshold
@@ -92,7 +94,8 @@ class Depths:
 
     def cost(self, depth: int, share: float) -> float:
         """The served cost a text at `depth` sending on `share`, the full original's = 1 (layerprune.cost)."""
-        return text_cost(self.costs, self.total, depth, share, cut_layer(depth, self.heal_mode, self.opts.top.heal_layers))
+        cut = cut_layer(depth, self.heal_mode, self.opts.top.heal_layers)
+        return text_cost(self.costs, self.total, depth, share, cut)
 
     def cheapest(self, depths: list[int], fallback: int) -> tuple[int, float]:
         """Of the (depth, share) among `depths` whose walk passed, the one whose served cost is least (the smaller
@@ -153,8 +156,7 @@ class Depths:
         return DepthReport(
             search="auto" if self.opts.keep_layers == "auto" else "fixed", heal=self.heal_mode,
             heal_layers=self.opts.top.heal_layers, fallback=share, shares=list(self.opts.shares), costs=self.costs,
-            boundary=boundary,
-            total_layers=self.total, depth=depth,
+            boundary=boundary, total_layers=self.total, depth=depth,
             tolerance=self.opts.tolerance, full_metric=self.full, metric_name=self.task.metric,
             calibration=calibration_name, n_calibration=self.texts.calibration.n, n_heal=heal.n if heal else 0,
             heal_labelled=self.texts.heal_labels is not None, n_agreement=agreement.n if agreement else 0,
