@@ -287,6 +287,14 @@ class GateForecast(BaseModel):
     passes: bool = Field(description="lower_bound >= -tolerance, or disagreement alone keeps the delta in tolerance")
 
 
+class ShareScore(BaseModel):
+    """One share sent on at one depth, with --fallback auto: its forecast and served cost."""
+
+    share: float
+    forecast: GateForecast
+    cost: float = Field(description="served cost a text, the full original's = 1 (layerprune.cost)")
+
+
 class DepthScore(BaseModel):
     """The calibration metric of the model truncated at one depth, per heal mode computed."""
 
@@ -294,7 +302,18 @@ class DepthScore(BaseModel):
     metric: float = Field(description="head as fine-tuned (the paper's setting: no further tuning)")
     metric_healed: float | None = Field(default=None, description=(
         "healed as the report's `heal` says, with its fallback (None: not healed)"))
-    forecast: GateForecast | None = Field(default=None, description="the gate forecast of the heal mode used")
+    forecast: GateForecast | None = Field(default=None, description=(
+        "the gate forecast of the heal mode used; with --fallback auto, of the cheapest share that passes (else "
+        "of the largest)"))
+    shares: list[ShareScore] = Field(default_factory=list, description="with --fallback auto: each share's forecast")
+
+
+class LayerCosts(BaseModel):
+    """What a text costs the original on this CPU, per part (layerprune.cost): CPU seconds a text."""
+
+    fixed_s: float = Field(description="tokenizing, embeddings and head")
+    layer_s: float = Field(description="one encoder layer")
+    measured: str = Field(description="how: the model, texts, batch size and clock")
 
 
 class HealStats(BaseModel):
@@ -317,6 +336,9 @@ class ExportCandidate(BaseModel):
     forecast: GateForecast
     sentences_per_s: float = Field(description="onnxruntime on the calibration examples, batch 32, this CPU (the "
                                                "pruned graph alone)")
+    share: float = Field(default=0.0, description="share of texts sent on, with which it was forecast")
+    cost: float | None = Field(default=None, description=(
+        "with --fallback auto: served cost a text, the full fp32 original's = 1 (layerprune.cost)"))
     chosen: bool = False
 
 
@@ -324,14 +346,16 @@ class DepthReport(Artifact):
     """depth.json: how the depth (the number of encoder layers kept) and the export were chosen.
     Schema history: CHANGELOG.md."""
 
-    schema_version: int = 6
+    schema_version: int = 7
     written_by: ClassVar[str] = "layerprune export"
     search: Literal["auto", "fixed"] = Field(description="how the depth was chosen: searched from the CKA boundary, "
                                                          "or the --keep-layers N asked for")
     heal: HealMode
     heal_layers: int = Field(description="layers the top-layer heal re-tunes (with the head)")
     fallback: float = Field(description="share of texts sent on to the original (0: none); every forecast is the "
-                                        "pruned model's with this fallback")
+                                        "pruned model's with this fallback, or with auto with each of `shares`")
+    shares: list[float] = Field(description="the shares sent on export chose among: --fallback's, or auto's grid")
+    costs: LayerCosts | None = Field(default=None, description="with --fallback auto: what each cost was made of")
     boundary: int = Field(description="the analysis' CKA boundary, where auto starts")
     total_layers: int
     depth: int = Field(description="encoder layers kept (1..total_layers): what the bundle was exported at")

@@ -12,7 +12,9 @@ the calibration and agreement texts, and the first whose gate forecast passes ke
 The two int8 variants share their part of the export's error budget (depth_search.error_budget); fp32 takes the
 depth walk's, since its forecast is the walk's own. With --fallback, each is scored as served: the texts the
 candidate is least sure of continue through the original's layers above the cut, made as the candidate is
-(layerprune.continuation), or where the fallback restarts, the original answers them.
+(layerprune.continuation), or where the fallback restarts, the original answers them. With --fallback auto, each
+int8 variant is scored at every share of options.SHARES, and the cheapest candidate that passes is kept
+(layerprune.cost).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +44,19 @@ from .validate import EvalParts, forecast
 
 def pick_candidate(bundle: Path, unoptimized: Path, heal: Examples | None, task: TaskConfig, texts: ExportTexts,
                    parts: EvalParts, max_length: int, opts: ExportOptions, budget: ErrorBudget, cpu: str,
-                   graphs: continuation.Continuations | None = None
+                   graphs: continuation.Continuations | None = None, shares: tuple[float, ...] | None = None,
+                   cost: Callable[[float], float] | None = None
                    ) -> tuple[list[ExportCandidate], np.ndarray, Candidate]:
     """Score the export candidates of the fp32 model in `bundle` fastest first, keep the first whose forecast passes
     in `bundle` (quantized for the CPU kind `cpu`), and report them all, with the kept one's logits on the
     calibration texts and its name. `unoptimized`: the folder of the bundle's fp32 graph before --optimize (the
     bundle itself without it), which int8-faithful starts from, calibrated on the texts `heal`. Where the bundle's
-    graph continues (`graphs`), each candidate is scored with the continuation made as it is."""
-    scored: list[tuple[Candidate, ExportCandidate, np.ndarray, Path | None]] = []  # with calibration logits, folder
+    graph continues (`graphs`), each candidate is scored with the continuation made as it is. With --fallback auto
+    (`cost`: the fp32 bundle's served cost a text at a share sent on), each int8 variant is scored at each of
+    `shares`, and of all that pass, fp32 at the walk's share (opts.fallback) among them, the cheapest is kept: its
+    cost scaled by its CPU time a text over fp32's."""
+    # each with its calibration logits, folder and CPU seconds a text
+    scored: list[tuple[Candidate, ExportCandidate, np.ndarray, Path | None, float]] = []
     with tempfile.TemporaryDirectory(prefix=".candidates-", dir=bundle.parent) as staging:
         for label in ("int8", "int8-faithful") if heal is not None else ("int8",):
             folder = Path(staging) / label
@@ -62,16 +70,23 @@ def pick_candidate(bundle: Path, unoptimized: Path, heal: Examples | None, task:
                 name = onnx_export.quantize_faithful(folder, batches, cpu=cpu)
                 second = (graphs.graph(label, continuation.states_batches(unoptimized / MODEL_FILE, batches))
                           if graphs else None)
-            scored.append((label, *score_candidate(name, folder, task, texts, parts, max_length, opts,
-                                                   budget.per_variant, second), folder))
+            scored += [(label, c, own, folder, cpu_s) for c, own, cpu_s in score_candidate(
+                name, folder, task, texts, parts, max_length, opts, budget.per_variant, second, shares)]
         second = graphs.graph("fp32") if graphs else None
-        scored.append(("fp32", *score_candidate("fp32", bundle, task, texts, parts, max_length, opts, budget.depth,
-                                                second), None))
-        label, chosen, calibration, folder = next((s for s in scored if s[1].forecast.passes), scored[-1])
+        scored += [("fp32", c, own, None, cpu_s) for c, own, cpu_s in score_candidate(
+            "fp32", bundle, task, texts, parts, max_length, opts, budget.depth, second)]
+        passing = [s for s in scored if s[1].forecast.passes]
+        if cost is None:
+            label, chosen, calibration, folder, _ = passing[0] if passing else scored[-1]
+        else:
+            fp32_s = scored[-1][4]
+            for _, candidate, _, _, cpu_s in scored:
+                candidate.cost = round(cost(candidate.share) * cpu_s / fp32_s, 4)
+            label, chosen, calibration, folder, _ = min(passing, key=lambda s: s[1].cost) if passing else scored[-1]
         chosen.chosen = True
         if folder is not None:
             shutil.copy(folder / MODEL_FILE, bundle / MODEL_FILE)
-    return [c for _, c, _, _ in scored], calibration, label
+    return [c for _, c, _, _, _ in scored], calibration, label
 
 
 def named(config: str, cpu: str) -> Candidate:
@@ -96,32 +111,39 @@ def calibration_batches(folder: Path, examples: Examples, max_length: int, batch
 
 
 def score_candidate(name: str, folder: Path, task: TaskConfig, texts: ExportTexts, parts: EvalParts, max_length: int,
-                    opts: ExportOptions, alpha: float,
-                    second: Path | None = None) -> tuple[ExportCandidate, np.ndarray]:
-    """A candidate graph's forecast as served, at error rate `alpha`, and its own logits on the calibration texts.
-    `second`: the continuation made as this candidate is, which answers the texts it sends on (else the original
-    restarts)."""
+                    opts: ExportOptions, alpha: float, second: Path | None = None,
+                    shares: tuple[float, ...] | None = None) -> list[tuple[ExportCandidate, np.ndarray, float]]:
+    """A candidate graph's forecast as served at each share sent on of `shares` (default: opts.fallback's), at error
+    rate `alpha`, with its own logits on the calibration texts and its CPU seconds a text there (this process's,
+    onnxruntime's threads included). `second`: the continuation made as this candidate is, which answers the
+    texts it sends on (else the original restarts)."""
     runner = OnnxClassifier(folder, max_length=max_length)
-    started = time.perf_counter()
-    calibration = own = runner.logits(parts.calibration.texts, parts.calibration.pairs, batch_size=opts.batch_size)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    own = runner.logits(parts.calibration.texts, parts.calibration.pairs, batch_size=opts.batch_size)
+    cpu_s = (time.process_time() - cpu_started) / len(parts.calibration)
     rate = len(parts.calibration) / (time.perf_counter() - started)
-    agreement = None
+    own_agreement = None
     if texts.agreement is not None:
         examples = texts.agreement.examples
-        agreement = runner.logits(examples.texts, examples.pairs, batch_size=opts.batch_size)
-    if opts.fallback and second is not None:  # scored as served: continued from this candidate's own states
-        cascade = OnnxClassifier(folder, max_length=max_length, continuation=second,
-                                 below=threshold(calibration, opts.fallback))
-        calibration = cascade.logits(parts.calibration.texts, parts.calibration.pairs, batch_size=opts.batch_size)
-        if agreement is not None:
-            agreement = cascade.logits(examples.texts, examples.pairs, batch_size=opts.batch_size)
-    elif opts.fallback:  # scored as served: the original answers the texts this candidate is least sure of
-        calibration, agreement = texts.served(calibration, agreement, opts.fallback)
-    unlabeled = None if agreement is None else (texts.agreement.logits, agreement)
-    prediction = forecast(task, parts.calibration.labels, texts.calibration.logits, calibration, opts.tolerance,
-                          len(parts.holdout), unlabeled, alpha)
-    metric = compute_metric(task.metric, parts.calibration.labels, calibration, regression=task.is_regression)
-    return ExportCandidate(name=name, metric=metric, forecast=prediction, sentences_per_s=round(rate, 1)), own
+        own_agreement = runner.logits(examples.texts, examples.pairs, batch_size=opts.batch_size)
+    scored = []
+    for share in shares or (opts.fallback,):
+        calibration, agreement = own, own_agreement
+        if share and second is not None:  # scored as served: continued from this candidate's own states
+            cascade = OnnxClassifier(folder, max_length=max_length, continuation=second,
+                                     below=threshold(own, share))
+            calibration = cascade.logits(parts.calibration.texts, parts.calibration.pairs, batch_size=opts.batch_size)
+            if agreement is not None:
+                agreement = cascade.logits(examples.texts, examples.pairs, batch_size=opts.batch_size)
+        elif share:  # scored as served: the original answers the texts this candidate is least sure of
+            calibration, agreement = texts.served(own, own_agreement, share)
+        unlabeled = None if agreement is None else (texts.agreement.logits, agreement)
+        prediction = forecast(task, parts.calibration.labels, texts.calibration.logits, calibration, opts.tolerance,
+                              len(parts.holdout), unlabeled, alpha)
+        metric = compute_metric(task.metric, parts.calibration.labels, calibration, regression=task.is_regression)
+        scored.append((ExportCandidate(name=name, metric=metric, forecast=prediction, sentences_per_s=round(rate, 1),
+                                       share=share), own, cpu_s))
+    return scored
 
 
 def onnx_logits(folder: Path, examples: Examples, max_length: int, batch_size: int) -> np.ndarray:

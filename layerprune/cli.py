@@ -23,7 +23,9 @@ from .files import (
     MANIFEST_FILE,
     TRAINING_REPORT_FILE,
 )
-from .options import AnalyzeOptions, ExportOptions, FinetuneOptions, add_options, fraction, from_flags, positive, share
+from .options import (
+    AnalyzeOptions, ExportOptions, FinetuneOptions, add_options, fallback, fraction, from_flags, positive,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,8 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--out", type=Path, default=DEFAULT_RUN_DIR, help=f"run directory (default ./{DEFAULT_RUN_DIR})")
     de.add_argument("--tolerance", type=fraction, default=ExportOptions.tolerance,
                     help=f"largest allowed accuracy drop (default {ExportOptions.tolerance:g}, as export)")
-    de.add_argument("--fallback", type=share, default=ExportOptions.fallback,
-                    help="as export: the share of texts the original answers (default 0: none)")
+    de.add_argument("--fallback", type=fallback, default=ExportOptions.fallback,
+                    help=f"as export: the share of texts the original answers, or auto (default "
+                         f"{ExportOptions.fallback})")
     de.set_defaults(run=_run_demo)
     return parser
 
@@ -242,13 +245,21 @@ def _run_analyze(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     from .export import export_bundle
     from .bundle import size_mb
-    from .tables import candidates_table, validation_table
+    from .tables import candidates_table, shares_table, validation_table
 
     result = export_bundle(args.run_dir, args.out, from_flags(ExportOptions, args))
     report, manifest = result.depth, result.manifest  # report: depth.json, how the depth was chosen
     fallback = f", fallback {report.fallback:g}" if report.fallback else ""
+    if report.costs is not None:
+        fallback = f", fallback auto: {report.fallback:g} sent on"
     print(f"depth ({report.search}, heal={report.heal}{fallback}): kept {report.depth} of {report.total_layers} layers "
           f"(CKA boundary {report.boundary}; probed {report.probed} on {report.calibration}, n={report.n_calibration})")
+    if report.costs is not None:
+        chosen = next((s for s in report.scores if s.depth == report.depth), None)
+        cost = next((c.cost for c in chosen.shares if c.share == report.fallback), None) if chosen else None
+        print(f"served cost a text: {cost:.3f} of the full original's in fp32 ({report.costs.measured}); each depth "
+              "and share sent on looked at:" if cost is not None else "each depth and share sent on looked at:")
+        print(shares_table(report))
     if report.note:
         print(report.note)
     if report.candidates:

@@ -96,6 +96,19 @@ def add_cut_output(path: Path, config: dict, layer: int) -> None:
     onnx.save(model, str(path))
 
 
+def drop_cut_output(path: Path) -> None:
+    """Take the second output `hidden_states` (add_cut_output) off the graph at `path`, optimized or quantized, and
+    the Identity that made it, in place: a bundle that sends no text on answers from its logits alone."""
+    model = onnx.load(str(path))
+    outputs = [o for o in model.graph.output if o.name != STATES]
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
+    nodes = [n for n in model.graph.node if not (n.op_type == "Identity" and list(n.output) == [STATES])]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(path))
+
+
 def _states_info(model: onnx.ModelProto, config: dict) -> onnx.ValueInfoProto:
     """The value info of the cut's states: float, (batch, sequence) dims named as the graph's input_ids', hidden."""
     ids = next(i for i in model.graph.input if i.name == "input_ids")

@@ -45,7 +45,7 @@ DEMO_MODELS = {
 
 
 def run_demo(model: str = "minilm", checkpoint: Path | None = None, run_dir: Path = DEFAULT_RUN_DIR,
-             tolerance: float = ExportOptions.tolerance, fallback: float = ExportOptions.fallback) -> int:
+             tolerance: float = ExportOptions.tolerance, fallback: float | str = ExportOptions.fallback) -> int:
     demo = DEMO_MODELS[model]
     checkpoint = checkpoint or demo.checkpoint
     task = load_task("rt-polarity")
@@ -59,7 +59,7 @@ def run_demo(model: str = "minilm", checkpoint: Path | None = None, run_dir: Pat
     _stage(2, "analyze")
     analysis = analyze(str(checkpoint), task, run_dir)
     print(f"late block starts at layer {analysis.boundary} of {analysis.total_layers}; run directory {run_dir}")
-    _stage(3, "export --keep-layers auto --quantize int8" + (f" --fallback {fallback:g}" if fallback else ""))
+    _stage(3, "export --keep-layers auto --quantize int8" + (f" --fallback {fallback}" if fallback else ""))
     reuse = Reuse()  # a retry heals and encodes nothing again: only the depth or int8 changes
     result = export_bundle(run_dir, None, ExportOptions(tolerance=tolerance, quantize="int8", fallback=fallback), reuse)
     while not result.validation.passed and result.next_candidate is not None:

@@ -3,8 +3,10 @@
 Fixed N, or auto: from the CKA boundary, down while the gate forecast passes (a fixed-sequence test: each
 step at the walk's alpha), else up until it does (those share alpha: Bonferroni). With --fallback, each depth
 is scored as it would be served: the original answers the share of texts the cut is least sure of
-(layerprune.fallback). Walking down reuses work: a whole-model heal at depth d starts from the heal of depth
-d + 1 with its top layer dropped, which is already close to the original, rather than from the truncated
+(layerprune.fallback). With --fallback auto, each depth is forecast at every share of options.SHARES, each share
+walked as a fixed share is (down while it passes at every depth so far), and of the (depth, share) that pass the
+one whose served cost a text (layerprune.cost) is least is kept. Walking down reuses work: a whole-model heal at
+depth d starts from the heal of depth d + 1 with its top layer dropped, which is already close to the original, rather than from the truncated
 original. The error budget splits export's alpha between the depth walk and the int8 variants
 (docs/export.md).
 """
@@ -18,7 +20,11 @@ from typing import Literal
 import numpy as np
 from transformers import PreTrainedModel
 
-from .artifacts import DepthReport, DepthScore, ExportCandidate, GateForecast, HealMode, HealStats
+from .artifacts import (
+    DepthReport, DepthScore, ExportCandidate, GateForecast, HealMode, HealStats, LayerCosts, ShareScore,
+)
+from .continuation import cut_layer
+from .cost import text_cost
 from .fallback import cascade, threshold
 from .heal import Heal, NoHeal, TextStates, WholeHeal, heal_at
 from .models import total_layers
@@ -42,7 +48,9 @@ class ExportTexts:
     def served(self, calibration: np.ndarray, agreement: np.ndarray | None,
                share: float) -> tuple[np.ndarray, np.ndarray | None]:
         """A cut's logits on the calibration and agreement texts as served with --fallback `share`: the original's
-        where the cut is below its `share`-quantile of calibration confidence (layerprune.fallback)."""
+        where the cut is below its `share`-quantile of calibration confidence (layerprune.fallback); 0: its own."""
+        if not share:
+            return calibration, agreement
         below = threshold(calibration, share)
         return (cascade(calibration, self.calibration.logits, below),
                 None if agreement is None else cascade(agreement, self.agreement.logits, below))
@@ -52,8 +60,10 @@ class Depths:
     """Each depth looked at: healed as asked (once), scored on calibration, and its gate forecast (once)."""
 
     def __init__(self, original: PreTrainedModel, task: TaskConfig, texts: ExportTexts, heal: HealMode,
-                 opts: ExportOptions, n_holdout: int, trained: dict[int, Heal] | None = None):
+                 opts: ExportOptions, n_holdout: int, trained: dict[int, Heal] | None = None,
+                 costs: LayerCosts | None = None):
         self.original, self.task, self.texts, self.heal_mode, self.opts = original, task, texts, heal, opts
+        self.costs = costs  # with --fallback auto: what a text costs the original on this CPU (layerprune.cost)
         self.trained = {} if trained is None else trained  # heals trained by depth, here or by an earlier export
         self.n_holdout = n_holdout
         self.total = total_layers(original.config)
@@ -61,16 +71,40 @@ class Depths:
         self.full = self._metric(texts.calibration.logits)
         self.heals: dict[int, Heal] = {}
         self.scores: dict[int, DepthScore] = {}
+        self.alive: dict[int, list[float]] = {}  # by depth: the shares whose walk still passes there
         self.probed: list[int] = []
 
     def passes(self, depth: int, alpha: float) -> bool:
         """Whether the gate is forecast to pass the model truncated at `depth` (healed as asked), at error
-        rate `alpha`; each depth is forecast once."""
+        rate `alpha`, at some share sent on that also passed at the depth above, where that was looked at
+        first (each share's walk down is a fixed-sequence test of its own); each depth is forecast once."""
         if depth not in self.probed:
             self.probed.append(depth)
         if depth not in self.scores:
             self.scores[depth] = self._score(depth, alpha)
-        return self.scores[depth].forecast.passes
+            above = self.alive.get(depth + 1)
+            self.alive[depth] = [s for s in self._passing(depth) if above is None or s in above]
+        return bool(self.alive[depth])
+
+    def _passing(self, depth: int) -> list[float]:
+        score = self.scores[depth]
+        if score.shares:
+            return [s.share for s in score.shares if s.forecast.passes]
+        return [self.opts.fallback] if score.forecast.passes else []
+
+    def cost(self, depth: int, share: float) -> float:
+        """The served cost a text at `depth` sending on `share`, the full original's = 1 (layerprune.cost)."""
+        cut = cut_layer(depth, self.heal_mode, self.opts.top.heal_layers)
+        return text_cost(self.costs, self.total, depth, share, cut)
+
+    def cheapest(self, depths: list[int], fallback: int) -> tuple[int, float]:
+        """Of the (depth, share) among `depths` whose walk passed, the one whose served cost is least (the smaller
+        share on a tie); none: `fallback` at the largest share, the closest to the original."""
+        passing = [(self.cost(d, s), s, d) for d in depths for s in self.alive.get(d, [])]
+        if not passing:
+            return fallback, max(self.opts.shares)
+        _, share, depth = min(passing)
+        return depth, share
 
     def heal(self, depth: int) -> Heal:
         """The heal of `depth`, trained the first time any export sharing `trained` asks for it."""
@@ -89,13 +123,18 @@ class Depths:
 
     def _score(self, depth: int, alpha: float) -> DepthScore:
         heal = self.heal(depth)
-        calibration = heal.logits(self.texts.calibration)
-        agreement = None if self.texts.agreement is None else heal.logits(self.texts.agreement)
-        if self.opts.fallback:
-            calibration, agreement = self.texts.served(calibration, agreement, self.opts.fallback)
+        own = heal.logits(self.texts.calibration)
+        own_agreement = None if self.texts.agreement is None else heal.logits(self.texts.agreement)
+        scored = []  # (share, calibration logits as served, forecast)
+        for share in self.opts.shares:
+            calibration, agreement = self.texts.served(own, own_agreement, share)
+            scored.append((share, calibration, self._forecast(calibration, agreement, alpha)))
+        shares = [] if self.costs is None else [ShareScore(share=s, forecast=f, cost=self.cost(depth, s))
+                                                for s, _, f in scored]
+        passing = [(c.cost, i) for i, c in enumerate(shares) if c.forecast.passes]
+        _, calibration, forecast = scored[min(passing)[1] if passing else -1]
         healed = None if heal.stats is None else self._metric(calibration)
-        return DepthScore(depth=depth, metric=self.raw[depth], metric_healed=healed,
-                          forecast=self._forecast(calibration, agreement, alpha))
+        return DepthScore(depth=depth, metric=self.raw[depth], metric_healed=healed, forecast=forecast, shares=shares)
 
     def _forecast(self, calibration: np.ndarray, agreement: np.ndarray | None, alpha: float) -> GateForecast:
         unlabeled = None if agreement is None else (self.texts.agreement.logits, agreement)
@@ -110,14 +149,14 @@ class Depths:
     def heal_runs(self) -> list[HealStats]:
         return [h.stats for h in self.heals.values() if h.stats is not None]
 
-    def report(self, boundary: int, depth: int, probed: list[int], calibration_name: str,
+    def report(self, boundary: int, depth: int, share: float, probed: list[int], calibration_name: str,
                candidates: list[ExportCandidate], note: str | None) -> DepthReport:
         scores = [self.scores.get(d) or DepthScore(depth=d, metric=self.raw[d]) for d in range(1, self.total + 1)]
         heal, agreement = self.texts.heal, self.texts.agreement
         return DepthReport(
             search="auto" if self.opts.keep_layers == "auto" else "fixed", heal=self.heal_mode,
-            heal_layers=self.opts.top.heal_layers, fallback=self.opts.fallback, boundary=boundary,
-            total_layers=self.total, depth=depth,
+            heal_layers=self.opts.top.heal_layers, fallback=share, shares=list(self.opts.shares), costs=self.costs,
+            boundary=boundary, total_layers=self.total, depth=depth,
             tolerance=self.opts.tolerance, full_metric=self.full, metric_name=self.task.metric,
             calibration=calibration_name, n_calibration=self.texts.calibration.n, n_heal=heal.n if heal else 0,
             heal_labelled=self.texts.heal_labels is not None, n_agreement=agreement.n if agreement else 0,
@@ -135,10 +174,14 @@ class ErrorBudget:
 def error_budget(opts: ExportOptions, variants: int = 2) -> ErrorBudget:
     """Split the export's error rate over its forecasts (Bonferroni): export keeps the first int8 variant that
     passes, so each variant is another chance to ship a bundle the gate refuses. With --quantize int8, half
-    of alpha goes to the depth walk and half is shared by the int8 variants; without, all of it to the depth."""
+    of alpha goes to the depth walk and half is shared by the int8 variants; without, all of it to the depth.
+    With --fallback auto each share is another such chance, at every depth and for every variant: each part is
+    shared by the shares of options.SHARES."""
+    shares = len(opts.shares)
     if not opts.quantize:
-        return ErrorBudget(depth=opts.alpha, per_variant=0.0, variants=0)
-    return ErrorBudget(depth=opts.alpha / 2, per_variant=opts.alpha / 2 / variants, variants=variants)
+        return ErrorBudget(depth=opts.alpha / shares, per_variant=0.0, variants=0)
+    return ErrorBudget(depth=opts.alpha / 2 / shares, per_variant=opts.alpha / 2 / variants / shares,
+                       variants=variants)
 
 
 def choose_depth(passes: Callable[[int, float], bool], boundary: int, total: int,

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import continuation, onnx_export
+from . import continuation, cost, onnx_export
 from .artifacts import (
     AnalysisReport,
     DepthReport,
@@ -132,18 +132,23 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
 
     # 3. the depth
     budget = error_budget(opts)
-    depths = Depths(source.model, source.task, texts, heal, opts, n_holdout=len(parts.holdout), trained=reuse.heals)
+    costs = (cost.measure(source.model, source.tokenizer, parts.calibration, source.max_length, opts.batch_size)
+             if opts.fallback == "auto" else None)
+    depths = Depths(source.model, source.task, texts, heal, opts, n_holdout=len(parts.holdout), trained=reuse.heals,
+                    costs=costs)
     walk = _walk(depths, source, opts, budget)
     bundled = _truncated_and_healed(source.model, depths.heal(walk.depth), source.task)
 
     # 4-5. the bundle: ONNX, the export candidates, validation on the holdout, the artifacts
     target = Path(out) if out is not None else run_dir / BUNDLE_DIR
     with staged_dir(target, MANIFEST_FILE) as stage:
+        # with auto and int8, the candidates may send on a share the walk did not choose
+        sends_on = walk.share or (opts.fallback == "auto" and opts.quantize)
         cut = (continuation.cut_layer(walk.depth, heal, opts.top.heal_layers)
-               if opts.fallback and walk.depth < source.total else None)
-        built = _build(stage, source, bundled, walk.depth, cut, parts, texts, healing.examples, original_holdout,
-                       opts, budget)
-        report = depths.report(source.analysis.boundary, walk.depth, walk.probed, parts.calibration_name,
+               if sends_on and walk.depth < source.total else None)
+        built = _build(stage, source, bundled, walk, cut, parts, texts, healing.examples, original_holdout, opts,
+                       budget, depths)
+        report = depths.report(source.analysis.boundary, walk.depth, built.share, walk.probed, parts.calibration_name,
                                built.candidates, walk.note)
         manifest = _write_artifacts(stage.out, run_dir, source, report, built, opts)
         stage.target = _destination(target, built.validation.passed)
@@ -187,6 +192,7 @@ def _open_source(run_dir: Path, opts: ExportOptions) -> _Source:
 @dataclass(frozen=True)
 class _Walk:
     depth: int  # what the depth search chose
+    share: float  # the share sent on it chose (--fallback's, or with auto the cheapest that passes)
     probed: list[int]  # the depths it looked at, in order (--sweep scores the rest, for the report only)
     note: str | None  # why auto kept every layer
 
@@ -195,12 +201,14 @@ def _walk(depths: Depths, source: _Source, opts: ExportOptions, budget: ErrorBud
     """The depth search: fixed N or auto from the CKA boundary (depth_search.choose_depth)."""
     total = source.total
     depth = choose_depth(depths.passes, source.analysis.boundary, total, opts.keep_layers, budget.depth)
-    probed = list(depths.probed)
+    probed, share = list(depths.probed), opts.fallback
+    if depths.costs is not None:  # auto: the cheapest (depth, share) whose walk passed
+        depth, share = depths.cheapest(probed, depth)
     if opts.sweep:
         for d in range(1, total + 1):
             depths.passes(d, budget.depth)
     note = _nothing_dropped(depths, total, opts) if opts.keep_layers == "auto" and depth == total else None
-    return _Walk(depth, probed, note)
+    return _Walk(depth, share if depth < total else 0.0, probed, note)
 
 
 @dataclass(frozen=True)
@@ -210,17 +218,19 @@ class _Built:
     validation: ValidationReport
     candidates: list[ExportCandidate]
     quantized: str | None  # the int8 candidate kept (None: fp32)
+    share: float  # the share sent on it was kept at
     rule: FallbackRule | None
     cpu: str  # the CPU kind its int8 weights were quantized for
 
 
-def _build(stage: Stage, source: _Source, bundled: PreTrainedModel, depth: int, cut: int | None, parts: EvalParts,
+def _build(stage: Stage, source: _Source, bundled: PreTrainedModel, walk: _Walk, cut: int | None, parts: EvalParts,
            texts: ExportTexts, heal: Examples | None, original_holdout: np.ndarray, opts: ExportOptions,
-           budget: ErrorBudget) -> _Built:
+           budget: ErrorBudget, depths: Depths) -> _Built:
     """The bundle's graph in `stage.out` (ONNX, optimized, the export candidate kept, the fallback's original
     or continuation beside it) and its validation against the original's logits on the holdout. `cut`: the
-    layer a text sent on continues from (continuation.cut_layer), None where the fallback restarts. `heal`: the
-    heal texts, which faithful int8 calibrates on."""
+    layer a text sent on continues from (continuation.cut_layer), None where the fallback restarts or no
+    text is sent on. `heal`: the heal texts, which faithful int8 calibrates on."""
+    depth = walk.depth
     tmp, scratch, max_length = stage.out, stage.scratch, source.max_length
     _save_checkpoint(bundled, source.tokenizer, scratch / TRUNCATED_DIR)
     onnx_export.export_onnx(scratch / TRUNCATED_DIR, tmp)
@@ -238,20 +248,26 @@ def _build(stage: Stage, source: _Source, bundled: PreTrainedModel, depth: int, 
     cpu = cpu_kind()  # the int8 weights are quantized for this CPU, and the manifest says which
     graphs = None if cut is None else continuation.Continuations(
         _original_onnx(source, scratch) / MODEL_FILE, config, cut, scratch, opts.optimize, cpu)
+    walked = dataclasses.replace(opts, fallback=walk.share)  # the walk's share, fp32's candidate's
+    costs = (lambda share: depths.cost(depth, share)) if depths.costs is not None else None
     candidates, calibration, kept = (
-        pick_candidate(tmp, unoptimized, heal, source.task, texts, parts, max_length, opts, budget, cpu, graphs)
+        pick_candidate(tmp, unoptimized, heal, source.task, texts, parts, max_length, walked, budget, cpu, graphs,
+                       shares=opts.shares if costs else None, cost=costs)
         if opts.quantize else ([], None, "fp32"))
     quantized = next((c.name for c in candidates if c.chosen and c.name != "fp32"), None)
+    share = next((c.share for c in candidates if c.chosen), walk.share)
     rule = None
-    if opts.fallback and depth < source.total:  # (at full depth the two graphs are the same model)
+    if share and depth < source.total:  # (at full depth the two graphs are the same model)
         if calibration is None:
             calibration = onnx_logits(tmp, parts.calibration, max_length, opts.batch_size)
-        rule = _add_original(source, tmp, scratch, calibration, opts, graphs, kept)
+        rule = _add_original(source, tmp, scratch, calibration, opts, share, graphs, kept)
+    elif cut is not None:  # a share auto scored but did not keep: the bundle's graph answers every text alone
+        continuation.drop_cut_output(tmp / MODEL_FILE)
     runner = _runner(tmp, max_length, rule)
     served = runner.logits(parts.holdout.texts, parts.holdout.pairs)
     validation = compare(source.task, parts.holdout, parts.holdout_name, original_holdout, served, opts.tolerance,
                          max_length, parity, runner.sent_on / len(parts.holdout) if rule else None)
-    return _Built(validation, candidates, quantized, rule, cpu)
+    return _Built(validation, candidates, quantized, share, rule, cpu)
 
 
 def _write_artifacts(bundle: Path, run_dir: Path, source: _Source, report: DepthReport, built: _Built,
@@ -337,23 +353,23 @@ def _truncated_and_healed(original, heal: Heal, task: TaskConfig):
 
 
 def _add_original(source: _Source, bundle: Path, scratch: Path, calibration: np.ndarray, opts: ExportOptions,
-                  graphs: continuation.Continuations | None, kept: Candidate) -> FallbackRule:
+                  share: float, graphs: continuation.Continuations | None, kept: Candidate) -> FallbackRule:
     """The fallback: the original's ONNX graph (exported in `scratch`, optimized as the bundle's) beside the
-    bundle's, and the threshold below which the bundle's graph, as exported, sends a text on: the --fallback
+    bundle's, and the threshold below which the bundle's graph, as exported, sends a text on: the `share`
     quantile of its top-class probabilities on the calibration texts (`calibration`: its logits there; with
     int8, the very run of the kept candidate its forecast scored). Where the bundle's graph continues
     (`graphs`), only the original's layers above the cut and its head, made as the kept candidate (`kept`) was."""
-    below = threshold(calibration, opts.fallback)
+    below = threshold(calibration, share)
     if graphs is not None:
         shutil.move(graphs.graph(kept), bundle / CONTINUATION_MODEL_FILE)
-        return FallbackRule(share=opts.fallback, threshold=below, continue_from=graphs.layer)
+        return FallbackRule(share=share, threshold=below, continue_from=graphs.layer)
     onnx_dir = _original_onnx(source, scratch)
     if opts.optimize:
         onnx_export.optimize_onnx(onnx_dir, opts.optimize)
     if (onnx_dir / MODEL_DATA_FILE).exists():
         raise LayerpruneError("--fallback needs the original's graph in one file (under 2 GB); this one is larger")
     shutil.move(onnx_dir / MODEL_FILE, bundle / ORIGINAL_MODEL_FILE)
-    return FallbackRule(share=opts.fallback, threshold=below)
+    return FallbackRule(share=share, threshold=below)
 
 
 def _original_onnx(source: _Source, scratch: Path) -> Path:

@@ -26,6 +26,10 @@ MAX_LENGTH = 128  # tokens per input where a short cap is enough: fine-tuning, a
 WEIGHT_DECAY = 0.01  # AdamW's decay in every training here, fine-tuning and the heals (BERT's fine-tuning value)
 WARMUP = 0.06  # share of the steps the learning rate warms up over, then decays to zero (RoBERTa's fine-tuning value)
 SEED = 0  # the draws of the heals (held-out tenth, order, dropout) and of the augmentation
+# the shares --fallback auto chooses among: each is one more forecast at every depth, and the forecasts share the
+# walk's error rate (depth_search.error_budget), so a few, a tenth apart; a tenth more sent on costs a tenth of
+# the layers it runs again, and past 0.3 a cut sends on so much that one layer more costs less
+SHARES = (0.0, 0.1, 0.2, 0.3)
 
 # --quantize int8's export candidates, scored fastest first (layerprune/candidates.py): plain dynamic int8, faithful
 # int8 (layerprune/faithful_int8.py: per-token activation scales, GPTQ weights), then the fp32 graph.
@@ -53,6 +57,10 @@ def share(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be a share of texts in [0, 1), e.g. 0.1; got {text}")
     return value
+
+
+def fallback(text: str) -> float | str:
+    return text if text == "auto" else share(text)
 
 
 def error_rate(text: str) -> float:
@@ -288,9 +296,11 @@ class ExportOptions:
     agreement_examples: int = field(default=4000, metadata=cli(
         "further --heal-data texts on which agreement with the original is measured (never train texts: the "
         "original was fine-tuned on them)", parse=int))
-    fallback: float = field(default=0.0, metadata=cli(
+    fallback: float | Literal["auto"] = field(default=0.0, metadata=cli(
         "share of texts the original answers instead of the pruned model: those the pruned model is least sure of "
-        "(the bundle then holds both graphs; 0: none)", parse=share, show_default=False))
+        f"(the bundle then holds both graphs; 0: none); auto: the depth and share of {', '.join(map(str, SHARES))} "
+        "whose served cost a text, measured on this CPU, is least among those whose forecast passes",
+        parse=fallback, show_default=False))
     optimize: Literal["O1", "O2", "O3"] | None = field(default=None, metadata=cli(
         "onnxruntime graph optimization level"))
     quantize: Literal["int8"] | None = field(default=None, metadata=cli(
@@ -312,6 +322,11 @@ class ExportOptions:
     device: str | None = None
     trust_remote_code: bool = False
     resample_seed: int | None = None  # re-cut calibration/holdout (benchmarks)
+
+    @property
+    def shares(self) -> tuple[float, ...]:
+        """The shares sent on that export may choose among: --fallback's, or with auto the grid SHARES."""
+        return SHARES if self.fallback == "auto" else (self.fallback,)
 
     def __post_init__(self) -> None:
         # the flag's alias holds from Python too, and a mode no heal has is refused here, not trained as another

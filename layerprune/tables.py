@@ -6,15 +6,31 @@ from .artifacts import DepthReport, Manifest, ValidationReport
 
 
 def candidates_table(depth: DepthReport) -> str:
-    """The export candidates scored at the chosen depth (calibration metric, forecast, speed)."""
-    lines = ["| export candidate | calibration metric | delta | forecast lower bound | disagreement | sentences/s | |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    """The export candidates scored at the chosen depth (calibration metric, forecast, speed; with --fallback auto
+    the share sent on and the served cost a text, the full original's = 1)."""
+    costed = depth.costs is not None
+    lines = ["| export candidate |" + (" sent on | cost a text |" if costed else "") +
+             " calibration metric | delta | forecast lower bound | disagreement | sentences/s | |",
+             "|---|" + ("---:|---:|" if costed else "") + "---:|---:|---:|---:|---:|---|"]
     for c in depth.candidates:
         f = c.forecast
         d = "n/a" if f.disagreement is None else f"{f.disagreement:.2%}"
         verdict = "chosen" if c.chosen else ("passes" if f.passes else "fails")
-        lines.append(f"| {c.name} | {c.metric:.4f} | {f.delta:+.4f} | {f.lower_bound:+.4f} | {d} | "
+        cost = f" {c.share:.0%} | {c.cost:.3f} |" if costed else ""
+        lines.append(f"| {c.name} |{cost} {c.metric:.4f} | {f.delta:+.4f} | {f.lower_bound:+.4f} | {d} | "
                      f"{c.sentences_per_s:.0f} | {verdict} |")
+    return "\n".join(lines)
+
+
+def shares_table(depth: DepthReport) -> str:
+    """With --fallback auto: each depth looked at, each share sent on's served cost a text (the full original's =
+    1) and its forecast; the kept one marked."""
+    lines = ["| depth |" + "".join(f" sent on {s:.0%} |" for s in depth.shares), "|---:|" + "---:|" * len(depth.shares)]
+    for score in sorted((s for s in depth.scores if s.shares), key=lambda s: -s.depth):
+        cells = "".join(f" {c.cost:.3f} {'passes' if c.forecast.passes else 'fails'}"
+                        f"{' (kept)' if (score.depth, c.share) == (depth.depth, depth.fallback) else ''} |"
+                        for c in score.shares)
+        lines.append(f"| {score.depth} |{cells}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,174 @@
+"""--fallback auto: the served cost a text (layerprune.cost) and the export that minimises it among the (depth,
+share sent on) whose gate forecast passes; on tiny models, against hand computations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import SENTENCES
+from layerprune import cost
+from layerprune.analyze import AnalyzeOptions, analyze
+from layerprune.artifacts import DepthReport, DepthScore, GateForecast, LayerCosts, ShareScore, load_artifact
+from layerprune.bundle import verify_bundle
+from layerprune.cli import main
+from layerprune.data import Examples, task_from_files
+from layerprune.depth_search import Depths, choose_depth, error_budget
+from layerprune.options import SHARES, ExportOptions
+
+UNIT = LayerCosts(fixed_s=0.0, layer_s=1.0, measured="by hand")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_models, tmp_path_factory) -> Path:
+    """A tiny BERT (4 layers) analyzed on 24 labelled sentences, its train split the same file."""
+    root = tmp_path_factory.mktemp("cost")
+    rows = [(t, l) for t, l in SENTENCES] + [(f"honestly, {t}", l) for t, l in SENTENCES]
+    (root / "reviews.csv").write_text("text,label\n" + "\n".join(f'"{t}",{l}' for t, l in rows) + "\n")
+    task = task_from_files(root / "reviews.csv", "text", "label", train_file=root / "reviews.csv")
+    analyze(str(tiny_models["bert"]), task, root / "run", AnalyzeOptions(device="cpu", batch_size=8))
+    return root / "run"
+
+
+def test_text_cost_by_hand() -> None:
+    costs = LayerCosts(fixed_s=2.0, layer_s=1.0, measured="by hand")  # the full original of 6 layers: 2 + 6 = 8
+    assert cost.text_cost(costs, 6, 6, 0.3, 5) == 1.0, "at full depth nothing is sent on"
+    assert cost.text_cost(costs, 6, 4, 0.0, 3) == pytest.approx(6 / 8)
+    assert cost.text_cost(costs, 6, 4, 0.2, 3) == pytest.approx((6 + 0.2 * 3) / 8), "continues: layers 4..6"
+    assert cost.text_cost(costs, 6, 4, 0.2, None) == pytest.approx((6 + 0.2 * 8) / 8), "restarts: all of it again"
+
+
+def test_measure_splits_fixed_and_layer_work(monkeypatch) -> None:
+    """A clock that advances as a model of known fixed and per-layer work would: depth d costs 3 + 2 d a text."""
+    clock = [0.0]
+
+    def predict(model, tokenizer, examples, batch_size, max_length):
+        clock[0] += len(examples) * (3.0 + 2.0 * model.config.num_hidden_layers)
+
+    class Config:
+        def __init__(self, layers):
+            self.num_hidden_layers = layers
+
+    class Model:
+        def __init__(self, layers=6):
+            self.config = Config(layers)
+
+    monkeypatch.setattr(cost, "predict_logits", predict)
+    monkeypatch.setattr(cost, "total_layers", lambda config: config.num_hidden_layers)
+    monkeypatch.setattr(cost, "truncate", lambda model, depth: Model(depth))
+    monkeypatch.setattr(cost.time, "process_time", lambda: clock[0])
+    examples = Examples(texts=["a"] * 300, pairs=None, labels=np.zeros(300, dtype=np.int64))
+    measured = cost.measure(Model(), None, examples, 128, 32)
+    assert (measured.fixed_s, measured.layer_s) == (pytest.approx(3.0), pytest.approx(2.0))
+    assert f"{cost.TEXTS} calibration texts" in measured.measured
+
+
+def _forecast(passes: bool) -> GateForecast:
+    return GateForecast(delta=0.0, delta_sd=0.0, alpha=0.01, lower_bound=0.0 if passes else -1.0, disagreement=None,
+                        disagreement_upper=None, n_agreement=0, passes=passes)
+
+
+def _walk(passing: set[tuple[int, float]], costs: LayerCosts, heal: str, boundary: int = 3,
+          keep_layers="auto") -> tuple[int, float, list[int]]:
+    """auto's walk over a 4-layer model whose forecast passes exactly at `passing` (depth, share), and the
+    (depth, share) it keeps (export._walk's two steps)."""
+    depths = Depths.__new__(Depths)  # the walk's bookkeeping only: no model, no texts
+    depths.opts, depths.costs, depths.total, depths.heal_mode = ExportOptions(fallback="auto"), costs, 4, heal
+    depths.scores, depths.alive, depths.probed = {}, {}, []
+
+    def score(depth, alpha):
+        return DepthScore(depth=depth, metric=0.0, shares=[
+            ShareScore(share=s, forecast=_forecast((depth, s) in passing or depth == 4), cost=depths.cost(depth, s))
+            for s in SHARES])
+
+    depths._score = score
+    depth = choose_depth(depths.passes, boundary, 4, keep_layers, 0.01)
+    probed = list(depths.probed)
+    return (*depths.cheapest(probed, depth), probed)
+
+
+def test_the_cheaper_of_two_certified_configurations_is_kept() -> None:
+    """Two configurations pass: 3 layers alone, and 1 layer with 30% sent on. By hand, with a fixed part f and
+    layers of 1, restarting the original: 3 layers cost f + 3, 1 layer with 30% restarted f + 1 + 0.3 (f + 4) =
+    1.3 f + 2.2. At f = 0 the second is cheaper (2.2 < 3); at f = 10 the first (13 < 15.2)."""
+    passing = {(3, 0.0), (3, 0.3), (2, 0.3), (1, 0.3)}  # the 30% share walks down to 1; share 0 stops at 3
+    cheap_fixed = LayerCosts(fixed_s=0.0, layer_s=1.0, measured="by hand")
+    dear_fixed = LayerCosts(fixed_s=10.0, layer_s=1.0, measured="by hand")
+    assert _walk(passing, cheap_fixed, "none") == (1, 0.3, [3, 2, 1])
+    assert _walk(passing, dear_fixed, "none") == (3, 0.0, [3, 2, 1])
+    # the top-layer heal continues from the layer below the cut: 2 layers with 30% continued through layers 2..4
+    # cost f + 2 + 0.3 * 3 = 12.9 < 13 at f = 10; 1 layer shares none with the original, so it restarts (15.2)
+    assert _walk(passing, dear_fixed, "top")[:2] == (2, 0.3)
+
+
+def test_a_share_counts_only_where_it_passed_at_every_depth_above() -> None:
+    """Each share walks down as a fixed share does: 10% passes at 2 but failed at 3, so (2, 0.1), the cheapest
+    that passes, is not kept; the walk stops where no share's walk goes on."""
+    passing = {(3, 0.2), (2, 0.1), (2, 0.2)}
+    assert _walk(passing, UNIT, "none") == (2, 0.2, [3, 2, 1])
+    assert _walk({(3, 0.2), (2, 0.1)}, UNIT, "none") == (3, 0.2, [3, 2])
+    assert _walk(set(), UNIT, "none") == (4, 0.0, [3, 4]), "nothing passes below: up to the full model"
+
+
+def test_auto_shares_the_error_budget_over_its_shares() -> None:
+    auto = error_budget(ExportOptions(alpha=0.05, quantize="int8", fallback="auto"))
+    assert auto.depth == pytest.approx(0.05 / 2 / len(SHARES))
+    assert auto.per_variant == pytest.approx(0.05 / 2 / 2 / len(SHARES))
+    assert error_budget(ExportOptions(alpha=0.05, fallback=0.2)).depth == 0.05
+
+
+def test_cli_fallback_auto_end_to_end(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """--fallback auto --quantize int8 at depth 2 with the top-layer heal: every (candidate, share) is costed, the
+    bundle keeps the cheapest that passes (its cost: the fp32 pair's by hand, scaled by its speed), validates, and
+    holds a second graph exactly when it sends texts on."""
+    out = tmp_path / "auto"
+    code = main(["export", str(run_dir), "--keep-layers", "2", "--heal", "top", "--fallback", "auto", "--quantize",
+                 "int8", "--tolerance", "0.5", "--augment", "0", "--batch-size", "8", "--out", str(out),
+                 "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "fallback auto:" in printed and "| sent on 30% |" in printed and "| cost a text |" in printed
+    report = load_artifact(DepthReport, out / "depth.json")
+    assert report.shares == list(SHARES) and report.costs is not None
+    int8 = report.candidates[0].name
+    assert {(c.name, c.share) for c in report.candidates} >= {(int8, s) for s in SHARES}
+    costs, fp32 = report.costs, report.candidates[-1]
+    unit = costs.fixed_s + 4 * costs.layer_s
+    assert fp32.cost == pytest.approx((costs.fixed_s + 2 * costs.layer_s + fp32.share * 3 * costs.layer_s) / unit,
+                                      abs=1e-3), "fp32 at the walk's share: 2 layers, and layers 2..4 for those sent on"
+    chosen = next(c for c in report.candidates if c.chosen)
+    assert chosen.cost == min(c.cost for c in report.candidates if c.forecast.passes)
+    manifest = verify_bundle(out)
+    outputs = [o.name for o in onnx.load(str(out / "model.onnx")).graph.output]
+    if chosen.share:
+        assert manifest.fallback.share == chosen.share and manifest.parts.continuation == "continuation.onnx"
+        assert outputs == ["logits", "hidden_states"]
+    else:
+        assert manifest.fallback is None and manifest.parts.continuation is None and outputs == ["logits"]
+    assert main(["validate", str(out), "--device", "cpu"]) == 0
+
+
+def test_fallback_zero_is_one_graph(run_dir: Path, tmp_path: Path) -> None:
+    from layerprune.export import export_bundle
+
+    out = tmp_path / "zero"
+    result = export_bundle(run_dir, out, ExportOptions(keep_layers=2, heal="top", fallback=0.0, device="cpu",
+                                                       batch_size=8, augment=0))
+    manifest = verify_bundle(out)
+    assert manifest.fallback is None and manifest.parts.continuation is None and manifest.parts.original is None
+    assert [o.name for o in onnx.load(str(out / "model.onnx")).graph.output] == ["logits"]
+    assert result.depth.costs is None and result.depth.shares == [0.0]
+
+
+@pytest.mark.parametrize("value,message", [("-1", "a share of texts in [0, 1)"), ("abc", "--fallback")])
+def test_cli_bad_fallback(run_dir: Path, tmp_path: Path, capsys, value, message) -> None:
+    try:
+        code = main(["export", str(run_dir), "--out", str(tmp_path / "x"), "--fallback", value])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
