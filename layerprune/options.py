@@ -296,7 +296,8 @@ class ExportOptions:
     agreement_examples: int = field(default=4000, metadata=cli(
         "further --heal-data texts on which agreement with the original is measured (never train texts: the "
         "original was fine-tuned on them)", parse=int))
-    fallback: float | Literal["auto"] = field(default=0.0, metadata=cli(
+    # auto by default: the cheapest bundle the forecast certifies, which may be one graph (share 0) or a cascade
+    fallback: float | Literal["auto"] = field(default="auto", metadata=cli(
         "share of texts the original answers instead of the pruned model: those the pruned model is least sure of "
         f"(the bundle then holds both graphs; 0: none); auto: the depth and share of {', '.join(map(str, SHARES))} "
         "whose served cost a text, measured on this CPU, is least among those whose forecast passes",
