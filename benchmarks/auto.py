@@ -3,8 +3,8 @@
 The run directory is an analysis (`layerprune analyze`, e.g. the demo's ./lp-run). For each seed the task's
 labelled evaluation examples (rt-polarity: validation + test, 2,112 sentences) are pooled and cut into new
 calibration and holdout halves (`ExportOptions.resample_seed`); the export runs with the given options
-(default: the demo's, auto depth, the top-layer heal, int8 candidates, export's tolerance; `--fallback S` sends the
-share S of texts the cut is least sure of on to the original) into a temporary bundle. A heal never sees
+(default: the demo's, auto depth, the top-layer heal, int8 candidates, export's tolerance and its --fallback auto;
+`--fallback S` sends the share S of texts the cut is least sure of on to the original, 0 none) into a temporary bundle. A heal never sees
 calibration or holdout, so the runs share one `Reuse`: the original's outputs on the heal texts and each depth's
 heal are computed by the first run that needs them, and a later run's time is the rest of its export. One row
 per run: depth chosen, heal, export kept, calibration delta and the forecast's lower bound, the holdout delta,
@@ -22,6 +22,7 @@ from pathlib import Path
 from layerprune.artifacts import DepthReport
 from layerprune.export import ExportOptions, Reuse, export_bundle
 from layerprune.files import BUNDLE_DIR, DEFAULT_RUN_DIR
+from layerprune.options import fallback
 
 from .common import listed, markdown_table
 from .harness import Results
@@ -37,12 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", type=listed(str, ("int8", "none")), default=["int8"],
                         help="int8, none, or both in turn (none,int8)")
     parser.add_argument("--tolerance", type=float, default=ExportOptions.tolerance)
-    parser.add_argument("--fallback", type=float, default=ExportOptions.fallback, help="export --fallback (0: none)")
+    parser.add_argument("--fallback", type=fallback, default=ExportOptions.fallback,
+                        help="export --fallback (0: none; auto: the share by cost)")
 
 
 def run(args: argparse.Namespace, out: Results) -> int:
     title = (f"auto depth vs the holdout gate: {args.run_dir}, tolerance {args.tolerance}, quantize "
-             f"{','.join(args.quantize)}, fallback {args.fallback:g}")
+             f"{','.join(args.quantize)}, fallback {args.fallback}")
     rows, reuse = [], Reuse()
     for q in args.quantize:  # every seed of one setting, then the next: a partial run still has whole tables
         for seed in args.seeds:

@@ -104,10 +104,11 @@ def gate_texts(bundle: Path, manifest: Manifest) -> GateTexts:
 def certify(texts: GateTexts, original: np.ndarray, candidate: np.ndarray) -> GateForecast:
     """The gate's forecast for a candidate's logits on the calibration examples, made as export makes it for an int8
     variant (candidates.score_candidate): against the original's logits there, at the export's tolerance, with the
-    holdout's size, at the per-variant error rate of export's budget with --quantize int8 at its default alpha
-    (depth_search.error_budget). Export's agreement texts (--heal-data) are not read again: where export had them
-    its forecasts saw more texts than this one."""
-    opts = dataclasses.replace(ExportOptions(), tolerance=texts.tolerance, quantize="int8")
+    holdout's size, at the per-variant error rate of export's budget with --quantize int8 --fallback 0 at its
+    default alpha (depth_search.error_budget). Export's agreement texts (--heal-data) are not read again: where
+    export had them its forecasts saw more texts than this one."""
+    # the full model sends nothing on: one share, so the int8 variants' part of alpha is not split over a grid
+    opts = dataclasses.replace(ExportOptions(), tolerance=texts.tolerance, quantize="int8", fallback=0.0)
     return forecast(texts.task, texts.calibration.labels, original, candidate, texts.tolerance, len(texts.holdout),
                     None, error_budget(opts).per_variant)
 

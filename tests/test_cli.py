@@ -330,7 +330,7 @@ def test_demo_passes_its_fallback_on_and_checks_its_range(tmp_path, capsys, monk
     monkeypatch.setattr(layerprune.demo, "run_demo", lambda *a, **k: asked.append(a) or 0)
     assert run_cli(["demo", "--model", "mpnet", "--fallback", "0.2", "--out", tmp_path / "run"], capsys)[0] == 0
     assert asked[-1][0] == "mpnet" and asked[-1][-1] == 0.2
-    assert run_cli(["demo", "--out", tmp_path / "run"], capsys)[0] == 0 and asked[-1][-1] == 0.0
+    assert run_cli(["demo", "--out", tmp_path / "run"], capsys)[0] == 0 and asked[-1][-1] == "auto"
     code, _, err = run_cli(["demo", "--fallback", "1", "--out", tmp_path / "run"], capsys)
     assert_one_line_error(code, err, "--fallback: must be a share of texts in [0, 1)")
     assert code == 2 and len(asked) == 2

@@ -374,9 +374,9 @@ def test_auto_search(boundary, passing, expected, probed) -> None:
 
 
 def test_error_budget_splits_alpha_over_forecasts() -> None:
-    plain = error_budget(ExportOptions(alpha=0.05))
+    plain = error_budget(ExportOptions(alpha=0.05, fallback=0.0))  # one share: nothing to choose among
     assert (plain.depth, plain.variants) == (0.05, 0)
-    int8 = error_budget(ExportOptions(alpha=0.05, quantize="int8"))
+    int8 = error_budget(ExportOptions(alpha=0.05, quantize="int8", fallback=0.0))
     assert int8.depth + int8.variants * int8.per_variant == pytest.approx(0.05)
     assert int8.per_variant == pytest.approx(0.0125)
 
@@ -703,7 +703,7 @@ def test_int8_candidates_fastest_first_on_both_cpu_paths(run_dir: Path, tmp_path
 
     monkeypatch.setattr("layerprune.export.cpu_kind", lambda *a: cpu)
     result = export_bundle(run_dir, tmp_path / "q", ExportOptions(keep_layers=3, heal="none", quantize="int8",
-                                                                  tolerance=1.0, **FAST))
+                                                                  fallback=0.0, tolerance=1.0, **FAST))
     names = [c.name for c in result.depth.candidates]
     assert names[0].startswith(f"{cpu} dynamic per-channel") and names[1].startswith(f"{cpu} faithful per-token")
     assert names[2] == "fp32" and len(names) == 3
@@ -713,7 +713,7 @@ def test_int8_candidates_fastest_first_on_both_cpu_paths(run_dir: Path, tmp_path
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node}
     assert "MatMulInteger" in ops and result.validation.passed
     strict = export_bundle(run_dir, tmp_path / "s", ExportOptions(keep_layers=3, heal="none", quantize="int8",
-                                                                  tolerance=0.0, **FAST))
+                                                                  fallback=0.0, tolerance=0.0, **FAST))
     passing = [c.forecast.passes for c in strict.depth.candidates]
     chosen = [c.chosen for c in strict.depth.candidates]
     assert chosen.index(True) == (passing.index(True) if True in passing else 2), "first passing, else fp32"
@@ -976,10 +976,11 @@ def test_a_faithful_int8_bundle_serves_the_cascade_transformers_computes(wide_ru
     score = candidates.score_candidate
 
     def plain_int8_fails(name, *args, **kwargs):
-        candidate, logits = score(name, *args, **kwargs)
+        scored = score(name, *args, **kwargs)
         if "dynamic per-channel" in name:
-            candidate.forecast = candidate.forecast.model_copy(update={"passes": False})
-        return candidate, logits
+            for candidate, _, _ in scored:
+                candidate.forecast = candidate.forecast.model_copy(update={"passes": False})
+        return scored
 
     monkeypatch.setattr(candidates, "score_candidate", plain_int8_fails)
     out = tmp_path / "faithful"

@@ -54,9 +54,10 @@ def test_default_export_validates_and_serves_what_was_validated(run_dir: Path, c
     transformers' tokenizer), not the server's own runtime."""
     bundle = run_dir / "bundle"
     # The defaults, but for the heal's size: 2,000 train texts and one augmented copy each (all 8,456 with two
-    # copies each is export's default).
+    # copies each is export's default), and one graph (--fallback 0), so that optimum's session on the bundle's
+    # file is the whole reference (the cascade is checked against transformers in test_continuation/test_export).
     code = main(["export", str(run_dir), "--quantize", "int8", "--heal-examples", "2000", "--augment", "1",
-                 "--device", "cpu"])
+                 "--fallback", "0", "--device", "cpu"])
     assert code == 0, capsys.readouterr()
     depth = load_artifact(DepthReport, bundle / "depth.json")
     manifest = load_artifact(Manifest, bundle / "manifest.json")
