@@ -1,15 +1,15 @@
 """Does the gate agree with auto? `layerprune export --keep-layers auto` repeated over calibration resamples.
 
-The run directory is an analysis (`layerprune analyze`, e.g. the demo's ./lp-run). For each seed the task's
-labelled evaluation examples (rt-polarity: validation + test, 2,112 sentences) are pooled and cut into new
-calibration and holdout halves (`ExportOptions.resample_seed`); the export runs with the given options
-(default: the demo's, auto depth, the top-layer heal, int8 candidates, export's tolerance and its --fallback auto;
-`--fallback S` sends the share S of texts the cut is least sure of on to the original, 0 none) into a temporary bundle. A heal never sees
+The run directory is an analysis (`layerprune analyze`, e.g. the demo's ./lp-run). For each seed the task's labelled
+evaluation examples (rt-polarity: validation + test, 2,112 sentences) are pooled and cut into new calibration and
+holdout halves (`ExportOptions.resample_seed`); the export runs with the given options (default: the demo's, auto
+depth, the top-layer heal, int8 candidates, export's tolerance and its --fallback auto; `--fallback S` sends the
+share S of texts the cut is least sure of on to the original, 0 none) into a temporary bundle. A heal never sees
 calibration or holdout, so the runs share one `Reuse`: the original's outputs on the heal texts and each depth's
-heal are computed by the first run that needs them, and a later run's time is the rest of its export. One row
-per run: depth chosen, heal, export kept, calibration delta and the forecast's lower bound, the holdout delta,
-pass/fail, time, the share of the holdout sent on, and why not deeper: one layer fewer's disagreement and
-forecast bound. The table is rewritten after every run. Exit 1 if any run failed the gate.
+heal are computed by the first run that needs them, and a later run's time is the rest of its export. One row per
+run: depth chosen, heal, export kept, calibration delta and the forecast's lower bound, the holdout delta,
+pass/fail, time, the share of the holdout sent on, and why not deeper: one layer fewer's disagreement and forecast
+bound. The table is rewritten after every run. Exit 1 if any run failed the gate.
 """
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
 """The depth search: which depth export keeps, each depth healed as asked and forecast on calibration.
 
-Fixed N, or auto: from the CKA boundary, down while the gate forecast passes (a fixed-sequence test: each
-step at the walk's alpha), else up until it does (those share alpha: Bonferroni). With --fallback, each depth
-is scored as it would be served: the original answers the share of texts the cut is least sure of
-(layerprune.fallback). With --fallback auto, each depth is forecast at every share of options.SHARES, each share
-walked as a fixed share is (down while it passes at every depth so far), and of the (depth, share) that pass the
-one whose served cost a text (layerprune.cost) is least is kept. Walking down reuses work: a whole-model heal at
-depth d starts from the heal of depth d + 1 with its top layer dropped, which is already close to the original, rather than from the truncated
-original. The error budget splits export's alpha between the depth walk and the int8 variants
-(docs/export.md).
+Fixed N, or auto: from the CKA boundary, down while the gate forecast passes (a fixed-sequence test: each step at
+the walk's alpha), else up until it does (those share alpha: Bonferroni). With --fallback, each depth is scored as
+it would be served: the original answers the share of texts the cut is least sure of (layerprune.fallback). With
+--fallback auto, each depth is forecast at every share of options.SHARES, each share walked as a fixed share is
+(down while it passes at every depth so far), and of the (depth, share) that pass the one whose served cost a text
+(layerprune.cost) is least is kept. Walking down reuses work: a whole-model heal at depth d starts from the heal of
+depth d + 1 with its top layer dropped, which is already close to the original, rather than from the truncated
+original. The error budget splits export's alpha between the depth walk and the int8 variants (docs/export.md).
 """
 
 from __future__ import annotations
