@@ -528,6 +528,11 @@ def test_int8_methods_scores_each_row_as_onnxruntime_answers_its_batches(bundle:
         "fp32", "optimum plain dynamic int8", "layerprune int8-safe", "faithful_int8", "faithful_int8",
         "faithful_int8"]
     assert rows[0]["disagree test"] == rows[0]["disagree ood"] == "0.00%"
+    assert run("int8_methods", "--run-dir", run_dir, "--checkpoint", run_dir / "truncated", "--n", "8", "--n-ood",
+               "6", "--calibration", "16", "--rounds", "1", "--ood", tmp_path / "hutto", "--out", out,
+               "--defaults-only") == 0
+    assert [r["method"].split(",")[0].split(" (")[0] for r in table_rows(out.read_text())] == [
+        "fp32", "optimum plain dynamic int8", "faithful_int8"]
 
     module = benchmark("int8_methods")
     int8 = export_onnx(run_dir / "truncated", tmp_path / "int8").parent
