@@ -26,7 +26,7 @@ import numpy as np
 
 from layerprune.artifacts import AnalysisReport, Manifest, load_artifact
 from layerprune.bundle import open_bundle
-from layerprune.candidates import calibration_batches, named
+from layerprune.candidates import calibration_batches
 from layerprune.data import Examples
 from layerprune.errors import LayerpruneError
 from layerprune.fallback import threshold
@@ -144,9 +144,9 @@ def _originals(checkpoint: str, scratch: Path, manifest: Manifest, calibration: 
     if manifest.optimize:
         optimize_onnx(fp32, manifest.optimize)
     graphs = {"fp32": fp32 / "model.onnx"}
-    if manifest.quantization_config:
+    if manifest.candidate != "fp32":
         int8 = scratch / "int8"
-        if named(manifest.quantization_config, manifest.int8_cpu) == "int8":
+        if manifest.candidate == "int8":
             quantize_onnx(Path(shutil.copytree(fp32, int8)), cpu=manifest.int8_cpu)
         else:
             batches = calibration_batches(unoptimized, calibration, manifest.max_length, BATCH)

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Annotated, ClassVar, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from .cka import CkaEstimator
 from .errors import LayerpruneError
@@ -272,6 +272,9 @@ def _remove_dead_stagings(parent: Path, prefix: str) -> None:
 
 # How a truncated model is healed (layerprune/heal/): every kept layer, the top kept layers, the head, or not at all.
 HealMode = Literal["whole", "top", "head", "none"]
+# export's candidates at the chosen depth (layerprune/candidates.py): plain dynamic int8, faithful int8
+# (layerprune/faithful_int8.py: per-token activation scales, GPTQ weights), the fp32 graph
+Candidate = Literal["int8", "int8-faithful", "fp32"]
 
 
 class GateForecast(BaseModel):
@@ -443,7 +446,7 @@ class FallbackRule(BaseModel):
         "`original` part) from its tokens"))
 
 
-MANIFEST_SCHEMA = 6
+MANIFEST_SCHEMA = 7
 
 
 class Manifest(Artifact):
@@ -470,7 +473,9 @@ class Manifest(Artifact):
     resample_seed: int | None = Field(default=None, description="calibration/holdout resample used at export")
     optimize: str | None
     quantize: str | None
-    quantization_config: str | None
+    candidate: Candidate = Field(description="the export candidate the bundle's graph is (and its continuation, where "
+                                             "the fallback continues)")
+    quantization_config: str | None = Field(description="the int8 configuration's name; None: fp32")
     int8_cpu: str | None = Field(default=None, description=(
         "CPU kind the int8 weights were quantized and validated for (layerprune.cpu.cpu_kind); 8-bit "
         "'avx512-vnni' weights compute differently elsewhere, so only VNNI hosts serve them"))
@@ -478,3 +483,10 @@ class Manifest(Artifact):
     servable: bool
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     versions: dict[str, str]
+
+    @model_validator(mode="after")
+    def _int8_has_a_configuration(self) -> Manifest:
+        if (self.candidate == "fp32") != (self.quantization_config is None):
+            raise ValueError(f"candidate {self.candidate!r} with quantization_config {self.quantization_config!r}: "
+                             "an int8 candidate names its configuration, fp32 none")
+        return self

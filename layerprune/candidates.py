@@ -31,7 +31,6 @@ from . import continuation, onnx_export
 from .artifacts import ExportCandidate
 from .data import Examples
 from .depth_search import ErrorBudget, ExportTexts
-from .errors import LayerpruneError
 from .faithful_int8 import Feeds
 from .fallback import threshold
 from .files import MODEL_FILE
@@ -87,15 +86,6 @@ def pick_candidate(bundle: Path, unoptimized: Path, heal: Examples | None, task:
         if folder is not None:
             shutil.copy(folder / MODEL_FILE, bundle / MODEL_FILE)
     return [c for _, c, _, _, _ in scored], calibration, label
-
-
-def named(config: str, cpu: str) -> Candidate:
-    """The int8 export candidate whose configuration for CPU kind `cpu` is named `config` (a manifest's
-    quantization_config)."""
-    names = {onnx_export.quantization_config(cpu)[0]: "int8", onnx_export.faithful_config(cpu)[0]: "int8-faithful"}
-    if config not in names:
-        raise LayerpruneError(f"no int8 export candidate named {config!r} for {cpu} CPUs")
-    return names[config]
 
 
 def calibration_batches(folder: Path, examples: Examples, max_length: int, batch_size: int) -> list[Feeds]:

@@ -27,7 +27,7 @@ from .cpu import cpu_kind
 from .data import Examples
 from .depth_search import error_budget
 from .errors import LayerpruneError
-from .files import MODEL_DATA_FILE, MODEL_FILE, QUANTIZED_MODEL_FILE
+from .files import MODEL_DATA_FILE, MODEL_FILE
 from .options import BATCH_SIZE, ExportOptions
 from .runtime import OnnxClassifier
 from .scoring import compute_metric, predictions
@@ -61,7 +61,9 @@ def plain_int8(fp32: Path, out: Path, cpu: str | None = None) -> str:
     layerprune: optimum's ORTQuantizer with `AutoQuantizationConfig.PRESET(is_static=False, per_channel=True)`
     for CPU kind `cpu` (default: this one), on the export as it is, no node kept in fp32; the config and tokenizer
     beside it. `out` is replaced. Returns the configuration's name."""
-    from optimum.onnxruntime import AutoQuantizationConfig, ORTQuantizer
+    from optimum.onnxruntime import AutoQuantizationConfig
+
+    from .onnx_export import optimum_quantize
 
     preset = optimum_preset(cpu)
     config = getattr(AutoQuantizationConfig, preset)(is_static=False, per_channel=True)
@@ -69,9 +71,9 @@ def plain_int8(fp32: Path, out: Path, cpu: str | None = None) -> str:
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".plain-int8-", dir=out.parent) as scratch:
-        ORTQuantizer.from_pretrained(fp32, file_name=MODEL_FILE).quantize(save_dir=scratch, quantization_config=config)
+        quantized = optimum_quantize(fp32, config, Path(scratch))
         shutil.copytree(fp32, out, ignore=shutil.ignore_patterns(MODEL_FILE, MODEL_DATA_FILE))
-        os.replace(Path(scratch) / QUANTIZED_MODEL_FILE, out / MODEL_FILE)
+        os.replace(quantized, out / MODEL_FILE)
     return f"optimum {preset} dynamic per-channel"
 
 

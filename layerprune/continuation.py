@@ -37,6 +37,7 @@ from .architectures import architecture, total_layers
 from .errors import LayerpruneError
 from .files import CONFIG_FILE, MODEL_DATA_FILE, MODEL_FILE
 from .faithful_int8 import Feeds
+from .onnx_graph import producers
 from .options import Candidate
 from .runtime import LOGITS, STATES
 
@@ -152,7 +153,7 @@ def _shapes_from_cut(model: onnx.ModelProto, config: dict, layer: int, cut: str)
     a shape. ALBERT is left as it is (its first layer's input is mapped from a narrower embedding)."""
     if architecture(config).shared_weights:
         return
-    made_by = {o: n for n in model.graph.node for o in n.output}
+    made_by = producers(model)
     first = _layer_scope(config, 0)
     inputs = {i for n in model.graph.node if n.name.startswith(first) for i in n.input
               if i in made_by and not made_by[i].name.startswith(first) and made_by[i].op_type == "LayerNormalization"}
@@ -165,7 +166,7 @@ def _shapes_from_cut(model: onnx.ModelProto, config: dict, layer: int, cut: str)
 
 def _read_above(model: onnx.ModelProto, cut: str) -> tuple[set[str], list[onnx.NodeProto]]:
     """The graph inputs and the nodes the logits depend on, walking back and stopping at the tensor `cut`."""
-    made_by = {o: n for n in model.graph.node for o in n.output}
+    made_by = producers(model)
     graph_inputs = {i.name for i in model.graph.input}
     seen, stack, needed, nodes = set(), [LOGITS], set(), []
     while stack:

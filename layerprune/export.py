@@ -217,7 +217,8 @@ class _Built:
 
     validation: ValidationReport
     candidates: list[ExportCandidate]
-    quantized: str | None  # the int8 candidate kept (None: fp32)
+    kept: Candidate  # the export candidate kept
+    quantized: str | None  # its int8 configuration's name (None: fp32)
     share: float  # the share sent on it was kept at
     rule: FallbackRule | None
     cpu: str  # the CPU kind its int8 weights were quantized for
@@ -267,7 +268,7 @@ def _build(stage: Stage, source: _Source, bundled: PreTrainedModel, walk: _Walk,
     served = runner.logits(parts.holdout.texts, parts.holdout.pairs)
     validation = compare(source.task, parts.holdout, parts.holdout_name, original_holdout, served, opts.tolerance,
                          max_length, parity, runner.sent_on / len(parts.holdout) if rule else None)
-    return _Built(validation, candidates, quantized, share, rule, cpu)
+    return _Built(validation, candidates, kept, quantized, share, rule, cpu)
 
 
 def _write_artifacts(bundle: Path, run_dir: Path, source: _Source, report: DepthReport, built: _Built,
@@ -394,7 +395,8 @@ def _manifest(bundle: Path, source: _Source, report: DepthReport, built: _Built,
         metric_name=task.metric, labels=output_labels(bundle), depth=report.depth, total_layers=report.total_layers,
         model_type=analysis.model_type, heal=report.heal, max_length=validation.max_length,
         pair_input=task.text_pair_field is not None, resample_seed=opts.resample_seed, optimize=opts.optimize,
-        quantize="int8" if quantized else None, quantization_config=quantized, int8_cpu=cpu if quantized else None,
+        quantize="int8" if quantized else None, candidate=built.kept, quantization_config=quantized,
+        int8_cpu=cpu if quantized else None,
         fallback=built.rule, servable=validation.passed, versions=library_versions(),
     )
 

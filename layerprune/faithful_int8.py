@@ -52,6 +52,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from layerprune.errors import LayerpruneError
+from layerprune.onnx_graph import consumers, initializers, nodes_by_name, producers
 
 Feeds = dict[str, np.ndarray]
 
@@ -133,22 +134,6 @@ def faithful_int8(model: onnx.ModelProto, batches: Sequence[Feeds], reduce_range
 # --- the graph: sites ----------------------------------------------------------------------------------------
 
 
-def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in model.graph.initializer}
-
-
-def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    return {out: node for node in model.graph.node for out in node.output}
-
-
-def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-    return users
-
-
 def _array(inits: dict, name: str) -> np.ndarray:
     return numpy_helper.to_array(inits[name]).astype(np.float32)
 
@@ -164,12 +149,12 @@ def untie(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    inits = _initializers(out)
+    inits = initializers(out)
     for node in [n for n in g.node if n.op_type == "Identity" and n.input[0] in inits]:
         g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[node.input[0]]), node.output[0]))
         g.node.remove(node)
-    inits = _initializers(out)
-    for name, readers in _consumers(out).items():
+    inits = initializers(out)
+    for name, readers in consumers(out).items():
         if name in inits and len(readers) > 1:
             value = numpy_helper.to_array(inits[name])
             for k, node in enumerate(readers[1:], 1):
@@ -181,7 +166,7 @@ def untie(model: onnx.ModelProto) -> onnx.ModelProto:
 def find_sites(model: onnx.ModelProto) -> list[Site]:
     """The MatMuls with a constant 2-D weight whose output goes to one bias Add (what dynamic int8 quantizes),
     grouped by the activation they read (Q, K and V share one), in graph order."""
-    inits, users = _initializers(model), _consumers(model)
+    inits, users = initializers(model), consumers(model)
     groups: dict[str, list[str]] = {}
     for node in model.graph.node:
         if (node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2
@@ -203,20 +188,20 @@ def _value_projection(model: onnx.ModelProto, context: str) -> str | None:
     axis last), its bias Add, and one MatMul with the attention probabilities, every tensor on the way read by
     nothing else but Shape nodes; None when `context` is not an attention context. Then
     context[:, c] = sum_t P[t] (X W_v + b_v)[t, c], so scaling column c of W_v and b_v scales channel c."""
-    producers, users, inits = _producers(model), _consumers(model), _initializers(model)
+    made_by, users, inits = producers(model), consumers(model), initializers(model)
 
     def only_reader(name: str) -> bool:
         return len([n for n in users.get(name, []) if n.op_type != "Shape"]) == 1
 
     def walk_back(name: str) -> onnx.NodeProto | None:
-        node = producers.get(name)
+        node = made_by.get(name)
         while node is not None and node.op_type in PASS_THROUGH:
             perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
             if node.op_type == "Transpose" and (perm is None or perm[-1] != len(perm) - 1):
                 return None
             if not only_reader(node.input[0]):
                 return None
-            node = producers.get(node.input[0])
+            node = made_by.get(node.input[0])
         return node
 
     probs_v = walk_back(context)
@@ -225,7 +210,7 @@ def _value_projection(model: onnx.ModelProto, context: str) -> str | None:
     bias_add = walk_back(probs_v.input[1])
     if bias_add is None or bias_add.op_type != "Add" or sum(i in inits for i in bias_add.input) != 1:
         return None
-    value = producers.get(next(i for i in bias_add.input if i not in inits))
+    value = made_by.get(next(i for i in bias_add.input if i not in inits))
     if value is None or value.op_type != "MatMul" or value.input[1] not in inits or not only_reader(value.output[0]):
         return None
     return value.name
@@ -234,15 +219,15 @@ def _value_projection(model: onnx.ModelProto, context: str) -> str | None:
 def _gelu_output(model: onnx.ModelProto, tensor: str) -> bool:
     """Whether `tensor` is a GELU's output: a fused Gelu op, or the erf form x * 0.5 * (1 + erf(x / sqrt 2))
     whose last Mul has an Erf at most four nodes up."""
-    producers = _producers(model)
-    node = producers.get(tensor)
+    made_by = producers(model)
+    node = made_by.get(tensor)
     if node is None:
         return False
     if node.op_type in GELU_OPS:
         return True
     frontier = [node]
     for _ in range(4):
-        frontier = [producers[i] for n in frontier for i in n.input if i in producers]
+        frontier = [made_by[i] for n in frontier for i in n.input if i in made_by]
         if any(n.op_type == "Erf" for n in frontier):
             return node.op_type == "Mul"
     return False
@@ -250,8 +235,8 @@ def _gelu_output(model: onnx.ModelProto, tensor: str) -> bool:
 
 def _site_weight(model: onnx.ModelProto, site: Site) -> np.ndarray:
     """The site's weights side by side (K x sum N)."""
-    inits = _initializers(model)
-    nodes = {n.name: n for n in model.graph.node}
+    inits = initializers(model)
+    nodes = nodes_by_name(model)
     return np.concatenate([_array(inits, nodes[m].input[1]) for m in site.matmuls], axis=1)
 
 
@@ -400,8 +385,8 @@ def prepare(model: onnx.ModelProto, sites: Sequence[Site], plans: Sequence[Plan]
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    inits, users = _initializers(out), _consumers(out)
-    nodes = {n.name: n for n in g.node}
+    inits, users = initializers(out), consumers(out)
+    nodes = nodes_by_name(out)
     new_sites = []
     for k, (site, plan) in enumerate(zip(sites, plans)):
         x, inserted = site.tensor, []
@@ -449,8 +434,8 @@ def per_token_int8(model: onnx.ModelProto, sites: Sequence[Site], plans: Sequenc
     if not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     g = out.graph
-    inits, users = _initializers(out), _consumers(out)
-    nodes = {n.name: n for n in g.node}
+    inits, users = initializers(out), consumers(out)
+    nodes = nodes_by_name(out)
 
     def const(name: str, value, dtype=np.float32) -> str:
         g.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from .files import (
-    CONFIG_FILE, MODEL_DATA_FILE, MODEL_FILE, OPTIMIZED_MODEL_FILE, QUANTIZED_TYPED_MODEL_FILE, TOKENIZER_FILE,
-    TYPED_MODEL_DATA_FILE, TYPED_MODEL_FILE,
+    CONFIG_FILE, MODEL_DATA_FILE, MODEL_FILE, OPTIMIZED_MODEL_FILE, QUANTIZED_MODEL_FILE, QUANTIZED_TYPED_MODEL_FILE,
+    TOKENIZER_FILE, TYPED_MODEL_DATA_FILE, TYPED_MODEL_FILE,
 )
 from .cpu import cpu_kind
 from .errors import LayerpruneError, ModelError, first_line
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from optimum.onnxruntime.configuration import QuantizationConfig
 
 OptimizationLevel = Literal["O1", "O2", "O3"]
+ORT_DOMAIN = "com.microsoft"  # the operator domain of onnxruntime's own (contrib) ops
 
 # optimum maps all eight of models.ARCHITECTURES to onnxruntime's "bert" fusions (ORTConfigManager).
 # Checked on the tiny models of tests/conftest.py (optimum 2.1, onnxruntime 1.32): O1, O2 and O3 run and
@@ -166,33 +167,54 @@ def sensitive_nodes(onnx_dir: Path) -> list[str]:
 
 def quantize_onnx(onnx_dir: Path, keep_fp32: list[str] | None = None, cpu: str | None = None) -> str:
     """Replace `onnx_dir/model.onnx` by its dynamic int8 quantization for CPU kind `cpu` (default: this one),
-    leaving the nodes named in `keep_fp32` in float; return the configuration's name."""
+    leaving the nodes named in `keep_fp32` in float; return the configuration's name. Quantized by
+    `optimum_quantize`, as optimum-cli quantizes the same graph."""
     onnx_dir = Path(onnx_dir)
     _require_model(onnx_dir)
     name, config = quantization_config(cpu)
     if keep_fp32:
         config = dataclasses.replace(config, nodes_to_exclude=list(keep_fp32))
         name += FP32_KEPT
-    with _staging(onnx_dir, "quantize") as tmp, _quiet():
-        import onnx
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-        from optimum.onnxruntime import ORTQuantizer
-        from transformers import AutoConfig
-
+    with _staging(onnx_dir, "quantize") as tmp:
         try:
-            # onnx's shape inference cannot type the outputs of onnxruntime's fused ops (Attention,
-            # SkipLayerNormalization after O2/O3), and the quantizer then refuses the MatMuls behind them;
-            # onnxruntime's symbolic shape inference knows those ops and records every tensor's type.
-            typed = tmp / TYPED_MODEL_FILE
-            external = _uses_external_data(onnx.load(str(onnx_dir / MODEL_FILE), load_external_data=False))
-            quant_pre_process(onnx_dir / MODEL_FILE, typed, skip_optimization=True, auto_merge=True,
-                              save_as_external_data=external, all_tensors_to_one_file=True,
-                              external_data_location=TYPED_MODEL_DATA_FILE)
-            ORTQuantizer(typed, config=AutoConfig.from_pretrained(onnx_dir)).quantize(config, tmp)
+            quantized = optimum_quantize(onnx_dir, config, tmp)
         except Exception as exc:
             raise LayerpruneError(f"int8 quantization ({name}) failed: {first_line(exc)}") from exc
-        _replace_model(tmp / QUANTIZED_TYPED_MODEL_FILE, onnx_dir)
+        _replace_model(quantized, onnx_dir)
     return name
+
+
+def optimum_quantize(onnx_dir: Path, config: QuantizationConfig, save_dir: Path) -> Path:
+    """`onnx_dir/model.onnx` quantized with `config` by optimum's ORTQuantizer into `save_dir`, as `optimum-cli
+    onnxruntime quantize` quantizes it; returns the quantized graph's path (the folder's config and tokenizer
+    files are written beside it).
+
+    The graph is quantized as it is, unless it holds onnxruntime's own ops (domain com.microsoft: Attention,
+    SkipLayerNormalization... after O2/O3). onnx's shape inference cannot type their outputs, and the quantizer
+    then refuses the MatMuls behind them, so such a graph goes through onnxruntime's symbolic shape inference
+    first, which records every tensor's type. Only there: the recorded types change how onnxruntime fuses the
+    quantized graph when it loads it, so a plain graph typed first predicts a little differently from the same
+    graph quantized by optimum-cli."""
+    import onnx
+    from optimum.onnxruntime import ORTQuantizer
+    from transformers import AutoConfig
+
+    onnx_dir, save_dir = Path(onnx_dir), Path(save_dir)
+    source, quantized = onnx_dir / MODEL_FILE, save_dir / QUANTIZED_MODEL_FILE
+    header = onnx.load(str(source), load_external_data=False)
+    external = _uses_external_data(header)
+    with _quiet():
+        if any(node.domain == ORT_DOMAIN for node in header.graph.node):
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            typed = save_dir / TYPED_MODEL_FILE
+            quant_pre_process(source, typed, skip_optimization=True, auto_merge=True,
+                              save_as_external_data=external, all_tensors_to_one_file=True,
+                              external_data_location=TYPED_MODEL_DATA_FILE)
+            source, quantized = typed, save_dir / QUANTIZED_TYPED_MODEL_FILE
+        ORTQuantizer(source, config=AutoConfig.from_pretrained(onnx_dir)).quantize(
+            config, save_dir, use_external_data_format=external)
+    return quantized
 
 
 def faithful_config(cpu: str | None = None) -> tuple[str, bool]:

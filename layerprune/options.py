@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .artifacts import CkaEstimator, HealMode, Representation
+from .artifacts import Candidate, CkaEstimator, HealMode, Representation
 
 # Values several options share, each named once.
 ALPHA = 0.05  # export's error budget: the chance it ships a bundle the holdout gate then refuses
@@ -31,9 +31,7 @@ SEED = 0  # the draws of the heals (held-out tenth, order, dropout) and of the a
 # the layers it runs again, and past 0.3 a cut sends on so much that one layer more costs less
 SHARES = (0.0, 0.1, 0.2, 0.3)
 
-# --quantize int8's export candidates, scored fastest first (layerprune/candidates.py): plain dynamic int8, faithful
-# int8 (layerprune/faithful_int8.py: per-token activation scales, GPTQ weights), then the fp32 graph.
-Candidate = Literal["int8", "int8-faithful", "fp32"]
+# --quantize int8's export candidates (artifacts.Candidate), scored fastest first (layerprune/candidates.py)
 CANDIDATES: tuple[Candidate, ...] = ("int8", "int8-faithful", "fp32")
 FAITHFUL_TEXTS = 2048  # heal texts faithful int8 calibrates on (never the calibration, agreement or holdout texts)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnx
 import pytest
 
 from layerprune.artifacts import MANIFEST_SCHEMA, Manifest, load_artifact
@@ -44,6 +45,9 @@ def _edited(bundle: Path, out: Path, config: dict | None = None, sealed: bool = 
 def test_manifest_names_labels_and_parts(bundle: Path) -> None:
     manifest = load_artifact(Manifest, bundle / "manifest.json")
     assert manifest.schema_version == MANIFEST_SCHEMA
+    # conftest's bundle is fp32, as its graph shows: no integer products
+    assert manifest.candidate == "fp32" and manifest.quantization_config is None
+    assert not [n for n in onnx.load(str(bundle / "model.onnx")).graph.node if n.op_type == "MatMulInteger"]
     # The task's label names (from the CSV), resolved once at export, in output order.
     assert manifest.labels == ["negative", "positive"]
     parts = manifest.parts
@@ -84,8 +88,11 @@ def test_server_and_triton_answer_with_the_manifests_labels(bundle: Path, refere
         ({"labels": None}, "not a valid Manifest: labels: "),
         ({"schema_version": 2}, "re-run `layerprune export` to rebuild the bundle with this version"),
         ({"schema_version": 3}, "re-run `layerprune export` to rebuild the bundle with this version"),
+        ({"candidate": "int8"}, "candidate 'int8' with quantization_config None: an int8 candidate names its "),
+        ({"candidate": "int4"}, "not a valid Manifest: candidate: "),
     ],
-    ids=["label-count", "max-length", "unhashed-part", "no-labels", "schema-v2", "schema-v3"],
+    ids=["label-count", "max-length", "unhashed-part", "no-labels", "schema-v2", "schema-v3", "int8-without-config",
+         "unknown-candidate"],
 )
 def test_tampered_manifest_is_refused(bundle: Path, tmp_path: Path, changes: dict, message: str) -> None:
     edited = _edited(bundle, tmp_path / "edited", **changes)
@@ -124,16 +131,22 @@ def _v3_manifest(bundle: Path, out: Path) -> Path:
 
 
 def test_old_bundle_is_one_line_from_every_command(bundle: Path, tmp_path: Path) -> None:
-    assert MANIFEST_SCHEMA == 6
+    assert MANIFEST_SCHEMA == 7
     v2 = _edited(bundle, tmp_path / "v2", schema_version=2)
-    with pytest.raises(BundleError, match="manifest schema v2; this layerprune reads v6: re-run `layerprune export`"):
+    with pytest.raises(BundleError, match="manifest schema v2; this layerprune reads v7: re-run `layerprune export`"):
         verify_bundle(v2)
     v5 = _edited(bundle, tmp_path / "v5", schema_version=5, heal="distill")  # the top-layer heal as v5 named it
-    with pytest.raises(BundleError, match="manifest schema v5; this layerprune reads v6: re-run `layerprune export`"):
+    with pytest.raises(BundleError, match="manifest schema v5; this layerprune reads v7: re-run `layerprune export`"):
         verify_bundle(v5)
+    v6 = _edited(bundle, tmp_path / "v6", schema_version=6)
+    v6_manifest = json.loads((v6 / "manifest.json").read_text())
+    del v6_manifest["candidate"]  # v6 named no candidate
+    (v6 / "manifest.json").write_text(json.dumps(v6_manifest))
+    with pytest.raises(BundleError, match="manifest schema v6; this layerprune reads v7: re-run `layerprune export`"):
+        verify_bundle(reseal(v6))
     old = _v3_manifest(bundle, tmp_path / "v3")
     for read in (verify_bundle, open_bundle, load_model):
-        with pytest.raises(BundleError, match="manifest schema v3; this layerprune reads v6: re-run `layerprune export`"):
+        with pytest.raises(BundleError, match="manifest schema v3; this layerprune reads v7: re-run `layerprune export`"):
             read(old)
     for argv in (["validate", str(old), "--device", "cpu"], ["serve", str(old)],
                  ["triton", str(old), str(tmp_path / "repo")]):

@@ -709,6 +709,7 @@ def test_int8_candidates_fastest_first_on_both_cpu_paths(run_dir: Path, tmp_path
     assert names[2] == "fp32" and len(names) == 3
     assert result.depth.candidates[0].chosen, "a tolerance of 1.0 lets the fastest candidate through"
     assert result.manifest.quantization_config == names[0] and result.manifest.quantize == "int8"
+    assert result.manifest.candidate == "int8", "the manifest names the candidate it kept"
     assert result.manifest.int8_cpu == cpu, "the manifest names the CPU kind the weights were quantized for"
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node}
     assert "MatMulInteger" in ops and result.validation.passed
@@ -717,6 +718,7 @@ def test_int8_candidates_fastest_first_on_both_cpu_paths(run_dir: Path, tmp_path
     passing = [c.forecast.passes for c in strict.depth.candidates]
     chosen = [c.chosen for c in strict.depth.candidates]
     assert chosen.index(True) == (passing.index(True) if True in passing else 2), "first passing, else fp32"
+    assert strict.manifest.candidate == ("int8", "int8-faithful", "fp32")[chosen.index(True)]
 
 
 def test_validate_checks_the_bundles_own_files_before_the_original(bundle: Path, tmp_path: Path, capsys,
@@ -990,6 +992,7 @@ def test_a_faithful_int8_bundle_serves_the_cascade_transformers_computes(wide_ru
     assert names[1].startswith(f"{cpu_kind()} faithful per-token") and [c.chosen for c in result.depth.candidates] == [
         False, True, False]
     assert result.manifest.quantization_config == names[1] and result.manifest.int8_cpu == cpu_kind()
+    assert result.manifest.candidate == "int8-faithful"
     for graph in ("model.onnx", "continuation.onnx"):
         assert any(n.op_type == "MatMulIntegerToFloat" for n in onnx.load(str(out / graph)).graph.node), graph
     served = open_bundle(out).classifier

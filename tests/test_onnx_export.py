@@ -185,6 +185,36 @@ def test_quantize_int8(bundles, tmp_path: Path, level) -> None:
     assert max_logit_difference(fp32, int8) <= 0.1 * np.abs(fp32).max() + 1e-3
 
 
+def optimum_reference(cpu_kind_: str):
+    """optimum's own configuration for CPU kind `cpu_kind_`, built here, not by layerprune: its avx512_vnni preset on
+    VNNI; on AVX2 its avx512 preset (u8 x s8) with 7-bit weights, onnxruntime's advice for CPUs without VNNI."""
+    from optimum.onnxruntime import AutoQuantizationConfig
+
+    if cpu_kind_ == "avx512-vnni":
+        return AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)
+    return AutoQuantizationConfig.avx512(is_static=False, per_channel=True, reduce_range=True)
+
+
+@pytest.mark.parametrize("kind", ["avx512-vnni", "avx2"])
+def test_quantize_writes_what_optimum_writes_for_the_plain_export(bundles, tmp_path: Path, kind: str) -> None:
+    """The default export's int8 (no --optimize) is the graph optimum's ORTQuantizer writes for the same fp32 graph
+    and configuration, called as optimum-cli calls it: the same nodes, initializers and recorded tensor types."""
+    from optimum.onnxruntime import ORTQuantizer
+
+    fp32 = bundles["bert"]
+    ORTQuantizer.from_pretrained(fp32, file_name="model.onnx").quantize(optimum_reference(kind), tmp_path / "optimum")
+    bundle = copy_bundle(fp32, tmp_path / "b")
+    quantize_onnx(bundle, cpu=kind)
+    paths = (bundle / "model.onnx", tmp_path / "optimum" / "model_quantized.onnx")
+    ours, theirs = (onnx.load(str(p)).graph for p in paths)
+    assert [n.SerializeToString() for n in ours.node] == [n.SerializeToString() for n in theirs.node]
+    assert any(n.op_type == "MatMulInteger" for n in ours.node)
+    assert [(t.name, onnx.numpy_helper.to_array(t).tobytes()) for t in ours.initializer] == \
+        [(t.name, onnx.numpy_helper.to_array(t).tobytes()) for t in theirs.initializer]
+    assert [v.SerializeToString() for v in ours.value_info] == [v.SerializeToString() for v in theirs.value_info]
+    assert ours == theirs, "and everything else in the graph"
+
+
 def test_quantize_keeps_the_feed_forward_outputs_and_head_in_fp32(bundles, tmp_path: Path) -> None:
     bundle = copy_bundle(bundles["bert"], tmp_path / "b")
     keep = sensitive_nodes(bundle)
