@@ -93,6 +93,7 @@ def under_qemu(qemu: str, cpu_model: str, folders: list[str], texts: list[str], 
     """`score` in a Python process under `qemu -cpu cpu_model`; QEMU's last line of stderr if it fails."""
     job, out = work / "qemu-job.json", work / "qemu-out.npz"
     job.write_text(json.dumps({"folders": folders, "texts": texts, "pairs": pairs, "out": str(out)}))
+    out.unlink(missing_ok=True)  # a file left by an earlier call is no answer of this one
     code = f"from benchmarks.int8_avx2 import worker; worker({str(job)!r})"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([qemu, "-cpu", cpu_model, sys.executable, "-c", code], cwd=ROOT, env=env,
