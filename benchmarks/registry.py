@@ -45,6 +45,7 @@ CASCADE = ("What does continuing the texts a fallback sends on, from the bundle'
            "layers above, save over restarting the original, in speed and CPU a text?")
 INT8_CPUS = "What does dynamic int8 cost against fp32 on each x86 kind (7-bit AVX2 vs 8-bit VNNI weights)?"
 PRUNED_VS_INT8 = "Does pruning earn its place: the bundle against the full model's plain int8, in speed and agreement?"
+INT8_AVX2 = "Do the int8 graphs compute on AVX2 kernels (QEMU's AVX2 CPU model) what they compute here?"
 INT8_METHODS = "Which int8 keeps fp32's predictions, and at what speed?"
 LINEAR = "How much faster do the original's pass and a heal run with torch's linear layers through oneDNN?"
 
@@ -66,6 +67,7 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("int8_cpus", INT8_CPUS, ("--checkpoint", "lp-run-mpnet/truncated", "--run-dir", "lp-run-mpnet"), MPNET,
           model=MPNET, minutes=40),
     Entry("int8_methods", INT8_METHODS, ("--checkpoint", "runs/minilm-rt", "--run-dir", "lp-run"), minutes=16),
+    Entry("int8_avx2", INT8_AVX2, ("--checkpoint", "runs/minilm-rt", "--run-dir", "lp-run"), minutes=20),
     Entry("int8_methods", INT8_METHODS, ("--run-dir", "lp-run", "--depth", "5"), "depth5", minutes=12),
     Entry("int8_methods", INT8_METHODS, ("--checkpoint", "runs/mpnet-rt", "--run-dir", "lp-run-mpnet", *MPNET_INT8),
           MPNET, model=MPNET, minutes=25),

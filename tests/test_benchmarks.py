@@ -163,6 +163,8 @@ def test_a_folder_without_analysis_is_refused_before_any_work(tmp_path: Path, ca
     (["depths", "--checkpoint", "missing"], "depths: error: missing holds no config.json: not a checkpoint"),
     (["pruned_vs_int8", "--bundle", "missing"], "pruned_vs_int8: error: missing is not a bundle folder"),
     (["int8_methods", "--run-dir", "unused", "--rounds", "0"], "int8_methods: error: --n, --n-ood, --calibration and"),
+    (["int8_avx2", "--checkpoint", "unused", "--run-dir", "unused", "--qemu", "no-such-qemu"],
+     "int8_avx2: error: no-such-qemu is not installed (Debian/Ubuntu: apt-get install qemu-user)"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(tmp_path: Path, capsys, argv: list[str], says: str) -> None:
     assert run(*argv, "--out", tmp_path / "out.md") == 2
@@ -490,6 +492,25 @@ def test_int8_cpus_scores_fp32_as_transformers_does_and_every_configuration_both
         preds = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()(**encoded).logits.argmax(-1)
     assert rows[0]["accuracy"] == f"{np.mean(preds.numpy() == examples.labels):.4f}"
     assert rows[1]["accuracy"] == rows[2]["accuracy"] and rows[3]["accuracy"] == rows[4]["accuracy"]
+
+
+# --- int8_avx2 -----------------------------------------------------------------------------------------------------
+
+
+def test_int8_avx2_probe_tells_the_kernel_this_host_runs() -> None:
+    """255 x 127 over 64 terms: exact on VNNI (VPDPBUSD adds into int32); 32 saturated int16 pair sums where
+    onnxruntime's u8 x s8 kernel is VPMADDUBSW (AVX2, AVX-512 without VNNI). AVX2 hosts with AVX-VNNI run
+    VPDPBUSD too, so they are left out."""
+    from layerprune.cpu import cpu_kind
+
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    expected = {"avx512-vnni": 255 * 127 * 64, "avx512": 32767 * 32, "avx2": 32767 * 32}
+    if cpu_kind() not in expected or (cpu_kind() != "avx512-vnni" and "avx_vnni" in flags.split()):
+        pytest.skip(f"no known u8 x s8 kernel for {cpu_kind()}")
+    module = benchmark("int8_avx2")
+    assert module.probe() == expected[cpu_kind()]
+    assert module.kernel(255 * 127 * 64) == "exact int32 sums"
+    assert module.kernel(32767 * 32) == "saturating int16 pair sums (VPMADDUBSW)"
 
 
 # --- int8_methods --------------------------------------------------------------------------------------------------
