@@ -289,16 +289,15 @@ class GateForecast(BaseModel):
     n_agreement: int = Field(description="texts the disagreement was measured on: calibration + unlabeled")
     passes: bool = Field(description="lower_bound >= -tolerance, or disagreement alone keeps the delta in tolerance")
 
-    @property
-    def agreement_lower(self) -> float | None:
-        """(1 - alpha) lower bound of the share of texts where the predictions agree (classification)."""
-        return None if self.disagreement_upper is None else 1 - self.disagreement_upper
+    agreement_lower: float | None = Field(default=None, description=(
+        "one-sided 95% lower bound (Wilson) of the share of texts where the predictions agree, as validation.json "
+        "reports agreement (classification)"))
 
     def admissible(self, min_agreement: float | None) -> bool:
-        """Whether export may keep what this forecasts: it passes and, with --min-agreement, its agreement's lower
-        bound clears that share. Each test is at the forecast's alpha, so the two together are one test at alpha
-        (an intersection-union test: both must say yes), and the walk's and the budget's guarantees hold as
-        they are; a stricter test only keeps fewer configurations."""
+        """Whether export may keep what this forecasts: it passes and, with --min-agreement, its agreement's one-sided
+        95% lower bound clears that share. The bound is the one validation.json reports, so the demand reads as the
+        report does; it only removes configurations the forecast passed, so the walk's and the budget's guarantees
+        hold as they are."""
         return self.passes and (min_agreement is None or (self.agreement_lower or 0.0) >= min_agreement)
 
 
@@ -376,8 +375,8 @@ class DepthReport(Artifact):
     depth: int = Field(description="encoder layers kept (1..total_layers): what the bundle was exported at")
     tolerance: float
     min_agreement: float | None = Field(default=None, description=(
-        "--min-agreement: the share of texts the kept configuration's agreement with the original, one-sided lower "
-        "bound at its forecast's alpha, had to reach (None: no such constraint)"))
+        "--min-agreement: the share of texts the kept configuration's agreement with the original, one-sided 95% lower "
+        "bound (Wilson) on the texts its forecast measured, had to reach (None: no such constraint)"))
     full_metric: float = Field(description="the full model on the calibration examples")
     metric_name: str
     calibration: str = Field(description="which examples chose the depth")

@@ -191,11 +191,11 @@ class Depths:
         if out:
             _, d, _, name, sent, f = min(out, key=lambda row: row[:3])
             line += (f" ruled out {len(out)} configuration{'s' if len(out) > 1 else ''} the gate's forecast passed, "
-                     f"the cheapest {d} layers in {name} with {sent:.0%} sent on (agreement lower bound "
-                     f"{f.agreement_lower:.2%} at alpha {f.alpha:g})")
+                     f"the cheapest {d} layers in {name} with {sent:.0%} sent on (agreement's 95% lower "
+                     f"bound {f.agreement_lower:.2%})")
         if short:
-            line += (f"{';' if out else ':'} the bundle kept falls short of it (agreement lower bound "
-                     f"{kept.agreement_lower or 0:.2%} at alpha {kept.alpha:g})")
+            line += (f"{';' if out else ':'} the bundle kept falls short of it (agreement's 95% lower bound "
+                     f"{kept.agreement_lower or 0:.2%})")
         return line
 
     def _kept(self, depth: int, share: float, candidates: list[ExportCandidate]) -> GateForecast | None:
