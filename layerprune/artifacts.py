@@ -289,6 +289,17 @@ class GateForecast(BaseModel):
     n_agreement: int = Field(description="texts the disagreement was measured on: calibration + unlabeled")
     passes: bool = Field(description="lower_bound >= -tolerance, or disagreement alone keeps the delta in tolerance")
 
+    agreement_lower: float | None = Field(default=None, description=(
+        "one-sided 95% lower bound (Wilson) of the share of texts where the predictions agree, as validation.json "
+        "reports agreement (classification)"))
+
+    def admissible(self, min_agreement: float | None) -> bool:
+        """Whether export may keep what this forecasts: it passes and, with --min-agreement, its agreement's one-sided
+        95% lower bound clears that share. The bound is the one validation.json reports, so the demand reads as the
+        report does; it only removes configurations the forecast passed, so the walk's and the budget's guarantees
+        hold as they are."""
+        return self.passes and (min_agreement is None or (self.agreement_lower or 0.0) >= min_agreement)
+
 
 class ShareScore(BaseModel):
     """One share sent on at one depth, with --fallback auto: its forecast and served cost."""
@@ -349,7 +360,7 @@ class DepthReport(Artifact):
     """depth.json: how the depth (the number of encoder layers kept) and the export were chosen.
     Schema history: CHANGELOG.md."""
 
-    schema_version: int = 7
+    schema_version: int = 8
     written_by: ClassVar[str] = "layerprune export"
     search: Literal["auto", "fixed"] = Field(description="how the depth was chosen: searched from the CKA boundary, "
                                                          "or the --keep-layers N asked for")
@@ -363,6 +374,9 @@ class DepthReport(Artifact):
     total_layers: int
     depth: int = Field(description="encoder layers kept (1..total_layers): what the bundle was exported at")
     tolerance: float
+    min_agreement: float | None = Field(default=None, description=(
+        "--min-agreement: the share of texts the kept configuration's agreement with the original, one-sided 95% lower "
+        "bound (Wilson) on the texts its forecast measured, had to reach (None: no such constraint)"))
     full_metric: float = Field(description="the full model on the calibration examples")
     metric_name: str
     calibration: str = Field(description="which examples chose the depth")

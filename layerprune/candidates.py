@@ -1,5 +1,6 @@
 """The export candidates at the chosen depth, with --quantize int8: the ways to export it, scored fastest first on
-the calibration and agreement texts, and the first whose gate forecast passes kept (options.CANDIDATES).
+the calibration and agreement texts, and the first whose gate forecast passes kept (options.CANDIDATES); with
+--min-agreement, the first whose agreement's lower bound clears it too (GateForecast.admissible).
 
 1. int8: dynamic int8 for this CPU (onnx_export.quantize_onnx, layerprune/cpu.py);
 2. int8-faithful: one activation scale per token and GPTQ weights (layerprune/faithful_int8.py), calibrated on
@@ -74,7 +75,7 @@ def pick_candidate(bundle: Path, unoptimized: Path, heal: Examples | None, task:
         second = graphs.graph("fp32") if graphs else None
         scored += [("fp32", c, own, None, cpu_s) for c, own, cpu_s in score_candidate(
             "fp32", bundle, task, texts, parts, max_length, opts, budget.depth, second)]
-        passing = [s for s in scored if s[1].forecast.passes]
+        passing = [s for s in scored if s[1].forecast.admissible(opts.min_agreement)]
         if cost is None:
             label, chosen, calibration, folder, _ = passing[0] if passing else scored[-1]
         else:

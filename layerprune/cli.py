@@ -24,7 +24,8 @@ from .files import (
     TRAINING_REPORT_FILE,
 )
 from .options import (
-    AnalyzeOptions, ExportOptions, FinetuneOptions, add_options, fallback, fraction, from_flags, positive,
+    DEMO_MIN_AGREEMENT, AnalyzeOptions, ExportOptions, FinetuneOptions, add_options, agreement, fallback, fraction,
+    from_flags, positive,
 )
 
 
@@ -131,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--fallback", type=fallback, default=ExportOptions.fallback,
                     help=f"as export: the share of texts the original answers, or auto (default "
                          f"{ExportOptions.fallback})")
+    de.add_argument("--min-agreement", type=agreement, default=DEMO_MIN_AGREEMENT,
+                    help=f"as export: the share of texts the bundle must agree with the original on, as a lower bound "
+                         f"(default {DEMO_MIN_AGREEMENT:g}: the agreement the demo promises)")
     de.set_defaults(run=_run_demo)
     return parser
 
@@ -299,7 +303,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.model, args.checkpoint, args.out, args.tolerance, args.fallback)
+    return run_demo(args.model, args.checkpoint, args.out, args.tolerance, args.fallback,
+                    min_agreement=args.min_agreement)
 
 
 def _run_triton(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from .tables import candidates_table
 from .data import load_examples
 from .files import CONFIG_FILE, DEFAULT_RUN_DIR, DEMO_CHECKPOINTS
 from .finetune import FinetuneOptions, finetune
+from .options import DEMO_MIN_AGREEMENT
 from .tasks import load_task
 from .validate import validate_bundle
 
@@ -45,7 +46,8 @@ DEMO_MODELS = {
 
 
 def run_demo(model: str = "minilm", checkpoint: Path | None = None, run_dir: Path = DEFAULT_RUN_DIR,
-             tolerance: float = ExportOptions.tolerance, fallback: float | str = ExportOptions.fallback) -> int:
+             tolerance: float = ExportOptions.tolerance, fallback: float | str = ExportOptions.fallback,
+             min_agreement: float | None = DEMO_MIN_AGREEMENT) -> int:
     demo = DEMO_MODELS[model]
     checkpoint = checkpoint or demo.checkpoint
     task = load_task("rt-polarity")
@@ -59,9 +61,11 @@ def run_demo(model: str = "minilm", checkpoint: Path | None = None, run_dir: Pat
     _stage(2, "analyze")
     analysis = analyze(str(checkpoint), task, run_dir)
     print(f"late block starts at layer {analysis.boundary} of {analysis.total_layers}; run directory {run_dir}")
-    _stage(3, "export --keep-layers auto --quantize int8" + (f" --fallback {fallback}" if fallback else ""))
+    _stage(3, "export --keep-layers auto --quantize int8" + (f" --fallback {fallback}" if fallback else "")
+           + (f" --min-agreement {min_agreement:g}" if min_agreement is not None else ""))
     reuse = Reuse()  # a retry heals and encodes nothing again: only the depth or int8 changes
-    result = export_bundle(run_dir, None, ExportOptions(tolerance=tolerance, quantize="int8", fallback=fallback), reuse)
+    opts = ExportOptions(tolerance=tolerance, quantize="int8", fallback=fallback, min_agreement=min_agreement)
+    result = export_bundle(run_dir, None, opts, reuse)
     while not result.validation.passed and result.next_candidate is not None:
         # The forecast said yes and the holdout said no: pruning was not free after all. Go deeper (or drop
         # int8) until the gate passes; the full fp32 model is the original and always does.

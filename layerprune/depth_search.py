@@ -8,6 +8,8 @@ it would be served: the original answers the share of texts the cut is least sur
 (layerprune.cost) is least is kept. Walking down reuses work: a whole-model heal at depth d starts from the heal of
 depth d + 1 with its top layer dropped, which is already close to the original, rather than from the truncated
 original. The error budget splits export's alpha between the depth walk and the int8 variants (docs/export.md).
+With --min-agreement, a (depth, share) passes only where its agreement's lower bound clears it too
+(GateForecast.admissible).
 """
 
 from __future__ import annotations
@@ -86,10 +88,10 @@ class Depths:
         return bool(self.alive[depth])
 
     def _passing(self, depth: int) -> list[float]:
-        score = self.scores[depth]
+        score, least = self.scores[depth], self.opts.min_agreement
         if score.shares:
-            return [s.share for s in score.shares if s.forecast.passes]
-        return [self.opts.fallback] if score.forecast.passes else []
+            return [s.share for s in score.shares if s.forecast.admissible(least)]
+        return [self.opts.fallback] if score.forecast.admissible(least) else []
 
     def cost(self, depth: int, share: float) -> float:
         """The served cost a text at `depth` sending on `share`, the full original's = 1 (layerprune.cost)."""
@@ -130,7 +132,7 @@ class Depths:
             scored.append((share, calibration, self._forecast(calibration, agreement, alpha)))
         shares = [] if self.costs is None else [ShareScore(share=s, forecast=f, cost=self.cost(depth, s))
                                                 for s, _, f in scored]
-        passing = [(c.cost, i) for i, c in enumerate(shares) if c.forecast.passes]
+        passing = [(c.cost, i) for i, c in enumerate(shares) if c.forecast.admissible(self.opts.min_agreement)]
         _, calibration, forecast = scored[min(passing)[1] if passing else -1]
         healed = None if heal.stats is None else self._metric(calibration)
         return DepthScore(depth=depth, metric=self.raw[depth], metric_healed=healed, forecast=forecast, shares=shares)
@@ -159,8 +161,50 @@ class Depths:
             tolerance=self.opts.tolerance, full_metric=self.full, metric_name=self.task.metric,
             calibration=calibration_name, n_calibration=self.texts.calibration.n, n_heal=heal.n if heal else 0,
             heal_labelled=self.texts.heal_labels is not None, n_agreement=agreement.n if agreement else 0,
-            probed=probed, scores=scores, heal_runs=self.heal_runs, candidates=candidates, note=note,
+            probed=probed, scores=scores, heal_runs=self.heal_runs, candidates=candidates,
+            min_agreement=self.opts.min_agreement,
+            note="\n".join(filter(None, [note, self._ruled_out(depth, share, candidates)])) or None,
         )
+
+    def _ruled_out(self, depth: int, share: float, candidates: list[ExportCandidate]) -> str | None:
+        """One line on what --min-agreement ruled out: of the configurations looked at (the walk's cuts at each
+        share, the candidates at the kept `depth`) whose gate forecast passed, those whose agreement fell short,
+        and the cheapest of them, what the forecast alone would have allowed (by cost, else the deeper cut, then
+        the faster candidate); and where the configuration kept (`share` sent on) falls short too (a fixed
+        --keep-layers, or nothing cleared it), its bound. None where it ruled out nothing."""
+        least = self.opts.min_agreement
+        if least is None:
+            return None
+        looked = [(depth, c.name, c.share, c.cost, c.forecast) for c in candidates if not c.chosen]
+        for d, score in sorted(self.scores.items()):
+            if d < self.total:  # at full depth nothing is sent on: the full original, the one to fall back on
+                looked += ([(d, "fp32", s.share, s.cost, s.forecast) for s in score.shares] if score.shares
+                           else [(d, "fp32", self.opts.fallback, None, score.forecast)])
+        out = [(np.inf if cost is None else cost, d, i, name, sent, f)
+               for i, (d, name, sent, cost, f) in enumerate(looked)
+               if f.passes and not f.admissible(least) and not (d, name, sent) == (depth, "fp32", share)]
+        kept = self._kept(depth, share, candidates)
+        short = kept is not None and not kept.admissible(least)
+        if not out and not short:
+            return None
+        line = f"--min-agreement {least:g}"
+        if out:
+            _, d, _, name, sent, f = min(out, key=lambda row: row[:3])
+            line += (f" ruled out {len(out)} configuration{'s' if len(out) > 1 else ''} the gate's forecast passed, "
+                     f"the cheapest {d} layers in {name} with {sent:.0%} sent on (agreement's 95% lower "
+                     f"bound {f.agreement_lower:.2%})")
+        if short:
+            line += (f"{';' if out else ':'} the bundle kept falls short of it (agreement's 95% lower bound "
+                     f"{kept.agreement_lower or 0:.2%})")
+        return line
+
+    def _kept(self, depth: int, share: float, candidates: list[ExportCandidate]) -> GateForecast | None:
+        """The forecast of the configuration export kept: the chosen candidate's, else the walk's at `share`."""
+        chosen = next((c.forecast for c in candidates if c.chosen), None)
+        score = self.scores.get(depth)
+        if chosen is not None or score is None:
+            return chosen
+        return next((s.forecast for s in score.shares if s.share == share), score.forecast)
 
 
 @dataclass(frozen=True)

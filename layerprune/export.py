@@ -6,7 +6,8 @@
    what every heal learns from and every depth is scored against.
 3. Depth (depth_search): fixed N, or auto, each depth healed as asked (heal/) and forecast on calibration.
 4. Build: truncate, install the heal, ONNX through optimum, optimize; with int8 the export candidates
-   (candidates.py) are scored fastest first and the first whose forecast passes is kept.
+   (candidates.py) are scored fastest first and the first whose forecast passes (and --min-agreement's bound)
+   is kept.
    With --fallback, the original's graph joins the bundle, and every forecast and the validation are of the
    two served together (layerprune.fallback); with the top-layer heal, only the original's layers above the
    ones the bundle shares with it (layerprune.continuation).
@@ -78,7 +79,7 @@ class ExportResult:
 
 # Options that choose and check the cut, never what a heal learns from: exports differing only in them share a Reuse.
 _NOT_HEAL_INPUTS = ("keep_layers", "optimize", "quantize", "tolerance", "alpha", "sweep", "max_examples", "resample_seed",
-                    "fallback")
+                    "fallback", "min_agreement")
 _DEFAULTS = ExportOptions()
 
 
@@ -177,6 +178,9 @@ def _open_source(run_dir: Path, opts: ExportOptions) -> _Source:
     """The run directory's analysis and the original model it names, with the options checked against them."""
     analysis = load_analysis(run_dir)
     task, glue_dir = analysis.task_config, Path(analysis.glue_dir) if analysis.glue_dir else None
+    if opts.min_agreement is not None and task.is_regression:
+        raise LayerpruneError(f"--min-agreement needs a classification task: {task.name}'s regression output has no "
+                              "predicted class to agree with the original on")
     model, tokenizer = load_classifier(
         analysis.model, num_labels=task.num_labels, device=opts.device, trust_remote_code=opts.trust_remote_code
     )

@@ -34,6 +34,8 @@ SHARES = (0.0, 0.1, 0.2, 0.3)
 # --quantize int8's export candidates (artifacts.Candidate), scored fastest first (layerprune/candidates.py)
 CANDIDATES: tuple[Candidate, ...] = ("int8", "int8-faithful", "fp32")
 FAITHFUL_TEXTS = 2048  # heal texts faithful int8 calibrates on (never the calibration, agreement or holdout texts)
+# the demo's --min-agreement: it promises a bundle that agrees with the original on at least 99% of texts
+DEMO_MIN_AGREEMENT = 0.99
 
 
 def positive(text: str) -> int:
@@ -54,6 +56,13 @@ def share(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be a share of texts in [0, 1), e.g. 0.1; got {text}")
+    return value
+
+
+def agreement(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a share of texts in (0, 1], e.g. 0.99; got {text}")
     return value
 
 
@@ -311,6 +320,12 @@ class ExportOptions:
     alpha: float = field(default=ALPHA, metadata=cli(
         "the chance, one-sided, that export ships a bundle the holdout gate refuses; split over its forecasts",
         parse=error_rate))
+    # a user who needs the bundle to answer as the original does, not only to score as well: a second constraint,
+    # beside the gate's forecast (which stays as it is), on what export may keep (classification only)
+    min_agreement: float | None = field(default=None, metadata=cli(
+        "keep only a configuration whose agreement with the original, one-sided 95% lower bound on the texts its "
+        "forecast measured (as validation.json reports it), is at least this share (e.g. 0.99; default: none)",
+        parse=agreement))
     sweep: bool = field(default=False, metadata=cli("score every depth 1..L (auto probes only some)"))
     # each part's cap: the gate's bounds tighten with n, its cost (the original's pass) grows with it
     max_examples: int | None = field(default=2000, metadata=cli("cap on calibration and on holdout examples, each",
@@ -333,3 +348,5 @@ class ExportOptions:
             object.__setattr__(self, "heal", heal_mode(self.heal))
             if self.heal not in typing.get_args(HealMode):
                 raise ValueError(f"heal must be one of {', '.join(typing.get_args(HealMode))}, got {self.heal!r}")
+        if self.min_agreement is not None and not 0 < self.min_agreement <= 1:
+            raise ValueError(f"min_agreement must be a share of texts in (0, 1], got {self.min_agreement!r}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .artifacts import DepthReport, Manifest, ValidationReport
+from .artifacts import DepthReport, GateForecast, Manifest, ValidationReport
 
 
 def candidates_table(depth: DepthReport) -> str:
@@ -15,7 +15,7 @@ def candidates_table(depth: DepthReport) -> str:
     for c in depth.candidates:
         f = c.forecast
         d = "n/a" if f.disagreement is None else f"{f.disagreement:.2%}"
-        verdict = "chosen" if c.chosen else ("passes" if f.passes else "fails")
+        verdict = "chosen" if c.chosen else _verdict(f, depth.min_agreement)
         cost = f" {c.share:.0%} | {c.cost:.3f} |" if costed else ""
         lines.append(f"| {c.name} |{cost} {c.metric:.4f} | {f.delta:+.4f} | {f.lower_bound:+.4f} | {d} | "
                      f"{c.sentences_per_s:.0f} | {verdict} |")
@@ -27,11 +27,18 @@ def shares_table(depth: DepthReport) -> str:
     1) and its forecast; the kept one marked."""
     lines = ["| depth |" + "".join(f" sent on {s:.0%} |" for s in depth.shares), "|---:|" + "---:|" * len(depth.shares)]
     for score in sorted((s for s in depth.scores if s.shares), key=lambda s: -s.depth):
-        cells = "".join(f" {c.cost:.3f} {'passes' if c.forecast.passes else 'fails'}"
+        cells = "".join(f" {c.cost:.3f} {_verdict(c.forecast, depth.min_agreement)}"
                         f"{' (kept)' if (score.depth, c.share) == (depth.depth, depth.fallback) else ''} |"
                         for c in score.shares)
         lines.append(f"| {score.depth} |{cells}")
     return "\n".join(lines)
+
+
+def _verdict(forecast: GateForecast, min_agreement: float | None) -> str:
+    """What a forecast allowed: passes, fails, or passes the gate's forecast but not --min-agreement."""
+    if forecast.admissible(min_agreement):
+        return "passes"
+    return f"agreement < {min_agreement:g}" if forecast.passes else "fails"
 
 
 def _fallback_rows(report: ValidationReport, manifest: Manifest) -> list[tuple[str, str, str]]:

@@ -114,7 +114,7 @@ def forecast(
     _, _, se = paired_bootstrap(labels, original, candidate, task.metric, regression)
     z = z_for(alpha)
     lower = (after - before) - z * se * float(np.sqrt(1 + len(labels) / max(n_holdout, 1)))
-    d = d_up = None
+    d = d_up = agree_low = None
     n_texts = len(labels)
     agreement_bounds_delta = False
     if not regression:
@@ -126,10 +126,11 @@ def forecast(
         n_texts = len(differ)
         d = float(differ.mean())
         d_up = _wilson_upper(int(differ.sum()), n_texts, z)
+        agree_low = agreement_lower_bound(int((~differ).sum()), n_texts)
         agreement_bounds_delta = task.metric == "accuracy" and d_up + z * np.sqrt(d_up / max(n_holdout, 1)) <= tolerance
     return GateForecast(
         delta=after - before, delta_sd=se, alpha=alpha, lower_bound=lower, disagreement=d, disagreement_upper=d_up,
-        n_agreement=n_texts, passes=bool(lower >= -tolerance or agreement_bounds_delta),
+        agreement_lower=agree_low, n_agreement=n_texts, passes=bool(lower >= -tolerance or agreement_bounds_delta),
     )
 
 

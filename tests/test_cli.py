@@ -336,6 +336,21 @@ def test_demo_passes_its_fallback_on_and_checks_its_range(tmp_path, capsys, monk
     assert code == 2 and len(asked) == 2
 
 
+def test_demo_asks_for_99_percent_agreement_by_default(tmp_path, capsys, monkeypatch) -> None:
+    """The demo promises a bundle that agrees with the original on 99% of texts: its export is held to that bound
+    unless asked otherwise; outside (0, 1] is one line."""
+    import layerprune.demo
+
+    asked: list[dict] = []
+    monkeypatch.setattr(layerprune.demo, "run_demo", lambda *a, **k: asked.append(k) or 0)
+    assert run_cli(["demo", "--out", tmp_path / "run"], capsys)[0] == 0 and asked[-1]["min_agreement"] == 0.99
+    assert run_cli(["demo", "--min-agreement", "0.9", "--out", tmp_path / "run"], capsys)[0] == 0
+    assert asked[-1]["min_agreement"] == 0.9
+    code, _, err = run_cli(["demo", "--min-agreement", "1.5", "--out", tmp_path / "run"], capsys)
+    assert_one_line_error(code, err, "--min-agreement: must be a share of texts in (0, 1]")
+    assert code == 2 and len(asked) == 2
+
+
 # --- the options objects drive the parser; `tasks` imports no server --------------------
 
 

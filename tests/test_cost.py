@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from scipy.stats import binomtest
 
 from conftest import SENTENCES
 from layerprune import cost
@@ -18,6 +19,8 @@ from layerprune.cli import main
 from layerprune.data import Examples, task_from_files
 from layerprune.depth_search import Depths, choose_depth, error_budget
 from layerprune.options import SHARES, ExportOptions
+from layerprune.tasks import load_task
+from layerprune.validate import forecast
 
 UNIT = LayerCosts(fixed_s=0.0, layer_s=1.0, measured="by hand")
 
@@ -72,17 +75,18 @@ def _forecast(passes: bool) -> GateForecast:
 
 
 def _walk(passing: set[tuple[int, float]], costs: LayerCosts, heal: str, boundary: int = 3,
-          keep_layers="auto") -> tuple[int, float, list[int]]:
-    """auto's walk over a 4-layer model whose forecast passes exactly at `passing` (depth, share), and the
-    (depth, share) it keeps (export._walk's two steps)."""
+          keep_layers="auto", forecast_at=None, min_agreement: float | None = None) -> tuple[int, float, list[int]]:
+    """auto's walk over a 4-layer model whose forecast passes exactly at `passing` (depth, share), or is
+    `forecast_at(depth, share, alpha)`, and the (depth, share) it keeps (export._walk's two steps)."""
     depths = Depths.__new__(Depths)  # the walk's bookkeeping only: no model, no texts
-    depths.opts, depths.costs, depths.total, depths.heal_mode = ExportOptions(fallback="auto"), costs, 4, heal
+    depths.opts = ExportOptions(fallback="auto", min_agreement=min_agreement)
+    depths.costs, depths.total, depths.heal_mode = costs, 4, heal
     depths.scores, depths.alive, depths.probed = {}, {}, []
+    forecast_at = forecast_at or (lambda depth, share, alpha: _forecast((depth, share) in passing or depth == 4))
 
     def score(depth, alpha):
         return DepthScore(depth=depth, metric=0.0, shares=[
-            ShareScore(share=s, forecast=_forecast((depth, s) in passing or depth == 4), cost=depths.cost(depth, s))
-            for s in SHARES])
+            ShareScore(share=s, forecast=forecast_at(depth, s, alpha), cost=depths.cost(depth, s)) for s in SHARES])
 
     depths._score = score
     depth = choose_depth(depths.passes, boundary, 4, keep_layers, 0.01)
@@ -111,6 +115,40 @@ def test_a_share_counts_only_where_it_passed_at_every_depth_above() -> None:
     assert _walk(passing, UNIT, "none") == (2, 0.2, [3, 2, 1])
     assert _walk({(3, 0.2), (2, 0.1)}, UNIT, "none") == (3, 0.2, [3, 2])
     assert _walk(set(), UNIT, "none") == (4, 0.0, [3, 4]), "nothing passes below: up to the full model"
+
+
+def _agreement_lower(agree: int, n: int) -> float:
+    """The reference: the one-sided 95% Wilson lower bound of a share agree/n, scipy's two-sided 90% interval."""
+    return float(binomtest(agree, n).proportion_ci(confidence_level=0.90, method="wilson").low)
+
+
+def test_min_agreement_keeps_a_cut_whose_agreement_bound_clears_it() -> None:
+    """Synthetic calibration logits on 1,000 texts, labelled as the original answers: a cut differs from it on
+    `differ` of them. The gate's forecast (tolerance 5 points) passes every cut that differs on 6 or fewer, so
+    without --min-agreement auto keeps 2 layers with 10% sent on (6 differ), the cheapest. Its agreement's one-sided
+    95% lower bound, by Wilson's formula (scipy), is under 99%: with --min-agreement 0.99 auto keeps 2 layers with
+    20% sent on (3 differ), the cheapest whose bound clears it."""
+    n, alpha = 1000, 0.01
+    differ = {(3, 0.0): 60, (3, 0.1): 6, (3, 0.2): 1, (3, 0.3): 0,
+              (2, 0.0): 60, (2, 0.1): 6, (2, 0.2): 3, (2, 0.3): 1}
+    assert [_agreement_lower(n - k, n) >= 0.99 for k in (6, 3, 2, 1, 0)] == [False, True, True, True, True]
+    original = np.random.default_rng(0).normal(size=(n, 2))
+    labels, task, made = original.argmax(axis=1), load_task("rt-polarity"), {}
+
+    def forecast_at(depth: int, share: float, at: float) -> GateForecast:
+        k = 0 if depth == 4 else differ.get((depth, share), n // 2)
+        if (k, at) not in made:  # the first k texts answered the other way
+            made[k, at] = forecast(task, labels, original, np.vstack([original[:k, ::-1], original[k:]]), 0.05, n,
+                                   alpha=at)
+        return made[k, at]
+
+    assert forecast_at(3, 0.1, alpha).passes and forecast_at(2, 0.1, alpha).passes
+    assert not forecast_at(3, 0.0, alpha).passes
+    assert _walk(set(), UNIT, "none", forecast_at=forecast_at) == (2, 0.1, [3, 2, 1]), "no constraint: the cheapest"
+    assert _walk(set(), UNIT, "none", forecast_at=forecast_at, min_agreement=0.99) == (2, 0.2, [3, 2, 1])
+    # at 99.6% only a cut that differs on none clears it: 3 layers with 30% sent on, where the walk stops
+    assert _agreement_lower(n - 1, n) < 0.996 <= _agreement_lower(n, n)
+    assert _walk(set(), UNIT, "none", forecast_at=forecast_at, min_agreement=0.996) == (3, 0.3, [3, 2])
 
 
 def test_auto_shares_the_error_budget_over_its_shares() -> None:
@@ -149,6 +187,27 @@ def test_cli_fallback_auto_end_to_end(run_dir: Path, tmp_path: Path, capsys) -> 
     else:
         assert manifest.fallback is None and manifest.parts.continuation is None and outputs == ["logits"]
     assert main(["validate", str(out), "--device", "cpu"]) == 0
+
+
+def test_cli_min_agreement_keeps_only_candidates_whose_bound_clears_it(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """On 24 calibration texts no candidate's agreement can be bounded above 99% (Wilson, scipy: under 90% even
+    where none differ), so with --min-agreement 0.99 the fp32 candidate, the walk's, is kept though the int8
+    ones pass the gate's forecast (tolerance 50 points), and the note says what was ruled out."""
+    out = tmp_path / "least"
+    code = main(["export", str(run_dir), "--keep-layers", "2", "--heal", "top", "--fallback", "auto", "--quantize",
+                 "int8", "--tolerance", "0.5", "--augment", "0", "--batch-size", "8", "--min-agreement", "0.99",
+                 "--out", str(out), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    report = load_artifact(DepthReport, out / "depth.json")
+    assert report.min_agreement == 0.99
+    f = report.candidates[0].forecast
+    best = _agreement_lower(f.n_agreement, f.n_agreement)  # the bound where none differ
+    assert f.agreement_lower <= best + 1e-9 and best < 0.99
+    assert any(c.forecast.passes for c in report.candidates if c.name != "fp32"), "the gate alone allowed int8"
+    assert [c.name for c in report.candidates if c.chosen] == ["fp32"]
+    assert "--min-agreement 0.99 ruled out" in report.note and "agreement < 0.99" in printed
+    assert verify_bundle(out).quantize is None
 
 
 def test_fallback_zero_is_one_graph(run_dir: Path, tmp_path: Path) -> None:

@@ -1040,8 +1040,9 @@ def test_a_manifest_that_continues_without_its_graph_is_refused(run_dir: Path, t
             open_bundle(reseal(copy), allow_unvalidated=True)
 
 
-def test_a_fallback_needs_a_classification_task(minilm_dir, tmp_path: Path) -> None:
-    """A regression output has no top-class probability: one clear error, and nothing written."""
+def test_a_fallback_needs_a_classification_task(minilm_dir, tmp_path: Path, capsys) -> None:
+    """A regression output has no top-class probability, nor a predicted class to agree on: one clear error
+    (from the CLI one line and exit code 2), and nothing written."""
     model = make_tiny_classifier("bert", tmp_path / "model", minilm_dir, num_labels=1, problem_type="regression")
     data = tmp_path / "scores.csv"
     data.write_text("text,score\n" + "\n".join(f'"{t}",{i / 23:.3f}' for i, (t, _) in enumerate(SENTENCES * 2)) + "\n")
@@ -1049,4 +1050,11 @@ def test_a_fallback_needs_a_classification_task(minilm_dir, tmp_path: Path) -> N
     analyze(str(model), task, tmp_path / "run", AnalyzeOptions(device="cpu", batch_size=8))
     with pytest.raises(LayerpruneError, match="--fallback needs a classification task"):
         export_bundle(tmp_path / "run", tmp_path / "b", ExportOptions(keep_layers=2, heal="none", fallback=0.1, **FAST))
+    assert not (tmp_path / "b").exists()
+    capsys.readouterr()
+    code = main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "b"), "--fallback", "0",
+                 "--min-agreement", "0.99", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--min-agreement needs a classification task" in err
     assert not (tmp_path / "b").exists()
