@@ -323,8 +323,8 @@ class ExportOptions:
     # a user who needs the bundle to answer as the original does, not only to score as well: a second constraint,
     # beside the gate's forecast (which stays as it is), on what export may keep (classification only)
     min_agreement: float | None = field(default=None, metadata=cli(
-        "keep only a configuration whose agreement with the original, one-sided 95% lower bound on the texts its "
-        "forecast measured (as validation.json reports it), is at least this share (e.g. 0.99; default: none)",
+        "keep only a configuration whose agreement with the original, one-sided 95 percent lower bound on the texts "
+        "its forecast measured (as validation.json reports it), is at least this share (e.g. 0.99; default: none)",
         parse=agreement))
     sweep: bool = field(default=False, metadata=cli("score every depth 1..L (auto probes only some)"))
     # each part's cap: the gate's bounds tighten with n, its cost (the original's pass) grows with it
