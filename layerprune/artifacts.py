@@ -288,7 +288,6 @@ class GateForecast(BaseModel):
     disagreement_upper: float | None = Field(description="(1 - alpha) upper bound of that share")
     n_agreement: int = Field(description="texts the disagreement was measured on: calibration + unlabeled")
     passes: bool = Field(description="lower_bound >= -tolerance, or disagreement alone keeps the delta in tolerance")
-
     agreement_lower: float | None = Field(default=None, description=(
         "one-sided 95% lower bound (Wilson) of the share of texts where the predictions agree, as validation.json "
         "reports agreement (classification)"))
