@@ -68,7 +68,7 @@ REGISTRY: tuple[Entry, ...] = (
           model=MPNET, minutes=40),
     Entry("int8_methods", INT8_METHODS, ("--checkpoint", "runs/minilm-rt", "--run-dir", "lp-run"), minutes=16),
     Entry("int8_avx2", INT8_AVX2, ("--checkpoint", "runs/minilm-rt", "--run-dir", "lp-run"), minutes=20),
-    Entry("int8_methods", INT8_METHODS, ("--run-dir", "lp-run", "--depth", "5"), "depth5", minutes=12),
+    Entry("int8_methods", INT8_METHODS, ("--run-dir", "lp-run"), "cut", minutes=12),
     Entry("int8_methods", INT8_METHODS, ("--checkpoint", "runs/mpnet-rt", "--run-dir", "lp-run-mpnet", *MPNET_INT8),
           MPNET, model=MPNET, minutes=25),
     Entry("int8_methods", INT8_METHODS, ("--run-dir", "lp-run-mpnet", *MPNET_INT8), "mpnet-cut", model=MPNET,
