@@ -68,7 +68,7 @@ REGISTRY: tuple[Entry, ...] = (
           model=MPNET, minutes=40),
     Entry("int8_methods", INT8_METHODS, ("--checkpoint", "runs/minilm-rt", "--run-dir", "lp-run"), minutes=16),
     Entry("int8_avx2", INT8_AVX2, ("--checkpoint", "runs/minilm-rt", "--run-dir", "lp-run"), minutes=20),
-    Entry("int8_methods", INT8_METHODS, ("--run-dir", "lp-run", "--depth", "5"), "depth5", minutes=12),
+    Entry("int8_methods", INT8_METHODS, ("--run-dir", "lp-run"), "cut", minutes=3),
     Entry("int8_methods", INT8_METHODS, ("--checkpoint", "runs/mpnet-rt", "--run-dir", "lp-run-mpnet", *MPNET_INT8),
           MPNET, model=MPNET, minutes=25),
     Entry("int8_methods", INT8_METHODS, ("--run-dir", "lp-run-mpnet", *MPNET_INT8), "mpnet-cut", model=MPNET,
@@ -81,7 +81,7 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("serving", "How close does the server come to offline onnxruntime on the same bundle, and at what latency?",
           ("--bundle", "lp-run/bundle", "--duration", "20", "--profile"), minutes=3),
     Entry("serving", "What does the worst request of each kind within the server's limits cost it in memory?",
-          ("--bundle", "lp-run/bundle", "--memory"), "memory", minutes=5),
+          ("--bundle", "lp-run/bundle", "--memory"), "memory", minutes=1),
     Entry("analyzer", "What does `analyze` cost, and how do exact and minibatch CKA scale with the number of texts?",
           ("--checkpoint", "runs/minilm-rt"), minutes=10),
 )
