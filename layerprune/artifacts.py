@@ -342,9 +342,11 @@ class HealStats(BaseModel):
 
 
 class ExportCandidate(BaseModel):
-    """One way to export the chosen depth, scored against the original before the holdout is looked at."""
+    """One way to export a depth, scored against the original before the holdout is looked at."""
 
     name: str
+    depth: int = Field(description="encoder layers it keeps: the walk's depth, or with --fallback auto and int8 one "
+                                   "the walk passed above it (depth_search.int8_depths)")
     metric: float = Field(description="on the calibration examples")
     forecast: GateForecast
     sentences_per_s: float = Field(description="onnxruntime on the calibration examples, batch 32, this CPU (the "
@@ -359,7 +361,7 @@ class DepthReport(Artifact):
     """depth.json: how the depth (the number of encoder layers kept) and the export were chosen.
     Schema history: CHANGELOG.md."""
 
-    schema_version: int = 8
+    schema_version: int = 9
     written_by: ClassVar[str] = "layerprune export"
     search: Literal["auto", "fixed"] = Field(description="how the depth was chosen: searched from the CKA boundary, "
                                                          "or the --keep-layers N asked for")
@@ -386,7 +388,8 @@ class DepthReport(Artifact):
     probed: list[int] = Field(description="depths auto looked at, in order")
     scores: list[DepthScore]
     heal_runs: list[HealStats] = Field(description="every heal run, chosen or not")
-    candidates: list[ExportCandidate] = Field(description="export options tried at the chosen depth, fastest first")
+    candidates: list[ExportCandidate] = Field(description="export candidates scored, by depth from the deepest, "
+                                                          "each depth's fastest first, the walk's fp32 last")
     note: str | None = None
 
 

@@ -9,7 +9,8 @@ it would be served: the original answers the share of texts the cut is least sur
 depth d + 1 with its top layer dropped, which is already close to the original, rather than from the truncated
 original. The error budget splits export's alpha between the depth walk and the int8 variants (docs/export.md).
 With --min-agreement, a (depth, share) passes only where its agreement's lower bound clears it too
-(GateForecast.admissible).
+(GateForecast.admissible). With --fallback auto and int8, the int8 candidates walk the depths the walk passed, from
+the boundary down, each variant and share a fixed-sequence test of its own (Depths.int8_depths).
 """
 
 from __future__ import annotations
@@ -107,6 +108,15 @@ class Depths:
         _, share, depth = min(passing)
         return depth, share
 
+    def int8_depths(self, probed: list[int], depth: int) -> list[int]:
+        """The depths the int8 candidates are scored at, in order: with --fallback auto and auto depth, every depth
+        of the walk (`probed`, in its order) that passed at some share, from the boundary down, so that an int8
+        bundle may keep more layers than the fp32 walk's cheapest `depth` where that costs less a text (each int8
+        variant and share walks them down as a fixed share does: candidates.pick_candidate); else `depth` alone."""
+        if self.costs is None or self.opts.keep_layers != "auto":
+            return [depth]
+        return [d for d in probed if d < self.total and self.alive.get(d)] or [depth]
+
     def heal(self, depth: int) -> Heal:
         """The heal of `depth`, trained the first time any export sharing `trained` asks for it."""
         if depth not in self.heals:
@@ -168,14 +178,14 @@ class Depths:
 
     def _ruled_out(self, depth: int, share: float, candidates: list[ExportCandidate]) -> str | None:
         """One line on what --min-agreement ruled out: of the configurations looked at (the walk's cuts at each
-        share, the candidates at the kept `depth`) whose gate forecast passed, those whose agreement fell short,
+        share, the export candidates at each depth they were scored at) whose gate forecast passed, those whose agreement fell short,
         and the cheapest of them, what the forecast alone would have allowed (by cost, else the deeper cut, then
         the faster candidate); and where the configuration kept (`share` sent on) falls short too (a fixed
         --keep-layers, or nothing cleared it), its bound. None where it ruled out nothing."""
         least = self.opts.min_agreement
         if least is None:
             return None
-        looked = [(depth, c.name, c.share, c.cost, c.forecast) for c in candidates if not c.chosen]
+        looked = [(c.depth, c.name, c.share, c.cost, c.forecast) for c in candidates if not c.chosen]
         for d, score in sorted(self.scores.items()):
             if d < self.total:  # at full depth nothing is sent on: the full original, the one to fall back on
                 looked += ([(d, "fp32", s.share, s.cost, s.forecast) for s in score.shares] if score.shares

@@ -7,7 +7,7 @@
 3. Depth (depth_search): fixed N, or auto, each depth healed as asked (heal/) and forecast on calibration.
 4. Build: truncate, install the heal, ONNX through optimum, optimize; with int8 the export candidates
    (candidates.py) are scored fastest first and the first whose forecast passes (and --min-agreement's bound)
-   is kept.
+   is kept; with --fallback auto, the cheapest, the int8 ones scored at each depth the walk passed.
    With --fallback, the original's graph joins the bundle, and every forecast and the validation are of the
    two served together (layerprune.fallback); with the top-layer heal, only the original's layers above the
    ones the bundle shares with it (layerprune.continuation).
@@ -43,7 +43,7 @@ from .artifacts import (
     staged_dir,
 )
 from .bundle import bundle_parts, fallback_options, hash_files, output_labels, seal_manifest, servable_bundle
-from .candidates import onnx_logits, pick_candidate
+from .candidates import DepthGraphs, onnx_logits, pick_candidate
 from .cpu import cpu_kind
 from .data import Examples
 from .depth_search import Depths, ErrorBudget, ExportTexts, choose_depth, error_budget
@@ -138,25 +138,19 @@ def export_bundle(run_dir: Path, out: Path | None = None, opts: ExportOptions = 
     depths = Depths(source.model, source.task, texts, heal, opts, n_holdout=len(parts.holdout), trained=reuse.heals,
                     costs=costs)
     walk = _walk(depths, source, opts, budget)
-    bundled = _truncated_and_healed(source.model, depths.heal(walk.depth), source.task)
 
     # 4-5. the bundle: ONNX, the export candidates, validation on the holdout, the artifacts
     target = Path(out) if out is not None else run_dir / BUNDLE_DIR
     with staged_dir(target, MANIFEST_FILE) as stage:
-        # with auto and int8, the candidates may send on a share the walk did not choose
-        sends_on = walk.share or (opts.fallback == "auto" and opts.quantize)
-        cut = (continuation.cut_layer(walk.depth, heal, opts.top.heal_layers)
-               if sends_on and walk.depth < source.total else None)
-        built = _build(stage, source, bundled, walk, cut, parts, texts, healing.examples, original_holdout, opts,
-                       budget, depths)
-        report = depths.report(source.analysis.boundary, walk.depth, built.share, walk.probed, parts.calibration_name,
+        built = _build(stage, source, walk, parts, texts, healing.examples, original_holdout, opts, budget, depths)
+        report = depths.report(source.analysis.boundary, built.depth, built.share, walk.probed, parts.calibration_name,
                                built.candidates, walk.note)
         manifest = _write_artifacts(stage.out, run_dir, source, report, built, opts)
         stage.target = _destination(target, built.validation.passed)
     with atomic_dir(run_dir / TRUNCATED_DIR, CONFIG_FILE) as tmp:  # for users who fine-tune or serve it further
-        _save_checkpoint(bundled, source.tokenizer, tmp)
+        _save_checkpoint(built.model, source.tokenizer, tmp)
     advice, retry = ((None, None) if built.validation.passed
-                     else _next_candidate(walk.depth, source.total, built.quantized, opts))
+                     else _next_candidate(built.depth, source.total, built.quantized, opts))
     return ExportResult(stage.target, manifest, built.validation, report, run_dir / TRUNCATED_DIR, advice, retry,
                         kept=target if stage.target != target else None)
 
@@ -223,56 +217,101 @@ class _Built:
     candidates: list[ExportCandidate]
     kept: Candidate  # the export candidate kept
     quantized: str | None  # its int8 configuration's name (None: fp32)
+    depth: int  # the depth it keeps: the walk's, or with int8 one the walk passed above it
     share: float  # the share sent on it was kept at
     rule: FallbackRule | None
     cpu: str  # the CPU kind its int8 weights were quantized for
+    model: PreTrainedModel  # the truncated and healed PyTorch model it was exported from
 
 
-def _build(stage: Stage, source: _Source, bundled: PreTrainedModel, walk: _Walk, cut: int | None, parts: EvalParts,
-           texts: ExportTexts, heal: Examples | None, original_holdout: np.ndarray, opts: ExportOptions,
-           budget: ErrorBudget, depths: Depths) -> _Built:
+def _build(stage: Stage, source: _Source, walk: _Walk, parts: EvalParts, texts: ExportTexts, heal: Examples | None,
+           original_holdout: np.ndarray, opts: ExportOptions, budget: ErrorBudget, depths: Depths) -> _Built:
     """The bundle's graph in `stage.out` (ONNX, optimized, the export candidate kept, the fallback's original
-    or continuation beside it) and its validation against the original's logits on the holdout. `cut`: the
-    layer a text sent on continues from (continuation.cut_layer), None where the fallback restarts or no
-    text is sent on. `heal`: the heal texts, which faithful int8 calibrates on."""
-    depth = walk.depth
-    tmp, scratch, max_length = stage.out, stage.scratch, source.max_length
-    _save_checkpoint(bundled, source.tokenizer, scratch / TRUNCATED_DIR)
-    onnx_export.export_onnx(scratch / TRUNCATED_DIR, tmp)
-    config = source.model.config.to_dict()
-    if cut is not None:  # the states a text sent on continues from: a second output of the bundle's graph
-        continuation.add_cut_output(tmp / MODEL_FILE, config, cut)
-    truncated = predict_logits(bundled, source.tokenizer, parts.holdout, max_length=max_length)
-    exported = onnx_logits(tmp, parts.holdout, max_length, opts.batch_size)
-    parity = onnx_export.max_logit_difference(truncated, exported)
-    unoptimized = tmp
-    if opts.optimize:
-        if opts.quantize:  # faithful int8 starts from the graph before the fusions
-            unoptimized = Path(shutil.copytree(tmp, scratch / "unoptimized"))
-        onnx_export.optimize_onnx(tmp, opts.optimize)
-    cpu = cpu_kind()  # the int8 weights are quantized for this CPU, and the manifest says which
-    graphs = None if cut is None else continuation.Continuations(
-        _original_onnx(source, scratch) / MODEL_FILE, config, cut, scratch, opts.optimize, cpu)
+    or continuation beside it) and its validation against the original's logits on the holdout. `heal`: the heal
+    texts, which faithful int8 calibrates on."""
+    max_length, cpu = source.max_length, cpu_kind()  # int8 weights are quantized for this CPU; the manifest says which
+    # with auto and int8, the candidates may send on a share the walk did not choose
+    sends_on = bool(walk.share) or (opts.fallback == "auto" and opts.quantize is not None)
+    graphs = _Graphs(stage.scratch, source, depths, opts, cpu, sends_on)
     walked = dataclasses.replace(opts, fallback=walk.share)  # the walk's share, fp32's candidate's
-    costs = (lambda share: depths.cost(depth, share)) if depths.costs is not None else None
-    candidates, calibration, kept = (
-        pick_candidate(tmp, unoptimized, heal, source.task, texts, parts, max_length, walked, budget, cpu, graphs,
-                       shares=opts.shares if costs else None, cost=costs)
-        if opts.quantize else ([], None, "fp32"))
+    if opts.quantize:
+        picked = pick_candidate(depths.int8_depths(walk.probed, walk.depth), walk.depth, graphs.at, heal, source.task,
+                                texts, parts, max_length, walked, budget, cpu, stage.scratch,
+                                shares=opts.shares if depths.costs else None,
+                                cost=depths.cost if depths.costs else None)
+        candidates, calibration, kept, chosen = picked.candidates, picked.calibration, picked.kept, picked.graphs
+    else:
+        candidates, calibration, kept, chosen = [], None, "fp32", graphs.at(walk.depth)
+    depth, tmp = chosen.depth, stage.out
+    shutil.copytree(chosen.folder, tmp, dirs_exist_ok=True)
     quantized = next((c.name for c in candidates if c.chosen and c.name != "fp32"), None)
     share = next((c.share for c in candidates if c.chosen), walk.share)
     rule = None
     if share and depth < source.total:  # (at full depth the two graphs are the same model)
         if calibration is None:
             calibration = onnx_logits(tmp, parts.calibration, max_length, opts.batch_size)
-        rule = _add_original(source, tmp, scratch, calibration, opts, share, graphs, kept)
-    elif cut is not None:  # a share auto scored but did not keep: the bundle's graph answers every text alone
+        rule = _add_original(graphs, tmp, calibration, opts, share, chosen.continuations, kept)
+    elif chosen.continuations is not None:  # a share auto scored but did not keep: the graph answers every text alone
         continuation.drop_cut_output(tmp / MODEL_FILE)
+    model = graphs.model(depth)
+    truncated = predict_logits(model, source.tokenizer, parts.holdout, max_length=max_length)
+    parity = onnx_export.max_logit_difference(truncated, onnx_logits(chosen.unoptimized, parts.holdout, max_length,
+                                                                     opts.batch_size))
     runner = _runner(tmp, max_length, rule)
     served = runner.logits(parts.holdout.texts, parts.holdout.pairs)
     validation = compare(source.task, parts.holdout, parts.holdout_name, original_holdout, served, opts.tolerance,
                          max_length, parity, runner.sent_on / len(parts.holdout) if rule else None)
-    return _Built(validation, candidates, kept, quantized, share, rule, cpu)
+    return _Built(validation, candidates, kept, quantized, depth, share, rule, cpu, model)
+
+
+@dataclass
+class _Graphs:
+    """Each depth's fp32 graphs (candidates.DepthGraphs), made in `scratch` the first time they are asked for, and
+    the original's ONNX export, made once, that the texts sent on continue into or restart in."""
+
+    scratch: Path
+    source: _Source
+    depths: Depths
+    opts: ExportOptions
+    cpu: str
+    sends_on: bool  # whether the bundle may send texts on: each graph then hands on the states they continue from
+    made: dict[int, DepthGraphs] = field(default_factory=dict)
+
+    def at(self, depth: int) -> DepthGraphs:
+        if depth not in self.made:
+            self.made[depth] = self._make(depth)
+        return self.made[depth]
+
+    def model(self, depth: int) -> PreTrainedModel:
+        """The original truncated at `depth` with that depth's heal installed."""
+        return _truncated_and_healed(self.source.model, self.depths.heal(depth), self.source.task)
+
+    def original(self) -> Path:
+        """A folder in scratch with the original's ONNX graph as optimum exports it (fp32, unoptimized)."""
+        checkpoint, onnx_dir = self.scratch / "original", self.scratch / "original-onnx"
+        if not onnx_dir.is_dir():
+            _save_checkpoint(self.source.model, self.source.tokenizer, checkpoint)
+            onnx_export.export_onnx(checkpoint, onnx_dir)
+        return onnx_dir
+
+    def _make(self, depth: int) -> DepthGraphs:
+        """The depth's graph as exported (with the cut's states as a second output where texts may continue), a
+        copy optimized as asked, and the continuations from its cut."""
+        source, opts, work = self.source, self.opts, self.scratch / f"layers-{depth}"
+        _save_checkpoint(self.model(depth), source.tokenizer, work / TRUNCATED_DIR)
+        exported = work / "exported"
+        onnx_export.export_onnx(work / TRUNCATED_DIR, exported)
+        config = source.model.config.to_dict()
+        cut = (continuation.cut_layer(depth, self.depths.heal_mode, opts.top.heal_layers)
+               if self.sends_on and depth < source.total else None)
+        if cut is not None:  # the states a text sent on continues from: a second output of the bundle's graph
+            continuation.add_cut_output(exported / MODEL_FILE, config, cut)
+        folder = Path(shutil.copytree(exported, work / "bundle"))
+        if opts.optimize:
+            onnx_export.optimize_onnx(folder, opts.optimize)
+        continuations = None if cut is None else continuation.Continuations(
+            self.original() / MODEL_FILE, config, cut, work, opts.optimize, self.cpu)
+        return DepthGraphs(depth, folder, exported, continuations)
 
 
 def _write_artifacts(bundle: Path, run_dir: Path, source: _Source, report: DepthReport, built: _Built,
@@ -357,32 +396,24 @@ def _truncated_and_healed(original, heal: Heal, task: TaskConfig):
     return model
 
 
-def _add_original(source: _Source, bundle: Path, scratch: Path, calibration: np.ndarray, opts: ExportOptions,
-                  share: float, graphs: continuation.Continuations | None, kept: Candidate) -> FallbackRule:
-    """The fallback: the original's ONNX graph (exported in `scratch`, optimized as the bundle's) beside the
-    bundle's, and the threshold below which the bundle's graph, as exported, sends a text on: the `share`
-    quantile of its top-class probabilities on the calibration texts (`calibration`: its logits there; with
-    int8, the very run of the kept candidate its forecast scored). Where the bundle's graph continues
-    (`graphs`), only the original's layers above the cut and its head, made as the kept candidate (`kept`) was."""
+def _add_original(graphs: _Graphs, bundle: Path, calibration: np.ndarray, opts: ExportOptions, share: float,
+                  continuations: continuation.Continuations | None, kept: Candidate) -> FallbackRule:
+    """The fallback: the original's ONNX graph (optimized as the bundle's) beside the bundle's, and the threshold
+    below which the bundle's graph, as exported, sends a text on: the `share` quantile of its top-class
+    probabilities on the calibration texts (`calibration`: its logits there; with int8, the very run of the kept
+    candidate its forecast scored). Where the bundle's graph continues (`continuations`), only the original's
+    layers above the cut and its head, made as the kept candidate (`kept`) was."""
     below = threshold(calibration, share)
-    if graphs is not None:
-        shutil.move(graphs.graph(kept), bundle / CONTINUATION_MODEL_FILE)
-        return FallbackRule(share=share, threshold=below, continue_from=graphs.layer)
-    onnx_dir = _original_onnx(source, scratch)
+    if continuations is not None:
+        shutil.move(continuations.graph(kept), bundle / CONTINUATION_MODEL_FILE)
+        return FallbackRule(share=share, threshold=below, continue_from=continuations.layer)
+    onnx_dir = graphs.original()
     if opts.optimize:
         onnx_export.optimize_onnx(onnx_dir, opts.optimize)
     if (onnx_dir / MODEL_DATA_FILE).exists():
         raise LayerpruneError("--fallback needs the original's graph in one file (under 2 GB); this one is larger")
     shutil.move(onnx_dir / MODEL_FILE, bundle / ORIGINAL_MODEL_FILE)
     return FallbackRule(share=share, threshold=below)
-
-
-def _original_onnx(source: _Source, scratch: Path) -> Path:
-    """A folder in `scratch` with the original's ONNX graph as optimum exports it (fp32, unoptimized)."""
-    checkpoint, onnx_dir = scratch / "original", scratch / "original-onnx"
-    _save_checkpoint(source.model, source.tokenizer, checkpoint)
-    onnx_export.export_onnx(checkpoint, onnx_dir)
-    return onnx_dir
 
 
 def _runner(bundle: Path, max_length: int, rule: FallbackRule | None) -> OnnxClassifier:

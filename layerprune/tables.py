@@ -6,18 +6,18 @@ from .artifacts import DepthReport, GateForecast, Manifest, ValidationReport
 
 
 def candidates_table(depth: DepthReport) -> str:
-    """The export candidates scored at the chosen depth (calibration metric, forecast, speed; with --fallback auto
-    the share sent on and the served cost a text, the full original's = 1)."""
-    costed = depth.costs is not None
-    lines = ["| export candidate |" + (" sent on | cost a text |" if costed else "") +
+    """The export candidates scored (calibration metric, forecast, speed; with --fallback auto the share sent on and
+    the served cost a text, the full original's = 1; where they were scored at several depths, each one's)."""
+    costed, layered = depth.costs is not None, len({c.depth for c in depth.candidates}) > 1
+    lines = ["| export candidate |" + (" layers |" if layered else "") + (" sent on | cost a text |" if costed else "") +
              " calibration metric | delta | forecast lower bound | disagreement | sentences/s | |",
-             "|---|" + ("---:|---:|" if costed else "") + "---:|---:|---:|---:|---:|---|"]
+             "|---|" + ("---:|" if layered else "") + ("---:|---:|" if costed else "") + "---:|---:|---:|---:|---:|---|"]
     for c in depth.candidates:
         f = c.forecast
         d = "n/a" if f.disagreement is None else f"{f.disagreement:.2%}"
         verdict = "chosen" if c.chosen else _verdict(f, depth.min_agreement)
-        cost = f" {c.share:.0%} | {c.cost:.3f} |" if costed else ""
-        lines.append(f"| {c.name} |{cost} {c.metric:.4f} | {f.delta:+.4f} | {f.lower_bound:+.4f} | {d} | "
+        cells = (f" {c.depth} |" if layered else "") + (f" {c.share:.0%} | {c.cost:.3f} |" if costed else "")
+        lines.append(f"| {c.name} |{cells} {c.metric:.4f} | {f.delta:+.4f} | {f.lower_bound:+.4f} | {d} | "
                      f"{c.sentences_per_s:.0f} | {verdict} |")
     return "\n".join(lines)
 

@@ -3,21 +3,26 @@ share sent on) whose gate forecast passes; on tiny models, against hand computat
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from scipy.stats import binomtest
+from transformers import AutoConfig
 
 from conftest import SENTENCES
-from layerprune import cost
+from layerprune import candidates, cost
 from layerprune.analyze import AnalyzeOptions, analyze
-from layerprune.artifacts import DepthReport, DepthScore, GateForecast, LayerCosts, ShareScore, load_artifact
+from layerprune.artifacts import (
+    DepthReport, DepthScore, ExportCandidate, GateForecast, LayerCosts, ShareScore, load_artifact,
+)
 from layerprune.bundle import verify_bundle
 from layerprune.cli import main
 from layerprune.data import Examples, task_from_files
 from layerprune.depth_search import Depths, choose_depth, error_budget
+from layerprune.files import MODEL_FILE
 from layerprune.options import SHARES, ExportOptions
 from layerprune.tasks import load_task
 from layerprune.validate import forecast
@@ -151,6 +156,57 @@ def test_min_agreement_keeps_a_cut_whose_agreement_bound_clears_it() -> None:
     assert _walk(set(), UNIT, "none", forecast_at=forecast_at, min_agreement=0.996) == (3, 0.3, [3, 2])
 
 
+def test_int8_walks_the_depths_the_walk_passed_and_the_cheapest_is_kept(monkeypatch, tmp_path: Path) -> None:
+    """With --fallback auto the int8 variants walk the depths the fp32 walk passed, from the boundary down (3, then
+    2), each (variant, share) a fixed sequence of its own: scored at 2 only where it passed at 3, each step at the
+    variant's error rate. By hand, 4 layers of cost 1 and no fixed part, a text sent on continuing from the layer
+    below the cut, int8 at half fp32's CPU time a text: int8 at 3 with 10% sent on costs (3 + 0.1 * 2) / 4 * 0.5 =
+    0.4, fp32 at the walk's (2, 10%) (2 + 0.1 * 3) / 4 = 0.575; int8 at 2 fails. int8 at 3 is kept, a layer above
+    the walk's depth, and its graph is the one in that depth's folder."""
+    passes = {("int8", 3, 0.1), ("int8", 3, 0.2), ("fp32", 2, 0.1)}  # int8-faithful fails at every share at 3
+    speed = {"int8": 0.5, "int8-faithful": 0.6, "fp32": 1.0}  # CPU seconds a text
+    scored: list[tuple[str, int, tuple[float, ...], float]] = []
+
+    def row(label, depth, share, folder):
+        c = ExportCandidate(name=label, depth=depth, metric=0.0, forecast=_forecast((label, depth, share) in passes),
+                            sentences_per_s=1.0, share=share)
+        return candidates._Scored(label, c, np.zeros((1, 2)), folder, speed[label])
+
+    def int8(label, graphs, folder, heal, task, texts, parts, max_length, opts, alpha, cpu, shares):
+        folder.mkdir()
+        (folder / MODEL_FILE).write_text(f"{label} at {graphs.depth}")
+        scored.append((label, graphs.depth, shares, alpha))
+        return [row(label, graphs.depth, s, folder) for s in shares]
+
+    def fp32(name, depth, folder, task, texts, parts, max_length, opts, alpha, second=None, shares=None):
+        scored.append((name, depth, (opts.fallback,), alpha))
+        r = row(name, depth, opts.fallback, None)
+        return [(r.candidate, r.calibration, r.cpu_s)]
+
+    def make(depth):
+        folder = tmp_path / f"layers-{depth}"
+        folder.mkdir(exist_ok=True)
+        (folder / MODEL_FILE).write_text(f"fp32 at {depth}")
+        return candidates.DepthGraphs(depth, folder, folder, None)
+
+    monkeypatch.setattr(candidates, "_int8", int8)
+    monkeypatch.setattr(candidates, "score_candidate", fp32)
+    monkeypatch.setattr(candidates, "OnnxClassifier", lambda folder, max_length: folder)
+    monkeypatch.setattr(candidates, "_own_logits", lambda runner, parts, batch_size: (None, speed["fp32"], 1.0))
+    budget = error_budget(ExportOptions(quantize="int8", fallback="auto"))
+    walked = ExportOptions(quantize="int8", fallback=0.1)
+    picked = candidates.pick_candidate([3, 2], 2, make, "heal texts", None, None, None, 128, walked, budget, "avx512",
+                                       tmp_path, shares=SHARES, cost=lambda d, s: (d + s * (4 - (d - 1))) / 4)
+    v = budget.per_variant
+    assert scored == [("int8", 3, SHARES, v), ("int8-faithful", 3, SHARES, v), ("int8", 2, (0.1, 0.2), v),
+                      ("fp32", 2, (0.1,), budget.depth)]
+    chosen = [c for c in picked.candidates if c.chosen]
+    assert [(c.name, c.depth, c.share) for c in chosen] == [("int8", 3, 0.1)] and picked.kept == "int8"
+    assert chosen[0].cost == pytest.approx((3 + 0.1 * 2) / 4 * 0.5)
+    assert next(c.cost for c in picked.candidates if c.name == "fp32") == pytest.approx((2 + 0.1 * 3) / 4)
+    assert picked.graphs.depth == 3 and (picked.graphs.folder / MODEL_FILE).read_text() == "int8 at 3"
+
+
 def test_auto_shares_the_error_budget_over_its_shares() -> None:
     auto = error_budget(ExportOptions(alpha=0.05, quantize="int8", fallback="auto"))
     assert auto.depth == pytest.approx(0.05 / 2 / len(SHARES))
@@ -187,6 +243,32 @@ def test_cli_fallback_auto_end_to_end(run_dir: Path, tmp_path: Path, capsys) -> 
     else:
         assert manifest.fallback is None and manifest.parts.continuation is None and outputs == ["logits"]
     assert main(["validate", str(out), "--device", "cpu"]) == 0
+
+
+def test_cli_auto_depth_scores_int8_at_each_depth_the_walk_passed(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """--keep-layers auto --fallback auto --quantize int8 (tolerance 50 points: every depth passes): the int8
+    candidates are scored at the depths the walk passed, from the boundary down, and the bundle keeps the
+    cheapest that passes, at its own depth: its graph (counted in onnx's node names, as optimum exports them) and
+    the truncated checkpoint (transformers' config) have that many layers."""
+    out = tmp_path / "depths"
+    assert main(["export", str(run_dir), "--heal", "top", "--fallback", "auto", "--quantize", "int8", "--tolerance",
+                 "0.5", "--augment", "0", "--batch-size", "8", "--out", str(out), "--device", "cpu"]) == 0
+    report = load_artifact(DepthReport, out / "depth.json")
+    walked = [d for d in report.probed if d < report.total_layers]
+    assert len(walked) >= 2, f"the walk passed at one depth only: {report.probed}"
+    int8 = [c for c in report.candidates if c.name != "fp32"]
+    assert [c.depth for c in int8] == sorted((c.depth for c in int8), reverse=True)
+    assert {c.depth for c in int8} <= set(walked) and int8[0].depth == walked[0]
+    assert ("| export candidate | layers |" in capsys.readouterr().out) == (len({c.depth for c in int8}) > 1)
+    fp32, walk = report.candidates[-1], [s for score in report.scores if score.depth in walked for s in score.shares]
+    assert fp32.name == "fp32" and fp32.cost == pytest.approx(min(s.cost for s in walk if s.forecast.passes), abs=1e-3)
+    chosen = next(c for c in report.candidates if c.chosen)
+    assert chosen.cost == min(c.cost for c in report.candidates if c.forecast.passes)
+    assert report.depth == chosen.depth == verify_bundle(out).depth
+    names = [n.name for n in onnx.load(str(out / "model.onnx")).graph.node]
+    layers = {int(m.group(1)) for m in map(re.compile(r"/layer\.(\d+)/").search, names) if m}
+    assert layers == set(range(chosen.depth))
+    assert AutoConfig.from_pretrained(run_dir / "truncated").num_hidden_layers == chosen.depth
 
 
 def test_cli_min_agreement_keeps_only_candidates_whose_bound_clears_it(run_dir: Path, tmp_path: Path, capsys) -> None:

@@ -555,7 +555,8 @@ from layerprune import onnx_export
 from layerprune.export import ExportOptions, export_bundle
 
 
-def stalled(checkpoint, out):  # killed here: the truncated checkpoint is saved, the bundle half made
+def stalled(checkpoint, out):  # killed here: the truncated checkpoint is saved, the bundle's graph half made
+    Path(out).mkdir(parents=True)
     (Path(out) / "model.onnx").write_bytes(b"half")
     print("exporting", flush=True)
     time.sleep(600)
@@ -595,8 +596,9 @@ def test_a_killed_export_leaves_its_staging_for_the_next_run_to_remove(run_dir: 
         proc.wait(timeout=60)
     (staging,) = [p for p in out.parent.iterdir() if p != out]
     assert staging.name.startswith(".bundle.staging-")
-    assert (staging / "bundle" / "model.onnx").read_bytes() == b"half"
-    assert (staging / "scratch" / "truncated" / "config.json").is_file(), "scratch lives in the staging folder"
+    depth = staging / "scratch" / "layers-2"  # where export makes depth 2's graphs
+    assert (depth / "exported" / "model.onnx").read_bytes() == b"half"
+    assert (depth / "truncated" / "config.json").is_file(), "scratch lives in the staging folder"
     assert sorted(temp.iterdir()) == libraries
     assert _files(out) == before
     result = export_bundle(run_dir, out, ExportOptions(keep_layers=TINY_LAYERS, heal="none", **FAST))
