@@ -178,10 +178,10 @@ class Depths:
 
     def _ruled_out(self, depth: int, share: float, candidates: list[ExportCandidate]) -> str | None:
         """One line on what --min-agreement ruled out: of the configurations looked at (the walk's cuts at each
-        share, the export candidates at each depth they were scored at) whose gate forecast passed, those whose agreement fell short,
-        and the cheapest of them, what the forecast alone would have allowed (by cost, else the deeper cut, then
-        the faster candidate); and where the configuration kept (`share` sent on) falls short too (a fixed
-        --keep-layers, or nothing cleared it), its bound. None where it ruled out nothing."""
+        share, the export candidates at each depth they were scored at) whose gate forecast passed, those whose
+        agreement fell short, and the cheapest of them, what the forecast alone would have allowed (by cost, else
+        the deeper cut, then the faster candidate); and where the configuration kept (`share` sent on) falls short
+        too (a fixed --keep-layers, or nothing cleared it), its bound. None where it ruled out nothing."""
         least = self.opts.min_agreement
         if least is None:
             return None
